@@ -1,0 +1,58 @@
+"""kvretrieve.load(): resolve device and dtype, load weights and tokenizer, pick the attention backend."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import RetrievalConfig, RuntimeConfig
+from .errors import ResourceError
+from .llm import LLM
+from .models.loader import load_model
+from .runtime.dense import DenseKV
+from .runtime.memory import apply_gpu_cap
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ResourceError(f"--device {name} asked for a GPU but torch sees none (torch {torch.__version__}, "
+                                f"CUDA build: {torch.version.cuda is not None}); use --device cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ResourceError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16
+    return _DTYPES[name]
+
+
+def load(model: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
+         max_context: int | None = None, retrieval: RetrievalConfig | None = None,
+         runtime: RuntimeConfig | None = None, log=None, **runtime_fields) -> LLM:
+    """Load a model for generation.
+
+    model: an HF checkpoint directory, a .gguf file, or None for the default (SmolLM2-135M-Instruct).
+    device / dtype / max_context (and any other RuntimeConfig field, or a whole `runtime=`) say where
+    and how it runs; retrieval=RetrievalConfig(...) keeps the KV cache in CPU memory.
+    log: a callable that receives one-line progress messages (e.g. the one-time GGUF conversion).
+    """
+    if runtime is None:
+        runtime = RuntimeConfig(device=device, dtype=dtype, max_context=max_context, **runtime_fields)
+    dev = resolve_device(runtime.device)
+    if runtime.gpu_mem_gb is not None and dev.type == "cuda":
+        apply_gpu_cap(dev, runtime.gpu_mem_gb)
+    decoder, tokenizer, source = load_model(model, dev, resolve_dtype(runtime.dtype, dev), log)
+    cfg = decoder.cfg
+    capacity = runtime.max_context or cfg.max_position
+    if retrieval is not None:
+        raise NotImplementedError("retrieval lands with the retrieval runtime")
+    backend = DenseKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, dev, decoder.dtype)
+    return LLM(decoder, tokenizer, backend, runtime, retrieval, source)

@@ -1,0 +1,140 @@
+"""`kvretrieve chat`: prefill documents once, then answer questions about them turn after turn.
+
+The documents open the first user message. They are prefilled before the first question is known,
+and every later turn re-renders the whole conversation with the chat template: the prefix cache of
+LLM.stream finds the documents (and earlier turns) already in the KV cache and prefills only the
+new tokens.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .cli_options import PrefillProgress, format_stats, load_from_options, model_options, sampling_from_options, \
+    sampling_options
+from .errors import InputError
+
+_MARK = "\x00question\x00"  # stands for the first question while the documents are prefilled
+HELP = "commands: /reset (forget the conversation, keep the documents), /stats, /exit"
+
+
+def read_document(path: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"document {p} does not exist; check the path")
+    if not p.is_file():
+        raise InputError(f"document {p} is not a regular file; pass a text file")
+    data = p.read_bytes()
+    if b"\x00" in data[:8192]:
+        raise InputError(f"document {p} is binary, not text; pass a UTF-8 text file (convert PDFs etc. to text first)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"document {p} is not UTF-8 text (invalid byte at offset {e.start}); convert it, e.g. "
+                         f"`iconv -f latin1 -t utf-8 {p.name}`") from None
+    if not text.strip():
+        raise InputError(f"document {p} is empty; pass a file with some text")
+    return text
+
+
+def documents_block(paths: list[str]) -> str:
+    parts = [f"<document name=\"{Path(p).name}\">\n{read_document(p).strip()}\n</document>" for p in paths]
+    return "Answer questions using these documents.\n\n" + "\n\n".join(parts)
+
+
+class Conversation:
+    def __init__(self, llm, documents: str, system: str | None):
+        self.llm, self.documents, self.system = llm, documents, system
+        self.turns: list[dict] = []
+
+    def messages(self, question: str) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        turns = self.turns + [{"role": "user", "content": question}]
+        if self.documents:
+            turns[0] = {"role": "user", "content": f"{self.documents}\n\n{turns[0]['content']}"}
+        return msgs + turns
+
+    def prefill_documents(self, progress_factory) -> int:
+        """Prefill everything that comes before the first question; returns its token count."""
+        text = self.llm.tokenizer.render_chat(self.messages(_MARK))
+        ids = self.llm.tokenizer.encode(text[:text.index(_MARK)], add_special_tokens=False)
+        if len(ids) > self.llm.max_context:
+            raise InputError(f"the documents take {len(ids):,} tokens but the context holds "
+                             f"{self.llm.max_context:,}; raise --max-context or pass fewer documents")
+        self.llm.prefill(ids, progress_factory(len(ids)))
+        return len(ids)
+
+    def ask(self, question: str, sampling, progress_factory):
+        msgs = self.messages(question)
+        ids_estimate = len(self.llm.tokenizer.encode_chat(msgs)) - self.llm.cached_tokens
+        answer = []
+        # If interrupted, the turn is never recorded; the KV cache may hold part of the answer, which
+        # the next turn's prefix match simply overwrites.
+        for piece in self.llm.stream(msgs, sampling=sampling,
+                                     on_layer=progress_factory(ids_estimate) if ids_estimate > 2048 else None):
+            answer.append(piece)
+            yield piece
+        self.turns += [{"role": "user", "content": question}, {"role": "assistant", "content": "".join(answer)}]
+
+
+@click.command(name="chat")
+@click.option("--document", "-d", "documents", multiple=True, metavar="FILE",
+              help="A UTF-8 text file to chat about (repeatable). Prefilled once, reused by every turn.")
+@click.option("--system", default=None, help="System message.")
+@model_options
+@sampling_options
+def chat(documents, system, **opts):
+    """Chat about documents. Questions come from the terminal, or one per line from piped stdin.
+
+    \b
+    In the terminal: /reset forgets the conversation (the documents stay), /stats shows timings,
+    /exit or Ctrl-D quits, Ctrl-C stops an answer.
+    """
+    block = documents_block(list(documents)) if documents else ""
+    llm = load_from_options(opts)
+    if not llm.tokenizer.chat_template:
+        raise InputError("this model has no chat template; use `kvretrieve generate --raw` instead")
+    layers = llm.model.cfg.num_layers
+    progress = lambda n: PrefillProgress(n, layers)  # noqa: E731
+    conv = Conversation(llm, block, system)
+    if block:
+        conv.prefill_documents(progress)
+    sampling = sampling_from_options(opts)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo(HELP, err=True)
+    while True:
+        try:
+            line = input(">>> ") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            click.echo(err=True)
+            return
+        if not interactive and line == "":
+            return
+        question = line.strip()
+        if not question:
+            continue
+        if question in ("/exit", "/quit"):
+            return
+        if question == "/reset":
+            conv.turns = []
+            click.echo("conversation cleared (documents kept)", err=True)
+            continue
+        if question == "/stats":
+            click.echo(format_stats(llm), err=True)
+            continue
+        if question.startswith("/"):
+            click.echo(f"unknown command {question}; {HELP}", err=True)
+            continue
+        try:
+            for piece in conv.ask(question, sampling, progress):
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+            click.echo()
+        except KeyboardInterrupt:
+            click.echo("\n[answer interrupted]", err=True)
+            if not interactive:
+                raise
+

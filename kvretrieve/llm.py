@@ -1,0 +1,162 @@
+"""The Python API: load a model once, then generate or stream text.
+
+The KV cache persists between calls: a new prompt reuses the longest token prefix it shares with
+what is already cached (the documents of a chat, earlier turns) and only the rest is prefilled.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Union
+
+import torch
+
+from .config import RetrievalConfig, RuntimeConfig, SamplingParams
+from .errors import InputError
+from .models.llama import Decoder
+from .models.tokenizer import StreamDecoder, Tokenizer
+from .runtime.engine import Engine
+from .runtime.sampling import make_generator, sample
+
+Prompt = Union[str, list[dict]]
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    reused_tokens: int            # prompt tokens found already in the KV cache
+    finish_reason: str            # "eos", "stop", "length" (max_new_tokens) or "context" (cache full)
+    prefill_s: float
+    decode_s: float
+    token_ms: list[float] = field(default_factory=list)  # wall time of each decode step
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        return 1e3 * self.decode_s / max(1, len(self.token_ms))
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that could be the start of a stop string."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+class LLM:
+    def __init__(self, model: Decoder, tokenizer: Tokenizer, backend, runtime: RuntimeConfig,
+                 retrieval: RetrievalConfig | None, source: Path | str):
+        self.model, self.tokenizer, self.runtime, self.retrieval = model, tokenizer, runtime, retrieval
+        self.source = source
+        self.engine = Engine(model, backend, runtime.prefill_chunk)
+        self._ids: list[int] = []  # the tokens whose K,V the cache holds, in order
+        self.last: GenerationResult | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.backend.capacity
+
+    @property
+    def cached_tokens(self) -> int:
+        return len(self._ids)
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """A string is encoded as is; a list of {"role", "content"} messages goes through the chat template."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list):
+            ids = self.tokenizer.encode_chat(prompt)
+        else:
+            raise InputError(f"prompt must be a string or a list of messages, not {type(prompt).__name__}")
+        if not ids:
+            raise InputError("the prompt is empty; give it some text")
+        if len(ids) > self.max_context:
+            raise InputError(f"the prompt has {len(ids):,} tokens but the context holds {self.max_context:,}; "
+                             f"shorten it or raise --max-context (the model was trained for "
+                             f"{self.model.cfg.max_position:,})")
+        return ids
+
+    def reset(self) -> None:
+        self.engine.truncate(0)
+        self._ids = []
+
+    def prefill(self, ids: list[int], on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Make the cache hold exactly `ids`, reusing the shared prefix; returns the next-token logits."""
+        keep = min(_shared_prefix(self._ids, ids), len(ids) - 1)  # the last token is always run again: its logits are needed
+        self.engine.truncate(keep)
+        self._ids = self._ids[:keep]
+        logits = self.engine.prefill(ids[keep:], on_layer)
+        self._ids = list(ids)
+        return logits
+
+    def stream(self, prompt: Prompt, max_new_tokens: int | None = None, *, sampling: SamplingParams | None = None,
+               on_layer: Callable[[int], None] | None = None, **kwargs) -> Iterator[str]:
+        """Yield the answer as text pieces while it is generated. Keyword arguments are SamplingParams
+        fields (temperature, top_k, top_p, seed, stop). The full result lands in `self.last`."""
+        if max_new_tokens is not None:
+            kwargs["max_new_tokens"] = max_new_tokens
+        params = sampling if sampling is not None else SamplingParams(**kwargs)
+        ids = self.tokenize(prompt)
+        reused = min(_shared_prefix(self._ids, ids), len(ids) - 1)
+        t0 = time.perf_counter()
+        logits = self.prefill(ids, on_layer)
+        gen = make_generator(params, self.device)
+        token = sample(logits, params, gen)
+        token_id = int(token)  # the one host sync per token
+        prefill_s = time.perf_counter() - t0
+        decoder, out, sent, new_ids, step_ms = StreamDecoder(self.tokenizer), "", 0, [], []
+        finish = "length"
+        while len(new_ids) < params.max_new_tokens:
+            if token_id in self.tokenizer.eos_ids:
+                finish = "eos"
+                break
+            new_ids.append(token_id)
+            out += decoder.push(token_id)
+            cut = min((i for i in (out.find(s, max(0, sent - len(s))) for s in params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                yield out[sent:cut]
+                out, finish = out[:cut], "stop"
+                break
+            safe = len(out) - _held_back(out, params.stop)
+            if safe > sent:
+                yield out[sent:safe]
+                sent = safe
+            if len(new_ids) == params.max_new_tokens:
+                break
+            if self.engine.length >= self.max_context:
+                finish = "context"
+                break
+            t = time.perf_counter()
+            logits = self.engine.step(token)
+            self._ids.append(token_id)
+            token = sample(logits, params, gen)
+            token_id = int(token)
+            step_ms.append(1e3 * (time.perf_counter() - t))
+        if finish != "stop":
+            out += decoder.flush()
+            if len(out) > sent:
+                yield out[sent:]
+        self.last = GenerationResult(text=out, token_ids=new_ids, prompt_tokens=len(ids), reused_tokens=reused,
+                                     finish_reason=finish, prefill_s=prefill_s,
+                                     decode_s=sum(step_ms) / 1e3, token_ms=step_ms)
+
+    def generate(self, prompt: Prompt, max_new_tokens: int | None = None, *, return_details: bool = False,
+                 **kwargs) -> str | GenerationResult:
+        """Generate a completion. Returns the text, or a GenerationResult (text, token ids, timings)
+        with return_details=True."""
+        for _ in self.stream(prompt, max_new_tokens, **kwargs):
+            pass
+        return self.last if return_details else self.last.text

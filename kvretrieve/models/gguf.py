@@ -1,0 +1,155 @@
+"""GGUF -> HF checkpoint directory, done once per file and cached.
+
+Parsing and dequantising GGUF in Python takes seconds, so the first load writes an ordinary HF
+directory (config.json, fp32 safetensors, tokenizer files) into the cache and every later load reads
+that. The directory is built under a temporary name and renamed into place, so an interrupted
+conversion never leaves a half-written cache behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ModelLoadError
+
+FORMAT_VERSION = 1  # bump when the converted layout changes, so old caches are rebuilt
+SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def cache_root() -> Path:
+    """$KVRETRIEVE_CACHE, else $XDG_CACHE_HOME/kvretrieve, else ~/.cache/kvretrieve."""
+    if os.environ.get("KVRETRIEVE_CACHE"):
+        return Path(os.environ["KVRETRIEVE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvretrieve"
+
+
+def cached_dir_for(gguf_path: Path) -> Path:
+    st = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{FORMAT_VERSION}".encode()).hexdigest()
+    return cache_root() / f"{gguf_path.stem}-{key[:12]}"
+
+
+def ensure_converted(gguf_path: Path, log=None) -> Path:
+    """Return the cached HF directory for gguf_path, converting it first if needed."""
+    out = cached_dir_for(gguf_path)
+    if (out / "config.json").is_file():
+        return out
+    if log:
+        log(f"converting {gguf_path.name} once into {out} (later loads read the cache)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        convert(gguf_path, tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished first; its copy is as good as ours
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # llama.cpp stores q/k rows interleaved per head for its rotary layout; undo it to get back the
+    # rotate-half layout of HF checkpoints.
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def convert(gguf_path: Path, out: Path) -> None:
+    import gguf
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+
+    try:
+        reader = gguf.GGUFReader(str(gguf_path))
+    except Exception as e:  # the reader raises assorted errors on damaged files
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {e}; the file is corrupt or truncated: "
+                             "download it again") from None
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED:
+        raise ModelLoadError(f"unsupported GGUF architecture {arch!r} in {gguf_path}; supported: "
+                             f"{', '.join(SUPPORTED)}")
+    heads, kv_heads = _field(reader, f"{arch}.attention.head_count"), _field(reader, f"{arch}.attention.head_count_kv")
+    tensors = {}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            raise ModelLoadError(f"{gguf_path} bakes its RoPE scaling into rope_freqs; load the HF checkpoint instead")
+        stem, _, kind = t.name.rpartition(".")
+        if stem.startswith("blk."):
+            _, idx, part = stem.split(".", 2)
+            if part not in _LAYER_NAMES:
+                raise ModelLoadError(f"unexpected tensor {t.name} in {gguf_path}")
+            name = f"model.layers.{idx}.{_LAYER_NAMES[part]}.{kind}"
+        elif stem in _TOP_NAMES:
+            name = f"{_TOP_NAMES[stem]}.{kind}"
+        else:
+            raise ModelLoadError(f"unexpected tensor {t.name} in {gguf_path}")
+        try:
+            w = dequantize(t.data, t.tensor_type).astype(np.float32)
+        except Exception as e:
+            raise ModelLoadError(f"cannot decode tensor {t.name} of {gguf_path} ({e}); the file is corrupt") from None
+        w = w.reshape([int(n) for n in reversed(t.shape)])
+        if arch == "llama" and stem.endswith("attn_q"):
+            w = _unpermute(w, heads)
+        elif arch == "llama" and stem.endswith("attn_k"):
+            w = _unpermute(w, kv_heads)
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
+
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    config = {
+        "architectures": [SUPPORTED[arch]],
+        "model_type": arch,
+        "vocab_size": int(_field(reader, f"{arch}.vocab_size", len(tokens))),
+        "hidden_size": int(_field(reader, f"{arch}.embedding_length")),
+        "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, f"{arch}.block_count")),
+        "num_attention_heads": int(heads),
+        "num_key_value_heads": int(kv_heads),
+        "max_position_embeddings": int(_field(reader, f"{arch}.context_length")),
+        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "tie_word_embeddings": "lm_head.weight" not in tensors,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+        "converted_from": str(gguf_path.resolve()),
+    }
+    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    if scaling and scaling != "none":
+        config["rope_scaling"] = {"rope_type": scaling, "factor": float(_field(reader, f"{arch}.rope.scaling.factor", 1.0)),
+                                  "original_max_position_embeddings":
+                                      int(_field(reader, f"{arch}.rope.scaling.original_context_length", 0)) or None}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    _convert_tokenizer(gguf_path, out)
+
+
+def _convert_tokenizer(gguf_path: Path, out: Path) -> None:
+    # transformers knows how to turn GGUF vocabularies into a fast tokenizer; we only need it once.
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except Exception as e:
+        raise ModelLoadError(f"cannot build a tokenizer from {gguf_path}: {e}") from None
+    tok.save_pretrained(str(out))

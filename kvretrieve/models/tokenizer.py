@@ -1,0 +1,147 @@
+"""Tokenizer and chat template from an HF directory, without importing transformers.
+
+tokenizer.json is read with the `tokenizers` library and the chat template rendered with jinja2 in a
+sandbox, the way transformers does it; importing transformers would add seconds to every start.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from ..errors import InputError, ModelLoadError
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _load_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e}); re-download it") from None
+
+
+class Tokenizer:
+    def __init__(self, model_dir: Path, model_config: dict):
+        from tokenizers import Tokenizer as FastTokenizer
+
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise ModelLoadError(
+                f"missing tokenizer: {path} not found; kvretrieve needs the fast tokenizer file (create it with "
+                f"transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))")
+        try:
+            self._tok = FastTokenizer.from_file(str(path))
+        except Exception as e:
+            raise ModelLoadError(f"cannot read {path} ({e}); the file is corrupt: re-download it") from None
+        cfg = _load_json(model_dir / "tokenizer_config.json")
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+        self.chat_template = self._find_template(model_dir, cfg)
+        self.eos_ids = self._eos_ids(model_dir, model_config)
+
+    @staticmethod
+    def _find_template(model_dir: Path, cfg: dict) -> str | None:
+        jinja = model_dir / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8")
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        if template is None and (model_dir / "chat_template.json").is_file():
+            template = _load_json(model_dir / "chat_template.json").get("chat_template")
+        return template
+
+    def _eos_ids(self, model_dir: Path, model_config: dict) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (model_config, _load_json(model_dir / "generation_config.json")):
+            value = source.get("eos_token_id")
+            ids.update(value if isinstance(value, list) else [] if value is None else [value])
+        if self.eos_token is not None and self._tok.token_to_id(self.eos_token) is not None:
+            ids.add(self._tok.token_to_id(self.eos_token))
+        return frozenset(int(i) for i in ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Apply the model's chat template to [{"role": ..., "content": ...}, ...]."""
+        if not self.chat_template:
+            raise InputError("this model has no chat template; pass a plain string prompt instead of messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise InputError(f"message {i} must be a dict with string 'role' and 'content'")
+        return _compile(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        # The template already writes BOS where the model wants it, so no special tokens are added.
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+
+_TEMPLATES: dict[str, object] = {}
+
+
+def _compile(source: str):
+    if source not in _TEMPLATES:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise InputError(f"chat template refused the messages: {message}")
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            _TEMPLATES[source] = env.from_string(source)
+        except TemplateError as e:
+            raise ModelLoadError(f"the model's chat template does not parse ({e})") from None
+    return _TEMPLATES[source]
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text pieces, never splitting a multi-byte character.
+
+    Decodes a short window of recent ids twice (with and without the newest) and emits the difference
+    once it no longer ends in an incomplete UTF-8 sequence (shown by the decoder as U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        after = self.tok.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        after = self.tok.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):]

@@ -1,0 +1,62 @@
+"""Memory checks made before big allocations, so a request that cannot fit fails with a clear
+message instead of an OOM kill halfway through a prefill."""
+from __future__ import annotations
+
+import os
+
+import psutil
+import torch
+
+from ..errors import ResourceError
+
+GiB = 1 << 30
+# Some hosts (VMs with memory ballooning) report far less free RAM than they will hand out. This
+# variable overrides the reading: the number of GiB kvretrieve may assume are free.
+FREE_RAM_OVERRIDE = "KVRETRIEVE_FREE_RAM_GB"
+# Share of the free memory one allocation may take, leaving room for activations and the OS.
+_HEADROOM = 0.9
+# Byte caps set by apply_gpu_cap, per device index. torch keeps the fraction privately and a cap is
+# process-wide by nature (it cannot be lifted), so it is remembered here once.
+_GPU_CAPS: dict[int, int] = {}
+
+
+def free_host_bytes() -> int:
+    override = os.environ.get(FREE_RAM_OVERRIDE)
+    if override:
+        try:
+            return int(float(override) * GiB)
+        except ValueError:
+            raise ResourceError(f"{FREE_RAM_OVERRIDE}={override!r} is not a number of GiB") from None
+    return psutil.virtual_memory().available
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Bytes this process may still allocate on a CUDA device, honouring a per-process cap."""
+    free, total = torch.cuda.mem_get_info(device)
+    cap = _GPU_CAPS.get(device.index or 0)
+    if cap is not None:
+        free = min(free, cap - torch.cuda.memory_reserved(device))
+    return max(0, free)
+
+
+def check_allocation(nbytes: int, device: torch.device, what: str, fix: str) -> None:
+    free = free_host_bytes() if device.type == "cpu" else free_device_bytes(device)
+    if nbytes > _HEADROOM * free:
+        where = "CPU RAM" if device.type == "cpu" else f"GPU memory on {device}"
+        raise ResourceError(f"not enough {where} for {what}: needs {nbytes / GiB:.2f} GiB, "
+                            f"{free / GiB:.2f} GiB free; {fix}")
+
+
+def apply_gpu_cap(device: torch.device, gib: float) -> None:
+    """Let this process use at most `gib` GiB of the device (emulates a smaller card)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    cap = int(gib * GiB)
+    if cap > total:
+        raise ResourceError(f"--gpu-mem-gb {gib} is more than the GPU has ({total / GiB:.1f} GiB); lower it")
+    torch.cuda.set_per_process_memory_fraction(cap / total, index)
+    _GPU_CAPS[index] = cap
+
+
+def process_rss_bytes() -> int:
+    return psutil.Process().memory_info().rss

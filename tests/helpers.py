@@ -1,0 +1,54 @@
+"""Shared test helpers: tiny random HF checkpoints and the real default model."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+ROPE_VARIANTS = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+}
+
+
+def tiny_hf_model(arch: str = "llama", rope: str = "default", tie: bool = False, vocab: int = 512, seed: int = 0,
+                  layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 16, max_pos: int = 32):
+    """A small randomly initialised transformers model (fp32). max_pos is small so that dynamic-NTK
+    and the long-context RoPE variants are exercised by prompts of a few dozen tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=96, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
+                  rms_norm_eps=1e-5, tie_word_embeddings=tie, rope_theta=10000.0)
+    if ROPE_VARIANTS[rope] is not None:
+        common["rope_scaling"] = dict(ROPE_VARIANTS[rope])
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    with torch.no_grad():  # biases and norms start at 0 / 1; randomise them so they are tested
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def save_with_tokenizer(model, out: Path, tokenizer_dir: Path | None) -> Path:
+    """save_pretrained + (optionally) the tokenizer files of another checkpoint."""
+    model.save_pretrained(out)
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (tokenizer_dir / name).exists():
+                shutil.copy(tokenizer_dir / name, out / name)
+    return out
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj))

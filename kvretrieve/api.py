@@ -28,9 +28,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU does bf16 arithmetic natively (AVX512-BF16 or AMX); elsewhere torch emulates
+    it and bf16 matmuls run several times slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else torch.float32
     return _DTYPES[name]
 
 

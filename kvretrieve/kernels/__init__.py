@@ -1,0 +1,55 @@
+"""Attention and block-scoring kernels.
+
+The public functions dispatch to the Triton launchers for CUDA tensors when Triton is importable,
+and to the pure-torch references (kvretrieve.kernels.reference) otherwise. Signatures and return
+contracts are identical on both paths.
+"""
+
+from __future__ import annotations
+
+from kvretrieve.kernels import reference as _ref
+
+try:
+    from kvretrieve.kernels import merge as _tmerge
+    from kvretrieve.kernels import scoring as _tscore
+    from kvretrieve.kernels import sparse_decode as _tdecode
+
+    HAS_TRITON = True
+except Exception:  # noqa: BLE001 - a missing or broken Triton must never break the CPU path
+    HAS_TRITON = False
+
+
+def _use_triton(t) -> bool:
+    return HAS_TRITON and t.is_cuda
+
+
+def sparse_decode(q, k_pool, v_pool, slots, tail_len, scale):
+    """Decode attention of q [Hq, d] over pool slots slots [Hkv, n] of k_pool/v_pool
+    [Hkv, S, bs, d] (-1 = skip; last column holds tail_len [1] tokens)
+    -> (out [Hq, d] in q.dtype, lse [Hq] float32; empty head: 0 and -inf)."""
+    impl = _tdecode.sparse_decode if _use_triton(q) else _ref.sparse_decode
+    return impl(q, k_pool, v_pool, slots, tail_len, scale)
+
+
+def lowrank_block_scores(q, proj, mean, sketch, n_blocks, block_size):
+    """Loki block scores: q [Hq, d], proj [Hkv, d, r], mean [Hkv, d], sketch [Hkv, cap, r]
+    -> [Hkv, n_blocks] float32."""
+    impl = _tscore.lowrank_block_scores if _use_triton(q) else _ref.lowrank_block_scores
+    return impl(q, proj, mean, sketch, n_blocks, block_size)
+
+
+def bounds_block_scores(q, kmin, kmax, n_blocks):
+    """Quest upper-bound block scores: q [Hq, d], kmin/kmax [Hkv, cap_blocks, d]
+    -> [Hkv, n_blocks] float32."""
+    impl = _tscore.bounds_block_scores if _use_triton(q) else _ref.bounds_block_scores
+    return impl(q, kmin, kmax, n_blocks)
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """LSE merge of two partial attentions: out_* [H, d], lse_* [H] float32
+    -> (out [H, d] in out_a.dtype, lse [H] float32)."""
+    impl = _tmerge.merge_attention if _use_triton(out_a) else _ref.merge_attention
+    return impl(out_a, lse_a, out_b, lse_b)
+
+
+__all__ = ["HAS_TRITON", "sparse_decode", "lowrank_block_scores", "bounds_block_scores", "merge_attention"]

@@ -1,0 +1,193 @@
+"""Pure-torch references of the kernels, plus the argument checks shared with the Triton launchers.
+
+Every reference has the same signature and return contract as its Triton launcher, runs on any
+device, and accumulates in float32. They are the fallback where Triton is missing and the ground
+truth in the tests, so they favour clarity over speed, but avoid host syncs (no `.item()`) so they
+stay usable on CUDA tensors too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_INTS = (torch.int32, torch.int64)
+
+
+def _fail(op: str, msg: str) -> None:
+    raise ValueError(f"{op}: {msg}")
+
+
+def _same_device(op: str, **tensors: torch.Tensor) -> None:
+    devs = {name: t.device for name, t in tensors.items()}
+    if len(set(devs.values())) > 1:
+        _fail(op, "all tensors must be on one device, got " + ", ".join(f"{k}={v}" for k, v in devs.items()))
+
+
+def _float(op: str, name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
+        _fail(op, f"{name} must be a float32/float16/bfloat16 tensor, got {getattr(t, 'dtype', type(t))}")
+
+
+def _group(op: str, hq: int, hkv: int) -> int:
+    if hkv <= 0 or hq % hkv != 0:
+        _fail(op, f"query heads ({hq}) must be a positive multiple of KV heads ({hkv})")
+    return hq // hkv
+
+
+def check_launch_device(op: str, *tensors: torch.Tensor) -> None:
+    """Triton launchers need CUDA tensors, except under TRITON_INTERPRET=1 (CPU tests)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    for t in tensors:
+        if t.device.type != "cuda":
+            _fail(op, f"the Triton kernel needs CUDA tensors, got one on {t.device} "
+                      f"(use kvretrieve.kernels.{op}, which falls back to the torch reference)")
+
+
+def check_sparse_decode(q, k_pool, v_pool, slots, tail_len) -> tuple[int, int, int, int, int]:
+    """Validate sparse_decode inputs; returns (Hkv, G, n, bs, d)."""
+    op = "sparse_decode"
+    for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
+        _float(op, name, t)
+    if q.dim() != 2:
+        _fail(op, f"q must be [Hq, d], got shape {tuple(q.shape)}")
+    if k_pool.dim() != 4 or v_pool.shape != k_pool.shape:
+        _fail(op, f"k_pool and v_pool must both be [Hkv, S, bs, d], got {tuple(k_pool.shape)} and {tuple(v_pool.shape)}")
+    if q.dtype != k_pool.dtype or v_pool.dtype != k_pool.dtype:
+        _fail(op, f"q, k_pool, v_pool must share a dtype, got {q.dtype}, {k_pool.dtype}, {v_pool.dtype}")
+    hkv, _, bs, d = k_pool.shape
+    if q.shape[1] != d:
+        _fail(op, f"head dim of q ({q.shape[1]}) != head dim of the pool ({d})")
+    g = _group(op, q.shape[0], hkv)
+    if not isinstance(slots, torch.Tensor) or slots.dim() != 2 or slots.shape[0] != hkv or slots.dtype not in _INTS:
+        _fail(op, f"slots must be an int32 tensor [Hkv={hkv}, n], got {getattr(slots, 'dtype', type(slots))} "
+                  f"{tuple(getattr(slots, 'shape', ()))}")
+    if not isinstance(tail_len, torch.Tensor) or tail_len.numel() != 1 or tail_len.dtype not in _INTS:
+        _fail(op, "tail_len must be an int32 tensor of shape [1] (a device tensor so CUDA graphs can capture it)")
+    _same_device(op, q=q, k_pool=k_pool, v_pool=v_pool, slots=slots, tail_len=tail_len)
+    return hkv, g, slots.shape[1], bs, d
+
+
+def check_lowrank(q, proj, mean, sketch, n_blocks, block_size) -> tuple[int, int, int]:
+    """Validate lowrank_block_scores inputs; returns (Hkv, G, r)."""
+    op = "lowrank_block_scores"
+    for name, t in (("q", q), ("proj", proj), ("mean", mean), ("sketch", sketch)):
+        _float(op, name, t)
+    if q.dim() != 2 or proj.dim() != 3:
+        _fail(op, f"q must be [Hq, d] and proj [Hkv, d, r], got {tuple(q.shape)} and {tuple(proj.shape)}")
+    hkv, d, r = proj.shape
+    if q.shape[1] != d or tuple(mean.shape) != (hkv, d):
+        _fail(op, f"expected q [Hq, {d}] and mean [{hkv}, {d}], got {tuple(q.shape)} and {tuple(mean.shape)}")
+    if sketch.dim() != 3 or sketch.shape[0] != hkv or sketch.shape[2] != r:
+        _fail(op, f"sketch must be [{hkv}, cap, {r}], got {tuple(sketch.shape)}")
+    if int(n_blocks) < 0 or int(block_size) <= 0:
+        _fail(op, f"need n_blocks >= 0 and block_size > 0, got {n_blocks}, {block_size}")
+    if n_blocks * block_size > sketch.shape[1]:
+        _fail(op, f"n_blocks*block_size = {n_blocks * block_size} exceeds sketch capacity {sketch.shape[1]}")
+    g = _group(op, q.shape[0], hkv)
+    _same_device(op, q=q, proj=proj, mean=mean, sketch=sketch)
+    return hkv, g, r
+
+
+def check_bounds(q, kmin, kmax, n_blocks) -> tuple[int, int]:
+    """Validate bounds_block_scores inputs; returns (Hkv, G)."""
+    op = "bounds_block_scores"
+    for name, t in (("q", q), ("kmin", kmin), ("kmax", kmax)):
+        _float(op, name, t)
+    if q.dim() != 2 or kmin.dim() != 3 or kmax.shape != kmin.shape:
+        _fail(op, f"need q [Hq, d] and kmin/kmax [Hkv, cap_blocks, d], got {tuple(q.shape)}, "
+                  f"{tuple(kmin.shape)}, {tuple(kmax.shape)}")
+    if kmin.shape[2] != q.shape[1]:
+        _fail(op, f"head dim of q ({q.shape[1]}) != head dim of kmin/kmax ({kmin.shape[2]})")
+    if not 0 <= int(n_blocks) <= kmin.shape[1]:
+        _fail(op, f"n_blocks ({n_blocks}) must be in [0, cap_blocks={kmin.shape[1]}]")
+    g = _group(op, q.shape[0], kmin.shape[0])
+    _same_device(op, q=q, kmin=kmin, kmax=kmax)
+    return kmin.shape[0], g
+
+
+def check_merge(out_a, lse_a, out_b, lse_b) -> None:
+    """Validate merge_attention inputs."""
+    op = "merge_attention"
+    _float(op, "out_a", out_a)
+    _float(op, "out_b", out_b)
+    if out_a.dim() != 2 or out_b.shape != out_a.shape or out_b.dtype != out_a.dtype:
+        _fail(op, f"out_a and out_b must be [H, d] of one dtype, got {tuple(out_a.shape)} {out_a.dtype} "
+                  f"and {tuple(out_b.shape)} {out_b.dtype}")
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != (out_a.shape[0],):
+            _fail(op, f"{name} must be float32 [{out_a.shape[0]}], got {getattr(t, 'dtype', type(t))} "
+                      f"{tuple(getattr(t, 'shape', ()))}")
+    _same_device(op, out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
+
+
+def sparse_decode(q, k_pool, v_pool, slots, tail_len, scale):
+    """Attention of q [Hq, d] over the pool slots listed in slots [Hkv, n] (-1 = skip; the last
+    column holds tail_len [1] tokens, the others bs). Returns out [Hq, d] (q.dtype), lse [Hq] f32."""
+    hkv, g, n, bs, d = check_sparse_decode(q, k_pool, v_pool, slots, tail_len)
+    hq = q.shape[0]
+    if n == 0:
+        return q.new_zeros(hq, d), torch.full((hq,), float("-inf"), device=q.device)
+    heads = torch.arange(hkv, device=q.device)[:, None]
+    idx = slots.clamp(min=0).long()
+    k = k_pool[heads, idx].reshape(hkv, n * bs, d).float()  # gathers only the selected blocks
+    v = v_pool[heads, idx].reshape(hkv, n * bs, d).float()
+    col = torch.arange(n, device=q.device)[:, None]
+    tok = torch.arange(bs, device=q.device)[None, :]
+    tail = tail_len.reshape(()).clamp(0, bs)
+    valid = torch.where(col == n - 1, tok < tail, torch.ones_like(tok, dtype=torch.bool))  # [n, bs]
+    valid = (valid[None] & (slots >= 0)[:, :, None]).reshape(hkv, 1, n * bs)
+    s = torch.einsum("hgd,htd->hgt", q.float().view(hkv, g, d), k) * scale
+    s = s.masked_fill(~valid, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # -inf for a head with no valid token
+    # Subtracting a finite stand-in keeps exp(-inf - -inf) = NaN out of fully masked heads.
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    out = torch.einsum("hgt,htd->hgd", p, v)
+    return out.reshape(hq, d).to(q.dtype), lse.reshape(hq)
+
+
+def lowrank_block_scores(q, proj, mean, sketch, n_blocks, block_size):
+    """Loki-style block scores [Hkv, n_blocks] f32: max over a block's tokens and the group's
+    query heads of q·mean + (q @ proj)·sketch. q [Hq, d], proj [Hkv, d, r], mean [Hkv, d],
+    sketch [Hkv, cap, r]."""
+    hkv, g, r = check_lowrank(q, proj, mean, sketch, n_blocks, block_size)
+    if n_blocks == 0:
+        return torch.empty(hkv, 0, dtype=torch.float32, device=q.device)
+    qg = q.float().view(hkv, g, -1)
+    qr = torch.einsum("hgd,hdr->hgr", qg, proj.float())
+    qm = torch.einsum("hgd,hd->hg", qg, mean.float())
+    sk = sketch[:, : n_blocks * block_size].float()
+    s = torch.einsum("hgr,htr->hgt", qr, sk) + qm[..., None]
+    return s.amax(dim=1).view(hkv, n_blocks, block_size).amax(dim=-1)
+
+
+def bounds_block_scores(q, kmin, kmax, n_blocks):
+    """Quest upper bounds [Hkv, n_blocks] f32: max over the group's query heads of
+    sum_c max(q_c*kmin_c, q_c*kmax_c). q [Hq, d], kmin/kmax [Hkv, cap_blocks, d]."""
+    hkv, g = check_bounds(q, kmin, kmax, n_blocks)
+    qg = q.float().view(hkv, g, -1)
+    # max(q*lo, q*hi) picks hi where q >= 0 and lo where q < 0, so the bound splits into two
+    # matmuls and never materialises a [G, blocks, d] product.
+    pos, neg = qg.clamp(min=0), qg.clamp(max=0)
+    lo, hi = kmin[:, :n_blocks].float(), kmax[:, :n_blocks].float()
+    ub = torch.einsum("hgd,hbd->hgb", pos, hi) + torch.einsum("hgd,hbd->hgb", neg, lo)
+    if n_blocks == 0:
+        return ub.new_empty(hkv, 0)
+    return ub.amax(dim=1)
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Merge two partial attentions over disjoint keys: out_* [H, d], lse_* [H] f32 ->
+    (out [H, d] in out_a.dtype, lse [H] f32). -inf on a side means it saw no key."""
+    check_merge(out_a, lse_a, out_b, lse_b)
+    m = torch.maximum(lse_a, lse_b)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # both -inf: avoid -inf - -inf
+    wa, wb = torch.exp(lse_a - m_safe), torch.exp(lse_b - m_safe)
+    tot = wa + wb
+    denom = torch.where(tot > 0, tot, torch.ones_like(tot))
+    out = (wa[:, None] * out_a.float() + wb[:, None] * out_b.float()) / denom[:, None]
+    lse = torch.where(tot > 0, m_safe + torch.log(denom), torch.full_like(m, float("-inf")))
+    return out.to(out_a.dtype), lse

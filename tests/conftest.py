@@ -1,0 +1,31 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # for `import helpers`
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def smol_dir():
+    """The default model (SmolLM2-135M-Instruct) as a converted HF directory in the user cache."""
+    from kvretrieve.models.loader import resolve_checkpoint
+
+    return resolve_checkpoint(None)
+
+
+@pytest.fixture(scope="session")
+def smol(smol_dir):
+    """The default model in fp32 on the CPU, shared by tests that only read from it."""
+    import kvretrieve
+
+    return kvretrieve.load(smol_dir, device="cpu", dtype="float32", max_context=4096)
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip)

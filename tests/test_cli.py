@@ -1,0 +1,156 @@
+"""The CLI through click's CliRunner, one real run of the installed console script, and bad input:
+every user mistake gives one line naming problem and fix, a non-zero exit code and no traceback."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kvretrieve import __version__
+from kvretrieve.cli import cli
+from kvretrieve.models.loader import default_model_path
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "examples" / "lighthouse.txt"
+FAST = ["--dtype", "float32", "--device", "cpu"]
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(cli, list(args), input=input)
+
+
+def assert_user_error(result, *fragments):
+    err = result.stderr
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    assert "Traceback" not in result.output and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_version_and_help():
+    assert run("--version").output.strip().endswith(__version__)
+    for cmd in ([], ["generate"], ["chat"]):
+        result = run(*cmd, "--help")
+        assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_generate_answers(smol_dir):
+    result = run("generate", "What is the capital of France?", "--model", str(smol_dir), "--max-new-tokens", "20",
+                 *FAST, "--stats")
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.stdout and "ms/token" in result.stderr
+
+
+def test_generate_reads_stdin(smol_dir):
+    result = run("generate", "-", "--model", str(smol_dir), "--max-new-tokens", "20", *FAST,
+                 input="What is the capital of France?")
+    assert result.exit_code == 0 and "Paris" in result.stdout
+
+
+def test_chat_over_document_with_piped_questions(smol_dir):
+    questions = "Who was the first keeper of the lighthouse?\n/stats\nIn which year was the lighthouse first lit?\n"
+    result = run("chat", "--document", str(DOC), "--model", str(smol_dir), "--max-new-tokens", "40", *FAST,
+                 input=questions)
+    assert result.exit_code == 0, result.output
+    assert "Ellory" in result.stdout and "1871" in result.stdout
+    assert "prefill:" in result.stderr and "reused" in result.stderr
+
+
+def test_installed_console_script(smol_dir):
+    script = shutil.which("kvretrieve", path=str(Path(sys.executable).parent))
+    assert script, "the kvretrieve console script is not installed next to this Python"
+    proc = subprocess.run([script, "chat", "-d", str(DOC), "--model", str(smol_dir), "--max-new-tokens", "30", *FAST],
+                          input="Who was the first keeper of the lighthouse?\n", capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Ellory" in proc.stdout
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+
+def test_missing_model_path(tmp_path):
+    assert_user_error(run("generate", "hi", "--model", str(tmp_path / "nope")), "does not exist")
+
+
+def test_directory_without_checkpoint(tmp_path):
+    assert_user_error(run("generate", "hi", "--model", str(tmp_path)), "no config.json")
+
+
+def test_unknown_architecture(tmp_path, smol_dir):
+    shutil.copytree(smol_dir, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    assert_user_error(run("generate", "hi", "--model", str(tmp_path / "m")), "unsupported architecture GPT2LMHeadModel")
+
+
+def test_config_missing_field(tmp_path, smol_dir):
+    shutil.copytree(smol_dir, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    del cfg["num_hidden_layers"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    assert_user_error(run("generate", "hi", "--model", str(tmp_path / "m")), "num_hidden_layers")
+
+
+@pytest.mark.parametrize("keep", [100, 1_000_000])
+def test_truncated_safetensors(tmp_path, smol_dir, keep):
+    shutil.copytree(smol_dir, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors"))
+    (tmp_path / "m" / "model.safetensors").write_bytes((smol_dir / "model.safetensors").open("rb").read(keep))
+    assert_user_error(run("generate", "hi", "--model", str(tmp_path / "m")), "model.safetensors", "re-download")
+
+
+@pytest.mark.parametrize("keep", [7, 1000, 50_000_000])
+def test_truncated_gguf(tmp_path, monkeypatch, keep):
+    monkeypatch.setenv("KVRETRIEVE_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(default_model_path().open("rb").read(keep))
+    assert_user_error(run("generate", "hi", "--model", str(bad)), "broken.gguf", "corrupt")
+    assert not any((tmp_path / "cache").iterdir())  # no half-written cache entry is left behind
+
+
+def test_missing_tokenizer(tmp_path, smol_dir):
+    shutil.copytree(smol_dir, tmp_path / "m", ignore=shutil.ignore_patterns("tokenizer.json"))
+    assert_user_error(run("generate", "hi", "--model", str(tmp_path / "m")), "missing tokenizer")
+
+
+def test_document_problems(tmp_path, smol_dir):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (tmp_path / "binary.txt").write_bytes(b"\x7fELF\x00\x00\x01")
+    (tmp_path / "empty.txt").write_text("  \n")
+    cases = {str(tmp_path / "missing.txt"): "does not exist", str(tmp_path / "latin1.txt"): "not UTF-8",
+             str(tmp_path / "binary.txt"): "binary", str(tmp_path / "empty.txt"): "empty", str(tmp_path): "not a regular"}
+    for path, fragment in cases.items():
+        assert_user_error(run("chat", "--document", path, "--model", str(smol_dir), input="hi\n"), fragment)
+
+
+def test_prompt_longer_than_max_context(smol_dir):
+    assert_user_error(run("generate", "word " * 300, "--model", str(smol_dir), "--max-context", "128", *FAST),
+                      "context holds 128", "--max-context")
+    assert_user_error(run("chat", "-d", str(DOC), "--model", str(smol_dir), "--max-context", "64", *FAST,
+                          input="hi\n"), "documents take", "--max-context")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu(smol_dir):
+    assert_user_error(run("generate", "hi", "--model", str(smol_dir), "--device", "cuda"), "GPU", "--device cpu")
+
+
+def test_bad_option_values(smol_dir):
+    assert_user_error(run("generate", "hi", "--model", str(smol_dir), "--temperature", "-1"), "temperature")
+    assert_user_error(run("generate", "hi", "--model", str(smol_dir), "--retrieval", "lowrank", "--budget", "8"),
+                      "budget_tokens")
+    result = run("generate", "hi", "--max-context", "lots")
+    assert result.exit_code == 2 and "not a token count" in result.output
+
+
+def test_debug_shows_traceback(tmp_path):
+    result = run("--debug", "generate", "hi", "--model", str(tmp_path / "nope"))
+    assert result.exit_code == 1 and "Traceback" in result.stderr

@@ -11,6 +11,7 @@ from .llm import LLM
 from .models.loader import load_model
 from .runtime.dense import DenseKV
 from .runtime.memory import apply_gpu_cap
+from .runtime.retrieval import RetrievalKV
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -63,6 +64,7 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str = 
     cfg = decoder.cfg
     capacity = runtime.max_context or cfg.max_position
     if retrieval is not None:
-        raise NotImplementedError("retrieval lands with the retrieval runtime")
-    backend = DenseKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, dev, decoder.dtype)
+        backend = RetrievalKV(retrieval, decoder, capacity)
+    else:
+        backend = DenseKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, dev, decoder.dtype)
     return LLM(decoder, tokenizer, backend, runtime, retrieval, source)

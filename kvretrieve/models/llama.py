@@ -128,6 +128,9 @@ class Decoder:
         long prompt never materialises a [T, ffn] activation; attention sees the whole segment."""
         c, w = self.cfg, self.w.layers[layer]
         T = x.shape[0]
+        prepare = getattr(attn, "prepare_layer", None)  # lets a backend look ahead (speculative prefetch)
+        if prepare is not None:
+            prepare(layer, x)
         q = x.new_empty(T, c.num_heads, c.head_dim)
         k = x.new_empty(T, c.num_kv_heads, c.head_dim)
         v = x.new_empty(T, c.num_kv_heads, c.head_dim)

@@ -1,0 +1,37 @@
+"""The BlockIndex interface: how the blocks worth attending to are found.
+
+An index sees every full block of keys once (add), may learn from the prompt's keys first (fit),
+and scores blocks for a decode query (scores). Scores are per KV head, already aggregated over the
+query heads of its GQA group, so selection happens once per KV head. Indexes live on the compute
+device and are preallocated for the whole context (no growth, no copies during decode).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class BlockIndex(Protocol):
+    kind: str
+
+    def fit(self, layer: int, keys: torch.Tensor) -> None:
+        """keys [T, Hkv, d] (post-RoPE) of the first prefill: a chance to learn a projection."""
+
+    def add(self, layer: int, first_block: int, keys: torch.Tensor) -> None:
+        """Index full blocks first_block.. ; keys [Hkv, nb, block_size, d]."""
+
+    def scores(self, layer: int, q: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        """q [Hq, d] -> scores [Hkv, n_blocks] float32 of blocks 0..n_blocks-1 (higher = more relevant)."""
+
+    def nbytes(self) -> int: ...
+
+
+def select_blocks(scores: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tensor:
+    """Top-k block ids per KV head among candidate blocks [lo, hi) -> [Hkv, min(k, hi - lo)] int64."""
+    k = min(k, hi - lo)
+    if k <= 0:
+        return torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
+    if k == hi - lo:  # everything fits the budget: no ranking needed
+        return torch.arange(lo, hi, device=scores.device).expand(scores.shape[0], -1)
+    return torch.topk(scores[:, lo:hi], k, dim=1, sorted=False).indices + lo

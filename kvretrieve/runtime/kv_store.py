@@ -1,0 +1,100 @@
+"""The CPU home of the full KV cache.
+
+Layout: fixed-size segments, each [layer, K|V, kv_head, block, block_size, head_dim]. One block of
+one head is block_size * head_dim contiguous elements (4 KiB for 16 x 128 bf16), so fetching a
+block is one contiguous read, and a segment's rows for one layer form a 2-D [2*Hkv*blocks, bs*d]
+table that a single index_select can gather from. New segments are appended as the context grows:
+old data is never copied. Segments are pinned when CUDA is present so H2D/D2H copies can be async.
+"""
+from __future__ import annotations
+
+import torch
+
+from .memory import GiB, check_allocation
+
+
+class KVStore:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, max_tokens: int,
+                 dtype: torch.dtype, pin: bool, segment_blocks: int = 1024):
+        self.L, self.H, self.d, self.bs = num_layers, num_kv_heads, head_dim, block_size
+        self.max_blocks = -(-max_tokens // block_size)
+        self.seg_blocks = min(segment_blocks, self.max_blocks)
+        self.dtype, self.pin = dtype, pin
+        self.segments: list[torch.Tensor] = []
+
+    @property
+    def bytes_per_block(self) -> int:
+        """All layers, K and V, all heads: the host memory one block of tokens costs."""
+        return 2 * self.L * self.H * self.bs * self.d * torch.finfo(self.dtype).bits // 8
+
+    @property
+    def capacity_blocks(self) -> int:
+        return len(self.segments) * self.seg_blocks
+
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.segments)
+
+    def check_fits(self, n_tokens: int) -> None:
+        """Refuse up front (before any allocation) a context whose KV cannot fit in free RAM."""
+        missing = -(-n_tokens // self.bs) - self.capacity_blocks
+        if missing > 0:
+            need = -(-missing // self.seg_blocks) * self.seg_blocks * self.bytes_per_block
+            check_allocation(need, torch.device("cpu"), f"the KV cache of {n_tokens:,} tokens in CPU memory "
+                             f"({self.bytes_per_block * n_tokens / self.bs / GiB:.1f} GiB)",
+                             "lower --max-context, or set KVRETRIEVE_FREE_RAM_GB if this host reports less "
+                             "free memory than it can hand out")
+
+    def ensure(self, n_blocks: int) -> None:
+        if n_blocks > self.max_blocks:
+            raise ValueError(f"{n_blocks} blocks exceed the store's maximum {self.max_blocks}")
+        if n_blocks > self.capacity_blocks:
+            self.check_fits(n_blocks * self.bs)
+        while self.capacity_blocks < n_blocks:
+            shape = (self.L, 2, self.H, self.seg_blocks, self.bs, self.d)
+            self.segments.append(torch.empty(shape, dtype=self.dtype, pin_memory=self.pin))
+
+    def write(self, layer: int, first_block: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store full blocks first_block.. of one layer; k, v [Hkv, nb, bs, d] on any device.
+        From CUDA this is an async D2H copy on the current stream: keep k, v alive until it finishes."""
+        nb = k.shape[1]
+        self.ensure(first_block + nb)
+        done = 0
+        while done < nb:
+            seg, off = divmod(first_block + done, self.seg_blocks)
+            n = min(nb - done, self.seg_blocks - off)
+            dst = self.segments[seg][layer]
+            dst[0, :, off:off + n].copy_(k[:, done:done + n], non_blocking=True)
+            dst[1, :, off:off + n].copy_(v[:, done:done + n], non_blocking=True)
+            done += n
+
+    def read(self, layer: int, first_block: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks first_block.. of one layer as k, v [Hkv, n_blocks, bs, d] (CPU tensors)."""
+        parts_k, parts_v, done = [], [], 0
+        while done < n_blocks:
+            seg, off = divmod(first_block + done, self.seg_blocks)
+            n = min(n_blocks - done, self.seg_blocks - off)
+            parts_k.append(self.segments[seg][layer, 0, :, off:off + n])
+            parts_v.append(self.segments[seg][layer, 1, :, off:off + n])
+            done += n
+        if len(parts_k) == 1:
+            return parts_k[0], parts_v[0]
+        return torch.cat(parts_k, 1), torch.cat(parts_v, 1)
+
+    def gather(self, layer: int, heads: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
+        """out[0, i], out[1, i] = K and V of block blocks[i] of head heads[i]; out [2, m, bs*d] (CPU).
+
+        One index_select per segment touched and K|V: the segment's rows for a layer are laid out as
+        [K|V, head, block], so row = kv * H * SB + head * SB + block % SB.
+        """
+        seg = blocks // self.seg_blocks
+        rows = heads * self.seg_blocks + blocks % self.seg_blocks
+        width = self.bs * self.d
+        for s in torch.unique(seg).tolist():
+            pick = (seg == s).nonzero().flatten()
+            table = self.segments[s][layer].view(2, self.H * self.seg_blocks, width)
+            r = rows.index_select(0, pick) if len(pick) != len(rows) else rows
+            for kv in (0, 1):
+                if len(pick) == len(rows):
+                    torch.index_select(table[kv], 0, r, out=out[kv, :len(rows)])
+                else:
+                    out[kv].index_copy_(0, pick, table[kv].index_select(0, r))

@@ -1,0 +1,239 @@
+"""The retrieval attention backend: full KV in CPU memory, sparse attention on the compute device.
+
+Prefill (a segment of T tokens at position P): dense causal attention over the segment (plus, for
+P > 0, the earlier tokens brought back from the store), then the segment's full blocks go to the
+CPU store (D2H on a side stream) and to the index; sinks and the recent window go to pool slots.
+Decode (one token): the token joins the tail block in its ring slot (a full block goes to store
+and index), the index picks budget blocks per KV head among those outside sinks and window, the
+pool resolves them (misses are fetched from the store), and one sparse kernel attends over
+sinks + selected + window + tail.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+
+from .. import kernels
+from ..config import RetrievalConfig
+from ..index import make_index, select_blocks
+from ..models.llama import Decoder, rms_norm
+from .dense import causal_attention
+from .gpu_cache import BlockPool
+from .kv_store import KVStore
+from .prefetch import Fetcher
+
+
+class RetrievalKV:
+    def __init__(self, cfg: RetrievalConfig, model: Decoder, capacity: int):
+        mc, device, dtype = model.cfg, model.device, model.dtype
+        self.cfg, self.model, self.capacity, self.device = cfg, model, capacity, device
+        self.bs, self.L, self.H = cfg.block_size, mc.num_layers, mc.num_kv_heads
+        self.scale = mc.head_dim ** -0.5
+        max_blocks = -(-capacity // self.bs) + 1
+        cuda = device.type == "cuda"
+        self.store = KVStore(self.L, self.H, mc.head_dim, self.bs, max_blocks * self.bs, dtype, pin=cuda)
+        self.index = make_index(cfg, self.L, self.H, mc.head_dim, max_blocks, device, dtype)
+        self.pool = BlockPool(cfg, self.L, self.H, mc.head_dim, max_blocks, device, dtype)
+        self.fetcher = Fetcher(self.store, self.pool, device, cfg.prefetch, self.H * cfg.budget_blocks)
+        self.d2h = torch.cuda.Stream(device) if cuda else None
+        self._d2h_done: torch.cuda.Event | None = None
+        self._tables = torch.empty(self.L, self.H, self.pool.columns, dtype=torch.int32, pin_memory=cuda)
+        self._tail_len = torch.zeros(1, dtype=torch.int32, device=device)
+        self.length, self._start, self._n, self._step = 0, 0, 0, 0
+        self._spec: dict[int, np.ndarray] = {}
+        self._rope = None
+        self.stats: Counter = Counter()
+        self.timing = False  # when set, selection time is measured (adds syncs on CUDA)
+
+    # ---- engine protocol -------------------------------------------------------------------------
+    def begin(self, start: int, n: int) -> None:
+        self._start, self._n = start, n
+        self.store.ensure(-(-(start + n) // self.bs))  # refuses with a clear error before the RAM runs out
+        if self.decoding:
+            self._step += 1
+            self._tail_len.fill_((start + 1) % self.bs)
+            if self.cfg.speculative:
+                self._rope = self.model.rope_tables(start, 1)
+
+    def commit(self, length: int) -> None:
+        self.length = length
+        self._spec.clear()
+
+    def truncate(self, length: int) -> None:
+        if length >= self.length:
+            return
+        self.length = length
+        self.pool.forget_from(length // self.bs)
+        if length:
+            self._repair_ring(length)
+
+    @property
+    def decoding(self) -> bool:
+        return self._n == 1 and self._start > 0
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.decoding:
+            return self._decode(layer, q, k, v)
+        P = self._start
+        if P == 0:
+            out = causal_attention(q, k, v, 0, self.scale)
+            self.index.fit(layer, k)
+        else:
+            pk, pv = self._context(layer, P)
+            out = causal_attention(q, torch.cat([pk, k]), torch.cat([pv, v]), P, self.scale)
+        self._append(layer, k, v, P)
+        return out
+
+    # ---- prefill ---------------------------------------------------------------------------------
+    def _ring(self, layer: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        slot = self.pool.ring_slot(block)
+        return self.pool.k[layer, :, slot], self.pool.v[layer, :, slot]     # [Hkv, bs, d]
+
+    def _context(self, layer: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's K,V of tokens 0..P-1 on the compute device, as [P, Hkv, d]."""
+        self._sync_d2h()
+        nb, tail = divmod(P, self.bs)
+        ks, vs = self.store.read(layer, 0, nb)
+        ks = ks.to(self.device, non_blocking=True).reshape(self.H, nb * self.bs, -1)
+        vs = vs.to(self.device, non_blocking=True).reshape(self.H, nb * self.bs, -1)
+        rk, rv = self._ring(layer, nb)
+        return torch.cat([ks, rk[:, :tail]], 1).transpose(0, 1), torch.cat([vs, rv[:, :tail]], 1).transpose(0, 1)
+
+    def _append(self, layer: int, k: torch.Tensor, v: torch.Tensor, P: int) -> None:
+        """Add tokens P.. (k, v [T, Hkv, d]) to store, index, sinks, ring and tail."""
+        b0, off = divmod(P, self.bs)
+        if off:  # complete the current tail block first: its first tokens live in its ring slot
+            rk, rv = self._ring(layer, b0)
+            k = torch.cat([rk[:, :off].transpose(0, 1), k])
+            v = torch.cat([rv[:, :off].transpose(0, 1), v])
+        full, rest = divmod(k.shape[0], self.bs)
+        if full:
+            kb = k[:full * self.bs].view(full, self.bs, self.H, -1).permute(2, 0, 1, 3).contiguous()
+            vb = v[:full * self.bs].view(full, self.bs, self.H, -1).permute(2, 0, 1, 3).contiguous()
+            self._store_blocks(layer, b0, kb, vb)
+            n_sink = min(self.pool.n_sink, b0 + full) - b0
+            if n_sink > 0:
+                self.pool.k[layer, :, b0:b0 + n_sink] = kb[:, :n_sink]
+                self.pool.v[layer, :, b0:b0 + n_sink] = vb[:, :n_sink]
+            first = max(b0, b0 + full - self.pool.window_blocks)
+            blocks = list(range(first, b0 + full))
+            if blocks:
+                slots = torch.tensor([self.pool.ring_slot(b) for b in blocks], device=self.device)
+                self.pool.k[layer].index_copy_(1, slots, kb[:, first - b0:])
+                self.pool.v[layer].index_copy_(1, slots, vb[:, first - b0:])
+                self.pool.ring_block[layer, np.array(blocks) % self.pool.ring] = blocks
+        tail = b0 + full
+        rk, rv = self._ring(layer, tail)
+        rk[:, :rest] = k[full * self.bs:].transpose(0, 1)
+        rv[:, :rest] = v[full * self.bs:].transpose(0, 1)
+        self.pool.ring_block[layer, tail % self.pool.ring] = tail
+
+    def _store_blocks(self, layer: int, first: int, kb: torch.Tensor, vb: torch.Tensor) -> None:
+        """Full blocks kb, vb [Hkv, nb, bs, d] -> index (on the device) and CPU store (async D2H)."""
+        self.index.add(layer, first, kb)
+        if self.d2h is None:
+            self.store.write(layer, first, kb, vb)
+            return
+        self.d2h.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.d2h):
+            self.store.write(layer, first, kb, vb)
+            kb.record_stream(self.d2h)  # keep the source alive until the copy has read it
+            vb.record_stream(self.d2h)
+            self._d2h_done = torch.cuda.Event()
+            self._d2h_done.record(self.d2h)
+
+    def _sync_d2h(self) -> None:
+        """The host is about to read the store: blocks written by D2H copies must have landed."""
+        if self._d2h_done is not None:
+            self._d2h_done.synchronize()
+
+    def _repair_ring(self, length: int) -> None:
+        """After a truncation, reload window and tail blocks that the ring no longer holds."""
+        self._sync_d2h()
+        n_full = length // self.bs
+        first = max(min(self.pool.n_sink, n_full), n_full - self.pool.window_blocks)
+        for layer in range(self.L):
+            for b in range(first, n_full + 1):
+                if self.pool.ring_block[layer, b % self.pool.ring] != b:
+                    ks, vs = self.store.read(layer, b, 1)
+                    rk, rv = self._ring(layer, b)
+                    rk.copy_(ks[:, 0])
+                    rv.copy_(vs[:, 0])
+                    self.pool.ring_block[layer, b % self.pool.ring] = b
+
+    # ---- decode ----------------------------------------------------------------------------------
+    def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        t = self._start
+        b, off = divmod(t, self.bs)
+        rk, rv = self._ring(layer, b)
+        if off == 0 and self.d2h is not None:
+            # This ring slot held an older block whose D2H copy may still be reading it.
+            torch.cuda.current_stream(self.device).wait_stream(self.d2h)
+        rk[:, off] = k[0]
+        rv[:, off] = v[0]
+        self.pool.ring_block[layer, b % self.pool.ring] = b
+        if off == self.bs - 1:  # the tail block is full: it joins store and index
+            self._store_blocks(layer, b, rk[:, None], rv[:, None])
+            if b < self.pool.n_sink:
+                self.pool.k[layer, :, b] = rk
+                self.pool.v[layer, :, b] = rv
+        selected = self._select(layer, q[0], stamp=2 * self._step + 1)
+        table = self._tables[layer]
+        table.copy_(torch.from_numpy(self.pool.table(selected, (t + 1) // self.bs)))
+        self.fetcher.wait(layer)
+        out, _ = kernels.sparse_decode(q[0], self.pool.k[layer], self.pool.v[layer],
+                                       table.to(self.device, non_blocking=True), self._tail_len, self.scale)
+        return out[None]
+
+    def _candidates(self) -> tuple[int, int, int]:
+        """(n_full, lo, hi): blocks [lo, hi) are neither sinks nor in the window."""
+        n_full = (self._start + 1) // self.bs
+        lo = min(self.pool.n_sink, n_full)
+        return n_full, lo, max(lo, n_full - self.pool.window_blocks)
+
+    def _select(self, layer: int, q: torch.Tensor, stamp: int) -> np.ndarray:
+        """Pick, resolve and fetch this layer's blocks; returns their pool slots [Hkv, k]."""
+        n_full, lo, hi = self._candidates()
+        if hi <= lo:
+            return np.empty((self.H, 0), dtype=np.int64)
+        t0 = time.perf_counter() if self.timing else 0.0
+        ids = select_blocks(self.index.scores(layer, q, n_full), lo, hi, self.cfg.budget_blocks).cpu().numpy()
+        if self.timing:
+            self.stats["select_s"] += time.perf_counter() - t0
+        spec = self._spec.pop(layer, None)
+        if spec is not None:
+            self.stats["spec_hits"] += sum(len(np.intersect1d(a, b)) for a, b in zip(ids, spec))
+            self.stats["spec_total"] += ids.size
+        slots, heads, blocks, fill = self.pool.lookup(layer, ids, stamp)
+        if len(blocks):
+            self._sync_d2h()
+            self.fetcher.fetch(layer, heads, blocks, fill)
+        return slots
+
+    def prepare_layer(self, layer: int, x: torch.Tensor) -> None:
+        """Speculative prefetch (InfiniGen style): layer l's input through layer l+1's norm and q
+        projection approximates layer l+1's query, whose blocks are fetched while layer l runs."""
+        if not (self.cfg.speculative and self.decoding) or layer + 1 >= self.L:
+            return
+        w = self.model.w.layers[layer + 1]
+        q, _, _ = self.model.project_qkv(layer + 1, rms_norm(x, w.attn_norm, self.model.cfg.rms_eps), *self._rope)
+        n_full, lo, hi = self._candidates()
+        if hi > lo:
+            ids = select_blocks(self.index.scores(layer + 1, q[0], n_full), lo, hi, self.cfg.budget_blocks)
+            ids = ids.cpu().numpy()
+            self._spec[layer + 1] = ids
+            _, heads, blocks, fill = self.pool.lookup(layer + 1, ids, 2 * self._step, count=False)
+            if len(blocks):
+                self._sync_d2h()
+                self.fetcher.fetch(layer + 1, heads, blocks, fill)
+
+    # ---- accounting ------------------------------------------------------------------------------
+    def memory(self) -> dict[str, int]:
+        return {"store": self.store.nbytes(), "pool": self.pool.nbytes(), "index": self.index.nbytes()}
+
+    def counters(self) -> dict[str, float]:
+        return {"hits": self.pool.hits, "misses": self.pool.misses, "h2d_bytes": self.fetcher.h2d_bytes,
+                **self.stats}

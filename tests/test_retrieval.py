@@ -1,0 +1,185 @@
+"""Retrieval runtime: equals dense when the budget covers the context, exact top-k, LRU accounting,
+store growth and capacity errors, speculative prefetch, and the async path on CUDA."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from kvretrieve.config import RetrievalConfig
+from kvretrieve.errors import ConfigError, ResourceError
+from kvretrieve.index import ExactIndex, select_blocks
+from kvretrieve.models.llama import Decoder, ModelConfig
+from kvretrieve.models.loader import CheckpointTensors, build_weights, read_hf_config
+from kvretrieve.runtime.dense import DenseKV
+from kvretrieve.runtime.engine import Engine
+from kvretrieve.runtime.gpu_cache import BlockPool
+from kvretrieve.runtime.kv_store import KVStore
+from kvretrieve.runtime.retrieval import RetrievalKV
+
+from helpers import tiny_hf_model
+
+KINDS = ["lowrank", "bounds", "exact"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_hf_model("llama", "default", vocab=256, layers=3, heads=8, kv_heads=2, head_dim=16, max_pos=4096,
+                  seed=7).save_pretrained(path)
+    return path
+
+
+def engines(model_dir, retrieval: RetrievalConfig, device="cpu", dtype=torch.float32, capacity=1024):
+    cfg = ModelConfig.from_hf(read_hf_config(model_dir))
+    dev = torch.device(device)
+    dec = Decoder(cfg, build_weights(cfg, CheckpointTensors(model_dir), dev, dtype))
+    dense = Engine(dec, DenseKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, dev, dtype), 4096)
+    return dense, Engine(dec, RetrievalKV(retrieval, dec, capacity), 4096)
+
+
+def run_script(engine, prompt, continuation, decode_tokens, truncate_to):
+    """prefill, a multi-token continuation, decode steps, a truncation and decode again: the logits."""
+    out = [engine.model.logits(engine.forward(prompt))]
+    out.append(engine.model.logits(engine.forward(continuation)))
+    for t in decode_tokens:
+        out.append(engine.model.logits(engine.forward(t.view(1))))
+    engine.truncate(truncate_to)
+    for t in decode_tokens[:5]:
+        out.append(engine.model.logits(engine.forward(t.view(1))))
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("block_size,sink,window", [(16, 32, 64), (8, 0, 0), (4, 4, 8)])
+def test_full_budget_equals_dense(tiny_dir, kind, block_size, sink, window):
+    cfg = RetrievalConfig(index=kind, block_size=block_size, budget_tokens=512, sink_tokens=sink,
+                          window_tokens=window, rank=8)
+    dense, sparse = engines(tiny_dir, cfg)
+    g = torch.Generator().manual_seed(0)
+    prompt, cont = torch.randint(0, 256, (203,), generator=g), torch.randint(0, 256, (37,), generator=g)
+    steps = torch.randint(0, 256, (45,), generator=g)
+    for a, b in zip(run_script(dense, prompt, cont, steps, 230), run_script(sparse, prompt, cont, steps, 230)):
+        assert torch.allclose(a, b, atol=2e-5, rtol=1e-5), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_small_budget_attends_fewer_tokens_but_stays_close(tiny_dir, kind):
+    cfg = RetrievalConfig(index=kind, block_size=8, budget_tokens=64, sink_tokens=8, window_tokens=32, rank=8)
+    dense, sparse = engines(tiny_dir, cfg)
+    g = torch.Generator().manual_seed(1)
+    prompt, steps = torch.randint(0, 256, (400,), generator=g), torch.randint(0, 256, (20,), generator=g)
+    dense.forward(prompt)
+    sparse.forward(prompt)
+    for t in steps:
+        a, b = dense.model.logits(dense.forward(t.view(1))), sparse.model.logits(sparse.forward(t.view(1)))
+    assert not torch.allclose(a, b, atol=1e-4)  # it really is sparse
+    assert torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="sum") < 0.5
+    counters = sparse.backend.counters()
+    assert counters["hits"] + counters["misses"] == 20 * 3 * 2 * 8  # steps x layers x kv heads x budget blocks
+
+
+def test_speculative_prefetch_gives_identical_outputs(tiny_dir):
+    base = RetrievalConfig(index="lowrank", block_size=8, budget_tokens=64, sink_tokens=8, window_tokens=16, rank=8)
+    _, plain = engines(tiny_dir, base)
+    _, spec = engines(tiny_dir, dataclasses.replace(base, speculative=True))
+    g = torch.Generator().manual_seed(2)
+    prompt, steps = torch.randint(0, 256, (300,), generator=g), torch.randint(0, 256, (12,), generator=g)
+    plain.forward(prompt)
+    spec.forward(prompt)
+    for t in steps:
+        assert torch.equal(plain.forward(t.view(1)), spec.forward(t.view(1)))
+    c = spec.backend.counters()
+    assert c["spec_total"] == 12 * 2 * 2 * 8 and 0 < c["spec_hits"] <= c["spec_total"]  # layers 1 and 2 speculate
+
+
+def test_exact_index_returns_true_top_k():
+    g = torch.Generator().manual_seed(3)
+    L, H, G, d, bs, nb = 1, 2, 4, 16, 8, 20
+    idx = ExactIndex(L, H, d, bs, nb, torch.device("cpu"), torch.float32)
+    keys = torch.randn(H, nb, bs, d, generator=g)
+    idx.add(0, 0, keys)
+    q = torch.randn(H * G, d, generator=g)
+    truth = torch.einsum("hgd,hnbd->hgnb", q.view(H, G, d), keys).amax(-1).amax(1)  # [H, nb]
+    scores = idx.scores(0, q, nb)
+    assert torch.allclose(scores, truth, atol=1e-5)
+    picked = select_blocks(scores, 2, 17, 5)
+    for h in range(H):
+        want = set((torch.topk(truth[h, 2:17], 5).indices + 2).tolist())
+        assert set(picked[h].tolist()) == want
+
+
+def test_lru_accounting_and_eviction_order():
+    cfg = RetrievalConfig(block_size=4, budget_tokens=16, sink_tokens=4, window_tokens=8, cache_blocks=6)
+    pool = BlockPool(cfg, 1, 2, 8, 64, torch.device("cpu"), torch.float32)
+    rng = np.random.default_rng(4)
+    hits = misses = 0
+    for step in range(1, 300):
+        ids = np.stack([rng.choice(12, 4, replace=False) for _ in range(2)])
+        before = [{b: pool.last_used[0, h, s] for s, b in enumerate(pool.block_of_slot[0, h]) if b >= 0}
+                  for h in range(2)]
+        slots, heads, blocks, fill = pool.lookup(0, ids, stamp=step)
+        for h in range(2):
+            after = {b for b in pool.block_of_slot[0, h] if b >= 0}
+            new_hits = [b for b in ids[h] if b in before[h]]
+            hits += len(new_hits)
+            misses += 4 - len(new_hits)
+            assert set(ids[h]) <= after and len(set(slots[h])) == 4
+            assert sorted(blocks[heads == h]) == sorted(set(ids[h]) - set(before[h]))
+            evicted = set(before[h]) - after
+            kept_old = [before[h][b] for b in after & set(before[h]) if b not in ids[h]]
+            # least recently used first: nothing kept from before is older than what was evicted
+            assert all(before[h][e] <= min(kept_old, default=step) for e in evicted)
+            assert len(evicted) == max(0, len(before[h]) + len(blocks[heads == h]) - 6)
+        assert (pool.hits, pool.misses) == (hits, misses)
+        assert np.all(pool.slot_of_block[0][np.arange(2)[:, None], ids] + pool.lru0 == slots)
+        assert np.array_equal(np.sort(fill), np.sort(slots[heads, [list(ids[h]).index(b) for h, b in zip(heads, blocks)]]))
+
+
+def test_store_grows_without_copying_and_refuses_what_cannot_fit(monkeypatch):
+    store = KVStore(2, 2, 8, 4, 4096, torch.float32, pin=False, segment_blocks=16)
+    k = torch.randn(2, 20, 4, 8)
+    store.write(1, 0, k[:, :10], k[:, :10] + 1)
+    first = store.segments[0].data_ptr()
+    store.write(1, 10, k[:, 10:], k[:, 10:] + 1)
+    assert store.segments[0].data_ptr() == first and len(store.segments) == 2
+    rk, rv = store.read(1, 0, 20)
+    assert torch.equal(rk, k) and torch.equal(rv, k + 1)
+    out = torch.empty(2, 3, 32)
+    store.gather(1, torch.tensor([1, 0, 1]), torch.tensor([18, 3, 5]), out)
+    assert torch.equal(out[0], torch.stack([k[1, 18], k[0, 3], k[1, 5]]).view(3, 32))
+    monkeypatch.setenv("KVRETRIEVE_FREE_RAM_GB", "0.00001")
+    with pytest.raises(ResourceError, match="CPU RAM.*KVRETRIEVE_FREE_RAM_GB"):
+        store.ensure(100)
+    assert len(store.segments) == 2  # nothing was allocated
+
+
+def test_retrieval_config_validation():
+    for bad, msg in [(dict(budget_tokens=8), "at least one block"), (dict(window_tokens=-1), "window_tokens"),
+                     (dict(index="faiss"), "unknown index kind"), (dict(block_size=12), "power of two"),
+                     (dict(cache_blocks=4), "cache_blocks")]:
+        with pytest.raises(ConfigError, match=msg):
+            RetrievalConfig(**bad)
+
+
+def test_rank_above_head_dim_is_refused(tiny_dir):
+    with pytest.raises(ConfigError, match="head_dim 16"):
+        engines(tiny_dir, RetrievalConfig(rank=32))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_async_prefetch_equals_sync(tiny_dir, kind):
+    base = RetrievalConfig(index=kind, block_size=8, budget_tokens=64, sink_tokens=8, window_tokens=16, rank=8)
+    _, sync = engines(tiny_dir, dataclasses.replace(base, prefetch=False), device="cuda")
+    _, async_ = engines(tiny_dir, base, device="cuda")
+    _, spec = engines(tiny_dir, dataclasses.replace(base, speculative=True), device="cuda")
+    g = torch.Generator().manual_seed(5)
+    prompt, steps = torch.randint(0, 256, (700,), generator=g), torch.randint(0, 256, (64,), generator=g)
+    outs = []
+    for e in (sync, async_, spec):
+        e.forward(prompt.cuda())
+        outs.append(torch.stack([e.forward(t.view(1).cuda()) for t in steps]))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

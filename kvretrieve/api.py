@@ -8,9 +8,11 @@ import torch
 from .config import RetrievalConfig, RuntimeConfig
 from .errors import ResourceError
 from .llm import LLM
+from .models.llama import Decoder, ModelConfig
 from .models.loader import load_model
+from .models.shapes import weight_bytes
 from .runtime.dense import DenseKV
-from .runtime.memory import apply_gpu_cap
+from .runtime.memory import GiB, apply_gpu_cap
 from .runtime.retrieval import RetrievalKV
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -60,11 +62,26 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str = 
     dev = resolve_device(runtime.device)
     if runtime.gpu_mem_gb is not None and dev.type == "cuda":
         apply_gpu_cap(dev, runtime.gpu_mem_gb)
-    decoder, tokenizer, source = load_model(model, dev, resolve_dtype(runtime.dtype, dev), log)
-    cfg = decoder.cfg
-    capacity = runtime.max_context or cfg.max_position
-    if retrieval is not None:
-        backend = RetrievalKV(retrieval, decoder, capacity)
-    else:
-        backend = DenseKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, dev, decoder.dtype)
+    dtype = resolve_dtype(runtime.dtype, dev)
+    decoder, tokenizer, source = load_model(model, dev, dtype, log,
+                                            check=lambda cfg: check_weights_fit(cfg, dev, dtype, runtime.gpu_mem_gb))
+    backend = make_backend(decoder, runtime.max_context or decoder.cfg.max_position, retrieval)
     return LLM(decoder, tokenizer, backend, runtime, retrieval, source)
+
+
+def check_weights_fit(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, gpu_mem_gb: float | None) -> None:
+    """Refuse before reading any weight when the weights alone exceed the GPU memory cap."""
+    if device.type != "cuda" or gpu_mem_gb is None:
+        return
+    need = weight_bytes(cfg, torch.finfo(dtype).bits // 8)
+    if need > gpu_mem_gb * GiB:
+        raise ResourceError(f"the weights alone need {need / GiB:.1f} GiB, more than --gpu-mem-gb {gpu_mem_gb}; "
+                            "raise the cap or use a smaller model")
+
+
+def make_backend(decoder: Decoder, capacity: int, retrieval: RetrievalConfig | None):
+    """The attention backend: a dense preallocated cache, or retrieval over a CPU-resident cache."""
+    cfg = decoder.cfg
+    if retrieval is not None:
+        return RetrievalKV(retrieval, decoder, capacity)
+    return DenseKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, decoder.device, decoder.dtype)

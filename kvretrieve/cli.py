@@ -15,6 +15,7 @@ from .chat import chat
 from .cli_options import (debug_enabled, format_stats, load_from_options, model_options, sampling_from_options,
                           sampling_options, set_debug)
 from .errors import InputError, KVRetrieveError
+from .profile_cli import profile
 
 class Cli(click.Group):
     """Turns exceptions into one-line messages and exit codes, for the console script and CliRunner alike."""
@@ -79,6 +80,7 @@ def generate(prompt, raw, system, stats, **opts):
 
 
 cli.add_command(chat)
+cli.add_command(profile)
 
 
 def main() -> None:

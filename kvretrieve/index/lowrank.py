@@ -26,14 +26,18 @@ class LowRankIndex:
         self.mean = torch.zeros(num_layers, num_kv_heads, head_dim, device=device, dtype=dtype)
         self.proj = torch.zeros(num_layers, num_kv_heads, head_dim, rank, device=device, dtype=dtype)
 
-    def fit(self, layer: int, keys: torch.Tensor) -> None:
-        k = keys.float().transpose(0, 1)                      # [Hkv, T, d]
-        mean = k.mean(1, keepdim=True)
-        x = k - mean
-        cov = x.transpose(1, 2) @ x / max(1, k.shape[1])     # [Hkv, d, d]
-        _, vecs = torch.linalg.eigh(cov)                      # ascending eigenvalues
+    def fit(self, layer: int, keys: torch.Tensor, chunk: int = 8192) -> None:
+        """keys [T, Hkv, d]. Mean and covariance accumulate in fp32 over chunks, so a 128K prompt
+        never needs an fp32 copy of all its keys."""
+        T = keys.shape[0]
+        mean = sum(keys[s:s + chunk].float().sum(0) for s in range(0, T, chunk)) / T     # [Hkv, d]
+        cov = 0
+        for s in range(0, T, chunk):
+            x = (keys[s:s + chunk].float() - mean).transpose(0, 1)                       # [Hkv, t, d]
+            cov = cov + x.transpose(1, 2) @ x
+        _, vecs = torch.linalg.eigh(cov / T)                                             # ascending
         self.proj[layer] = vecs.flip(-1)[:, :, :self.rank].to(self.proj.dtype)
-        self.mean[layer] = mean[:, 0].to(self.mean.dtype)
+        self.mean[layer] = mean.to(self.mean.dtype)
 
     def add(self, layer: int, first_block: int, keys: torch.Tensor) -> None:
         hkv, nb, bs, d = keys.shape

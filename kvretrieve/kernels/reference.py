@@ -97,9 +97,9 @@ def check_bounds(q, kmin, kmax, n_blocks) -> tuple[int, int]:
     op = "bounds_block_scores"
     for name, t in (("q", q), ("kmin", kmin), ("kmax", kmax)):
         _float(op, name, t)
-    if q.dim() != 2 or kmin.dim() != 3 or kmax.shape != kmin.shape:
-        _fail(op, f"need q [Hq, d] and kmin/kmax [Hkv, cap_blocks, d], got {tuple(q.shape)}, "
-                  f"{tuple(kmin.shape)}, {tuple(kmax.shape)}")
+    if q.dim() != 2 or kmin.dim() != 3 or kmax.shape != kmin.shape or kmax.dtype != kmin.dtype:
+        _fail(op, f"need q [Hq, d] and kmin/kmax [Hkv, cap_blocks, d] of one dtype, got {tuple(q.shape)}, "
+                  f"{tuple(kmin.shape)} {kmin.dtype}, {tuple(kmax.shape)} {kmax.dtype}")
     if kmin.shape[2] != q.shape[1]:
         _fail(op, f"head dim of q ({q.shape[1]}) != head dim of kmin/kmax ({kmin.shape[2]})")
     if not 0 <= int(n_blocks) <= kmin.shape[1]:

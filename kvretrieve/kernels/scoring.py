@@ -1,31 +1,50 @@
 """Triton block-scoring kernels for the retrieval index: Loki low-rank scores and Quest bounds.
 
-Both are memory-bound (they stream a sketch or per-block min/max once per decode step), so the
-arithmetic is done in fp32 with "ieee" dots: exact enough to rank blocks identically to the
-reference, and the FMA cost stays below the bandwidth cost at these tiny M (the G query heads,
-padded to 16 rows for tl.dot). Grid (Hkv, block tiles); each program scores one tile of blocks for
-all G query heads of one KV head, so the stream is read once per KV head.
+Both stream a sketch or per-block min/max once per decode step, so they are memory-bound and the
+design goal is one pass at full bandwidth. Grid (Hkv, P): each program loops over a contiguous run
+of block tiles for all G query heads of one KV head (the G rows padded to 16 for tl.dot), so the
+stream is read once per KV head and per-program setup (loading q, projecting it) is amortised.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from kvretrieve.kernels.reference import check_bounds, check_launch_device, check_lowrank
+from kvretrieve.kernels.sparse_decode import _mma
+
+# Enough programs to cover an H100 (132 SMs) several times over, whatever Hkv is.
+_TARGET_PROGRAMS = 1024
+
+
+@triton.jit
+def _dot_f32(a, b, B_F32: tl.constexpr, UPCAST: tl.constexpr):
+    # a is fp32. Against fp32 b use exact fp32 FMAs; against 16-bit b split a into hi + lo in b's
+    # dtype: both products are exact in the fp32 accumulator, so two tensor-core dots give ~16-22
+    # bits of a's mantissa instead of the 8-11 a single rounding would keep.
+    if B_F32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        hi = a.to(b.dtype)
+        lo = (a - hi.to(tl.float32)).to(b.dtype)
+        return _mma(hi, b, UPCAST) + _mma(lo, b, UPCAST)
 
 
 @triton.jit
 def _lowrank_kernel(
-    q_ptr, proj_ptr, mean_ptr, sk_ptr, out_ptr, n_blocks,
+    q_ptr, proj_ptr, mean_ptr, sk_ptr, out_ptr, n_blocks, iters,
     stride_qh, stride_qd, stride_ph, stride_pd, stride_pr, stride_mh, stride_md,
     stride_sh, stride_st, stride_sr, stride_oh,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr,
     RP: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr, TB: tl.constexpr,
+    SK_F32: tl.constexpr, UPCAST: tl.constexpr,
 ):
     kvh = tl.program_id(0)
-    tile = tl.program_id(1)
+    pid = tl.program_id(1)
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, DP)
     offs_r = tl.arange(0, RP)
@@ -39,34 +58,34 @@ def _lowrank_kernel(
     proj = tl.load(p_head + offs_d[:, None] * stride_pd + offs_r[None, :] * stride_pr,
                    mask=d_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + kvh * stride_mh + offs_d * stride_md, mask=d_mask, other=0.0).to(tl.float32)
-    # Projecting q once per program (GP x d x r) is far cheaper than touching full keys.
-    qr = tl.dot(q, proj, input_precision="ieee")
+    qr = tl.dot(q, proj, input_precision="ieee")  # once per program, exact fp32
     qm = tl.sum(q * mean[None, :], 1)
 
-    # Tokens are laid out as a [TB, BSP] grid (BSP = block size padded to a power of two) and
-    # flattened so one dot covers the tile; the padding columns are masked to -inf below.
-    blocks = tile * TB + tl.arange(0, TB)
+    # Tokens of a tile form a [TB, BSP] grid (BSP = block size padded to a power of two),
+    # flattened so one dot covers the tile; padding columns are masked to -inf.
     j = tl.arange(0, BSP)
-    valid2d = (blocks[:, None] < n_blocks) & (j[None, :] < BS)
-    tok = tl.reshape(blocks[:, None] * BS + j[None, :], [TB * BSP])
-    valid = tl.reshape(valid2d, [TB * BSP])
     s_head = sk_ptr + kvh.to(tl.int64) * stride_sh
-    sk = tl.load(s_head + tok.to(tl.int64)[:, None] * stride_st + offs_r[None, :] * stride_sr,
-                 mask=valid[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-    s = tl.dot(qr, tl.trans(sk), input_precision="ieee") + qm[:, None]
-    s = tl.where(g_mask[:, None] & valid[None, :], s, float("-inf"))
-    best = tl.max(tl.reshape(tl.max(s, 0), [TB, BSP]), 1)
-    tl.store(out_ptr + kvh * stride_oh + blocks, best, mask=blocks < n_blocks)
+    for i in range(0, iters):
+        blocks = (pid * iters + i) * TB + tl.arange(0, TB)
+        valid = tl.reshape((blocks[:, None] < n_blocks) & (j[None, :] < BS), [TB * BSP])
+        tok = tl.reshape(blocks[:, None] * BS + j[None, :], [TB * BSP]).to(tl.int64)
+        sk = tl.load(s_head + tok[:, None] * stride_st + offs_r[None, :] * stride_sr,
+                     mask=valid[:, None] & r_mask[None, :], other=0.0)
+        s = _dot_f32(qr, tl.trans(sk), SK_F32, UPCAST) + qm[:, None]
+        s = tl.where(g_mask[:, None] & valid[None, :], s, float("-inf"))
+        best = tl.max(tl.reshape(tl.max(s, 0), [TB, BSP]), 1)
+        tl.store(out_ptr + kvh * stride_oh + blocks, best, mask=blocks < n_blocks)
 
 
 @triton.jit
 def _bounds_kernel(
-    q_ptr, kmin_ptr, kmax_ptr, out_ptr, n_blocks,
+    q_ptr, kmin_ptr, kmax_ptr, out_ptr, n_blocks, iters,
     stride_qh, stride_qd, stride_nh, stride_nb, stride_nd, stride_xh, stride_xb, stride_xd, stride_oh,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, TB: tl.constexpr,
+    K_F32: tl.constexpr, UPCAST: tl.constexpr,
 ):
     kvh = tl.program_id(0)
-    tile = tl.program_id(1)
+    pid = tl.program_id(1)
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, DP)
     g_mask = offs_g < G
@@ -74,20 +93,28 @@ def _bounds_kernel(
     heads = kvh * G + offs_g
     q = tl.load(q_ptr + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-    blocks = tile * TB + tl.arange(0, TB)
-    b_mask = blocks < n_blocks
-    m2 = b_mask[:, None] & d_mask[None, :]
-    b64 = blocks.to(tl.int64)[:, None]
-    lo = tl.load(kmin_ptr + kvh.to(tl.int64) * stride_nh + b64 * stride_nb + offs_d[None, :] * stride_nd,
-                 mask=m2, other=0.0).to(tl.float32)
-    hi = tl.load(kmax_ptr + kvh.to(tl.int64) * stride_xh + b64 * stride_xb + offs_d[None, :] * stride_xd,
-                 mask=m2, other=0.0).to(tl.float32)
-    # max(q*lo, q*hi) takes hi where q >= 0 and lo where q < 0: two dots over the sign-split q give
-    # every head of the group at once (each product is exact; only the summation order differs).
-    ub = tl.dot(tl.maximum(q, 0.0), tl.trans(hi), input_precision="ieee")
-    ub += tl.dot(tl.minimum(q, 0.0), tl.trans(lo), input_precision="ieee")
-    ub = tl.where(g_mask[:, None], ub, float("-inf"))
-    tl.store(out_ptr + kvh * stride_oh + blocks, tl.max(ub, 0), mask=b_mask)
+    # max(q*lo, q*hi) takes hi where q >= 0 and lo where q < 0, so the bound is two dots over the
+    # sign-split q, for every head of the group at once.
+    q_pos = tl.maximum(q, 0.0)
+    q_neg = tl.minimum(q, 0.0)
+    lo_head = kmin_ptr + kvh.to(tl.int64) * stride_nh
+    hi_head = kmax_ptr + kvh.to(tl.int64) * stride_xh
+    for i in range(0, iters):
+        blocks = (pid * iters + i) * TB + tl.arange(0, TB)
+        b_mask = blocks < n_blocks
+        m2 = b_mask[:, None] & d_mask[None, :]
+        b64 = blocks.to(tl.int64)[:, None]
+        lo = tl.load(lo_head + b64 * stride_nb + offs_d[None, :] * stride_nd, mask=m2, other=0.0)
+        hi = tl.load(hi_head + b64 * stride_xb + offs_d[None, :] * stride_xd, mask=m2, other=0.0)
+        ub = _dot_f32(q_pos, tl.trans(hi), K_F32, UPCAST) + _dot_f32(q_neg, tl.trans(lo), K_F32, UPCAST)
+        ub = tl.where(g_mask[:, None], ub, float("-inf"))
+        tl.store(out_ptr + kvh * stride_oh + blocks, tl.max(ub, 0), mask=b_mask)
+
+
+def _split_work(n_tiles: int, hkv: int) -> tuple[int, int]:
+    """(programs per KV head, tiles per program) for about _TARGET_PROGRAMS programs in all."""
+    iters = triton.cdiv(n_tiles, max(1, _TARGET_PROGRAMS // hkv))
+    return triton.cdiv(n_tiles, iters), iters
 
 
 def _tile(n_blocks: int, want: int) -> int:
@@ -106,15 +133,15 @@ def lowrank_block_scores(q, proj, mean, sketch, n_blocks, block_size):
         return out
     d = q.shape[1]
     bsp = triton.next_power_of_2(block_size)
-    # ~128 tokens per program; tb*bsp >= 16 so the token dimension is a legal dot N.
-    tb = max(1, min(128 // bsp, triton.next_power_of_2(n_blocks)))
-    tb = max(tb, triton.cdiv(16, bsp))
-    grid = (hkv, triton.cdiv(n_blocks, tb))
-    _lowrank_kernel[grid](
-        q, proj, mean, sketch, out, n_blocks,
+    # ~256 tokens per tile; tb*bsp >= 16 so the token dimension is a legal dot N.
+    tb = max(1, min(256 // bsp, triton.next_power_of_2(n_blocks)), triton.cdiv(16, bsp))
+    progs, iters = _split_work(triton.cdiv(n_blocks, tb), hkv)
+    _lowrank_kernel[(hkv, progs)](
+        q, proj, mean, sketch, out, n_blocks, iters,
         q.stride(0), q.stride(1), *proj.stride(), *mean.stride(), *sketch.stride(), out.stride(0),
         G=g, GP=max(16, triton.next_power_of_2(g)), D=d, DP=max(16, triton.next_power_of_2(d)),
         R=r, RP=max(16, triton.next_power_of_2(r)), BS=block_size, BSP=bsp, TB=tb,
+        SK_F32=sketch.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
     )
     return out
 
@@ -129,11 +156,13 @@ def bounds_block_scores(q, kmin, kmax, n_blocks):
     if n_blocks == 0:
         return out
     d = q.shape[1]
-    tb = _tile(n_blocks, 32)
-    _bounds_kernel[(hkv, triton.cdiv(n_blocks, tb))](
-        q, kmin, kmax, out, n_blocks,
+    tb = _tile(n_blocks, max(16, 8192 // d))  # ~8K elements of each of kmin/kmax per tile
+    progs, iters = _split_work(triton.cdiv(n_blocks, tb), hkv)
+    _bounds_kernel[(hkv, progs)](
+        q, kmin, kmax, out, n_blocks, iters,
         q.stride(0), q.stride(1), *kmin.stride(), *kmax.stride(), out.stride(0),
         G=g, GP=max(16, triton.next_power_of_2(g)), D=d, DP=max(16, triton.next_power_of_2(d)), TB=tb,
+        K_F32=kmin.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
     )
     return out
 

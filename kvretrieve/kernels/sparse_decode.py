@@ -18,7 +18,6 @@ from kvretrieve.kernels.reference import check_launch_device, check_sparse_decod
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
-_COLS_PER_SPLIT = 8
 
 
 @triton.jit
@@ -35,7 +34,7 @@ def _mma(a, b, UPCAST: tl.constexpr):
 @triton.jit
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, slots_ptr, tail_ptr, o_part_ptr, lse_part_ptr,
-    n_cols, cols_per_split, num_splits, qk_scale,
+    n_cols, iters, num_splits, qk_scale,
     stride_qh, stride_qd,
     stride_kh, stride_ks, stride_kt, stride_kd,
     stride_vh, stride_vs, stride_vt, stride_vd,
@@ -58,25 +57,33 @@ def _split_kernel(
     # int64 head/slot offsets: a pool of a few thousand 64x128 blocks per head overflows int32.
     k_head = k_ptr + kvh.to(tl.int64) * stride_kh
     v_head = v_ptr + kvh.to(tl.int64) * stride_vh
-    k_tok = offs_t[:, None] * stride_kt + offs_d[None, :] * stride_kd
-    v_tok = offs_t[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    # One step covers BN // BS table columns: each token row gathers from its own column's slot,
+    # so small blocks still give each step ~16 KB of K/V in flight.
+    t_col = offs_t // BS
+    t_in = offs_t % BS
+    k_tok = t_in[:, None] * stride_kt + offs_d[None, :] * stride_kd
+    v_tok = t_in[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    slot_row = slots_ptr + kvh * stride_sh
+    col0 = split * iters * (BN // BS)
 
     # Scores live in the log2 domain (exp2 is the native instruction); lse is converted back at the end.
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    # A fixed trip count with out-of-range columns masked (rather than tensor-valued range
+    # Slots are fetched one step ahead so the chain slot -> K/V address -> data costs one memory
+    # latency per step. A fixed trip count with columns past n masked (not tensor-valued range
     # bounds) keeps the loop portable across Triton versions and the interpreter.
-    for i in range(0, cols_per_split):
-        c = split * cols_per_split + i
-        in_range = c < n_cols
-        slot = tl.load(slots_ptr + kvh * stride_sh + c * stride_sc, mask=in_range, other=-1)
-        n_valid = tl.where(c == n_cols - 1, tail, BS)
-        n_valid = tl.where(slot >= 0, n_valid, 0)
-        slot64 = tl.maximum(slot, 0).to(tl.int64)
-        # Masked-off tokens (padding up to BN, the tail, -1 entries) are never read from memory.
-        t_mask = offs_t < n_valid
-        k = tl.load(k_head + slot64 * stride_ks + k_tok, mask=t_mask[:, None], other=0.0)
+    cols = col0 + t_col
+    slot = tl.load(slot_row + cols * stride_sc, mask=cols < n_cols, other=-1)
+    for i in range(0, iters):
+        n_valid = tl.where(cols == n_cols - 1, tail, BS)
+        # Masked-off tokens (tail, -1 entries, columns past n) are never read from memory.
+        t_mask = (slot >= 0) & (t_in < n_valid)
+        base = tl.maximum(slot, 0).to(tl.int64)[:, None]
+        k = tl.load(k_head + base * stride_ks + k_tok, mask=t_mask[:, None], other=0.0)
+        v = tl.load(v_head + base * stride_vs + v_tok, mask=t_mask[:, None], other=0.0)
+        cols += BN // BS
+        slot = tl.load(slot_row + cols * stride_sc, mask=cols < n_cols, other=-1)  # last one unused
         s = _mma(q, tl.trans(k), UPCAST) * qk_scale
         s = tl.where(t_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -85,7 +92,6 @@ def _split_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_head + slot64 * stride_vs + v_tok, mask=t_mask[:, None], other=0.0)
         # p is rounded to the V dtype so the dot runs on tensor cores; the sum stays in fp32.
         acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, UPCAST)
         m_i = m_new
@@ -124,20 +130,23 @@ def _pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
-def _launch_config(bs: int, d: int) -> dict:
-    return {"num_warps": 4, "num_stages": 2}
+def _tile_tokens(n: int, bs: int, d: int) -> int:
+    # ~8K elements (16 KB in bf16) of K per step, never less than one block, no more than n needs.
+    return max(bs, min(8192 // d, triton.next_power_of_2(n) * bs))
 
 
-def choose_num_splits(n: int) -> int:
-    """Splits for n table columns: ~8 columns each (enough work per program to hide the per-column
-    slot-load latency, enough programs to fill the GPU at small Hkv), at most 64."""
-    return max(1, min(_MAX_SPLITS, triton.cdiv(n, _COLS_PER_SPLIT)))
+def choose_num_splits(n: int, bs: int = 16, d: int = 128) -> int:
+    """Splits for n table columns: as many as there are steps of _tile_tokens (each program's
+    serial chain of dependent loads is the latency floor at decode sizes), capped at 64."""
+    steps = triton.cdiv(n, _tile_tokens(n, bs, d) // bs)
+    return max(1, min(_MAX_SPLITS, steps))
 
 
-def sparse_decode(q, k_pool, v_pool, slots, tail_len, scale, *, num_splits: int | None = None):
+def sparse_decode(q, k_pool, v_pool, slots, tail_len, scale, *, num_splits=None, tile_tokens=None):
     """Triton sparse decode attention. q [Hq, d], k_pool/v_pool [Hkv, S, bs, d], slots [Hkv, n]
     int32 (-1 = skip), tail_len [1] int32 -> (out [Hq, d] in q.dtype, lse [Hq] float32).
-    num_splits overrides the launcher's choice (tests only)."""
+    num_splits / tile_tokens (a power-of-two multiple of bs, >= 16) override the launcher's
+    choices; for tests and benchmarks."""
     hkv, g, n, bs, d = check_sparse_decode(q, k_pool, v_pool, slots, tail_len)
     check_launch_device("sparse_decode", q, k_pool, v_pool, slots, tail_len)
     if not _pow2(d) or not 16 <= d <= 256:
@@ -149,18 +158,22 @@ def sparse_decode(q, k_pool, v_pool, slots, tail_len, scale, *, num_splits: int 
     lse = torch.empty(hq, dtype=torch.float32, device=q.device)
     if n == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    splits = choose_num_splits(n) if num_splits is None else max(1, min(int(num_splits), n))
-    cols = triton.cdiv(n, splits)
-    splits = triton.cdiv(n, cols)  # drop splits that would own no column
+    bn = max(16, tile_tokens or _tile_tokens(n, bs, d))
+    if not _pow2(bn) or bn < bs:
+        raise ValueError(f"sparse_decode: tile_tokens must be a power of two >= block size, got {bn}")
+    steps = triton.cdiv(n, bn // bs)
+    splits = choose_num_splits(n, bs, d) if num_splits is None else int(num_splits)
+    iters = triton.cdiv(steps, max(1, min(splits, steps)))
+    splits = triton.cdiv(steps, iters)  # drop splits that would own no column
     o_part = torch.empty(hq, splits, d, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(hq, splits, dtype=torch.float32, device=q.device)
     _split_kernel[(hkv, splits)](
         q, k_pool, v_pool, slots, tail_len, o_part, lse_part,
-        n, cols, splits, float(scale) * _LOG2E,
+        n, iters, splits, float(scale) * _LOG2E,
         q.stride(0), q.stride(1),
         *k_pool.stride(), *v_pool.stride(), slots.stride(0), slots.stride(1),
-        G=g, GP=max(16, triton.next_power_of_2(g)), BS=bs, BN=max(16, bs), D=d,
-        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", **_launch_config(bs, d),
+        G=g, GP=max(16, triton.next_power_of_2(g)), BS=bs, BN=bn, D=d,
+        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=8 if bn * d > 8192 else 4,
     )
     _reduce_kernel[(hq,)](
         o_part, lse_part, out, lse, splits, out.stride(0), out.stride(1),

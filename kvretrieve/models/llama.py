@@ -138,11 +138,11 @@ class Decoder:
             e = min(T, s + chunk)
             q[s:e], k[s:e], v[s:e] = self.project_qkv(layer, rms_norm(x[s:e], w.attn_norm, c.rms_eps),
                                                       cos[s:e], sin[s:e])
-        o = attn(layer, q, k, v).reshape(T, -1)
+        o = attn(layer, q, k, v)  # [T, Hq, d], possibly a transposed view: reshaped per chunk, never whole
         del q, k, v
         for s in range(0, T, chunk):
             e = min(T, s + chunk)
-            x[s:e] += F.linear(o[s:e], w.o, w.o_bias)
+            x[s:e] += F.linear(o[s:e].reshape(e - s, -1), w.o, w.o_bias)
             x[s:e] += self.mlp(layer, rms_norm(x[s:e], w.mlp_norm, c.rms_eps))
         return x
 

@@ -166,11 +166,13 @@ def random_weights(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, s
                           lm_head=embed if cfg.tie_embeddings else w(cfg.vocab_size, D))
 
 
-def load_model(path: str | Path | None, device: torch.device, dtype: torch.dtype, log=None):
-    """-> (Decoder, Tokenizer, checkpoint directory)."""
+def load_model(path: str | Path | None, device: torch.device, dtype: torch.dtype, log=None, check=None):
+    """-> (Decoder, Tokenizer, checkpoint directory). check(ModelConfig) runs before any weight is read."""
     model_dir = resolve_checkpoint(path, log)
     hf_cfg = read_hf_config(model_dir)
     cfg = ModelConfig.from_hf(hf_cfg, str(model_dir / "config.json"))
+    if check is not None:
+        check(cfg)
     tokenizer = Tokenizer(model_dir, hf_cfg)
     with torch.inference_mode():
         weights = build_weights(cfg, CheckpointTensors(model_dir), device, dtype)

@@ -10,7 +10,6 @@ sinks + selected + window + tail.
 """
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import numpy as np
@@ -27,7 +26,7 @@ from .prefetch import Fetcher
 
 
 class RetrievalKV:
-    def __init__(self, cfg: RetrievalConfig, model: Decoder, capacity: int):
+    def __init__(self, cfg: RetrievalConfig, model: Decoder, capacity: int, append_chunk_blocks: int = 512):
         mc, device, dtype = model.cfg, model.device, model.dtype
         self.cfg, self.model, self.capacity, self.device = cfg, model, capacity, device
         self.bs, self.L, self.H = cfg.block_size, mc.num_layers, mc.num_kv_heads
@@ -46,7 +45,8 @@ class RetrievalKV:
         self._spec: dict[int, np.ndarray] = {}
         self._rope = None
         self.stats: Counter = Counter()
-        self.timing = False  # when set, selection time is measured (adds syncs on CUDA)
+        self.timer = None  # a profile.StageTimer, when selection time is being measured
+        self._append_blocks = append_chunk_blocks  # bounds the temporaries when a long segment is stored
 
     # ---- engine protocol -------------------------------------------------------------------------
     def begin(self, start: int, n: int) -> None:
@@ -110,26 +110,33 @@ class RetrievalKV:
             k = torch.cat([rk[:, :off].transpose(0, 1), k])
             v = torch.cat([rv[:, :off].transpose(0, 1), v])
         full, rest = divmod(k.shape[0], self.bs)
-        if full:
-            kb = k[:full * self.bs].view(full, self.bs, self.H, -1).permute(2, 0, 1, 3).contiguous()
-            vb = v[:full * self.bs].view(full, self.bs, self.H, -1).permute(2, 0, 1, 3).contiguous()
-            self._store_blocks(layer, b0, kb, vb)
-            n_sink = min(self.pool.n_sink, b0 + full) - b0
-            if n_sink > 0:
-                self.pool.k[layer, :, b0:b0 + n_sink] = kb[:, :n_sink]
-                self.pool.v[layer, :, b0:b0 + n_sink] = vb[:, :n_sink]
-            first = max(b0, b0 + full - self.pool.window_blocks)
-            blocks = list(range(first, b0 + full))
-            if blocks:
-                slots = torch.tensor([self.pool.ring_slot(b) for b in blocks], device=self.device)
-                self.pool.k[layer].index_copy_(1, slots, kb[:, first - b0:])
-                self.pool.v[layer].index_copy_(1, slots, vb[:, first - b0:])
-                self.pool.ring_block[layer, np.array(blocks) % self.pool.ring] = blocks
+        for c0 in range(0, full, self._append_blocks):  # bounded temporaries for long prompts
+            nb = min(self._append_blocks, full - c0)
+            rows = slice(c0 * self.bs, (c0 + nb) * self.bs)
+            kb = k[rows].view(nb, self.bs, self.H, -1).permute(2, 0, 1, 3).contiguous()  # [Hkv, nb, bs, d]
+            vb = v[rows].view(nb, self.bs, self.H, -1).permute(2, 0, 1, 3).contiguous()
+            self._place_blocks(layer, b0 + c0, kb, vb, last_full=b0 + full)
         tail = b0 + full
         rk, rv = self._ring(layer, tail)
         rk[:, :rest] = k[full * self.bs:].transpose(0, 1)
         rv[:, :rest] = v[full * self.bs:].transpose(0, 1)
         self.pool.ring_block[layer, tail % self.pool.ring] = tail
+
+    def _place_blocks(self, layer: int, first: int, kb: torch.Tensor, vb: torch.Tensor, last_full: int) -> None:
+        """Full blocks first.. (kb, vb [Hkv, nb, bs, d]) go to store and index; those among the sinks
+        or the window of a context of last_full full blocks also go to their pool slots."""
+        self._store_blocks(layer, first, kb, vb)
+        nb = kb.shape[1]
+        n_sink = min(self.pool.n_sink, first + nb) - first
+        if n_sink > 0:
+            self.pool.k[layer, :, first:first + n_sink] = kb[:, :n_sink]
+            self.pool.v[layer, :, first:first + n_sink] = vb[:, :n_sink]
+        blocks = list(range(max(first, last_full - self.pool.window_blocks), first + nb))
+        if blocks:
+            slots = torch.tensor([self.pool.ring_slot(b) for b in blocks], device=self.device)
+            self.pool.k[layer].index_copy_(1, slots, kb[:, blocks[0] - first:])
+            self.pool.v[layer].index_copy_(1, slots, vb[:, blocks[0] - first:])
+            self.pool.ring_block[layer, np.array(blocks) % self.pool.ring] = blocks
 
     def _store_blocks(self, layer: int, first: int, kb: torch.Tensor, vb: torch.Tensor) -> None:
         """Full blocks kb, vb [Hkv, nb, bs, d] -> index (on the device) and CPU store (async D2H)."""
@@ -199,10 +206,12 @@ class RetrievalKV:
         n_full, lo, hi = self._candidates()
         if hi <= lo:
             return np.empty((self.H, 0), dtype=np.int64)
-        t0 = time.perf_counter() if self.timing else 0.0
-        ids = select_blocks(self.index.scores(layer, q, n_full), lo, hi, self.cfg.budget_blocks).cpu().numpy()
-        if self.timing:
-            self.stats["select_s"] += time.perf_counter() - t0
+        if self.timer:
+            self.timer.start()
+        ids = select_blocks(self.index.scores(layer, q, n_full), lo, hi, self.cfg.budget_blocks)
+        if self.timer:
+            self.timer.stop()
+        ids = ids.cpu().numpy()  # the host needs the selection to gather misses from CPU memory
         spec = self._spec.pop(layer, None)
         if spec is not None:
             self.stats["spec_hits"] += sum(len(np.intersect1d(a, b)) for a, b in zip(ids, spec))

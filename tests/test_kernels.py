@@ -1,0 +1,333 @@
+"""Tests for kvretrieve.kernels: references against independent float64 computations, Triton
+kernels against the references (under TRITON_INTERPRET=1 in a subprocess on CPU, natively on CUDA)."""
+
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kvretrieve.kernels as K
+from kvretrieve.kernels import reference as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INF = float("inf")
+
+
+# ---------------------------------------------------------------- case builders and metrics
+def decode_case(G, dtype, tail, Hkv=3, S=7, bs=8, d=16, n=10, seed=0, device="cpu"):
+    """Random pool with -1 entries and (last KV head) an all-empty head."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(Hkv * G, d, generator=g).to(dtype)
+    kp = torch.randn(Hkv, S, bs, d, generator=g).to(dtype)
+    vp = torch.randn(Hkv, S, bs, d, generator=g).to(dtype)
+    slots = torch.randint(0, S, (Hkv, n), generator=g).to(torch.int32)
+    slots[0, min(1, n - 1)] = -1
+    slots[-1] = -1
+    tl_ = torch.tensor([tail], dtype=torch.int32)
+    return [t.to(device) for t in (q, kp, vp, slots, tl_)] + [d ** -0.5]
+
+
+def dense_decode(q, kp, vp, slots, tail, scale):
+    """Independent float64 attention: gather selected tokens, pad, repeat_interleave KV heads."""
+    Hkv, _, bs, d = kp.shape
+    G, n, tail = q.shape[0] // Hkv, slots.shape[1], int(tail.reshape(()))
+    ks, vs = [], []
+    for h in range(Hkv):
+        cols = [(int(s), tail if c == n - 1 else bs) for c, s in enumerate(slots[h].tolist()) if s >= 0]
+        ks.append(torch.cat([kp[h, s, :c] for s, c in cols] + [kp.new_zeros(0, d)]).double())
+        vs.append(torch.cat([vp[h, s, :c] for s, c in cols] + [vp.new_zeros(0, d)]).double())
+    pad = torch.nn.utils.rnn.pad_sequence
+    kd, vd = pad(ks + [ks[0].new_zeros(1, d)], True)[:Hkv], pad(vs + [vs[0].new_zeros(1, d)], True)[:Hkv]
+    mask = torch.arange(kd.shape[1])[None] < torch.tensor([len(k) for k in ks])[:, None]
+    kd, vd, mask = (t.repeat_interleave(G, 0) for t in (kd, vd, mask))
+    s = torch.einsum("hd,htd->ht", q.double(), kd) * scale
+    s = s.masked_fill(~mask, -INF)
+    lse = torch.logsumexp(s, -1)
+    p = torch.where(mask, torch.exp(s - lse.nan_to_num(neginf=0)[:, None]), 0.0)
+    return torch.einsum("ht,htd->hd", p, vd), lse
+
+
+def err(a, b):
+    """Max abs difference; infinities must match exactly, NaN anywhere is an infinite error."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if a.shape != b.shape or a.isnan().any() or b.isnan().any() or (a.isinf() != b.isinf()).any():
+        return INF
+    if (a[a.isinf()] != b[b.isinf()]).any():
+        return INF
+    d = (a - b).abs()[~a.isinf()]
+    return d.max().item() if d.numel() else 0.0
+
+
+def scoring_case(G, dtype, d=16, r=8, bs=8, nb=5, Hkv=2, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(Hkv * G, d, generator=g)
+    proj = torch.randn(Hkv, d, r, generator=g) / math.sqrt(d)
+    mean = torch.randn(Hkv, d, generator=g)
+    sketch = torch.randn(Hkv, nb * bs + 5, r, generator=g)
+    kmin = torch.randn(Hkv, nb + 3, d, generator=g)
+    kmax = kmin + torch.rand(Hkv, nb + 3, d, generator=g)
+    return [t.to(dtype).to(device) for t in (q, proj, mean, sketch, kmin, kmax)]
+
+
+def merge_case(dtype, H=6, d=16, seed=2, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    oa, ob = (torch.randn(H, d, generator=g).to(dtype) for _ in range(2))
+    la, lb = torch.randn(H, generator=g) * 3, torch.randn(H, generator=g) * 3
+    la[0], lb[1], la[2], lb[2] = -INF, -INF, -INF, -INF  # one side empty, and both
+    return [t.to(device) for t in (oa, la, ob, lb)]
+
+
+# ---------------------------------------------------------------- reference tests (in-process)
+@pytest.mark.parametrize("G", [1, 4, 8])
+@pytest.mark.parametrize("tail", [0, 3, 8])
+def test_sparse_decode_reference_matches_dense(G, tail):
+    args = decode_case(G, torch.float32, tail)
+    out, lse = R.sparse_decode(*args)
+    ref_out, ref_lse = dense_decode(*args)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert err(out, ref_out) < 1e-5 and err(lse, ref_lse) < 1e-5
+    assert torch.all(lse[-G:] == -INF) and torch.all(out[-G:] == 0)  # the all-empty KV head
+
+
+def test_sparse_decode_reference_edge_cases():
+    q, kp, vp, slots, _, scale = decode_case(4, torch.float32, 0)
+    only_tail = torch.full_like(slots, -1)
+    only_tail[:, -1] = 2
+    out, lse = R.sparse_decode(q, kp, vp, only_tail, torch.tensor([0], dtype=torch.int32), scale)
+    assert torch.all(out == 0) and torch.all(lse == -INF)  # tail_len 0 leaves nothing
+    out, lse = R.sparse_decode(q, kp, vp, slots[:, :0], torch.tensor([0], dtype=torch.int32), scale)
+    assert out.shape == q.shape and torch.all(lse == -INF)
+    out, _ = R.sparse_decode(q.bfloat16(), kp.bfloat16(), vp.bfloat16(), slots, torch.tensor([5]), scale)
+    assert out.dtype == torch.bfloat16
+
+
+def test_lowrank_reference_exact_with_full_orthonormal_basis():
+    g = torch.Generator().manual_seed(3)
+    Hkv, G, d, bs, nb = 2, 4, 16, 8, 6
+    q = torch.randn(Hkv * G, d, generator=g)
+    keys = torch.randn(Hkv, nb * bs, d, generator=g)
+    proj = torch.linalg.qr(torch.randn(Hkv, d, d, generator=g))[0]
+    mean = keys.mean(1)
+    sketch = torch.einsum("htd,hdr->htr", keys - mean[:, None], proj)
+    got = R.lowrank_block_scores(q, proj, mean, sketch, nb, bs)
+    exact = torch.einsum("hgd,htd->hgt", q.view(Hkv, G, d), keys).amax(1).view(Hkv, nb, bs).amax(-1)
+    assert got.shape == (Hkv, nb) and got.dtype == torch.float32
+    assert err(got, exact) < 1e-4
+
+
+def test_bounds_reference_is_upper_bound_and_tight_for_repeated_token():
+    g = torch.Generator().manual_seed(4)
+    Hkv, G, d, bs, nb = 2, 4, 16, 8, 6
+    q = torch.randn(Hkv * G, d, generator=g)
+    keys = torch.randn(Hkv, nb, bs, d, generator=g)
+    keys[:, 2] = keys[:, 2, :1]  # block 2 holds one token repeated
+    kmin, kmax = keys.amin(2), keys.amax(2)
+    got = R.bounds_block_scores(q, kmin, kmax, nb)
+    exact = torch.einsum("hgd,hbtd->hgbt", q.view(Hkv, G, d), keys).amax(-1).amax(1)
+    assert torch.all(got >= exact - 1e-5)
+    assert err(got[:, 2], exact[:, 2]) < 1e-5
+    assert R.bounds_block_scores(q, kmin, kmax, 0).shape == (Hkv, 0)
+
+
+def test_merge_reference_equals_attention_over_union():
+    g = torch.Generator().manual_seed(5)
+    H, T, d = 4, 12, 16
+    q, k, v = torch.randn(H, d, generator=g), torch.randn(H, T, d, generator=g), torch.randn(H, T, d, generator=g)
+
+    def attn(kk, vv):
+        s = torch.einsum("hd,htd->ht", q, kk) * 0.25
+        return torch.einsum("ht,htd->hd", s.softmax(-1), vv), torch.logsumexp(s, -1)
+
+    whole, lse_whole = attn(k, v)
+    (oa, la), (ob, lb) = attn(k[:, :5], v[:, :5]), attn(k[:, 5:], v[:, 5:])
+    out, lse = R.merge_attention(oa, la, ob, lb)
+    assert err(out, whole) < 1e-5 and err(lse, lse_whole) < 1e-5
+    oa, la, ob, lb = merge_case(torch.float32)
+    out, lse = R.merge_attention(oa, la, ob, lb)
+    assert err(out[0], ob[0]) == 0 and err(out[1], oa[1]) == 0 and lse[0] == lb[0]
+    assert torch.all(out[2] == 0) and lse[2] == -INF and not out.isnan().any()
+
+
+def test_dispatch_on_cpu_uses_reference_and_checks_inputs():
+    assert isinstance(K.HAS_TRITON, bool)
+    args = decode_case(4, torch.float32, 3)
+    assert torch.equal(K.sparse_decode(*args)[0], R.sparse_decode(*args)[0])
+    with pytest.raises(ValueError, match="slots"):
+        K.sparse_decode(*args[:3], args[3].float(), *args[4:])
+    with pytest.raises(ValueError, match="multiple"):
+        K.bounds_block_scores(torch.randn(5, 16), torch.randn(2, 4, 16), torch.randn(2, 4, 16), 4)
+    with pytest.raises(ValueError, match="float32"):
+        K.merge_attention(torch.randn(2, 8), torch.zeros(2).half(), torch.randn(2, 8), torch.zeros(2))
+
+
+@pytest.mark.skipif(not K.HAS_TRITON, reason="triton not installed")
+def test_triton_launcher_rejects_cpu_tensors_without_interpreter(monkeypatch):
+    from kvretrieve.kernels.sparse_decode import sparse_decode as triton_decode
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="CUDA"):
+        triton_decode(*decode_case(1, torch.float32, 3))
+
+
+# ---------------------------------------------------------------- Triton vs reference
+def _decode_checks(args, num_splits=None, tol=1e-5, tile_tokens=None):
+    from kvretrieve.kernels.sparse_decode import sparse_decode as triton_decode
+
+    out, lse = triton_decode(*args, num_splits=num_splits, tile_tokens=tile_tokens)
+    ref_out, ref_lse = R.sparse_decode(*args)
+    assert out.dtype == args[0].dtype
+    return [("out", err(out, ref_out), tol), ("lse", err(lse, ref_lse), tol)]
+
+
+def _interp_cases(device="cpu", big=False):
+    """name -> zero-arg function returning [(label, error, tolerance)]; run where Triton can launch."""
+    from kvretrieve.kernels.merge import merge_attention as t_merge
+    from kvretrieve.kernels.scoring import bounds_block_scores as t_bounds
+    from kvretrieve.kernels.scoring import lowrank_block_scores as t_lowrank
+
+    shape = dict(Hkv=4, S=64, bs=64, d=128, n=150) if big else {}
+    # Bigger shapes sum ~10k terms per output: allow a larger fp32 rounding drift.
+    dts = {"fp32": (torch.float32, 1e-4 if big else 1e-5), "bf16": (torch.bfloat16, 2e-2), "fp16": (torch.float16, 5e-3)}
+    cases = {}
+    for dn, (dt, tol) in dts.items():
+        for G in (1, 4, 8):
+            for tail in (0, 3, 8):
+                if dn == "fp16" and (G != 4 or tail != 3):
+                    continue
+                args = decode_case(G, dt, tail if not big else tail * 8, device=device, **shape)
+                # Launcher defaults, several splits of multi-step loops, and several single-step
+                # splits whose last step runs past the table.
+                knobs = {0: (None, None), 3: (3, 16), 8: (None, 32)}[tail] if not big else (None, None)
+                cases[f"decode-{dn}-G{G}-tail{tail}"] = lambda a=args, k=knobs, t=tol: _decode_checks(a, k[0], t, k[1])
+    q, kp, vp, slots, tail, scale = decode_case(4, torch.float32, 0, device=device)
+    empty = torch.full_like(slots, -1)
+    empty[:, -1] = 1  # only the tail column, and tail_len = 0
+    cases["decode-empty-selection"] = lambda a=[q, kp, vp, empty, tail, scale]: _decode_checks(a)
+    one_col = decode_case(4, torch.float32, 5, bs=16, device=device)
+    cases["decode-one-column-per-split"] = lambda a=one_col: _decode_checks(a, 10, 1e-5, 16)
+
+    def fp32_accumulation():
+        # 2048 tokens in one split, 8 per step: a bf16 running sum (8 mantissa bits) would drift
+        # by several percent; fp32 leaves only the bf16 rounding of p and of the output.
+        g = torch.Generator().manual_seed(6)
+        kp = torch.randn(1, 256, 8, 16, generator=g).bfloat16().to(device)
+        vp = torch.rand(1, 256, 8, 16, generator=g).bfloat16().to(device)
+        q = (0.1 * torch.randn(1, 16, generator=g)).bfloat16().to(device)
+        slots = torch.arange(256, dtype=torch.int32, device=device)[None]
+        args = [q, kp, vp, slots, torch.tensor([8], dtype=torch.int32, device=device), 1.0]
+        from kvretrieve.kernels.sparse_decode import sparse_decode as triton_decode
+
+        out, lse = triton_decode(*args, num_splits=1)
+        want, want_lse = dense_decode(*[a.cpu() if torch.is_tensor(a) else a for a in args])
+        return [("out", err(out, want), 1e-2), ("lse", err(lse, want_lse), 1e-4)]
+
+    cases["decode-bf16-accumulates-in-fp32"] = fp32_accumulation
+    for dn, (dt, tol) in dts.items():
+        for G, d, r, bs, nb in ((1, 16, 8, 8, 5), (4, 32, 16, 16, 9), (8, 24, 5, 6, 3)):
+            if big:
+                d, r, bs, nb = 128, 32, 16, 700
+            qs, proj, mean, sk, kmin, kmax = scoring_case(G, dt, d, r, bs, nb, device=device)
+            mag = qs.float().abs().sum(1).max().item()  # scores grow with |q|_1; tolerate relative error
+            cases[f"lowrank-{dn}-G{G}"] = lambda a=(qs, proj, mean, sk, nb, bs), s=mag: [
+                ("scores", err(t_lowrank(*a), R.lowrank_block_scores(*a)) / s, 2e-5)]
+            cases[f"bounds-{dn}-G{G}"] = lambda a=(qs, kmin, kmax, nb), s=mag: [
+                ("scores", err(t_bounds(*a), R.bounds_block_scores(*a)) / s, 2e-5)]
+        args = merge_case(dt, H=40 if big else 6, d=128 if big else 24, device=device)
+        cases[f"merge-{dn}"] = lambda a=args, t=tol: [
+            (name, err(x, y), t) for name, x, y in zip(("out", "lse"), t_merge(*a), R.merge_attention(*a))]
+
+    def many_tiles_per_program(mixed):
+        # Few programs force each to loop over several tiles (the path large indexes take);
+        # mixed: fp32 q against a bf16 stream exercises the hi/lo split of q.
+        scoring = sys.modules["kvretrieve.kernels.scoring"]
+        qs, proj, mean, sk, kmin, kmax = scoring_case(4, torch.bfloat16, 32, 16, 4, 300, device=device)
+        if mixed:
+            qs, proj, mean = (t.float() + 1e-3 for t in (qs, proj, mean))
+        old, scoring._TARGET_PROGRAMS = scoring._TARGET_PROGRAMS, 2
+        try:
+            lr = (qs, proj, mean, sk, 300, 4)
+            e1 = err(t_lowrank(*lr), R.lowrank_block_scores(*lr))
+            e2 = err(t_bounds(qs, kmin, kmax, 300), R.bounds_block_scores(qs, kmin, kmax, 300))
+        finally:
+            scoring._TARGET_PROGRAMS = old
+        mag = qs.float().abs().sum(1).max().item()
+        return [("lowrank", e1 / mag, 2e-5), ("bounds", e2 / mag, 2e-5)]
+
+    cases["scoring-multi-tile"] = lambda: many_tiles_per_program(False)
+    cases["scoring-multi-tile-fp32-q-bf16-stream"] = lambda: many_tiles_per_program(True)
+    return cases
+
+
+def _interpreter_can_loop():
+    """Triton 3.6's interpreter int()s 1-element arrays in range(), which NumPy >= 2.5 refuses
+    (3.9's does not); then only the interpreter is broken, so the tests skip."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(x_ptr, n):
+        for i in range(0, n):
+            tl.store(x_ptr + i, i)
+
+    try:
+        probe[(1,)](torch.zeros(2, dtype=torch.int32), 2)
+        return True
+    except Exception:  # noqa: BLE001 - any failure here is the interpreter's
+        return False
+
+
+def interp_main():
+    """Entry point of the TRITON_INTERPRET=1 subprocess: prints one JSON line of results."""
+    if not _interpreter_can_loop():
+        print("SKIP this Triton interpreter cannot run range() over a runtime int with this NumPy")
+        return
+    res = {}
+    for name, fn in _interp_cases().items():
+        try:
+            res[name] = fn()
+        except Exception as e:  # noqa: BLE001 - report, the parent test shows it
+            res[name] = [("exception: " + repr(e), INF, 0.0)]
+    print("RESULTS " + json.dumps(res))
+
+
+@pytest.fixture(scope="module")
+def interp_results():
+    if not K.HAS_TRITON:
+        pytest.skip("triton not installed")
+    # TRITON_INTERPRET must be set before triton is imported, hence a fresh interpreter.
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(__file__)]))
+    code = "import test_kernels as T; T.interp_main()"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    skips = [ln[len("SKIP "):] for ln in proc.stdout.splitlines() if ln.startswith("SKIP ")]
+    if proc.returncode == 0 and skips:
+        pytest.skip(skips[0])
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+_CASE_NAMES = list(_interp_cases().keys()) if K.HAS_TRITON else []
+
+
+@pytest.mark.parametrize("name", _CASE_NAMES)
+def test_triton_interpreter_matches_reference(interp_results, name):
+    for label, e, tol in interp_results[name]:
+        assert e <= tol, f"{name}/{label}: error {e} > {tol}"
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_cases():
+    return _interp_cases(device="cuda", big=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and K.HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("name", _CASE_NAMES)
+def test_triton_cuda_matches_reference(name):
+    for label, e, tol in _cuda_cases()[name]():
+        assert e <= tol, f"{name}/{label}: error {e} > {tol}"

@@ -51,7 +51,7 @@ def main() -> None:
     contexts = "4K,8K" if args.quick else "32K,128K"
     rows = []
     for kind in args.kinds.split(","):
-        proc = run([py, "-m", "kvretrieve.cli", "profile", "--shape", "llama3-8b", "--context", contexts,
+        proc = run([py, "-m", "kvretrieve", "profile", "--shape", "llama3-8b", "--context", contexts,
                     "--retrieval", kind, "--gpu-mem-gb", "24", "--decode-steps", "32", "--json"],
                    f"profile_{kind}.log", 420)
         if proc.returncode == 0:

@@ -85,3 +85,7 @@ cli.add_command(profile)
 
 def main() -> None:
     cli(prog_name="kvretrieve")
+
+
+if __name__ == "__main__":
+    main()

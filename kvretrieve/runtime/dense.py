@@ -25,9 +25,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start:
     S, Hkv = k.shape[0], k.shape[1]
     G = Hq // Hkv
     kh, vh = k.transpose(0, 1), v.transpose(0, 1)
+    # SDPA's fused kernels (flash, memory-efficient) only take 4-D inputs: 3-D ones silently fall
+    # back to the math path, which materialises [H, T, S] scores. Hence the [None] / [0] below.
     if q_start == 0 and S == T:
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), kh, vh, is_causal=True, scale=scale, enable_gqa=True)
-        return out.transpose(0, 1)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kh[None], vh[None], is_causal=True,
+                                             scale=scale, enable_gqa=True)
+        return out[0].transpose(0, 1)
     out = torch.empty_like(q)
     rows = max(1, _MASKED_SCORES // (Hq * S))
     key_pos = torch.arange(S, device=q.device)
@@ -40,7 +43,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start:
         if n > 1:
             qpos = torch.arange(q_start + s, q_start + e, device=q.device)
             mask = (key_pos[None, :visible] <= qpos[:, None]).repeat(G, 1)
-        o = F.scaled_dot_product_attention(qf, kh[:, :visible], vh[:, :visible], attn_mask=mask, scale=scale)
+        o = F.scaled_dot_product_attention(qf[None], kh[None, :, :visible], vh[None, :, :visible], attn_mask=mask,
+                                           scale=scale)[0]
         out[s:e] = o.view(Hkv, G, n, d).permute(2, 0, 1, 3).reshape(n, Hq, d)
     return out
 

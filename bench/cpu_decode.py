@@ -52,7 +52,12 @@ def bench_ours(llm, n: int, fill: str, steps: int) -> list[float]:
         kv.v[:, :, :n].normal_()
         kv.commit(n)
     token = torch.tensor(42)
-    return time_steps(lambda: llm.engine.step(token), steps)
+
+    def step():
+        llm.engine.step(token)
+        llm.engine.truncate(n)  # keep the measured context fixed at n, as for transformers
+
+    return time_steps(step, steps)
 
 
 @torch.inference_mode()
@@ -72,7 +77,7 @@ def bench_hf(model, tokenizer, n: int, fill: str, steps: int) -> list[float]:
     def step():
         model(token, past_key_values=cache, use_cache=True)
         # DynamicCache grows by one token per step; keep the measured context fixed at n.
-        cache.crop(n)
+        cache.crop(-1)
 
     return time_steps(step, steps)
 

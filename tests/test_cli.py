@@ -154,3 +154,32 @@ def test_bad_option_values(smol_dir):
 def test_debug_shows_traceback(tmp_path):
     result = run("--debug", "generate", "hi", "--model", str(tmp_path / "nope"))
     assert result.exit_code == 1 and "Traceback" in result.stderr
+
+
+def test_profile_shape_and_model(smol_dir):
+    result = run("profile", "--shape", "smollm2-135m", "--context", "256,1K", "--decode-steps", "3", "--budget",
+                 "128", "--window", "64", "--sink", "16", "--device", "cpu", "--dtype", "float32", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["context"] for r in rows] == [256, 1024] and all(r["decode_ms_p50"] > 0 for r in rows)
+    assert rows[1]["cache_hit"] is not None and rows[1]["h2d_mb_per_token"] is not None
+    table = run("profile", "--model", str(smol_dir), "--context", "300", "--decode-steps", "2", "--retrieval", "off",
+                "--dtype", "float32")
+    assert table.exit_code == 0 and "decode ms p50" in table.stdout
+    assert table.stdout.splitlines()[2].split("|")[2].strip() == "300"  # the context column
+    assert_user_error(run("profile", "--shape", "gpt5"), "unknown shape")
+
+
+def test_chat_with_retrieval(smol_dir):
+    result = run("chat", "-d", str(DOC), "--model", str(smol_dir), "--max-new-tokens", "30", *FAST,
+                 "--retrieval", "lowrank", "--budget", "64", "--window", "64", "--sink", "16",
+                 input="Who was the first keeper of the lighthouse?\n")
+    assert result.exit_code == 0, result.output
+    assert "Ellory" in result.stdout
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    command = next(line for line in ci.splitlines() if "pytest" in line)
+    assert command in readme

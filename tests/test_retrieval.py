@@ -184,3 +184,36 @@ def test_cuda_async_prefetch_equals_sync(tiny_dir, kind):
         e.forward(prompt.cuda())
         outs.append(torch.stack([e.forward(t.view(1).cuda()) for t in steps]))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_observer_sees_what_decode_attended(tiny_dir):
+    """The observer hook reports the attended set; attention restricted to it, recomputed from the
+    layer's full K,V, equals the sparse kernel's output."""
+    cfg = RetrievalConfig(index="bounds", block_size=8, budget_tokens=32, sink_tokens=8, window_tokens=16)
+    _, sparse = engines(tiny_dir, cfg)
+    backend, seen = sparse.backend, []
+
+    def observer(layer, q, ids, lo, hi, n, out):
+        k, v = backend.layer_kv(layer, n)
+        keep = torch.zeros(backend.H, n, dtype=torch.bool)
+        keep[:, :lo * 8] = True
+        keep[:, hi * 8:] = True
+        for h in range(backend.H):
+            for b in ids[h]:
+                keep[h, b * 8:(b + 1) * 8] = True
+        G = q.shape[0] // backend.H
+        s = torch.einsum("hgd,nhd->hgn", q.view(backend.H, G, -1), k) * backend.scale
+        p = s.masked_fill(~keep[:, None], float("-inf")).softmax(-1)
+        ref = torch.einsum("hgn,nhd->hgd", p, v).reshape(q.shape)
+        seen.append((ids.shape, (out - ref).abs().max().item(), keep.sum(1).tolist()))
+
+    backend.observer = observer
+    g = torch.Generator().manual_seed(6)
+    sparse.forward(torch.randint(0, 256, (301,), generator=g))
+    sparse.forward(torch.tensor([3]))
+    assert len(seen) == 3  # one call per layer
+    for shape, err, attended in seen:
+        assert shape == (2, 4) and err < 1e-5
+        n_full = 302 // 8
+        window_and_tail = 302 - (n_full - 2) * 8  # 2 window blocks + the 6-token tail
+        assert attended == [8 + 32 + window_and_tail] * 2  # sink block + 4 selected blocks + window

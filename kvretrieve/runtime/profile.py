@@ -60,7 +60,7 @@ def peak_gpu_gib(device: torch.device) -> float | None:
 
 
 def profile_context(engine, ids: torch.Tensor, decode_steps: int) -> dict:
-    """Prefill ids, then decode greedily for decode_steps tokens; timings and memory of both."""
+    """Prefill ids, then decode greedily: 2 warm-up steps, then decode_steps timed ones."""
     device, backend = engine.model.device, engine.backend
     engine.truncate(0)
     sync(device)
@@ -69,6 +69,8 @@ def profile_context(engine, ids: torch.Tensor, decode_steps: int) -> dict:
     token = logits.argmax()
     int(token)
     ttft = time.perf_counter() - t0
+    for _ in range(2):  # warm-up steps (kernel compilation, allocator growth) are not measured
+        token = engine.step(token).argmax()
     timer = StageTimer(device)
     counters0 = backend.counters() if hasattr(backend, "counters") else {}
     if hasattr(backend, "timer"):

@@ -46,6 +46,10 @@ class RetrievalKV:
         self._rope = None
         self.stats: Counter = Counter()
         self.timer = None  # a profile.StageTimer, when selection time is being measured
+        # observer(layer, q [Hq, d], selected block ids [Hkv, k], lo, hi, n_tokens, out [Hq, d]) is
+        # called after each decode attention when set: bench/accuracy.py measures recall with it.
+        # Attended: tokens [0, lo*bs) (sinks), the selected blocks, and [hi*bs, n_tokens) (window).
+        self.observer = None
         self._append_blocks = append_chunk_blocks  # bounds the temporaries when a long segment is stored
 
     # ---- engine protocol -------------------------------------------------------------------------
@@ -82,7 +86,7 @@ class RetrievalKV:
             out = causal_attention(q, k, v, 0, self.scale)
             self.index.fit(layer, k)
         else:
-            pk, pv = self._context(layer, P)
+            pk, pv = self.layer_kv(layer, P)
             out = causal_attention(q, torch.cat([pk, k]), torch.cat([pv, v]), P, self.scale)
         self._append(layer, k, v, P)
         return out
@@ -92,8 +96,9 @@ class RetrievalKV:
         slot = self.pool.ring_slot(block)
         return self.pool.k[layer, :, slot], self.pool.v[layer, :, slot]     # [Hkv, bs, d]
 
-    def _context(self, layer: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's K,V of tokens 0..P-1 on the compute device, as [P, Hkv, d]."""
+    def layer_kv(self, layer: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's K,V of tokens 0..P-1 on the compute device, as [P, Hkv, d] (all of them: for
+        a continuation prefill, and for measuring what the sparse path leaves out)."""
         self._sync_d2h()
         nb, tail = divmod(P, self.bs)
         ks, vs = self.store.read(layer, 0, nb)
@@ -187,12 +192,15 @@ class RetrievalKV:
             if b < self.pool.n_sink:
                 self.pool.k[layer, :, b] = rk
                 self.pool.v[layer, :, b] = rv
-        selected = self._select(layer, q[0], stamp=2 * self._step + 1)
+        selected, ids = self._select(layer, q[0], stamp=2 * self._step + 1)
         table = self._tables[layer]
         table.copy_(torch.from_numpy(self.pool.table(selected, (t + 1) // self.bs)))
         self.fetcher.wait(layer)
         out, _ = kernels.sparse_decode(q[0], self.pool.k[layer], self.pool.v[layer],
                                        table.to(self.device, non_blocking=True), self._tail_len, self.scale)
+        if self.observer is not None:
+            _, lo, hi = self._candidates()
+            self.observer(layer, q[0], ids, lo, hi, t + 1, out)
         return out[None]
 
     def _candidates(self) -> tuple[int, int, int]:
@@ -201,11 +209,12 @@ class RetrievalKV:
         lo = min(self.pool.n_sink, n_full)
         return n_full, lo, max(lo, n_full - self.pool.window_blocks)
 
-    def _select(self, layer: int, q: torch.Tensor, stamp: int) -> np.ndarray:
-        """Pick, resolve and fetch this layer's blocks; returns their pool slots [Hkv, k]."""
+    def _select(self, layer: int, q: torch.Tensor, stamp: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pick, resolve and fetch this layer's blocks; returns (pool slots, block ids), each [Hkv, k]."""
         n_full, lo, hi = self._candidates()
         if hi <= lo:
-            return np.empty((self.H, 0), dtype=np.int64)
+            empty = np.empty((self.H, 0), dtype=np.int64)
+            return empty, empty
         if self.timer:
             self.timer.start()
         ids = select_blocks(self.index.scores(layer, q, n_full), lo, hi, self.cfg.budget_blocks)
@@ -220,7 +229,7 @@ class RetrievalKV:
         if len(blocks):
             self._sync_d2h()
             self.fetcher.fetch(layer, heads, blocks, fill)
-        return slots
+        return slots, ids
 
     def prepare_layer(self, layer: int, x: torch.Tensor) -> None:
         """Speculative prefetch (InfiniGen style): layer l's input through layer l+1's norm and q

@@ -21,7 +21,8 @@ def tiny_hf_model(arch: str = "llama", rope: str = "default", tie: bool = False,
                   layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 16, max_pos: int = 32):
     """A small randomly initialised transformers model (fp32). max_pos is small so that dynamic-NTK
     and the long-context RoPE variants are exercised by prompts of a few dozen tokens."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=96, num_hidden_layers=layers,
@@ -31,6 +32,8 @@ def tiny_hf_model(arch: str = "llama", rope: str = "default", tie: bool = False,
         common["rope_scaling"] = dict(ROPE_VARIANTS[rope])
     if arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
     with torch.no_grad():  # biases and norms start at 0 / 1; randomise them so they are tested

@@ -14,10 +14,11 @@ from helpers import ROPE_VARIANTS, tiny_hf_model
 CPU = torch.device("cpu")
 
 
-def load_ours(model_dir, capacity=128, chunk=4096, dtype=torch.float32):
+def load_ours(model_dir, capacity=128, chunk=4096, dtype=torch.float32, device="cpu"):
     cfg = ModelConfig.from_hf(read_hf_config(model_dir))
-    dec = Decoder(cfg, build_weights(cfg, CheckpointTensors(model_dir), CPU, dtype))
-    kv = DenseKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, CPU, dtype)
+    dev = torch.device(device)
+    dec = Decoder(cfg, build_weights(cfg, CheckpointTensors(model_dir), dev, dtype))
+    kv = DenseKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, dev, dtype)
     return Engine(dec, kv, chunk)
 
 
@@ -26,7 +27,8 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("arch,rope,tie", [("llama", r, False) for r in ROPE_VARIANTS]
-                         + [("llama", "default", True), ("qwen2", "default", False), ("qwen2", "yarn", True)])
+                         + [("llama", "default", True), ("qwen2", "default", False), ("qwen2", "yarn", True),
+                            ("mistral", "default", False)])
 def test_logits_match_transformers(tmp_path, arch, rope, tie):
     hf = tiny_hf_model(arch, rope, tie=tie)
     hf.save_pretrained(tmp_path)
@@ -46,6 +48,29 @@ def test_logits_match_transformers(tmp_path, arch, rope, tie):
         past = ref.past_key_values
         ours = engine.step(tok[0])
         assert rel_err(ours, ref.logits[0, -1]) <= 1e-4, f"decode step {step}"
+
+
+def test_sharded_checkpoint_loads_the_same(tmp_path):
+    hf = tiny_hf_model("qwen2", "default")
+    hf.save_pretrained(tmp_path / "one")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    prompt = torch.randint(0, hf.config.vocab_size, (12,), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(load_ours(tmp_path / "one").forward(prompt), load_ours(tmp_path / "sharded").forward(prompt))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_dense_engine_matches_cpu(tmp_path, dtype):
+    hf = tiny_hf_model("llama", "llama3")
+    hf.save_pretrained(tmp_path)
+    prompt = torch.randint(0, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(6))
+    cpu, gpu = load_ours(tmp_path), load_ours(tmp_path, dtype=dtype, device="cuda")
+    a, b = cpu.model.logits(cpu.forward(prompt)), gpu.model.logits(gpu.forward(prompt.cuda())).cpu()
+    for t in prompt[:8]:
+        a = torch.cat([a, cpu.step(t)[None]])
+        b = torch.cat([b, gpu.step(t.cuda())[None].cpu()])
+    assert rel_err(b, a) <= (1e-4 if dtype == torch.float32 else 2e-2)
 
 
 def test_chunked_prefill_equals_one_shot(tmp_path):

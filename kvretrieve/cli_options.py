@@ -49,7 +49,7 @@ def model_options(f):
                        help="KV capacity, e.g. 8192 or 32K (default: the model's maximum)."),
         click.option("--gpu-mem-gb", type=float, default=None, help="Cap the GPU memory this process may use (GiB)."),
         click.option("--retrieval", default="off", show_default=True,
-                     type=click.Choice(["off", "lowrank", "bounds", "exact"]),
+                     type=click.Choice(["off", "lowrank", "bounds", "ivf", "exact"]),
                      help="Keep the KV cache in CPU memory and attend to the blocks this index picks."),
         _tokens_option("--budget", default="2048", show_default=True, help="Retrieved tokens per KV head."),
         click.option("--block-size", type=int, default=16, show_default=True, help="Tokens per KV block."),

@@ -82,6 +82,9 @@ class RetrievalConfig:
     cache_blocks: int | None = None
     prefetch: bool = True
     speculative: bool = False
+    kmeans: str = "auto"          # ivf: auto, torch, faiss, faiss-gpu
+    estimate_tokens: int = 0      # ivf: next-ranked tokens that count through centroids (RetroInfer)
+    cluster_tokens: int = 8192    # ivf: tokens per clustered prefill segment
 
     def __post_init__(self) -> None:
         _check(self.index in INDEX_KINDS, f"unknown index kind {self.index!r}; choose one of {', '.join(INDEX_KINDS)}")
@@ -92,6 +95,10 @@ class RetrievalConfig:
         _check(self.sink_tokens >= 0, f"sink_tokens must be >= 0, got {self.sink_tokens}")
         _check(self.window_tokens >= 0, f"window_tokens must be >= 0, got {self.window_tokens}")
         _check(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
+        _check(self.estimate_tokens >= 0, f"estimate_tokens must be >= 0, got {self.estimate_tokens}")
+        _check(self.estimate_tokens == 0 or self.index == "ivf", "estimate_tokens needs index='ivf'")
+        _check(self.cluster_tokens >= 64 * self.block_size,
+               f"cluster_tokens must be at least 64 blocks ({64 * self.block_size} tokens), got {self.cluster_tokens}")
         _check(self.cache_blocks is None or self.cache_blocks >= self.budget_blocks,
                f"cache_blocks ({self.cache_blocks}) must hold at least the budget ({self.budget_blocks} blocks)")
 

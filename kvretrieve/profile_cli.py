@@ -61,7 +61,7 @@ def prompt_ids(tokenizer, n: int, vocab: int, device: torch.device, seed: int) -
               help="Comma-separated prompt lengths, e.g. 4K,32K,128K.")
 @click.option("--decode-steps", type=int, default=32, show_default=True, help="Tokens decoded per context.")
 @click.option("--retrieval", default="lowrank", show_default=True,
-              type=click.Choice(["off", "lowrank", "bounds", "exact"]), help="Index kind, or off for dense.")
+              type=click.Choice(["off", "lowrank", "bounds", "ivf", "exact"]), help="Index kind, or off for dense.")
 @click.option("--budget", default="2048", show_default=True, callback=lambda c, p, v: parse_tokens(v))
 @click.option("--block-size", type=int, default=16, show_default=True)
 @click.option("--sink", default="64", show_default=True, callback=lambda c, p, v: parse_tokens(v))

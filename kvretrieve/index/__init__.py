@@ -1,4 +1,4 @@
-"""Block indexes: lowrank (Loki), bounds (Quest), exact (oracle)."""
+"""Block indexes: lowrank (Loki), bounds (Quest), ivf (clusters), exact (oracle)."""
 from __future__ import annotations
 
 import torch
@@ -8,6 +8,7 @@ from ..errors import ConfigError
 from .base import BlockIndex, select_blocks
 from .bounds import BoundsIndex
 from .exact import ExactIndex
+from .ivf import IVFIndex
 from .lowrank import LowRankIndex
 
 
@@ -22,7 +23,9 @@ def make_index(cfg: RetrievalConfig, num_layers: int, num_kv_heads: int, head_di
         return BoundsIndex(*shape, device, dtype)
     if cfg.index == "exact":
         return ExactIndex(*shape, device, dtype)
-    raise ConfigError(f"index kind {cfg.index!r} is not available yet; use lowrank, bounds or exact")
+    if cfg.index == "ivf":
+        return IVFIndex(*shape, device, dtype, kmeans=cfg.kmeans, estimate=cfg.estimate_tokens > 0)
+    raise ConfigError(f"unknown index kind {cfg.index!r}")
 
 
-__all__ = ["BlockIndex", "make_index", "select_blocks", "LowRankIndex", "BoundsIndex", "ExactIndex"]
+__all__ = ["BlockIndex", "make_index", "select_blocks", "LowRankIndex", "BoundsIndex", "ExactIndex", "IVFIndex"]

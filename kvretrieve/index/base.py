@@ -18,8 +18,9 @@ class BlockIndex(Protocol):
     def fit(self, layer: int, keys: torch.Tensor) -> None:
         """keys [T, Hkv, d] (post-RoPE) of the first prefill: a chance to learn a projection."""
 
-    def add(self, layer: int, first_block: int, keys: torch.Tensor) -> None:
-        """Index full blocks first_block.. ; keys [Hkv, nb, block_size, d]."""
+    def add(self, layer: int, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Index full blocks first_block.. ; keys, values [Hkv, nb, block_size, d] (a block may be
+        indexed again: its contents changed, e.g. after clustering)."""
 
     def scores(self, layer: int, q: torch.Tensor, n_blocks: int) -> torch.Tensor:
         """q [Hq, d] -> scores [Hkv, n_blocks] float32 of blocks 0..n_blocks-1 (higher = more relevant)."""
@@ -27,11 +28,12 @@ class BlockIndex(Protocol):
     def nbytes(self) -> int: ...
 
 
-def select_blocks(scores: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tensor:
-    """Top-k block ids per KV head among candidate blocks [lo, hi) -> [Hkv, min(k, hi - lo)] int64."""
+def select_blocks(scores: torch.Tensor, lo: int, hi: int, k: int, ranked: bool = False) -> torch.Tensor:
+    """Top-k block ids per KV head among candidate blocks [lo, hi) -> [Hkv, min(k, hi - lo)] int64,
+    best first when ranked."""
     k = min(k, hi - lo)
     if k <= 0:
         return torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
-    if k == hi - lo:  # everything fits the budget: no ranking needed
+    if k == hi - lo and not ranked:  # everything fits the budget: no ranking needed
         return torch.arange(lo, hi, device=scores.device).expand(scores.shape[0], -1)
-    return torch.topk(scores[:, lo:hi], k, dim=1, sorted=False).indices + lo
+    return torch.topk(scores[:, lo:hi], k, dim=1, sorted=ranked).indices + lo

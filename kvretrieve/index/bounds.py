@@ -25,7 +25,7 @@ class BoundsIndex:
     def fit(self, layer: int, keys: torch.Tensor) -> None:
         pass
 
-    def add(self, layer: int, first_block: int, keys: torch.Tensor) -> None:
+    def add(self, layer: int, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         nb = keys.shape[1]
         self.kmin[layer, :, first_block:first_block + nb] = keys.amin(2)
         self.kmax[layer, :, first_block:first_block + nb] = keys.amax(2)

@@ -21,7 +21,7 @@ class ExactIndex:
     def fit(self, layer: int, keys: torch.Tensor) -> None:
         pass
 
-    def add(self, layer: int, first_block: int, keys: torch.Tensor) -> None:
+    def add(self, layer: int, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         hkv, nb, bs, d = keys.shape
         self.keys[layer, :, first_block * bs:(first_block + nb) * bs] = keys.reshape(hkv, nb * bs, d)
 

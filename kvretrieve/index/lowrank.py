@@ -39,7 +39,7 @@ class LowRankIndex:
         self.proj[layer] = vecs.flip(-1)[:, :, :self.rank].to(self.proj.dtype)
         self.mean[layer] = mean.to(self.mean.dtype)
 
-    def add(self, layer: int, first_block: int, keys: torch.Tensor) -> None:
+    def add(self, layer: int, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         hkv, nb, bs, d = keys.shape
         x = (keys.reshape(hkv, nb * bs, d) - self.mean[layer][:, None]) @ self.proj[layer]
         self.sketch[layer, :, first_block * bs:(first_block + nb) * bs] = x

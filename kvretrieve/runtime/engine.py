@@ -32,6 +32,7 @@ class Engine:
     def length(self) -> int:
         return self.backend.length
 
+    @torch.inference_mode()
     def truncate(self, length: int) -> None:
         """Forget every token from position `length` on."""
         self.backend.truncate(length)

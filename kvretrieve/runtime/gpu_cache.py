@@ -98,6 +98,15 @@ class BlockPool:
         t[:, -1] = self.ring_slot(n_full)
         return t
 
+    def forget_range(self, layer: int, first: int, end: int) -> None:
+        """Drop this layer's cached copies of blocks [first, end) (their contents changed)."""
+        bos = self.block_of_slot[layer]
+        stale = (bos >= first) & (bos < end)
+        heads, slots = np.nonzero(stale)
+        self.slot_of_block[layer, heads, bos[heads, slots]] = -1
+        bos[stale] = -1
+        self.last_used[layer][stale] = 0
+
     def forget_from(self, block: int) -> None:
         """Drop every cached block >= block (after a truncation, their contents are stale)."""
         stale = self.block_of_slot >= block

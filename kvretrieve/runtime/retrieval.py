@@ -43,6 +43,12 @@ class RetrievalKV:
         self._tail_len = torch.zeros(1, dtype=torch.int32, device=device)
         self.length, self._start, self._n, self._step = 0, 0, 0, 0
         self._spec: dict[int, np.ndarray] = {}
+        # Clustering indexes (ivf) store segments outside sinks and window in cluster order. Per
+        # layer: the first block not yet clustered, and the clustered segments (first block, number
+        # of blocks, permutation [Hkv, tokens]) kept on the host to restore natural order.
+        self._reorders = getattr(self.index, "reorders", False)
+        self._natural_from = [self.pool.n_sink] * self.L
+        self._segments: list[list[tuple[int, int, torch.Tensor]]] = [[] for _ in range(self.L)]
         self._rope = None
         self.stats: Counter = Counter()
         self.timer = None  # a profile.StageTimer, when selection time is being measured
@@ -70,7 +76,13 @@ class RetrievalKV:
         if length >= self.length:
             return
         self.length = length
-        self.pool.forget_from(length // self.bs)
+        n_full = length // self.bs
+        if self._reorders:  # window and tail must be in natural order again
+            keep = max(min(self.pool.n_sink, n_full), n_full - self.pool.window_blocks)
+            for layer in range(self.L):
+                self._decluster_from(layer, keep)
+                self._natural_from[layer] = min(self._natural_from[layer], max(self.pool.n_sink, keep))
+        self.pool.forget_from(n_full)
         if length:
             self._repair_ring(length)
 
@@ -89,6 +101,8 @@ class RetrievalKV:
             pk, pv = self.layer_kv(layer, P)
             out = causal_attention(q, torch.cat([pk, k]), torch.cat([pv, v]), P, self.scale)
         self._append(layer, k, v, P)
+        if self._reorders:
+            self._cluster_pending(layer, (P + k.shape[0]) // self.bs)
         return out
 
     # ---- prefill ---------------------------------------------------------------------------------
@@ -145,7 +159,7 @@ class RetrievalKV:
 
     def _store_blocks(self, layer: int, first: int, kb: torch.Tensor, vb: torch.Tensor) -> None:
         """Full blocks kb, vb [Hkv, nb, bs, d] -> index (on the device) and CPU store (async D2H)."""
-        self.index.add(layer, first, kb)
+        self.index.add(layer, first, kb, vb)
         if self.d2h is None:
             self.store.write(layer, first, kb, vb)
             return
@@ -176,6 +190,47 @@ class RetrievalKV:
                     rv.copy_(vs[:, 0])
                     self.pool.ring_block[layer, b % self.pool.ring] = b
 
+    # ---- clustering (ivf) ------------------------------------------------------------------------
+    def _cluster_pending(self, layer: int, n_full: int) -> None:
+        """Cluster the natural-order blocks that left the window, in segments of cluster_tokens;
+        a remainder under 64 blocks waits (it stays selectable, scored by its natural blocks)."""
+        seg, start, end = self.cfg.cluster_tokens // self.bs, self._natural_from[layer], n_full - self.pool.window_blocks
+        while end - start >= 64:
+            nb = min(seg, end - start)
+            self._recluster(layer, start, nb)
+            start += nb
+        self._natural_from[layer] = start
+
+    def _recluster(self, layer: int, first: int, nb: int) -> None:
+        self._sync_d2h()
+        ks, vs = self.store.read(layer, first, nb)
+        ks = ks.to(self.device).reshape(self.H, nb * self.bs, -1)
+        vs = vs.to(self.device).reshape(self.H, nb * self.bs, -1)
+        perm = self.index.cluster_order(ks)                                        # [Hkv, tokens]
+        self._rewrite(layer, first, ks, vs, perm)
+        self._segments[layer].append((first, nb, perm.cpu()))
+
+    def _rewrite(self, layer: int, first: int, ks: torch.Tensor, vs: torch.Tensor, perm: torch.Tensor) -> None:
+        """Store blocks first.. as ks, vs [Hkv, tokens, d] taken in the order perm [Hkv, tokens]."""
+        idx = perm.to(ks.device)[..., None].expand(-1, -1, ks.shape[-1])
+        shape = (self.H, -1, self.bs, ks.shape[-1])
+        kb = torch.gather(ks, 1, idx).reshape(shape)
+        vb = torch.gather(vs, 1, idx).reshape(shape)
+        self._store_blocks(layer, first, kb, vb)
+        self.pool.forget_range(layer, first, first + kb.shape[1])
+
+    def _decluster_from(self, layer: int, block: int) -> None:
+        """Put every clustered segment reaching past `block` back in natural order."""
+        segments = self._segments[layer]
+        while segments and segments[-1][0] + segments[-1][1] > block:
+            first, nb, perm = segments.pop()
+            self._sync_d2h()
+            ks, vs = self.store.read(layer, first, nb)
+            ks = ks.to(self.device).reshape(self.H, nb * self.bs, -1)
+            vs = vs.to(self.device).reshape(self.H, nb * self.bs, -1)
+            self._rewrite(layer, first, ks, vs, perm.argsort(1))                   # the inverse permutation
+            self._natural_from[layer] = first
+
     # ---- decode ----------------------------------------------------------------------------------
     def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         t = self._start
@@ -192,12 +247,17 @@ class RetrievalKV:
             if b < self.pool.n_sink:
                 self.pool.k[layer, :, b] = rk
                 self.pool.v[layer, :, b] = rv
-        selected, ids = self._select(layer, q[0], stamp=2 * self._step + 1)
+            if self._reorders:
+                self._cluster_pending(layer, b + 1)
+        selected, ids, estimated = self._select(layer, q[0], stamp=2 * self._step + 1)
         table = self._tables[layer]
         table.copy_(torch.from_numpy(self.pool.table(selected, (t + 1) // self.bs)))
         self.fetcher.wait(layer)
-        out, _ = kernels.sparse_decode(q[0], self.pool.k[layer], self.pool.v[layer],
-                                       table.to(self.device, non_blocking=True), self._tail_len, self.scale)
+        out, lse = kernels.sparse_decode(q[0], self.pool.k[layer], self.pool.v[layer],
+                                         table.to(self.device, non_blocking=True), self._tail_len, self.scale)
+        if estimated is not None:  # RetroInfer's estimation zone: more mass, no KV moved
+            out_e, lse_e = self.index.estimate(layer, q[0], estimated, self.scale)
+            out, _ = kernels.merge_attention(out, lse, out_e.to(out.dtype), lse_e)
         if self.observer is not None:
             _, lo, hi = self._candidates()
             self.observer(layer, q[0], ids, lo, hi, t + 1, out)
@@ -209,15 +269,19 @@ class RetrievalKV:
         lo = min(self.pool.n_sink, n_full)
         return n_full, lo, max(lo, n_full - self.pool.window_blocks)
 
-    def _select(self, layer: int, q: torch.Tensor, stamp: int) -> tuple[np.ndarray, np.ndarray]:
-        """Pick, resolve and fetch this layer's blocks; returns (pool slots, block ids), each [Hkv, k]."""
+    def _select(self, layer: int, q: torch.Tensor, stamp: int):
+        """Pick, resolve and fetch this layer's blocks. Returns (pool slots [Hkv, k], block ids
+        [Hkv, k], the estimation zone's block ids on the device or None)."""
         n_full, lo, hi = self._candidates()
         if hi <= lo:
             empty = np.empty((self.H, 0), dtype=np.int64)
-            return empty, empty
+            return empty, empty, None
         if self.timer:
             self.timer.start()
-        ids = select_blocks(self.index.scores(layer, q, n_full), lo, hi, self.cfg.budget_blocks)
+        k, z = self.cfg.budget_blocks, self.cfg.estimate_tokens // self.bs
+        ids = select_blocks(self.index.scores(layer, q, n_full), lo, hi, k + z, ranked=z > 0)
+        estimated = ids[:, k:] if z and ids.shape[1] > k else None
+        ids = ids[:, :k]
         if self.timer:
             self.timer.stop()
         ids = ids.cpu().numpy()  # the host needs the selection to gather misses from CPU memory
@@ -229,7 +293,7 @@ class RetrievalKV:
         if len(blocks):
             self._sync_d2h()
             self.fetcher.fetch(layer, heads, blocks, fill)
-        return slots, ids
+        return slots, ids, estimated
 
     def prepare_layer(self, layer: int, x: torch.Tensor) -> None:
         """Speculative prefetch (InfiniGen style): layer l's input through layer l+1's norm and q

@@ -1,0 +1,146 @@
+"""Attention-aware clusters of keys (RetrievalAttention / RetroInfer style), as blocks.
+
+Each segment of tokens outside sinks and window is clustered per layer and KV head with k-means on
+mean-centred keys (inner product), then stored cluster after cluster: tokens are sorted by cluster
+(clusters ordered along the keys' leading direction, so neighbours are alike) and cut into blocks.
+A block is then ~one cluster of block_size keys, fetched as one contiguous copy, and the block's
+mean key is its centroid. Scoring a block = q . centroid (max over the GQA group), the ranking of
+the estimated attention mass size * exp(q . centroid) since every block has the same size.
+
+With an estimation zone, the next-ranked blocks contribute without moving any KV: each counts as
+block_size keys equal to its centroid, with the block's value sum, merged into the exact part by LSE.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..runtime.memory import check_allocation
+
+KMEANS_KINDS = ("auto", "torch", "faiss", "faiss-gpu")
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError("faiss is not installed: `pip install faiss-cpu` (or kvretrieve[gpu] for faiss-gpu)") from None
+    return faiss
+
+
+def resolve_kmeans(kind: str, device: torch.device) -> str:
+    """auto: faiss-gpu when installed on a GPU, else torch on the GPU; faiss-cpu on a CPU-only machine."""
+    if kind not in KMEANS_KINDS:
+        raise ConfigError(f"kmeans must be one of {', '.join(KMEANS_KINDS)}, got {kind!r}")
+    gpu_faiss = device.type == "cuda" and _has_faiss_gpu()
+    if kind == "faiss-gpu" and not gpu_faiss:
+        raise ConfigError("kmeans='faiss-gpu' needs a CUDA device and faiss built with GPU support: "
+                          "`pip install kvretrieve[gpu]`, or use kmeans='torch'")
+    if kind == "auto":
+        return "faiss-gpu" if gpu_faiss else "torch" if device.type == "cuda" else "faiss"
+    if kind == "faiss":
+        _faiss()  # fail now, not halfway through a prefill
+    return kind
+
+
+def _has_faiss_gpu() -> bool:
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources")
+
+
+def kmeans_torch(x: torch.Tensor, clusters: int, iters: int, seed: int) -> torch.Tensor:
+    """Spherical k-means for every head at once: x [H, n, d] (fp32) -> centroids [H, C, d].
+    One batched matmul per iteration assigns all heads' points (inner product to unit centroids)."""
+    H, n, d = x.shape
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    start = torch.stack([torch.randperm(n, generator=gen)[:clusters] for _ in range(H)]).to(x.device)
+    cent = torch.nn.functional.normalize(torch.gather(x, 1, start[..., None].expand(-1, -1, d)), dim=-1)
+    for _ in range(iters):
+        assign = (x @ cent.transpose(1, 2)).argmax(-1)                          # [H, n]
+        sums = torch.zeros_like(cent).scatter_add_(1, assign[..., None].expand(-1, -1, d), x)
+        empty = sums.norm(dim=-1, keepdim=True) == 0
+        cent = torch.where(empty, cent, torch.nn.functional.normalize(sums, dim=-1))  # empty: keep the old one
+    return cent
+
+
+def kmeans_faiss(x: torch.Tensor, clusters: int, iters: int, seed: int, gpu: bool) -> torch.Tensor:
+    faiss = _faiss()
+    out = []
+    for h in range(x.shape[0]):
+        pts = np.ascontiguousarray(x[h].cpu().numpy(), dtype=np.float32)
+        km = faiss.Kmeans(pts.shape[1], clusters, niter=iters, spherical=True, seed=seed + h, gpu=gpu,
+                          min_points_per_centroid=1, verbose=False)
+        km.train(pts)
+        out.append(torch.from_numpy(km.centroids))
+    return torch.stack(out).to(x.device)
+
+
+class IVFIndex:
+    kind = "ivf"
+    reorders = True  # the backend stores clustered segments in the order cluster_order() returns
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, max_blocks: int,
+                 device: torch.device, dtype: torch.dtype, kmeans: str = "auto", estimate: bool = False,
+                 iters: int = 10, seed: int = 0):
+        self.bs, self.iters, self.seed = block_size, iters, seed
+        self.kmeans = resolve_kmeans(kmeans, device)
+        shape = (num_layers, num_kv_heads, max_blocks, head_dim)
+        n = 2 if estimate else 1
+        check_allocation(n * torch.Size(shape).numel() * torch.finfo(dtype).bits // 8, device,
+                         "the cluster centroids", "lower --max-context")
+        self.means = torch.zeros(shape, device=device, dtype=dtype)
+        self.vsums = torch.zeros(shape, device=device, dtype=dtype) if estimate else None
+
+    def fit(self, layer: int, keys: torch.Tensor) -> None:
+        pass
+
+    def add(self, layer: int, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        nb = keys.shape[1]
+        self.means[layer, :, first_block:first_block + nb] = keys.float().mean(2).to(self.means.dtype)
+        if self.vsums is not None:
+            self.vsums[layer, :, first_block:first_block + nb] = values.float().sum(2).to(self.vsums.dtype)
+
+    def scores(self, layer: int, q: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        hkv = self.means.shape[1]
+        qg = q.float().view(hkv, -1, q.shape[-1])
+        return (qg @ self.means[layer, :, :n_blocks].float().transpose(1, 2)).amax(1)
+
+    def cluster_order(self, keys: torch.Tensor) -> torch.Tensor:
+        """keys [Hkv, n, d] of one segment (n a multiple of block_size) -> perm [Hkv, n]: storage
+        slot i holds the segment's token perm[h, i]."""
+        H, n, d = keys.shape
+        x = keys.float()
+        x = x - x.mean(1, keepdim=True)  # centred: the shared mean would dominate every inner product
+        clusters = max(1, n // self.bs)
+        if self.kmeans == "torch":
+            cent = kmeans_torch(x, clusters, self.iters, self.seed)
+        else:
+            cent = kmeans_faiss(x, clusters, self.iters, self.seed, gpu=self.kmeans == "faiss-gpu")
+        assign = (x @ cent.transpose(1, 2)).argmax(-1)                            # [H, n]
+        # Order clusters along the leading principal direction of the keys, so the clusters that a
+        # block boundary mixes are similar ones.
+        _, _, v = torch.linalg.svd(x[:, :: max(1, n // 2048)], full_matrices=False)
+        rank = (cent @ v[:, 0, :, None])[..., 0].argsort(1).argsort(1)            # [H, C]
+        key = torch.gather(rank, 1, assign) * n + torch.arange(n, device=x.device)
+        return key.argsort(1)
+
+    def estimate(self, layer: int, q: torch.Tensor, blocks: torch.Tensor, scale: float):
+        """Attention of q [Hq, d] over blocks [Hkv, z] approximated by their centroids and value sums
+        -> (out [Hq, d] fp32, lse [Hq])."""
+        hkv = self.means.shape[1]
+        g = q.shape[0] // hkv
+        idx = blocks[..., None].expand(-1, -1, self.means.shape[-1])
+        means = torch.gather(self.means[layer], 1, idx).float()                  # [Hkv, z, d]
+        vsums = torch.gather(self.vsums[layer], 1, idx).float()
+        s = (q.float().view(hkv, g, -1) @ means.transpose(1, 2)) * scale          # [Hkv, G, z]
+        lse = torch.logsumexp(s, -1) + np.log(self.bs)                           # each block = bs keys
+        w = torch.softmax(s, -1)                                                  # mass share per block
+        out = (w @ vsums) / self.bs                                               # mean value of a block
+        return out.view(-1, q.shape[-1]), lse.view(-1)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.means, self.vsums) if t is not None)

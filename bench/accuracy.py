@@ -30,6 +30,7 @@ from kvretrieve.api import make_backend  # noqa: E402
 
 KINDS = ("lowrank", "bounds", "exact")      # a new index kind is one more name here
 DENSITIES = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
+BLOCK_SIZES = (8, 16, 32)
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 TARGETS = {"top1_agree": 0.98, "kl": 0.02, "ppl_ratio": 0.02, "attn_recall": 0.90, "needle_same": 1.0}
 
@@ -50,7 +51,7 @@ class Cell:
         """(sink, window, budget) tokens summing to at most density * context: one block is kept
         free for the partly filled tail block, which the window always attends on top."""
         bs, total = self.block_size, int(round(self.density * self.context))
-        sink = min(self.sink, max(bs, total // 8 // bs * bs))
+        sink = min(self.sink, max(bs, total // 4 // bs * bs))
         window = max(bs, int(total * self.window_share) // bs * bs)
         budget = (total - sink - window - bs) // bs * bs
         return (sink, window, budget) if budget >= bs else None
@@ -71,21 +72,24 @@ def default_cell(context: int) -> Cell:
 
 
 def grid(name: str, kinds: tuple[str, ...]) -> list[Cell]:
-    cells: list[Cell] = []
+    """The configurations a run measures. Every kind is on every axis; the full cross product is only
+    taken at 8K, the context the targets are set for (the grid has to fit 30 minutes on 2 cores)."""
+    d, cells = DEFAULT, []
     if name == "quick":
         cells = [replace(default_cell(2048), kind=k, needle=True) for k in kinds]
     elif name == "default":
-        for c in (2048, 4096, 8192):
-            cells += [Cell(k, c, f, needle=c == 8192 and f <= 1 / 16) for k in kinds for f in DENSITIES]
-        cells += [Cell(k, 8192, 1 / 16, block_size=bs, needle=True) for bs in (8, 32) for k in kinds]
-        cells += [Cell(k, 8192, 1 / 32, block_size=bs) for bs in (8, 32) for k in kinds]
-    elif name == "sweep":  # the split and rank, at the target operating point
-        base = Cell("lowrank", 8192, 1 / 16)
+        cells += [replace(d, kind=k, density=f, needle=f <= 1 / 16) for k in kinds for f in DENSITIES]
+        cells += [replace(d, kind=k, block_size=bs, needle=k == d.kind) for bs in BLOCK_SIZES if bs != d.block_size
+                  for k in kinds]
+        for c in (2048, 4096):
+            cells += [replace(d, kind=k, context=c, density=f) for k in kinds for f in DENSITIES
+                      if f in (1 / 16, 1 / 8) or k == d.kind]
+    elif name == "sweep":  # how to split the attended tokens, and the rank, at the target operating point
         for k in kinds:
-            cells += [replace(base, kind=k, sink=s, window_share=w)
-                      for s, w in ((16, 0.25), (64, 0.125), (64, 0.5), (128, 0.25))]
-        cells += [replace(base, rank=r) for r in (8, 16, 64)]
-        cells += [replace(base, kind=k, density=1 / 32, window_share=w) for k in kinds for w in (0.125, 0.5)]
+            cells += [Cell(k, 8192, 1 / 16, sink=s, window_share=w)
+                      for s, w in ((16, 0.25), (64, 0.125), (64, 0.25), (64, 0.5), (128, 0.25))]
+            cells += [Cell(k, 8192, 1 / 32, window_share=w) for w in (0.125, 0.25, 0.5)]
+        cells += [Cell("lowrank", 8192, 1 / 16, rank=r) for r in (8, 16, 64)]
     return [c for c in dict.fromkeys(cells) if c.split() is not None]
 
 
@@ -174,7 +178,7 @@ def row_of(cell: Cell, m: dict, needle_res: dict | None) -> dict:
     row = {"index": cell.kind, "context": cell.context, "density": m["attended_tokens"] / cell.context,
            "target_density": cell.density, "budget_tokens": budget, "block_size": cell.block_size,
            "sink_tokens": sink, "window_tokens": window, "rank": cell.rank if cell.kind == "lowrank" else None,
-           "default": cell == default_cell(cell.context), **m, "needle_dense": None, "needle_sparse": None,
+           "default": replace(cell, needle=False) == default_cell(cell.context), **m, "needle_dense": None, "needle_sparse": None,
            "needle_same": None}
     if needle_res is not None:
         row.update(needle_res, needle_prompts=len(needle_res["answers"]))

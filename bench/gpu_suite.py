@@ -39,7 +39,7 @@ def run(cmd: list[str], log: str, timeout: int) -> subprocess.CompletedProcess:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small contexts only (a smoke test)")
-    ap.add_argument("--kinds", default="lowrank,bounds")
+    ap.add_argument("--kinds", default="lowrank,bounds,ivf")
     ap.add_argument("--skip-tests", action="store_true")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,8 @@ def main() -> None:
             print(proc.stderr[-3000:], flush=True)
     meta = provenance("cuda")
     meta["commit"] = os.environ.get("KVRETRIEVE_COMMIT", meta["commit"])
-    cols = ["model", "context", "index", "budget", "prefill_s", "prefill_tok_s", "decode_ms_p50", "decode_ms_p90",
+    cols = ["model", "context", "index", "budget", "prefill_s", "prefill_tok_s", "index_build_s", "build_share",
+            "decode_ms_p50", "decode_ms_p90",
             "select_ms", "h2d_mb_per_token", "cache_hit", "peak_gpu_gib", "gpu_cap_gib", "pinned_host_gib", "rss_gib"]
     notes = ("kvretrieve profile, Llama-3.1-8B shape with random bf16 weights, prompts of random token ids, "
              "greedy decode of 32 tokens (median and p90 per token, host sync per token as in generation), "

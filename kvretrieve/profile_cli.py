@@ -12,7 +12,7 @@ from .config import RetrievalConfig
 from .errors import InputError
 
 COLUMNS = [("model", "model"), ("context", "context"), ("index", "index"), ("budget", "budget"),
-           ("prefill_tok_s", "prefill tok/s"), ("ttft_s", "TTFT s"), ("decode_ms_p50", "decode ms p50"),
+           ("prefill_tok_s", "prefill tok/s"), ("ttft_s", "TTFT s"), ("build_share", "build %"), ("decode_ms_p50", "decode ms p50"),
            ("decode_ms_p90", "p90"), ("select_ms", "select ms"), ("h2d_mb_per_token", "H2D MB/tok"),
            ("cache_hit", "hit %"), ("spec_hit", "spec hit %"), ("peak_gpu_gib", "peak GPU GiB"),
            ("gpu_cap_gib", "cap GiB"), ("pinned_host_gib", "pinned GiB"), ("rss_gib", "RSS GiB")]
@@ -21,7 +21,7 @@ COLUMNS = [("model", "model"), ("context", "context"), ("index", "index"), ("bud
 def _fmt(key: str, value) -> str:
     if value is None:
         return "-"
-    if key in ("cache_hit", "spec_hit"):
+    if key in ("cache_hit", "spec_hit", "build_share"):
         return f"{100 * value:.1f}"
     if isinstance(value, float):
         return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}" if value < 10 else f"{value:.1f}"

@@ -64,11 +64,13 @@ def profile_context(engine, ids: torch.Tensor, decode_steps: int) -> dict:
     device, backend = engine.model.device, engine.backend
     engine.truncate(0)
     sync(device)
+    build0 = backend.counters().get("cluster_s", 0.0) if hasattr(backend, "counters") else 0.0
     t0 = time.perf_counter()
     logits = engine.prefill(ids.tolist())
     token = logits.argmax()
     int(token)
     ttft = time.perf_counter() - t0
+    build_s = (backend.counters().get("cluster_s", 0.0) - build0) if hasattr(backend, "counters") else 0.0
     for _ in range(2):  # warm-up steps (kernel compilation, allocator growth) are not measured
         token = engine.step(token).argmax()
     timer = StageTimer(device)
@@ -90,6 +92,7 @@ def profile_context(engine, ids: torch.Tensor, decode_steps: int) -> dict:
     q = statistics.quantiles(step_ms, n=10) if len(step_ms) > 1 else step_ms * 9
     row = {
         "context": len(ids), "prefill_s": ttft, "prefill_tok_s": len(ids) / ttft, "ttft_s": ttft,
+        "index_build_s": build_s, "build_share": build_s / ttft,
         "decode_ms_p50": statistics.median(step_ms), "decode_ms_p90": q[8],
         "select_ms": timer.total_ms() / max(1, decode_steps) if lookups else None,
         "h2d_mb_per_token": delta.get("h2d_bytes", 0) / 1e6 / max(1, decode_steps) if lookups else None,

@@ -53,18 +53,30 @@ def _has_faiss_gpu() -> bool:
 
 
 def kmeans_torch(x: torch.Tensor, clusters: int, iters: int, seed: int) -> torch.Tensor:
-    """Spherical k-means for every head at once: x [H, n, d] (fp32) -> centroids [H, C, d].
-    One batched matmul per iteration assigns all heads' points (inner product to unit centroids)."""
-    H, n, d = x.shape
+    """Spherical k-means for a batch of point sets at once: x [B, n, d] fp32 -> centroids [B, C, d].
+    One batched matmul per iteration assigns every point of every set (inner product to unit
+    centroids); on a GPU it runs in bf16, which only has to get the argmax right."""
+    B, n, d = x.shape
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    start = torch.stack([torch.randperm(n, generator=gen)[:clusters] for _ in range(H)]).to(x.device)
+    start = torch.stack([torch.randperm(n, generator=gen)[:clusters] for _ in range(B)]).to(x.device)
     cent = torch.nn.functional.normalize(torch.gather(x, 1, start[..., None].expand(-1, -1, d)), dim=-1)
+    fast = x.to(torch.bfloat16) if x.is_cuda else x
     for _ in range(iters):
-        assign = (x @ cent.transpose(1, 2)).argmax(-1)                          # [H, n]
+        assign = (fast @ cent.to(fast.dtype).transpose(1, 2)).argmax(-1)         # [B, n]
         sums = torch.zeros_like(cent).scatter_add_(1, assign[..., None].expand(-1, -1, d), x)
         empty = sums.norm(dim=-1, keepdim=True) == 0
         cent = torch.where(empty, cent, torch.nn.functional.normalize(sums, dim=-1))  # empty: keep the old one
     return cent
+
+
+def leading_direction(x: torch.Tensor, iters: int = 8) -> torch.Tensor:
+    """x [B, n, d] centred -> [B, d], the top principal direction by power iteration on x^T x (a
+    batched SVD costs milliseconds per call on a GPU; this is a few tiny matmuls)."""
+    cov = x.transpose(1, 2) @ x                                                    # [B, d, d]
+    v = torch.ones(x.shape[0], x.shape[2], 1, device=x.device, dtype=x.dtype)
+    for _ in range(iters):
+        v = torch.nn.functional.normalize(cov @ v, dim=1)
+    return v[..., 0]
 
 
 def kmeans_faiss(x: torch.Tensor, clusters: int, iters: int, seed: int, gpu: bool) -> torch.Tensor:
@@ -110,9 +122,9 @@ class IVFIndex:
         return (qg @ self.means[layer, :, :n_blocks].float().transpose(1, 2)).amax(1)
 
     def cluster_order(self, keys: torch.Tensor) -> torch.Tensor:
-        """keys [Hkv, n, d] of one segment (n a multiple of block_size) -> perm [Hkv, n]: storage
-        slot i holds the segment's token perm[h, i]."""
-        H, n, d = keys.shape
+        """keys [B, n, d]: B point sets (KV heads x segments), n a multiple of block_size -> perm
+        [B, n]: storage slot i of set b holds its token perm[b, i]."""
+        B, n, d = keys.shape
         x = keys.float()
         x = x - x.mean(1, keepdim=True)  # centred: the shared mean would dominate every inner product
         clusters = max(1, n // self.bs)
@@ -120,11 +132,10 @@ class IVFIndex:
             cent = kmeans_torch(x, clusters, self.iters, self.seed)
         else:
             cent = kmeans_faiss(x, clusters, self.iters, self.seed, gpu=self.kmeans == "faiss-gpu")
-        assign = (x @ cent.transpose(1, 2)).argmax(-1)                            # [H, n]
+        assign = (x @ cent.transpose(1, 2)).argmax(-1)                            # [B, n]
         # Order clusters along the leading principal direction of the keys, so the clusters that a
         # block boundary mixes are similar ones.
-        _, _, v = torch.linalg.svd(x[:, :: max(1, n // 2048)], full_matrices=False)
-        rank = (cent @ v[:, 0, :, None])[..., 0].argsort(1).argsort(1)            # [H, C]
+        rank = (cent @ leading_direction(x)[..., None])[..., 0].argsort(1).argsort(1)  # [B, C]
         key = torch.gather(rank, 1, assign) * n + torch.arange(n, device=x.device)
         return key.argsort(1)
 

@@ -199,22 +199,28 @@ class RetrievalKV:
         if end - start < 64:
             return
         t0 = time.perf_counter()
+        group = max(1, 32 // self.H)  # segments clustered in one batch (bounds the k-means temporaries)
         while end - start >= 64:
+            n_seg = min(group, (end - start) // seg) or 1
             nb = min(seg, end - start)
-            self._recluster(layer, start, nb)
-            start += nb
+            self._recluster(layer, start, nb, n_seg)
+            start += nb * n_seg
         self._natural_from[layer] = start
         self._sync_d2h()
         self.stats["cluster_s"] += time.perf_counter() - t0  # index build time (profile reports it)
 
-    def _recluster(self, layer: int, first: int, nb: int) -> None:
+    def _recluster(self, layer: int, first: int, nb: int, n_seg: int = 1) -> None:
+        """Cluster n_seg consecutive segments of nb blocks from `first` (one batched k-means)."""
         self._sync_d2h()
-        ks, vs = self.store.read(layer, first, nb)
-        ks = ks.to(self.device).reshape(self.H, nb * self.bs, -1)
-        vs = vs.to(self.device).reshape(self.H, nb * self.bs, -1)
-        perm = self.index.cluster_order(ks)                                        # [Hkv, tokens]
-        self._rewrite(layer, first, ks, vs, perm)
-        self._segments[layer].append((first, nb, perm.cpu()))
+        ks, vs = self.store.read(layer, first, nb * n_seg)
+        ks = ks.to(self.device).reshape(self.H * n_seg, nb * self.bs, -1)        # [Hkv x segments, tokens, d]
+        vs = vs.to(self.device).reshape(self.H * n_seg, nb * self.bs, -1)
+        perm = self.index.cluster_order(ks)
+        for i in range(n_seg):
+            part = slice(i, None, n_seg)  # segment i of every head
+            seg_first = first + i * nb
+            self._rewrite(layer, seg_first, ks[part], vs[part], perm[part])
+            self._segments[layer].append((seg_first, nb, perm[part].cpu()))
 
     def _rewrite(self, layer: int, first: int, ks: torch.Tensor, vs: torch.Tensor, perm: torch.Tensor) -> None:
         """Store blocks first.. as ks, vs [Hkv, tokens, d] taken in the order perm [Hkv, tokens]."""

@@ -130,6 +130,8 @@ class RetrievalKV:
             k = torch.cat([rk[:, :off].transpose(0, 1), k])
             v = torch.cat([rv[:, :off].transpose(0, 1), v])
         full, rest = divmod(k.shape[0], self.bs)
+        if self._reorders and self._natural_from[layer] >= b0:
+            self._cluster_on_device(layer, k, v, b0, b0 + full)
         for c0 in range(0, full, self._append_blocks):  # bounded temporaries for long prompts
             nb = min(self._append_blocks, full - c0)
             rows = slice(c0 * self.bs, (c0 + nb) * self.bs)
@@ -192,22 +194,49 @@ class RetrievalKV:
                     self.pool.ring_block[layer, b % self.pool.ring] = b
 
     # ---- clustering (ivf) ------------------------------------------------------------------------
-    def _cluster_pending(self, layer: int, n_full: int) -> None:
-        """Cluster the natural-order blocks that left the window, in segments of cluster_tokens;
-        a remainder under 64 blocks waits (it stays selectable, scored by its natural blocks)."""
-        seg, start, end = self.cfg.cluster_tokens // self.bs, self._natural_from[layer], n_full - self.pool.window_blocks
-        if end - start < 64:
-            return
-        t0 = time.perf_counter()
+    def _cluster_groups(self, layer: int, n_full: int):
+        """The natural-order blocks that left the window, as batches (first block, blocks per
+        segment, segments) of cluster_tokens-sized segments; a remainder under 64 blocks waits (it
+        stays selectable, scored as natural blocks). Advances the layer's natural_from."""
+        seg, start = self.cfg.cluster_tokens // self.bs, self._natural_from[layer]
+        end = n_full - self.pool.window_blocks
         group = max(1, 32 // self.H)  # segments clustered in one batch (bounds the k-means temporaries)
         while end - start >= 64:
-            n_seg = min(group, (end - start) // seg) or 1
             nb = min(seg, end - start)
-            self._recluster(layer, start, nb, n_seg)
+            n_seg = max(1, min(group, (end - start) // nb))
+            yield start, nb, n_seg
             start += nb * n_seg
-        self._natural_from[layer] = start
-        self._sync_d2h()
-        self.stats["cluster_s"] += time.perf_counter() - t0  # index build time (profile reports it)
+            self._natural_from[layer] = start
+
+    def _cluster_pending(self, layer: int, n_full: int) -> None:
+        """Cluster what left the window, reading the blocks back from the store (decode, or blocks
+        stored before this prefill segment)."""
+        t0 = time.perf_counter()
+        groups = list(self._cluster_groups(layer, n_full))
+        for first, nb, n_seg in groups:
+            self._recluster(layer, first, nb, n_seg)
+        if groups:
+            self._sync_d2h()
+            self.stats["cluster_s"] += time.perf_counter() - t0  # index build time (profile reports it)
+
+    def _cluster_on_device(self, layer: int, k: torch.Tensor, v: torch.Tensor, b0: int, n_full: int) -> None:
+        """Prefill: cluster the segments of k, v [tokens from block b0, Hkv, d] in place, before they
+        are stored once (no read-back from CPU memory)."""
+        t0 = time.perf_counter()
+        groups = list(self._cluster_groups(layer, n_full))
+        for first, nb, n_seg in groups:
+            rows = slice((first - b0) * self.bs, (first - b0 + nb * n_seg) * self.bs)
+            ks = k[rows].transpose(0, 1).reshape(self.H * n_seg, nb * self.bs, -1)
+            vs = v[rows].transpose(0, 1).reshape(self.H * n_seg, nb * self.bs, -1)
+            perm = self.index.cluster_order(ks)
+            idx = perm[..., None].expand(-1, -1, ks.shape[-1])
+            k[rows] = torch.gather(ks, 1, idx).reshape(self.H, -1, ks.shape[-1]).transpose(0, 1)
+            v[rows] = torch.gather(vs, 1, idx).reshape(self.H, -1, vs.shape[-1]).transpose(0, 1)
+            perm = perm.cpu()
+            for i in range(n_seg):
+                self._segments[layer].append((first + i * nb, nb, perm[i::n_seg]))
+        if groups:
+            self.stats["cluster_s"] += time.perf_counter() - t0
 
     def _recluster(self, layer: int, first: int, nb: int, n_seg: int = 1) -> None:
         """Cluster n_seg consecutive segments of nb blocks from `first` (one batched k-means)."""

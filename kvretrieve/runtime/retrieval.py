@@ -222,8 +222,12 @@ class RetrievalKV:
     def _cluster_on_device(self, layer: int, k: torch.Tensor, v: torch.Tensor, b0: int, n_full: int) -> None:
         """Prefill: cluster the segments of k, v [tokens from block b0, Hkv, d] in place, before they
         are stored once (no read-back from CPU memory)."""
-        t0 = time.perf_counter()
         groups = list(self._cluster_groups(layer, n_full))
+        if not groups:
+            return
+        if self.d2h is not None:  # so the build time below is not the attention still running
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
         for first, nb, n_seg in groups:
             rows = slice((first - b0) * self.bs, (first - b0 + nb * n_seg) * self.bs)
             ks = k[rows].transpose(0, 1).reshape(self.H * n_seg, nb * self.bs, -1)
@@ -235,8 +239,7 @@ class RetrievalKV:
             perm = perm.cpu()
             for i in range(n_seg):
                 self._segments[layer].append((first + i * nb, nb, perm[i::n_seg]))
-        if groups:
-            self.stats["cluster_s"] += time.perf_counter() - t0
+        self.stats["cluster_s"] += time.perf_counter() - t0  # perm.cpu() synchronised: work is done
 
     def _recluster(self, layer: int, first: int, nb: int, n_seg: int = 1) -> None:
         """Cluster n_seg consecutive segments of nb blocks from `first` (one batched k-means)."""

@@ -111,6 +111,8 @@ def teacher_forced(llm, cells: list[Cell], ids: list[int], dense_logits: torch.T
             p.active = i % probe_every == probe_every // 2
         logits[:, i] = batched_step(model, backends, torch.tensor([ids[P + i]] * len(cells)), P + i)
     targets = torch.tensor(ids[P + 1:P + steps + 1])
+    for b in backends:
+        b.observer = None  # breaks the probe <-> backend cycle, so each batch's memory goes back at once
     return [token_metrics(dense_logits, logits[j], targets) | probes[j].summary() for j in range(len(cells))]
 
 

@@ -290,3 +290,26 @@ def test_ivf_errors():
     with pytest.raises(ConfigError, match="estimate_tokens needs index='ivf'"):
         RetrievalConfig(index="lowrank", estimate_tokens=64)
     assert resolve_kmeans("auto", torch.device("cpu")) == "faiss"
+
+
+def test_ivf_estimation_zone_in_decode(tiny_dir):
+    """With an estimation zone the next-ranked blocks add their centroid-estimated mass: the output
+    changes, stays finite, and with a zone covering every non-selected block it moves toward dense."""
+    base = RetrievalConfig(index="ivf", block_size=4, budget_tokens=32, sink_tokens=4, window_tokens=8,
+                           cluster_tokens=256, kmeans="torch")
+    dense, plain = engines(tiny_dir, base)
+    _, zoned = engines(tiny_dir, dataclasses.replace(base, estimate_tokens=1024))
+    g = torch.Generator().manual_seed(11)
+    prompt, steps = torch.randint(0, 256, (500,), generator=g), torch.randint(0, 256, (6,), generator=g)
+    errs = {"plain": [], "zoned": []}
+    for e in (dense, plain, zoned):
+        e.forward(prompt)
+    for t in steps:
+        ref = dense.model.logits(dense.forward(t.view(1)))
+        for name, e in (("plain", plain), ("zoned", zoned)):
+            out = e.model.logits(e.forward(t.view(1)))
+            assert torch.isfinite(out).all()
+            errs[name].append(torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                                         reduction="sum").item())
+    assert errs["plain"] != errs["zoned"]
+    assert sum(errs["zoned"]) < sum(errs["plain"])

@@ -101,18 +101,20 @@ def test_truncate_then_refill_matches(tmp_path):
     assert torch.allclose(again, full[20:], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("q_start,T,S_extra,hq,hkv", [(0, 33, 0, 8, 2), (17, 1, 0, 6, 3), (9, 12, 0, 4, 4)])
+@pytest.mark.parametrize("q_start,T,S_extra,hq,hkv", [(0, 33, 0, 8, 2), (17, 1, 0, 6, 3), (9, 12, 0, 4, 4),
+                                                      (40, 7, 0, 8, 2)])
 def test_causal_attention_matches_naive(q_start, T, S_extra, hq, hkv):
     g = torch.Generator().manual_seed(4)
     d = 16
     S = q_start + T
-    q, k, v = (torch.randn(n, h, d, generator=g, dtype=torch.float64) for n, h in ((T, hq), (S, hkv), (S, hkv)))
+    q, k, v = (torch.randn(n, h, d, generator=g) for n, h in ((T, hq), (S, hkv), (S, hkv)))
     out = causal_attention(q, k, v, q_start, d ** -0.5)
+    q, k, v = q.double(), k.double(), v.double()
     kr, vr = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
     scores = torch.einsum("thd,shd->hts", q, kr) * d ** -0.5
     visible = torch.arange(S)[None, :] <= (q_start + torch.arange(T))[:, None]
     ref = torch.einsum("hts,shd->thd", scores.masked_fill(~visible, float("-inf")).softmax(-1), vr)
-    assert torch.allclose(out, ref, atol=1e-10)
+    assert torch.allclose(out.double(), ref, atol=1e-5)
 
 
 def test_config_errors():

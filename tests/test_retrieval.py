@@ -37,8 +37,9 @@ def engines(model_dir, retrieval: RetrievalConfig, device="cpu", dtype=torch.flo
     dev = torch.device(device)
     dec = Decoder(cfg, build_weights(cfg, CheckpointTensors(model_dir), dev, dtype))
     dense = Engine(dec, DenseKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, dev, dtype), 4096)
-    # append_chunk_blocks=5: long segments reach the store in several chunks, as 128K prompts do
-    return dense, Engine(dec, RetrievalKV(retrieval, dec, capacity, append_chunk_blocks=5), 4096)
+    # append_chunk_blocks=5 and prefill chunks of 64 rows: long segments reach the store in several
+    # chunks and attend query chunk by query chunk, as 128K prompts do (the dense side takes one chunk)
+    return dense, Engine(dec, RetrievalKV(retrieval, dec, capacity, append_chunk_blocks=5), 64)
 
 
 def run_script(engine, prompt, continuation, decode_tokens, truncate_to):

@@ -1,8 +1,8 @@
 """Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM2) that owns no cache.
 
-Attention is whatever callable the engine passes in: attn(layer, q, k, v) -> out, with q [T, Hq, d]
-and k, v [T, Hkv, d] already rotated. The dense backend writes k, v into a preallocated cache; the
-retrieval backend streams them to CPU memory. Batch size is 1: activations are [T, hidden].
+Attention is whatever backend the engine passes in (the Attention protocol below): q, k, v arrive
+already rotated. The dense backend writes k, v into a preallocated cache; the retrieval backend
+streams them to CPU memory. Batch size is 1: activations are [T, hidden].
 """
 from __future__ import annotations
 
@@ -86,7 +86,19 @@ class DecoderWeights:
 
 
 class Attention(Protocol):
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+    """What the engine hands the model: storage and attention for one forward pass."""
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Decode: store the token's k, v [1, Hkv, d]; attention of q [1, Hq, d] -> [1, Hq, d]."""
+
+    def begin_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Segment: its k, v [T, Hkv, d] for this layer (positions start..start+T-1)."""
+
+    def attend(self, layer: int, q: torch.Tensor, offset: int) -> torch.Tensor:
+        """Segment rows offset..offset+n-1: causal attention of q [n, Hq, d] -> [n, Hq, d]."""
+
+    def end_layer(self, layer: int) -> None:
+        """The segment's attention for this layer is done (the backend may now move or reorder k, v)."""
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -122,28 +134,49 @@ class Decoder:
         v = qkv[:, nq + nkv:].view(-1, c.num_kv_heads, c.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    def _project(self, layer: int, h: torch.Tensor, rows: slice, heads: int, cos, sin, rotate: bool):
+        """One part of the fused q|k|v projection: the weight rows `rows`, viewed as `heads` heads."""
+        w = self.w.layers[layer]
+        bias = None if w.qkv_bias is None else w.qkv_bias[rows]
+        out = F.linear(h, w.qkv[rows], bias).view(h.shape[0], heads, self.cfg.head_dim)
+        return apply_rope(out, cos, sin) if rotate else out
+
     def layer(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention,
               chunk: int) -> torch.Tensor:
-        """x [T, hidden] is updated in place. Projections and the MLP run `chunk` rows at a time so a
-        long prompt never materialises a [T, ffn] activation; attention sees the whole segment."""
+        """x [T, hidden] is updated in place.
+
+        Decode (T = 1): one fused q|k|v projection, attn(layer, q, k, v). A segment runs in two passes
+        so that only k, v of the whole segment ever exist: pass 1 projects k, v chunk by chunk and
+        hands them to the backend (attn.begin_layer); pass 2 projects each chunk's q, attends
+        (attn.attend), and applies o-proj and MLP to that chunk. A [T, Hq, d] q or attention output
+        is never held, which is what bounds prefill memory at 128K+ tokens.
+        """
         c, w = self.cfg, self.w.layers[layer]
         T = x.shape[0]
         prepare = getattr(attn, "prepare_layer", None)  # lets a backend look ahead (speculative prefetch)
         if prepare is not None:
             prepare(layer, x)
-        q = x.new_empty(T, c.num_heads, c.head_dim)
+        if T == 1:
+            q, k, v = self.project_qkv(layer, rms_norm(x, w.attn_norm, c.rms_eps), cos, sin)
+            x += F.linear(attn(layer, q, k, v).reshape(1, -1), w.o, w.o_bias)
+            x += self.mlp(layer, rms_norm(x, w.mlp_norm, c.rms_eps))
+            return x
+        nq, nkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         k = x.new_empty(T, c.num_kv_heads, c.head_dim)
         v = x.new_empty(T, c.num_kv_heads, c.head_dim)
         for s in range(0, T, chunk):
             e = min(T, s + chunk)
-            q[s:e], k[s:e], v[s:e] = self.project_qkv(layer, rms_norm(x[s:e], w.attn_norm, c.rms_eps),
-                                                      cos[s:e], sin[s:e])
-        o = attn(layer, q, k, v)  # [T, Hq, d], possibly a transposed view: reshaped per chunk, never whole
-        del q, k, v
+            h = rms_norm(x[s:e], w.attn_norm, c.rms_eps)
+            k[s:e] = self._project(layer, h, slice(nq, nq + nkv), c.num_kv_heads, cos[s:e], sin[s:e], True)
+            v[s:e] = self._project(layer, h, slice(nq + nkv, None), c.num_kv_heads, cos[s:e], sin[s:e], False)
+        attn.begin_layer(layer, k, v)
         for s in range(0, T, chunk):
             e = min(T, s + chunk)
-            x[s:e] += F.linear(o[s:e].reshape(e - s, -1), w.o, w.o_bias)
+            h = rms_norm(x[s:e], w.attn_norm, c.rms_eps)
+            q = self._project(layer, h, slice(0, nq), c.num_heads, cos[s:e], sin[s:e], True)
+            x[s:e] += F.linear(attn.attend(layer, q, s).reshape(e - s, -1), w.o, w.o_bias)
             x[s:e] += self.mlp(layer, rms_norm(x[s:e], w.mlp_norm, c.rms_eps))
+        attn.end_layer(layer)
         return x
 
     def mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:

@@ -4,49 +4,62 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from ..errors import ResourceError
 from .memory import check_allocation
 
-# Upper bound on the score elements one masked SDPA call may materialise (fp32: 256 MiB).
-_MASKED_SCORES = 1 << 26
+def attention_lse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq, d], k, v [S, Hkv, d] -> (out [T, Hq, d] in q.dtype, lse [T, Hq] fp32). causal means
+    the square case (T == S, query i sees keys 0..i). The math, for fp32 on CUDA and as the oracle."""
+    T, Hq, d = q.shape
+    G = Hq // k.shape[1]
+    s = torch.einsum("thgd,shd->hgts", q.float().view(T, -1, G, d), k.float()) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(T, k.shape[0], dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    out = torch.einsum("hgts,shd->thgd", torch.exp(s - lse[..., None]), v.float())
+    return out.reshape(T, Hq, d).to(q.dtype), lse.reshape(Hq, T).transpose(0, 1)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention that also returns the log-sum-exp, so partial results over disjoint key sets
+    can be merged; same contract as attention_lse_reference. Uses the flash kernels SDPA itself
+    dispatches to (they take GQA-shaped K/V and return the LSE; the public SDPA drops it)."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        op = torch.ops.aten._scaled_dot_product_flash_attention
+        r = op(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], 0.0, causal, False,
+               scale=scale)
+    elif not q.is_cuda:
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        r = op(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], 0.0, causal, scale=scale)
+    else:
+        return attention_lse_reference(q, k, v, causal, scale)
+    return r[0][0].transpose(0, 1), r[1][0].transpose(0, 1)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, scale: float) -> torch.Tensor:
     """q [T, Hq, d] at positions q_start.. attends to k, v [q_start + T, Hkv, d] causally -> [T, Hq, d].
 
-    A segment that starts at position 0 is the square causal case, which SDPA runs as flash attention
-    in O(T) memory with GQA handled natively. Otherwise (decode, a new chat turn) the G query heads
-    of a KV head are folded into the query rows ([Hkv, G*T, d]): SDPA then sees plain multi-head
-    attention and never repeats K,V (its GQA support falls back to the slow math path there). A
-    segment after earlier tokens needs the bottom-right causal mask, which SDPA only takes as an
-    explicit mask, so it runs in query chunks that keep mask and scores bounded.
+    Decode (T = 1) folds the G query heads of a KV head into query rows ([Hkv, G, d]): SDPA then sees
+    plain attention and never repeats K,V. A longer segment splits its keys into the earlier tokens,
+    which every query sees (no mask), and the segment itself, a square causal block; the two partial
+    results merge by their log-sum-exp. So no mask is ever materialised and the fused kernels run.
     """
     T, Hq, d = q.shape
-    S, Hkv = k.shape[0], k.shape[1]
-    G = Hq // Hkv
-    kh, vh = k.transpose(0, 1), v.transpose(0, 1)
-    # SDPA's fused kernels (flash, memory-efficient) only take 4-D inputs: 3-D ones silently fall
-    # back to the math path, which materialises [H, T, S] scores. Hence the [None] / [0] below.
-    if q_start == 0 and S == T:
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kh[None], vh[None], is_causal=True,
-                                             scale=scale, enable_gqa=True)
-        return out[0].transpose(0, 1)
-    out = torch.empty_like(q)
-    rows = max(1, _MASKED_SCORES // (Hq * S))
-    key_pos = torch.arange(S, device=q.device)
-    for s in range(0, T, rows):
-        e = min(T, s + rows)
-        n = e - s
-        qf = q[s:e].view(n, Hkv, G, d).permute(1, 2, 0, 3).reshape(Hkv, G * n, d)
-        visible = q_start + e  # keys past the chunk's last query are never visible
-        mask = None
-        if n > 1:
-            qpos = torch.arange(q_start + s, q_start + e, device=q.device)
-            mask = (key_pos[None, :visible] <= qpos[:, None]).repeat(G, 1)
-        o = F.scaled_dot_product_attention(qf[None], kh[None, :, :visible], vh[None, :, :visible], attn_mask=mask,
-                                           scale=scale)[0]
-        out[s:e] = o.view(Hkv, G, n, d).permute(2, 0, 1, 3).reshape(n, Hq, d)
-    return out
+    Hkv = k.shape[1]
+    if T == 1:
+        qf = q.view(Hkv, Hq // Hkv, d)
+        out = F.scaled_dot_product_attention(qf[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale)
+        return out[0].reshape(1, Hq, d)
+    out, lse = attention_lse(q, k[q_start:], v[q_start:], True, scale)
+    if q_start == 0:
+        return out
+    out_p, lse_p = attention_lse(q, k[:q_start], v[:q_start], False, scale)
+    merged, _ = kernels.merge_attention(out.reshape(T * Hq, d), lse.reshape(-1).float().contiguous(),
+                                        out_p.reshape(T * Hq, d), lse_p.reshape(-1).float().contiguous())
+    return merged.view(T, Hq, d)
 
 
 class DenseKV:
@@ -79,11 +92,21 @@ class DenseKV:
         self.length = min(self.length, length)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        s, e = self._start, self._start + q.shape[0]
+        self.begin_layer(layer, k, v)
+        return self.attend(layer, q, 0)
+
+    def begin_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        s, e = self._start, self._start + k.shape[0]
         self.k[layer, :, s:e] = k.transpose(0, 1)
         self.v[layer, :, s:e] = v.transpose(0, 1)
+
+    def attend(self, layer: int, q: torch.Tensor, offset: int) -> torch.Tensor:
+        e = self._start + offset + q.shape[0]
         return causal_attention(q, self.k[layer, :, :e].transpose(0, 1), self.v[layer, :, :e].transpose(0, 1),
-                                s, self.scale)
+                                self._start + offset, self.scale)
+
+    def end_layer(self, layer: int) -> None:
+        pass
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

@@ -44,6 +44,7 @@ class RetrievalKV:
         self._tail_len = torch.zeros(1, dtype=torch.int32, device=device)
         self.length, self._start, self._n, self._step = 0, 0, 0, 0
         self._spec: dict[int, np.ndarray] = {}
+        self._seg_kv = None  # (k, v of the segment, all keys and values so far) while a layer prefills
         # Clustering indexes (ivf) store segments outside sinks and window in cluster order. Per
         # layer: the first block not yet clustered, and the clustered segments (first block, number
         # of blocks, permutation [Hkv, tokens]) kept on the host to restore natural order.
@@ -94,17 +95,34 @@ class RetrievalKV:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.decoding:
             return self._decode(layer, q, k, v)
+        self.begin_layer(layer, k, v)
+        out = self.attend(layer, q, 0)
+        self.end_layer(layer)
+        return out
+
+    def begin_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A segment's k, v for this layer. Attention needs all keys so far on the device: for a
+        continuation (P > 0) the earlier ones come back from the store, once per layer."""
         P = self._start
         if P == 0:
-            out = causal_attention(q, k, v, 0, self.scale)
             self.index.fit(layer, k)
+            self._seg_kv = (k, v, k, v)
         else:
             pk, pv = self.layer_kv(layer, P)
-            out = causal_attention(q, torch.cat([pk, k]), torch.cat([pv, v]), P, self.scale)
+            self._seg_kv = (k, v, torch.cat([pk, k]), torch.cat([pv, v]))
+
+    def attend(self, layer: int, q: torch.Tensor, offset: int) -> torch.Tensor:
+        _, _, keys, values = self._seg_kv
+        e = self._start + offset + q.shape[0]
+        return causal_attention(q, keys[:e], values[:e], self._start + offset, self.scale)
+
+    def end_layer(self, layer: int) -> None:
+        k, v, _, _ = self._seg_kv
+        self._seg_kv = None
+        P = self._start
         self._append(layer, k, v, P)
         if self._reorders:
             self._cluster_pending(layer, (P + k.shape[0]) // self.bs)
-        return out
 
     # ---- prefill ---------------------------------------------------------------------------------
     def _ring(self, layer: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:

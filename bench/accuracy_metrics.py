@@ -23,10 +23,17 @@ HAYSTACK_MODULES = ("pdb", "re", "statistics", "json", "argparse", "http.client"
 
 
 def pydoc_text() -> str:
-    """CPython's reference documentation (the pydoc topics), the text whose continuation is scored."""
+    """CPython's reference documentation (the pydoc topics), the text whose continuation is scored.
+    Topics that repeat an earlier one's passages are left out: a continuation the model can copy
+    verbatim from its context would measure copying, not language modelling."""
     import pydoc_data.topics as topics
 
-    return "\n\n".join(topics.topics.values())
+    kept, seen = [], ""
+    for text in topics.topics.values():
+        if not any(text[i:i + 200] in seen for i in range(0, len(text) - 200, 200)):
+            kept.append(text)
+            seen += "\n\n" + text
+    return "\n\n".join(kept)
 
 
 def haystack_paragraphs() -> list[str]:
@@ -73,31 +80,30 @@ class NeedlePrompt:
 
 
 def needle_prompts(tokenizer, context: int, depths, n_phrasings: int, reserve: int = 16) -> list[NeedlePrompt]:
-    """One haystack of about `context` tokens (prompt + answer), fact i planted at depths[i]; each
-    asked in n_phrasings ways. Deepest first: consecutive prompts then share the longest prefix."""
-    paras, lengths = haystack_paragraphs(), []
-    q_room = max(len(tokenizer.encode_chat([{"role": "user", "content": f.sentence + "\n\n" + q}]))
-                 for f in FACTS for q in f.questions)
-    budget = context - q_room - reserve
-    for p in paras:
-        lengths.append(len(tokenizer.encode(p + "\n\n")))
-        if sum(lengths) > budget:
-            lengths.pop()
-            break
-    paras = paras[:len(lengths)]
-    prompts = []
-    for i, depth in sorted(enumerate(depths), key=lambda x: -x[1]):
-        fact, acc, cut = FACTS[i % len(FACTS)], 0, len(paras)
-        for j, n in enumerate(lengths):
-            if acc + n / 2 > depth * sum(lengths):
-                cut = j
-                break
-            acc += n
-        doc = "\n\n".join(paras[:cut] + [fact.sentence] + paras[cut:])
-        for q in fact.questions[:n_phrasings]:
-            ids = tokenizer.encode_chat([{"role": "user", "content": f"{doc}\n\n{q} Answer briefly."}])
-            prompts.append(NeedlePrompt(ids, fact, q, acc / sum(lengths)))
-    return prompts
+    """One haystack filling `context` tokens (prompt + answer) with FACTS[i] planted at depths[i];
+    each fact asked in n_phrasings ways, one question per prompt. All prompts share the document, so
+    one dense prefill serves them all (one haystack per fact would cost 3.4 prefills of 8K)."""
+    facts, paras = FACTS[:len(depths)], haystack_paragraphs()
+    lengths = [len(tokenizer.encode(p + "\n\n")) for p in paras]
+    longest = max((q for f in facts for q in f.questions[:n_phrasings]), key=lambda q: len(tokenizer.encode(q)))
+
+    def build(n: int):
+        starts = [sum(lengths[:j]) for j in range(n + 1)]
+        cuts = [min(range(n + 1), key=lambda j: abs(starts[j] - d * starts[-1])) for d in depths]
+        doc = list(paras[:n])
+        for cut, fact in sorted(zip(cuts, facts), key=lambda x: -x[0]):  # from the back: earlier cuts stay valid
+            doc.insert(cut, fact.sentence)
+        return "\n\n".join(doc), [starts[c] / starts[-1] for c in cuts]
+
+    def prompt(doc: str, question: str) -> list[int]:
+        return tokenizer.encode_chat([{"role": "user", "content": f"{doc}\n\n{question} Answer briefly."}])
+
+    lo, hi = 1, len(paras)  # the most paragraphs whose longest prompt fits, by bisection
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if len(prompt(build(mid)[0], longest)) <= context - reserve else (lo, mid - 1)
+    doc, where = build(lo)
+    return [NeedlePrompt(prompt(doc, q), fact, q, w) for fact, w in zip(facts, where) for q in fact.questions[:n_phrasings]]
 
 
 def is_correct(answer: str, fact: Fact) -> bool:

@@ -39,8 +39,10 @@ def run(cmd: list[str], log: str, timeout: int) -> subprocess.CompletedProcess:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small contexts only (a smoke test)")
-    ap.add_argument("--kinds", default="lowrank,bounds,ivf")
+    ap.add_argument("--kinds", default="lowrank,bounds,ivf",
+                    help="index kinds, each optionally with its contexts: lowrank,ivf:128K:512K")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--timeout", type=int, default=420, help="seconds per profile command")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -48,25 +50,26 @@ def main() -> None:
         tests = run([py, "-m", "pytest", "-q", "-x", "-m", "cuda", "tests/test_kernels.py", "tests/test_retrieval.py",
                      "-p", "no:cacheprovider"], "cuda_tests.log", 300)
         print(tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else tests.stderr[-2000:], flush=True)
-    contexts = "4K,8K" if args.quick else "32K,128K"
+    meta = provenance("cuda")
+    meta["commit"] = os.environ.get("KVRETRIEVE_COMMIT", meta["commit"])
+    cols = ["model", "context", "index", "budget", "prefill_s", "prefill_tok_s", "index_build_s", "build_share",
+            "decode_ms_p50", "decode_ms_p90", "select_ms", "h2d_mb_per_token", "cache_hit", "peak_gpu_gib",
+            "gpu_cap_gib", "pinned_host_gib", "rss_gib"]
+    notes = ("kvretrieve profile, Llama-3.1-8B shape with random bf16 weights, prompts of random token ids, "
+             "greedy decode of 32 tokens (median and p90 per token, host sync per token as in generation), "
+             "under set_per_process_memory_fraction(24 GiB).")
     rows = []
-    for kind in args.kinds.split(","):
+    for spec in args.kinds.split(","):
+        kind, _, contexts = spec.partition(":")  # e.g. "ivf:128K:512K"; default 32K,128K
+        contexts = contexts.replace(":", ",") or ("4K,8K" if args.quick else "32K,128K")
         proc = run([py, "-m", "kvretrieve", "profile", "--shape", "llama3-8b", "--context", contexts,
                     "--retrieval", kind, "--gpu-mem-gb", "24", "--decode-steps", "32", "--json"],
-                   f"profile_{kind}.log", 420)
+                   f"profile_{kind}.log", args.timeout)
         if proc.returncode == 0:
             rows += json.loads(proc.stdout)
         else:
             print(proc.stderr[-3000:], flush=True)
-    meta = provenance("cuda")
-    meta["commit"] = os.environ.get("KVRETRIEVE_COMMIT", meta["commit"])
-    cols = ["model", "context", "index", "budget", "prefill_s", "prefill_tok_s", "index_build_s", "build_share",
-            "decode_ms_p50", "decode_ms_p90",
-            "select_ms", "h2d_mb_per_token", "cache_hit", "peak_gpu_gib", "gpu_cap_gib", "pinned_host_gib", "rss_gib"]
-    notes = ("kvretrieve profile, Llama-3.1-8B shape with random bf16 weights, prompts of random token ids, "
-             "greedy decode of 32 tokens (median and p90 per token, host sync per token as in generation), "
-             "under set_per_process_memory_fraction(24 GiB).")
-    write_results("profile_h100", meta, rows, cols, notes, OUT)
+        write_results("profile_h100", meta, rows, cols, notes, OUT)  # after each kind: a timeout keeps the rest
     print(markdown_table(rows, cols), flush=True)
 
 

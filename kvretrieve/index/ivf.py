@@ -132,7 +132,8 @@ class IVFIndex:
             cent = kmeans_torch(x, clusters, self.iters, self.seed)
         else:
             cent = kmeans_faiss(x, clusters, self.iters, self.seed, gpu=self.kmeans == "faiss-gpu")
-        assign = (x @ cent.transpose(1, 2)).argmax(-1)                            # [B, n]
+        fast = x.to(torch.bfloat16) if x.is_cuda else x  # the argmax is all that is needed
+        assign = (fast @ cent.to(fast.dtype).transpose(1, 2)).argmax(-1)          # [B, n]
         # Order clusters along the leading principal direction of the keys, so the clusters that a
         # block boundary mixes are similar ones.
         rank = (cent @ leading_direction(x)[..., None])[..., 0].argsort(1).argsort(1)  # [B, C]

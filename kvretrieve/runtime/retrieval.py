@@ -218,7 +218,7 @@ class RetrievalKV:
         stays selectable, scored as natural blocks). Advances the layer's natural_from."""
         seg, start = self.cfg.cluster_tokens // self.bs, self._natural_from[layer]
         end = n_full - self.pool.window_blocks
-        group = max(1, 32 // self.H)  # segments clustered in one batch (bounds the k-means temporaries)
+        group = max(1, 16 // self.H)  # segments clustered in one batch (bounds the k-means temporaries)
         while end - start >= 64:
             nb = min(seg, end - start)
             n_seg = max(1, min(group, (end - start) // nb))

@@ -119,10 +119,10 @@ class Decoder:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.w.embed)
 
-    def rope_tables(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for positions start .. start+n-1, shared by all layers of the step."""
+    def rope_tables(self, start: int, n: int, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions start .. start+n-1 of a forward pass that ends at seq_len tokens."""
         pos = torch.arange(start, start + n, device=self.device)
-        return self.rope.cos_sin(pos, self.dtype, seq_len=start + n)
+        return self.rope.cos_sin(pos, self.dtype, seq_len=seq_len or start + n)
 
     def project_qkv(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Normalised hidden rows [T, hidden] -> rotated q [T, Hq, d], k, v [T, Hkv, d]."""
@@ -141,23 +141,25 @@ class Decoder:
         out = F.linear(h, w.qkv[rows], bias).view(h.shape[0], heads, self.cfg.head_dim)
         return apply_rope(out, cos, sin) if rotate else out
 
-    def layer(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention,
-              chunk: int) -> torch.Tensor:
+    def layer(self, layer: int, x: torch.Tensor, start: int, attn: Attention, chunk: int,
+              rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x [T, hidden] is updated in place.
 
         Decode (T = 1): one fused q|k|v projection, attn(layer, q, k, v). A segment runs in two passes
         so that only k, v of the whole segment ever exist: pass 1 projects k, v chunk by chunk and
         hands them to the backend (attn.begin_layer); pass 2 projects each chunk's q, attends
         (attn.attend), and applies o-proj and MLP to that chunk. A [T, Hq, d] q or attention output
-        is never held, which is what bounds prefill memory at 128K+ tokens.
+        is never held, which is what bounds prefill memory at 128K+ tokens (RoPE tables too are made
+        per chunk: for 512K tokens they would take 256 MiB).
         """
         c, w = self.cfg, self.w.layers[layer]
         T = x.shape[0]
+        end = start + T
         prepare = getattr(attn, "prepare_layer", None)  # lets a backend look ahead (speculative prefetch)
         if prepare is not None:
             prepare(layer, x)
         if T == 1:
-            q, k, v = self.project_qkv(layer, rms_norm(x, w.attn_norm, c.rms_eps), cos, sin)
+            q, k, v = self.project_qkv(layer, rms_norm(x, w.attn_norm, c.rms_eps), *(rope or self.rope_tables(start, 1)))
             x += F.linear(attn(layer, q, k, v).reshape(1, -1), w.o, w.o_bias)
             x += self.mlp(layer, rms_norm(x, w.mlp_norm, c.rms_eps))
             return x
@@ -166,14 +168,16 @@ class Decoder:
         v = x.new_empty(T, c.num_kv_heads, c.head_dim)
         for s in range(0, T, chunk):
             e = min(T, s + chunk)
+            cos, sin = self.rope_tables(start + s, e - s, end)
             h = rms_norm(x[s:e], w.attn_norm, c.rms_eps)
-            k[s:e] = self._project(layer, h, slice(nq, nq + nkv), c.num_kv_heads, cos[s:e], sin[s:e], True)
-            v[s:e] = self._project(layer, h, slice(nq + nkv, None), c.num_kv_heads, cos[s:e], sin[s:e], False)
+            k[s:e] = self._project(layer, h, slice(nq, nq + nkv), c.num_kv_heads, cos, sin, True)
+            v[s:e] = self._project(layer, h, slice(nq + nkv, None), c.num_kv_heads, cos, sin, False)
         attn.begin_layer(layer, k, v)
         for s in range(0, T, chunk):
             e = min(T, s + chunk)
+            cos, sin = self.rope_tables(start + s, e - s, end)
             h = rms_norm(x[s:e], w.attn_norm, c.rms_eps)
-            q = self._project(layer, h, slice(0, nq), c.num_heads, cos[s:e], sin[s:e], True)
+            q = self._project(layer, h, slice(0, nq), c.num_heads, cos, sin, True)
             x[s:e] += F.linear(attn.attend(layer, q, s).reshape(e - s, -1), w.o, w.o_bias)
             x[s:e] += self.mlp(layer, rms_norm(x[s:e], w.mlp_norm, c.rms_eps))
         attn.end_layer(layer)
@@ -193,9 +197,9 @@ class Decoder:
         """Run a segment of token ids at positions start.. through every layer (layer-major, so only one
         layer's K,V of the segment exist at a time); returns the last position's hidden row."""
         x = self.embed(ids)
-        cos, sin = self.rope_tables(start, ids.shape[0])
+        rope = self.rope_tables(start, 1) if ids.shape[0] == 1 else None  # decode: one table for all layers
         for layer in range(self.cfg.num_layers):
-            self.layer(layer, x, cos, sin, attn, chunk)
+            self.layer(layer, x, start, attn, chunk, rope)
             if on_layer is not None:
                 on_layer(layer)
         return x

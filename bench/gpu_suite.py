@@ -43,6 +43,7 @@ def main() -> None:
                     help="index kinds, each optionally with its contexts: lowrank,ivf:128K:512K")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per profile command")
+    ap.add_argument("--prefill-chunk", default="4096")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -63,7 +64,8 @@ def main() -> None:
         kind, _, contexts = spec.partition(":")  # e.g. "ivf:128K:512K"; default 32K,128K
         contexts = contexts.replace(":", ",") or ("4K,8K" if args.quick else "32K,128K")
         proc = run([py, "-m", "kvretrieve", "profile", "--shape", "llama3-8b", "--context", contexts,
-                    "--retrieval", kind, "--gpu-mem-gb", "24", "--decode-steps", "32", "--json"],
+                    "--retrieval", kind, "--gpu-mem-gb", "24", "--decode-steps", "32", "--json",
+                    "--prefill-chunk", args.prefill_chunk],
                    f"profile_{kind}.log", args.timeout)
         if proc.returncode == 0:
             rows += json.loads(proc.stdout)

@@ -72,11 +72,13 @@ def prompt_ids(tokenizer, n: int, vocab: int, device: torch.device, seed: int) -
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--gpu-mem-gb", type=float, default=None, help="Cap the GPU memory this process may use (GiB).")
+@click.option("--prefill-chunk", type=int, default=4096, show_default=True,
+              help="Rows per projection/MLP/attention chunk in prefill (smaller = less memory).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of the table.")
 @click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=set_debug, help="Show tracebacks.")
 def profile(model_path, shape, contexts, decode_steps, retrieval, budget, block_size, sink, window, rank,
-            speculative, no_prefetch, device, dtype, gpu_mem_gb, seed, as_json):
+            speculative, no_prefetch, device, dtype, gpu_mem_gb, prefill_chunk, seed, as_json):
     """Measure prefill and decode speed and memory at several context lengths."""
     from .api import check_weights_fit, make_backend, resolve_device, resolve_dtype
     from .models.loader import load_model, random_weights
@@ -108,7 +110,7 @@ def profile(model_path, shape, contexts, decode_steps, retrieval, budget, block_
     rows = []
     for n in contexts:
         reset_memory(dev)
-        engine = Engine(decoder, make_backend(decoder, n + decode_steps + 16, cfg_r), 4096)
+        engine = Engine(decoder, make_backend(decoder, n + decode_steps + 16, cfg_r), prefill_chunk)
         row = profile_context(engine, prompt_ids(tokenizer, n, decoder.cfg.vocab_size, dev, seed), decode_steps)
         row.update(model=name, index=retrieval, budget=budget if cfg_r else None, gpu_cap_gib=gpu_mem_gb,
                    device=str(dev), dtype=str(dt).replace("torch.", ""))

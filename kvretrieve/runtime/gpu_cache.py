@@ -29,14 +29,24 @@ class BlockPool:
         shape = (num_layers, num_kv_heads, self.slots, self.bs, head_dim)
         check_allocation(2 * torch.Size(shape).numel() * torch.finfo(dtype).bits // 8, device,
                          "the GPU block cache", "lower --budget or the cache size")
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Only sinks and ring exist during prefill; the LRU region (most of the pool) is added at the
+        # first decode step, when the prefill's activations are gone (ensure_lru).
+        self.k = torch.zeros(shape[:2] + (self.lru0,) + shape[3:], device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
         self.slot_of_block = np.full((num_layers, num_kv_heads, max_blocks), -1, dtype=np.int64)
         self.block_of_slot = np.full((num_layers, num_kv_heads, self.n_lru), -1, dtype=np.int64)
         self.last_used = np.zeros((num_layers, num_kv_heads, self.n_lru), dtype=np.int64)
         self.ring_block = np.full((num_layers, self.ring), -1, dtype=np.int64)
         self.hits = self.misses = 0
         self._heads = np.arange(num_kv_heads)[:, None]
+
+    def ensure_lru(self) -> None:
+        if self.k.shape[2] == self.slots:
+            return
+        pad = list(self.k.shape)
+        pad[2] = self.n_lru
+        self.k = torch.cat([self.k, self.k.new_zeros(pad)], dim=2)
+        self.v = torch.cat([self.v, self.v.new_zeros(pad)], dim=2)
 
     @property
     def columns(self) -> int:

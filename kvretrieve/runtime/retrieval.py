@@ -218,7 +218,7 @@ class RetrievalKV:
         stays selectable, scored as natural blocks). Advances the layer's natural_from."""
         seg, start = self.cfg.cluster_tokens // self.bs, self._natural_from[layer]
         end = n_full - self.pool.window_blocks
-        group = max(1, 16 // self.H)  # segments clustered in one batch (bounds the k-means temporaries)
+        group = max(1, 8 // self.H)  # segments clustered in one batch (bounds the k-means temporaries)
         while end - start >= 64:
             nb = min(seg, end - start)
             n_seg = max(1, min(group, (end - start) // nb))
@@ -295,6 +295,7 @@ class RetrievalKV:
 
     # ---- decode ----------------------------------------------------------------------------------
     def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.pool.ensure_lru()
         t = self._start
         b, off = divmod(t, self.bs)
         rk, rv = self._ring(layer, b)
@@ -362,6 +363,7 @@ class RetrievalKV:
         projection approximates layer l+1's query, whose blocks are fetched while layer l runs."""
         if not (self.cfg.speculative and self.decoding) or layer + 1 >= self.L:
             return
+        self.pool.ensure_lru()
         w = self.model.w.layers[layer + 1]
         q, _, _ = self.model.project_qkv(layer + 1, rms_norm(x, w.attn_norm, self.model.cfg.rms_eps), *self._rope)
         n_full, lo, hi = self._candidates()

@@ -64,7 +64,7 @@ class Cell:
 
 
 # The recommended default, chosen from the evidence in bench/ACCURACY_NOTES.md.
-DEFAULT = Cell("lowrank", 8192, 1 / 8, block_size=16, sink=16, window_share=0.25, rank=32)
+DEFAULT = Cell("lowrank", 8192, 1 / 4, block_size=16, sink=16, window_share=0.25, rank=32)
 MIN_ATTENDED = 1024  # tokens: below 8K contexts the density grows to keep at least this many
 
 
@@ -76,11 +76,11 @@ def default_cell(context: int) -> Cell:
 def grid(name: str, kinds: tuple[str, ...]) -> list[Cell]:
     """The configurations a run measures. Every kind is on every axis; the full cross product is only
     taken at 8K, the context the targets are set for (the grid has to fit 30 minutes on 2 cores)."""
-    base, cells = Cell(kinds[0], 8192, 1 / 16), []
+    base, cells = Cell(DEFAULT.kind, 8192, 1 / 16), []
     if name == "quick":
-        return [replace(default_cell(2048), needle=True), replace(default_cell(2048), kind="exact", needle=True)]
+        return [replace(default_cell(2048), needle=True)]
     if name == "default":
-        cells += [replace(base, kind=k, density=f, needle=f <= 1 / 16 or k == DEFAULT.kind) for k in kinds
+        cells += [replace(base, kind=k, density=f, needle=f == 1 / 16 or k == DEFAULT.kind) for k in kinds
                   for f in DENSITIES]
         cells += [replace(base, kind=k, block_size=bs, needle=k == DEFAULT.kind) for bs in BLOCK_SIZES
                   for k in kinds if bs != base.block_size]
@@ -91,12 +91,6 @@ def grid(name: str, kinds: tuple[str, ...]) -> list[Cell]:
         cells += [replace(base, sink=64), replace(base, window_share=0.125), replace(base, window_share=0.5),
                   replace(base, rank=16)]
         cells += [replace(default_cell(c), needle=c == 8192) for c in (2048, 4096, 8192)]
-    elif name == "sweep":  # the wider version of the split and rank comparison, kept for reference
-        for k in kinds:
-            cells += [Cell(k, 8192, 1 / 16, sink=s, window_share=w)
-                      for s, w in ((16, 0.25), (64, 0.125), (64, 0.25), (64, 0.5), (128, 0.25))]
-            cells += [Cell(k, 8192, 1 / 32, window_share=w) for w in (0.125, 0.25, 0.5)]
-        cells += [Cell("lowrank", 8192, 1 / 16, rank=r) for r in (8, 16, 64)]
     return [c for c in dict.fromkeys(cells) if c.split() is not None]
 
 
@@ -195,8 +189,8 @@ def row_of(cell: Cell, m: dict, needle_res: dict | None) -> dict:
     row = {"index": cell.kind, "context": cell.context, "density": m["attended_tokens"] / cell.context,
            "target_density": cell.density, "budget_tokens": budget, "block_size": cell.block_size,
            "sink_tokens": sink, "window_tokens": window, "rank": cell.rank if cell.kind == "lowrank" else None,
-           "default": replace(cell, needle=False) == default_cell(cell.context), **m, "needle_dense": None, "needle_sparse": None,
-           "needle_same": None}
+           "default": replace(cell, needle=False) == default_cell(cell.context), **m,
+           "needle_dense": None, "needle_sparse": None, "needle_same": None}
     if needle_res is not None:
         row.update(needle_res, needle_prompts=len(needle_res["answers"]))
     row["targets"] = misses(row)
@@ -211,7 +205,7 @@ COLUMNS = ["index", "context", "block_size", "target_density", "density", "sink_
 def run(args) -> Path:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    cells = grid("quick" if args.quick else args.grid, tuple(args.kinds.split(",")))
+    cells = grid("quick" if args.quick else "default", tuple(args.kinds.split(",")))
     contexts = sorted({c.context for c in cells})
     t0, timings = time.perf_counter(), {}
     llm = load(max(contexts))
@@ -257,10 +251,12 @@ def run(args) -> Path:
         "default": asdict(default_cell(8192).retrieval()) | {"budget_rule": rule, "by_context": {
             c: dict(zip(("sink_tokens", "window_tokens", "budget_tokens"), default_cell(c).split()))
             for c in (2048, 4096, 8192)}},
-        "grid": "quick" if args.quick else args.grid, "threads": args.threads, "steps": args.steps,
+        "grid": "quick" if args.quick else "default", "threads": args.threads, "steps": args.steps,
         "probe_every": args.probe_every, "targets": TARGETS, "timings": timings,
         "text": "continuation: pydoc_data.topics (CPython docs); needle haystack: stdlib module docstrings"}
-    notes = ("density: measured attended tokens per KV head (sinks + selected + window + tail) / context. "
+    notes = (f"Default: {d.kind}, block {d.block_size}, rank {d.rank}; {rule}. context: tokens cached at the end "
+             f"of the scored continuation (the prompt is context - {args.steps}). "
+             "density: measured attended tokens per KV head (sinks + selected + window + tail) / context. "
              f"Teacher-forced over {args.steps} real tokens; recall and output error on every "
              f"{args.probe_every}th step, all layers and heads. needle_*: correct answers out of "
              f"{len(DEPTHS) * args.phrasings if not args.quick else args.phrasings} prompts (empty: not run); "
@@ -275,13 +271,13 @@ def run(args) -> Path:
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the small CI grid")
-    ap.add_argument("--grid", default="default", choices=["default", "sweep"])
-    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--kinds", default=",".join(KINDS), help="index kinds, comma-separated (e.g. add ivf)")
     ap.add_argument("--steps", type=int, default=256, help="teacher-forced continuation tokens")
     ap.add_argument("--probe-every", type=int, default=16, help="recall/output error on every Nth step")
     ap.add_argument("--phrasings", type=int, default=2, help="question phrasings per needle fact")
     ap.add_argument("--batch", type=int, default=8, help="configurations decoded together")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; two oversubscribe a 2-core machine that anything else uses")
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
     return ap.parse_args(argv)
 

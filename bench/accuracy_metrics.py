@@ -14,6 +14,9 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+
+from kvretrieve.models.llama import rms_norm
 
 # Stdlib modules whose docstrings form the needle haystack: prose-heavy ones, in a fixed order so
 # the haystack is the same on every run of one Python version.
@@ -112,7 +115,7 @@ def is_correct(answer: str, fact: Fact) -> bool:
 
 # ---- running several backends as one batch --------------------------------------------------------------
 class FanOut:
-    """The attention callable of a batched step: row i's q, k, v go to backend i."""
+    """The attention callable of a batched decode step: row i's q, k, v go to backend i."""
 
     def __init__(self, backends):
         self.backends = backends
@@ -123,15 +126,21 @@ class FanOut:
 
 @torch.inference_mode()
 def batched_step(model, backends, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-    """Append tokens[i] at position pos to backend i (a decode step for each); returns logits [K, V]."""
+    """Append tokens[i] at position pos to backend i (a decode step for each); returns logits [K, V].
+
+    The layer math is Decoder.layer's decode path with K rows instead of one (the model's own
+    projection, MLP and norm functions); rows only meet in the matmuls, which treat them apart.
+    tests/test_accuracy_quick.py checks the logits against Engine.step.
+    """
     for b in backends:
         b.begin(pos, 1)
-    x = model.embed(tokens)
-    cos, sin = model.rope_tables(pos, 1)
-    cos, sin = cos.expand(len(backends), -1), sin.expand(len(backends), -1)
-    fan = FanOut(backends)
+    x, eps, fan = model.embed(tokens), model.cfg.rms_eps, FanOut(backends)
+    cos, sin = (t.expand(len(backends), -1) for t in model.rope_tables(pos, 1))
     for layer in range(model.cfg.num_layers):
-        model.layer(layer, x, cos, sin, fan, 4096)
+        w = model.w.layers[layer]
+        q, k, v = model.project_qkv(layer, rms_norm(x, w.attn_norm, eps), cos, sin)
+        x += F.linear(fan(layer, q, k, v).reshape(len(backends), -1), w.o, w.o_bias)
+        x += model.mlp(layer, rms_norm(x, w.mlp_norm, eps))
     for b in backends:
         b.commit(pos + 1)
     return model.logits(x)
@@ -141,14 +150,14 @@ def batched_step(model, backends, tokens: torch.Tensor, pos: int) -> torch.Tenso
 def replay(backend, dense, n: int) -> None:
     """Give a retrieval backend the prefill of tokens 0..n-1 from a dense cache holding them.
 
-    Retrieval prefill is dense attention, so its K,V equal the dense ones; what the backend builds
-    from them (store, index fit, sinks, window) is what a real prefill builds. Its attention output
-    is discarded, so one query row stands in for the n that a prefill would attend with.
+    Retrieval prefill is dense attention, so its K,V equal the dense ones; handing them over with
+    the segment protocol (begin_layer, end_layer) builds what a real prefill builds (store, index,
+    sinks, window) and skips the attention, whose output only the next layer would need.
     """
     backend.begin(0, n)
-    q = torch.zeros(1, backend.model.cfg.num_heads, backend.model.cfg.head_dim, dtype=dense.k.dtype)
     for layer in range(backend.L):
-        backend(layer, q, dense.k[layer, :, :n].transpose(0, 1), dense.v[layer, :, :n].transpose(0, 1))
+        backend.begin_layer(layer, dense.k[layer, :, :n].transpose(0, 1), dense.v[layer, :, :n].transpose(0, 1))
+        backend.end_layer(layer)
     backend.commit(n)
 
 

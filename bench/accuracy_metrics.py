@@ -1,9 +1,9 @@
 """The measuring half of bench/accuracy.py: real texts, KV replay, batched decode steps over several
 attention backends, the attention probe (recall, output error) and the needle prompts.
 
-Several configurations share one model: a decode step runs the rows of all of them through the
-model's own layer code as a batch, and each row's attention goes to its own backend in decode mode
-(begin(pos, 1)), exactly the call Engine.step makes. The projections and the MLP then read the
+Several configurations share one model: a decode step runs one row per configuration through the
+model's decode math as a batch, and each row's attention goes to its own backend in decode mode
+(begin(pos, 1), then the backend's decode call), exactly as Engine.step drives it. The projections and the MLP then read the
 weights once per step instead of once per configuration, which is most of the cost on a CPU.
 """
 from __future__ import annotations
@@ -106,7 +106,8 @@ def needle_prompts(tokenizer, context: int, depths, n_phrasings: int, reserve: i
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if len(prompt(build(mid)[0], longest)) <= context - reserve else (lo, mid - 1)
     doc, where = build(lo)
-    return [NeedlePrompt(prompt(doc, q), fact, q, w) for fact, w in zip(facts, where) for q in fact.questions[:n_phrasings]]
+    return [NeedlePrompt(prompt(doc, q), fact, q, w)
+            for fact, w in zip(facts, where) for q in fact.questions[:n_phrasings]]
 
 
 def is_correct(answer: str, fact: Fact) -> bool:

@@ -69,7 +69,6 @@ def test_quick_grid_default_keeps_top1_agreement(tmp_path):
     for row in data["rows"]:
         assert all(f in row for f in fields), row
         assert row["positions"] >= 256 and 0 < row["density"] <= 1
-    assert {r["index"] for r in data["rows"]} >= set(KINDS)
     default = [r for r in data["rows"] if r["default"]]
     assert len(default) == 1 and default[0]["index"] == data["default"]["index"]
     assert default[0]["top1_agree"] >= 0.97, default[0]

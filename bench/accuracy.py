@@ -12,6 +12,7 @@ continuation of CPython's reference docs, and greedy needle answers (a planted f
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -87,10 +88,10 @@ def grid(name: str, kinds: tuple[str, ...]) -> list[Cell]:
         for c in (2048, 4096):
             cells += [replace(base, kind=k, context=c, density=f) for k in kinds for f in DENSITIES + (1 / 2,)
                       if f == 1 / 16 or k == DEFAULT.kind]
-        # how to split the attended tokens, and the rank, at the target operating point
-        cells += [replace(base, sink=64), replace(base, window_share=0.125), replace(base, window_share=0.5),
-                  replace(base, rank=16)]
-        cells += [replace(default_cell(c), needle=c == 8192) for c in (2048, 4096, 8192)]
+        if DEFAULT.kind in kinds:  # how to split the attended tokens, and the rank, at the target point
+            cells += [replace(base, sink=64), replace(base, window_share=0.125), replace(base, window_share=0.5),
+                      replace(base, rank=16)]
+            cells += [replace(default_cell(c), needle=c == 8192) for c in (2048, 4096, 8192)]
     return [c for c in dict.fromkeys(cells) if c.split() is not None]
 
 
@@ -263,7 +264,18 @@ def run(args) -> Path:
              "needle_same: share of prompts whose sparse answer equals dense token for token. targets: the "
              "targets a row misses (they bind the default at 8K, density <= 1/16): top1 >= 0.98, KL <= 0.02, "
              "ppl within 2%, recall >= 0.90, needle answers identical to dense.")
-    path = write_results("accuracy", meta, rows, COLUMNS, notes, Path(args.out) if args.out else RESULTS)
+    out_dir = Path(args.out) if args.out else RESULTS
+    if args.merge and (out_dir / "accuracy.json").exists():
+        # Rows of the kinds measured now replace theirs in the existing results; the other rows and
+        # the provenance of the run that made them stay, this run is recorded beside it.
+        old = json.loads((out_dir / "accuracy.json").read_text())
+        kinds = set(args.kinds.split(","))
+        rows = [r for r in old.pop("rows") if r["index"] not in kinds] + [r for r in rows if r["index"] in kinds]
+        extra = [r for r in old.get("merged_runs", []) if not kinds & set(r["kinds"])]
+        old["merged_runs"] = extra + [{k: meta[k] for k in ("command", "commit", "date", "device")} |
+                                      {"kinds": sorted(kinds), "timings": timings}]
+        meta = old
+    path = write_results("accuracy", meta, rows, COLUMNS, notes, out_dir)
     print(f"wrote {path} in {timings['total_s']:.0f}s")
     return path
 
@@ -279,6 +291,8 @@ def parse(argv=None):
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; two oversubscribe a 2-core machine that anything else uses")
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace only these kinds' rows in an existing accuracy.json (e.g. --kinds ivf --merge)")
     return ap.parse_args(argv)
 
 

@@ -64,20 +64,29 @@ class RuntimeConfig:
         _check(self.gpu_mem_gb is None or self.gpu_mem_gb > 0, f"gpu_mem_gb must be > 0, got {self.gpu_mem_gb}")
 
 
+# The automatic budget (bench/results/accuracy.md, README "How it works"): attend to a quarter of
+# the context but at least 1,024 tokens, the smallest density that met every accuracy target at
+# 2K-8K; a quarter of those tokens is the recent window; retrieval is capped at 2,048 tokens per KV
+# head (and the window at 512), which keeps long-context decode fast. Beyond 8K tokens the cap is a
+# speed choice that the default model (trained for 8K) cannot test.
+AUTO_DENSITY, AUTO_MIN_ATTENDED, AUTO_MAX_BUDGET, AUTO_MAX_WINDOW = 0.25, 1024, 2048, 512
+
+
 @dataclass(slots=True, frozen=True)
 class RetrievalConfig:
     """Sparse decode over a CPU-resident KV cache.
 
     Each decode step attends, per KV head, to sink_tokens + window_tokens + budget_tokens tokens:
     the first tokens, the most recent ones, and the blocks of block_size tokens the index picks.
+    budget_tokens / window_tokens None (the default) follow the context: see plan().
     cache_blocks: GPU slots per layer and KV head for retrieved blocks (None = 2x the budget).
     """
 
     index: str = "lowrank"
     block_size: int = 16
-    budget_tokens: int = 2048
-    sink_tokens: int = 64
-    window_tokens: int = 512
+    budget_tokens: int | None = None
+    sink_tokens: int = 16
+    window_tokens: int | None = None
     rank: int = 32
     cache_blocks: int | None = None
     prefetch: bool = True
@@ -90,10 +99,11 @@ class RetrievalConfig:
         _check(self.index in INDEX_KINDS, f"unknown index kind {self.index!r}; choose one of {', '.join(INDEX_KINDS)}")
         _check(_power_of_two(self.block_size) and 4 <= self.block_size <= 256,
                f"block_size must be a power of two in [4, 256], got {self.block_size}")
-        _check(self.budget_tokens >= self.block_size,
+        _check(self.budget_tokens is None or self.budget_tokens >= self.block_size,
                f"budget_tokens ({self.budget_tokens}) must be at least one block ({self.block_size} tokens)")
         _check(self.sink_tokens >= 0, f"sink_tokens must be >= 0, got {self.sink_tokens}")
-        _check(self.window_tokens >= 0, f"window_tokens must be >= 0, got {self.window_tokens}")
+        _check(self.window_tokens is None or self.window_tokens >= 0,
+               f"window_tokens must be >= 0, got {self.window_tokens}")
         _check(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
         _check(self.estimate_tokens >= 0, f"estimate_tokens must be >= 0, got {self.estimate_tokens}")
         _check(self.estimate_tokens == 0 or self.index == "ivf", "estimate_tokens needs index='ivf'")
@@ -104,7 +114,8 @@ class RetrievalConfig:
 
     @property
     def budget_blocks(self) -> int:
-        return self.budget_tokens // self.block_size
+        """The most blocks a step retrieves per KV head (what the GPU pool is sized for)."""
+        return (self.budget_tokens if self.budget_tokens is not None else AUTO_MAX_BUDGET) // self.block_size
 
     @property
     def sink_blocks(self) -> int:
@@ -112,7 +123,22 @@ class RetrievalConfig:
 
     @property
     def window_blocks(self) -> int:
-        return -(-self.window_tokens // self.block_size)
+        """The longest window in blocks (what the ring of recent blocks is sized for)."""
+        return -(-(self.window_tokens if self.window_tokens is not None else AUTO_MAX_WINDOW) // self.block_size)
+
+    def plan(self, context: int) -> tuple[int, int]:
+        """(window blocks, budget blocks) for a context of this many tokens. Set values are used as
+        they are; None follows the context: attended = max(context / 4, 1024) tokens, of which a
+        quarter is window, one block the partly filled tail, the sinks, and the rest retrieved."""
+        bs = self.block_size
+        attended = max(int(context * AUTO_DENSITY), AUTO_MIN_ATTENDED)
+        window = self.window_tokens
+        if window is None:
+            window = min(AUTO_MAX_WINDOW, max(bs, attended // 4 // bs * bs))
+        budget = self.budget_tokens
+        if budget is None:
+            budget = min(AUTO_MAX_BUDGET, max(bs, attended - self.sink_blocks * bs - window - bs))
+        return -(-window // bs), max(1, budget // bs)
 
     @property
     def slot_blocks(self) -> int:

@@ -62,10 +62,12 @@ def prompt_ids(tokenizer, n: int, vocab: int, device: torch.device, seed: int) -
 @click.option("--decode-steps", type=int, default=32, show_default=True, help="Tokens decoded per context.")
 @click.option("--retrieval", default="lowrank", show_default=True,
               type=click.Choice(["off", "lowrank", "bounds", "ivf", "exact"]), help="Index kind, or off for dense.")
-@click.option("--budget", default="2048", show_default=True, callback=lambda c, p, v: parse_tokens(v))
+@click.option("--budget", default=None, callback=lambda c, p, v: parse_tokens(v),
+              help="Retrieved tokens per KV head (default: follows the context, at most 2K).")
 @click.option("--block-size", type=int, default=16, show_default=True)
-@click.option("--sink", default="64", show_default=True, callback=lambda c, p, v: parse_tokens(v))
-@click.option("--window", default="512", show_default=True, callback=lambda c, p, v: parse_tokens(v))
+@click.option("--sink", default="16", show_default=True, callback=lambda c, p, v: parse_tokens(v))
+@click.option("--window", default=None, callback=lambda c, p, v: parse_tokens(v),
+              help="Recent tokens always attended (default: follows the context, at most 512).")
 @click.option("--rank", type=int, default=32, show_default=True)
 @click.option("--speculative", is_flag=True, help="Speculative next-layer prefetch.")
 @click.option("--no-prefetch", is_flag=True, help="Copy misses synchronously (no side stream).")
@@ -112,7 +114,8 @@ def profile(model_path, shape, contexts, decode_steps, retrieval, budget, block_
         reset_memory(dev)
         engine = Engine(decoder, make_backend(decoder, n + decode_steps + 16, cfg_r), prefill_chunk)
         row = profile_context(engine, prompt_ids(tokenizer, n, decoder.cfg.vocab_size, dev, seed), decode_steps)
-        row.update(model=name, index=retrieval, budget=budget if cfg_r else None, gpu_cap_gib=gpu_mem_gb,
+        row.update(model=name, index=retrieval, budget=cfg_r.plan(n)[1] * block_size if cfg_r else None,
+                   gpu_cap_gib=gpu_mem_gb,
                    device=str(dev), dtype=str(dt).replace("torch.", ""))
         rows.append(row)
         if not as_json:

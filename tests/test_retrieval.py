@@ -314,3 +314,32 @@ def test_ivf_estimation_zone_in_decode(tiny_dir):
                                                          reduction="sum").item())
     assert errs["plain"] != errs["zoned"]
     assert sum(errs["zoned"]) < sum(errs["plain"])
+
+
+def test_auto_budget_is_the_measured_default():
+    """RetrievalConfig() follows the context exactly as the configuration the accuracy benchmark
+    chose (bench/accuracy.py default_cell), and caps retrieval for long contexts."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from accuracy import default_cell
+
+    cfg = RetrievalConfig()
+    for context in (2048, 4096, 8192):
+        sink, window, budget = default_cell(context).split()
+        assert (cfg.sink_blocks * 16, *[n * 16 for n in cfg.plan(context)]) == (sink, window, budget)
+    assert [n * 16 for n in cfg.plan(131072)] == [512, 2048]
+    assert RetrievalConfig(budget_tokens=64, window_tokens=32).plan(131072) == (2, 4)
+
+
+def test_auto_budget_in_decode(tiny_dir):
+    _, sparse = engines(tiny_dir, RetrievalConfig(index="bounds", block_size=4), capacity=2100)
+    g = torch.Generator().manual_seed(12)
+    sparse.forward(torch.randint(0, 256, (2000,), generator=g))
+    for t in torch.randint(0, 256, (5,), generator=g):
+        sparse.forward(t.view(1))
+    window, budget = RetrievalConfig(block_size=4).plan(2005)
+    c = sparse.backend.counters()
+    assert (window, budget) == (64, 187)  # 1,024 attended: 16 sink, 256 window, 748 retrieved, 4 tail
+    assert c["hits"] + c["misses"] == 5 * 3 * 2 * budget

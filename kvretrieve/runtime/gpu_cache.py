@@ -93,15 +93,16 @@ class BlockPool:
             mh = mb = victims = np.empty(0, dtype=np.int64)
         return lru + self.lru0, mh, mb, victims + self.lru0
 
-    def table(self, selected: np.ndarray, n_full: int) -> np.ndarray:
+    def table(self, selected: np.ndarray, n_full: int, window_blocks: int) -> np.ndarray:
         """Slot table [Hkv, columns] int32 for a context of n_full full blocks plus the tail block:
-        sinks | selected (padded with -1) | window ring | tail (always last)."""
+        sinks | selected (padded with -1) | window (the last window_blocks full blocks, from the
+        ring) | tail (always last). Columns are sized for the largest budget and window."""
         t = np.full((self.H, self.columns), -1, dtype=np.int32)
         sink = min(self.n_sink, n_full)
         t[:, :sink] = np.arange(sink)
         k = selected.shape[1]
         t[:, self.n_sink:self.n_sink + k] = selected
-        first_win = max(sink, n_full - self.window_blocks)
+        first_win = max(sink, n_full - window_blocks)
         win = [self.ring_slot(b) for b in range(first_win, n_full)]
         start = self.n_sink + self.budget_blocks
         t[:, start:start + len(win)] = win

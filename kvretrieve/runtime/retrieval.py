@@ -45,6 +45,7 @@ class RetrievalKV:
         self.length, self._start, self._n, self._step = 0, 0, 0, 0
         self._spec: dict[int, np.ndarray] = {}
         self._seg_kv = None  # (k, v of the segment, all keys and values so far) while a layer prefills
+        self._window, self._budget = cfg.window_blocks, cfg.budget_blocks  # in effect this step
         # Clustering indexes (ivf) store segments outside sinks and window in cluster order. Per
         # layer: the first block not yet clustered, and the clustered segments (first block, number
         # of blocks, permutation [Hkv, tokens]) kept on the host to restore natural order.
@@ -66,6 +67,7 @@ class RetrievalKV:
         self.store.ensure(-(-(start + n) // self.bs))  # refuses with a clear error before the RAM runs out
         if self.decoding:
             self._step += 1
+            self._window, self._budget = self.cfg.plan(start + 1)  # window and budget for this context
             self._tail_len.fill_((start + 1) % self.bs)
             if self.cfg.speculative:
                 self._rope = self.model.rope_tables(start, 1)
@@ -314,7 +316,7 @@ class RetrievalKV:
                 self._cluster_pending(layer, b + 1)
         selected, ids, estimated = self._select(layer, q[0], stamp=2 * self._step + 1)
         table = self._tables[layer]
-        table.copy_(torch.from_numpy(self.pool.table(selected, (t + 1) // self.bs)))
+        table.copy_(torch.from_numpy(self.pool.table(selected, (t + 1) // self.bs, self._window)))
         self.fetcher.wait(layer)
         out, lse = kernels.sparse_decode(q[0], self.pool.k[layer], self.pool.v[layer],
                                          table.to(self.device, non_blocking=True), self._tail_len, self.scale)
@@ -327,10 +329,11 @@ class RetrievalKV:
         return out[None]
 
     def _candidates(self) -> tuple[int, int, int]:
-        """(n_full, lo, hi): blocks [lo, hi) are neither sinks nor in the window."""
+        """(n_full, lo, hi): blocks [lo, hi) are neither sinks nor in this step's window (blocks of the
+        ring beyond it are candidates too: the store has them)."""
         n_full = (self._start + 1) // self.bs
         lo = min(self.pool.n_sink, n_full)
-        return n_full, lo, max(lo, n_full - self.pool.window_blocks)
+        return n_full, lo, max(lo, n_full - self._window)
 
     def _select(self, layer: int, q: torch.Tensor, stamp: int):
         """Pick, resolve and fetch this layer's blocks. Returns (pool slots [Hkv, k], block ids
@@ -341,7 +344,7 @@ class RetrievalKV:
             return empty, empty, None
         if self.timer:
             self.timer.start()
-        k, z = self.cfg.budget_blocks, self.cfg.estimate_tokens // self.bs
+        k, z = self._budget, self.cfg.estimate_tokens // self.bs
         ids = select_blocks(self.index.scores(layer, q, n_full), lo, hi, k + z, ranked=z > 0)
         estimated = ids[:, k:] if z and ids.shape[1] > k else None
         ids = ids[:, :k]
@@ -368,7 +371,7 @@ class RetrievalKV:
         q, _, _ = self.model.project_qkv(layer + 1, rms_norm(x, w.attn_norm, self.model.cfg.rms_eps), *self._rope)
         n_full, lo, hi = self._candidates()
         if hi > lo:
-            ids = select_blocks(self.index.scores(layer + 1, q[0], n_full), lo, hi, self.cfg.budget_blocks)
+            ids = select_blocks(self.index.scores(layer + 1, q[0], n_full), lo, hi, self._budget)
             ids = ids.cpu().numpy()
             self._spec[layer + 1] = ids
             _, heads, blocks, fill = self.pool.lookup(layer + 1, ids, 2 * self._step, count=False)

@@ -343,3 +343,22 @@ def test_auto_budget_in_decode(tiny_dir):
     c = sparse.backend.counters()
     assert (window, budget) == (64, 187)  # 1,024 attended: 16 sink, 256 window, 748 retrieved, 4 tail
     assert c["hits"] + c["misses"] == 5 * 3 * 2 * budget
+
+
+def test_backend_leaves_the_callers_kv_alone(tiny_dir):
+    """begin_layer/end_layer may reorder what they store (ivf), never the caller's tensors: the
+    accuracy benchmark hands backends views of a dense cache."""
+    cfg = RetrievalConfig(index="ivf", block_size=4, budget_tokens=64, sink_tokens=4, window_tokens=8,
+                          cluster_tokens=256, kmeans="torch")
+    _, sparse = engines(tiny_dir, cfg)
+    backend = sparse.backend
+    g = torch.Generator().manual_seed(13)
+    k, v = torch.randn(600, 2, 16, generator=g), torch.randn(600, 2, 16, generator=g)
+    k0, v0 = k.clone(), v.clone()
+    backend.begin(0, 600)
+    for layer in range(backend.L):
+        backend.begin_layer(layer, k, v)
+        backend.attend(layer, torch.randn(600, 8, 16, generator=g), 0)
+        backend.end_layer(layer)
+    backend.commit(600)
+    assert backend._segments[0] and torch.equal(k, k0) and torch.equal(v, v0)

@@ -150,14 +150,19 @@ class RetrievalKV:
             k = torch.cat([rk[:, :off].transpose(0, 1), k])
             v = torch.cat([rv[:, :off].transpose(0, 1), v])
         full, rest = divmod(k.shape[0], self.bs)
+        clustered = []
         if self._reorders and self._natural_from[layer] >= b0:
-            self._cluster_on_device(layer, k, v, b0, b0 + full)
-        for c0 in range(0, full, self._append_blocks):  # bounded temporaries for long prompts
-            nb = min(self._append_blocks, full - c0)
-            rows = slice(c0 * self.bs, (c0 + nb) * self.bs)
-            kb = k[rows].view(nb, self.bs, self.H, -1).permute(2, 0, 1, 3).contiguous()  # [Hkv, nb, bs, d]
-            vb = v[rows].view(nb, self.bs, self.H, -1).permute(2, 0, 1, 3).contiguous()
-            self._place_blocks(layer, b0 + c0, kb, vb, last_full=b0 + full)
+            clustered = self._cluster_on_device(layer, k, b0, b0 + full)
+        for rel, nb, perm in self._pieces(full, b0, clustered):  # bounded temporaries for long prompts
+            rows = slice(rel * self.bs, (rel + nb) * self.bs)
+            if perm is None:
+                kb = k[rows].view(nb, self.bs, self.H, -1).permute(2, 0, 1, 3).contiguous()  # [Hkv, nb, bs, d]
+                vb = v[rows].view(nb, self.bs, self.H, -1).permute(2, 0, 1, 3).contiguous()
+            else:  # a clustered segment: each head's tokens in its cluster order
+                idx = perm[..., None].expand(-1, -1, k.shape[-1])
+                kb = torch.gather(k[rows].transpose(0, 1), 1, idx).view(self.H, nb, self.bs, -1)
+                vb = torch.gather(v[rows].transpose(0, 1), 1, idx).view(self.H, nb, self.bs, -1)
+            self._place_blocks(layer, b0 + rel, kb, vb, last_full=b0 + full)
         tail = b0 + full
         rk, rv = self._ring(layer, tail)
         rk[:, :rest] = k[full * self.bs:].transpose(0, 1)
@@ -239,27 +244,37 @@ class RetrievalKV:
             self._sync_d2h()
             self.stats["cluster_s"] += time.perf_counter() - t0  # index build time (profile reports it)
 
-    def _cluster_on_device(self, layer: int, k: torch.Tensor, v: torch.Tensor, b0: int, n_full: int) -> None:
-        """Prefill: cluster the segments of k, v [tokens from block b0, Hkv, d] in place, before they
-        are stored once (no read-back from CPU memory)."""
+    def _pieces(self, full: int, b0: int, clustered: list):
+        """Split blocks [0, full) of a segment (relative to b0) into pieces to store: the clustered
+        segments (with their permutation) and natural runs of at most append_chunk_blocks between."""
+        cursor = 0
+        for first, nb, perm in clustered + [(b0 + full, 0, None)]:
+            for c0 in range(cursor, first - b0, self._append_blocks):
+                yield c0, min(self._append_blocks, first - b0 - c0), None
+            if nb:
+                yield first - b0, nb, perm
+            cursor = first - b0 + nb
+
+    def _cluster_on_device(self, layer: int, k: torch.Tensor, b0: int, n_full: int) -> list:
+        """Prefill: cluster the segments of k [tokens from block b0, Hkv, d] before they are stored
+        once (no read-back from CPU memory). Returns [(first block, blocks, perm [Hkv, tokens] on the
+        device)]; k itself is left as it is (the caller's tensor)."""
         groups = list(self._cluster_groups(layer, n_full))
         if not groups:
-            return
+            return []
         if self.d2h is not None:  # so the build time below is not the attention still running
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
+        out = []
         for first, nb, n_seg in groups:
             rows = slice((first - b0) * self.bs, (first - b0 + nb * n_seg) * self.bs)
-            ks = k[rows].transpose(0, 1).reshape(self.H * n_seg, nb * self.bs, -1)
-            vs = v[rows].transpose(0, 1).reshape(self.H * n_seg, nb * self.bs, -1)
-            perm = self.index.cluster_order(ks)
-            idx = perm[..., None].expand(-1, -1, ks.shape[-1])
-            k[rows] = torch.gather(ks, 1, idx).reshape(self.H, -1, ks.shape[-1]).transpose(0, 1)
-            v[rows] = torch.gather(vs, 1, idx).reshape(self.H, -1, vs.shape[-1]).transpose(0, 1)
-            perm = perm.cpu()
+            perm = self.index.cluster_order(k[rows].transpose(0, 1).reshape(self.H * n_seg, nb * self.bs, -1))
+            host = perm.cpu()
             for i in range(n_seg):
-                self._segments[layer].append((first + i * nb, nb, perm[i::n_seg]))
+                self._segments[layer].append((first + i * nb, nb, host[i::n_seg]))
+                out.append((first + i * nb, nb, perm[i::n_seg]))
         self.stats["cluster_s"] += time.perf_counter() - t0  # perm.cpu() synchronised: work is done
+        return out
 
     def _recluster(self, layer: int, first: int, nb: int, n_seg: int = 1) -> None:
         """Cluster n_seg consecutive segments of nb blocks from `first` (one batched k-means)."""

@@ -1,7 +1,7 @@
 """Configuration as data: one frozen dataclass per concern, validated once on construction."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import ConfigError
 

@@ -54,7 +54,7 @@ def main() -> None:
     meta = provenance("cuda")
     meta["commit"] = os.environ.get("KVRETRIEVE_COMMIT", meta["commit"])
     cols = ["model", "context", "index", "budget", "prefill_s", "prefill_tok_s", "index_build_s", "build_share",
-            "decode_ms_p50", "decode_ms_p90", "select_ms", "h2d_mb_per_token", "cache_hit", "peak_gpu_gib",
+            "decode_ms_p50", "decode_ms_p90", "h2d_mb_per_token", "cache_hit", "peak_gpu_gib",
             "gpu_cap_gib", "pinned_host_gib", "rss_gib"]
     notes = ("kvretrieve profile, Llama-3.1-8B shape with random bf16 weights, prompts of random token ids, "
              "greedy decode of 32 tokens (median and p90 per token, host sync per token as in generation), "

@@ -43,7 +43,7 @@ def main() -> None:
                 rows.append(row)
                 print(row, flush=True)
     cols = ["model", "context", "index", "budget", "speculative", "decode_ms_p50", "cache_hit", "spec_hit",
-            "h2d_mb_per_token", "select_ms"]
+            "h2d_mb_per_token"]
     notes = ("SmolLM2-135M-Instruct, real weights, prompt = CPython's pydoc topics, greedy decode. cache_hit: share "
              "of selected blocks already in the GPU block pool (LRU, 2x budget); spec_hit: share of the exact "
              "selection that the speculative next-layer prediction had already picked.")

@@ -89,7 +89,6 @@ class RetrievalConfig:
     window_tokens: int | None = None
     rank: int = 32
     cache_blocks: int | None = None
-    prefetch: bool = True
     speculative: bool = False
     kmeans: str = "auto"          # ivf: auto, torch, faiss, faiss-gpu
     estimate_tokens: int = 0      # ivf: next-ranked tokens that count through centroids (RetroInfer)

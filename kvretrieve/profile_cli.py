@@ -13,7 +13,7 @@ from .errors import InputError
 
 COLUMNS = [("model", "model"), ("context", "context"), ("index", "index"), ("budget", "budget"),
            ("prefill_tok_s", "prefill tok/s"), ("ttft_s", "TTFT s"), ("build_share", "build %"), ("decode_ms_p50", "decode ms p50"),
-           ("decode_ms_p90", "p90"), ("select_ms", "select ms"), ("h2d_mb_per_token", "H2D MB/tok"),
+           ("decode_ms_p90", "p90"), ("h2d_mb_per_token", "H2D MB/tok"),
            ("cache_hit", "hit %"), ("spec_hit", "spec hit %"), ("peak_gpu_gib", "peak GPU GiB"),
            ("gpu_cap_gib", "cap GiB"), ("pinned_host_gib", "pinned GiB"), ("rss_gib", "RSS GiB")]
 
@@ -70,7 +70,6 @@ def prompt_ids(tokenizer, n: int, vocab: int, device: torch.device, seed: int) -
               help="Recent tokens always attended (default: follows the context, at most 512).")
 @click.option("--rank", type=int, default=32, show_default=True)
 @click.option("--speculative", is_flag=True, help="Speculative next-layer prefetch.")
-@click.option("--no-prefetch", is_flag=True, help="Copy misses synchronously (no side stream).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--gpu-mem-gb", type=float, default=None, help="Cap the GPU memory this process may use (GiB).")
@@ -80,7 +79,7 @@ def prompt_ids(tokenizer, n: int, vocab: int, device: torch.device, seed: int) -
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of the table.")
 @click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=set_debug, help="Show tracebacks.")
 def profile(model_path, shape, contexts, decode_steps, retrieval, budget, block_size, sink, window, rank,
-            speculative, no_prefetch, device, dtype, gpu_mem_gb, prefill_chunk, seed, as_json):
+            speculative, device, dtype, gpu_mem_gb, prefill_chunk, seed, as_json):
     """Measure prefill and decode speed and memory at several context lengths."""
     from .api import check_weights_fit, make_backend, resolve_device, resolve_dtype
     from .models.loader import load_model, random_weights
@@ -96,7 +95,7 @@ def profile(model_path, shape, contexts, decode_steps, retrieval, budget, block_
         raise InputError("--decode-steps must be at least 1")
     cfg_r = None if retrieval == "off" else RetrievalConfig(
         index=retrieval, budget_tokens=budget, block_size=block_size, sink_tokens=sink, window_tokens=window,
-        rank=rank, prefetch=not no_prefetch, speculative=speculative)
+        rank=rank, speculative=speculative)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if gpu_mem_gb is not None and dev.type == "cuda":

@@ -258,6 +258,50 @@ def _interp_cases(device="cpu", big=False):
         mag = qs.float().abs().sum(1).max().item()
         return [("lowrank", e1 / mag, 2e-5), ("bounds", e2 / mag, 2e-5)]
 
+    def lru_sequence():
+        # Many lookups of random selections through both implementations, each on its own copy of
+        # the state: slots, fetch flags, maps, stamps and counters must agree exactly.
+        from kvretrieve.kernels.lru import lru_lookup as t_lru
+
+        g = torch.Generator().manual_seed(11)
+        H, nb, n, k = 3, 40, 24, 10
+        states = [[torch.full((H, nb + 1), -1, dtype=torch.int32, device=device),
+                   torch.full((H, n + 1), -1, dtype=torch.int32, device=device),
+                   torch.zeros(H, n + 1, dtype=torch.int32, device=device),
+                   torch.zeros(2, dtype=torch.int64, device=device)] for _ in range(2)]
+        worst = 0.0
+        for step in range(1, 60):
+            ids = torch.stack([torch.randperm(nb, generator=g)[:k] for _ in range(H)]).to(device)
+            stamp = torch.tensor([step], dtype=torch.int32, device=device)
+            a = t_lru(ids, *states[0][:3], stamp, states[0][3])
+            b = R.lru_lookup(ids, *states[1][:3], stamp, states[1][3])
+            # the scratch columns (last) hold whatever masked-out scatters left there: not compared
+            diff = [x.ne(y).sum().item() for x, y in zip(list(a), list(b))]
+            diff += [x[:, :-1].ne(y[:, :-1]).sum().item() for x, y in zip(states[0][:3], states[1][:3])]
+            diff += [states[0][3].ne(states[1][3]).sum().item()]
+            worst = max(worst, float(sum(diff)))
+        return [("mismatches", worst, 0.0)]
+
+    def fetch(dt):
+        from kvretrieve.kernels.fetch import fetch_blocks as t_fetch
+        from kvretrieve.runtime.kv_store import KVStore
+
+        g = torch.Generator().manual_seed(12)
+        L, H, bs, d, S = 3, 2, 8, 16, 12
+        store = KVStore(L, H, d, bs, 40 * bs, dt, pin=device == "cuda", segment_blocks=16, device=torch.device(device))
+        store.write(1, 0, torch.randn(H, 40, bs, d, generator=g).to(dt), torch.randn(H, 40, bs, d, generator=g).to(dt))
+        ids = torch.stack([torch.randperm(40, generator=g)[:S] for _ in range(H)]).to(device)   # crosses segments
+        slots = torch.stack([torch.randperm(S, generator=g) for _ in range(H)]).int().to(device)
+        want = torch.rand(H, S, generator=g).lt(0.6).to(device)
+        pools = [torch.zeros(H, S, bs, d, dtype=dt, device=device) for _ in range(4)]
+        t_fetch(store, 1, ids, want, slots, pools[0], pools[1])
+        R.fetch_blocks(store, 1, ids, want, slots, pools[2], pools[3])
+        return [("k", err(pools[0], pools[2]), 0.0), ("v", err(pools[1], pools[3]), 0.0),
+                ("copied", float(pools[0].abs().sum(dim=(2, 3)).gt(0).sum() != want.sum()), 0.0)]
+
+    cases["lru-lookup-sequence"] = lru_sequence
+    cases["fetch-blocks-fp32"] = lambda: fetch(torch.float32)
+    cases["fetch-blocks-bf16"] = lambda: fetch(torch.bfloat16)
     cases["scoring-multi-tile"] = lambda: many_tiles_per_program(False)
     cases["scoring-multi-tile-fp32-q-bf16-stream"] = lambda: many_tiles_per_program(True)
     return cases

@@ -10,6 +10,8 @@ from __future__ import annotations
 from kvretrieve.kernels import reference as _ref
 
 try:
+    from kvretrieve.kernels import fetch as _tfetch
+    from kvretrieve.kernels import lru as _tlru
     from kvretrieve.kernels import merge as _tmerge
     from kvretrieve.kernels import scoring as _tscore
     from kvretrieve.kernels import sparse_decode as _tdecode
@@ -52,4 +54,19 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     return impl(out_a, lse_a, out_b, lse_b)
 
 
-__all__ = ["HAS_TRITON", "sparse_decode", "lowrank_block_scores", "bounds_block_scores", "merge_attention"]
+def lru_lookup(ids, slot_of_block, block_of_slot, last_used, stamp, counts):
+    """Resolve block ids [H, k] against a per-head LRU slot cache on the device, no host sync
+    -> (slot [H, k] int32, fetch [H, k] bool). See kernels.reference.lru_lookup."""
+    impl = _tlru.lru_lookup if _use_triton(ids) else _ref.lru_lookup
+    return impl(ids, slot_of_block, block_of_slot, last_used, stamp, counts)
+
+
+def fetch_blocks(store, layer, ids, fetch, slots, pool_k, pool_v):
+    """Copy K,V blocks ids[h, j] of `layer` from the CPU store into pool slots slots[h, j] where
+    fetch[h, j]; on CUDA a kernel reads the pinned store directly (no host sync)."""
+    impl = _tfetch.fetch_blocks if _use_triton(ids) and store.pin else _ref.fetch_blocks
+    return impl(store, layer, ids, fetch, slots, pool_k, pool_v)
+
+
+__all__ = ["HAS_TRITON", "sparse_decode", "lowrank_block_scores", "bounds_block_scores", "merge_attention",
+           "lru_lookup", "fetch_blocks"]

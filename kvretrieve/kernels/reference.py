@@ -191,3 +191,83 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     out = (wa[:, None] * out_a.float() + wb[:, None] * out_b.float()) / denom[:, None]
     lse = torch.where(tot > 0, m_safe + torch.log(denom), torch.full_like(m, float("-inf")))
     return out.to(out_a.dtype), lse
+
+
+def check_lru(ids, slot_of_block, block_of_slot, last_used, stamp) -> tuple[int, int, int]:
+    """Validate lru_lookup inputs; returns (H, k, lru slots n)."""
+    op = "lru_lookup"
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.int64:
+        _fail(op, f"ids must be an int64 tensor [H, k], got {getattr(ids, 'dtype', type(ids))}")
+    h, k = ids.shape
+    for name, t in (("slot_of_block", slot_of_block), ("block_of_slot", block_of_slot), ("last_used", last_used)):
+        if t.dtype != torch.int32 or t.dim() != 2 or t.shape[0] != h or not t.is_contiguous():
+            _fail(op, f"{name} must be a contiguous int32 tensor [H={h}, n + 1], got {t.dtype} {tuple(t.shape)}")
+    n = block_of_slot.shape[1] - 1
+    if last_used.shape != block_of_slot.shape or n < k:
+        _fail(op, f"need last_used shaped like block_of_slot and at least k={k} LRU slots, got {n}")
+    if stamp.dtype != torch.int32 or stamp.numel() != 1:
+        _fail(op, "stamp must be an int32 tensor of shape [1]")
+    _same_device(op, ids=ids, slot_of_block=slot_of_block, block_of_slot=block_of_slot, last_used=last_used,
+                 stamp=stamp)
+    return h, k, n
+
+
+def lru_lookup(ids, slot_of_block, block_of_slot, last_used, stamp, counts):
+    """Resolve distinct block ids [H, k] (int64) against a per-head LRU cache of n slots, on the
+    device and without a host sync, so a decode step can run inside a CUDA graph.
+
+    State, updated in place: slot_of_block [H, blocks + 1] int32 (-1: not cached), block_of_slot and
+    last_used [H, n + 1] int32; the last column of each is scratch, where masked-out scatters land
+    (fixed shapes, no boolean indexing). stamp [1] int32 is this lookup's time; counts [2] int64
+    (hits, misses) is accumulated unless None.
+    Returns (slot [H, k] int32 in [0, n), fetch [H, k] bool: the block was given a slot now and must
+    be loaded into it). Hits are stamped before victims are picked, so a victim never belongs to
+    this selection; the r-th miss of a head takes the head's r-th least recently used slot."""
+    h, k, n = check_lru(ids, slot_of_block, block_of_slot, last_used, stamp)
+    nb = slot_of_block.shape[1] - 1
+    now = stamp.expand(h, k)
+    cur = slot_of_block.gather(1, ids)
+    hit = cur >= 0
+    last_used.scatter_(1, torch.where(hit, cur, n).long(), now)
+    order = torch.sort(last_used[:, :n], dim=1, stable=True).indices        # stalest first
+    rank = (~hit).long().cumsum(1) - 1
+    victim = order.gather(1, rank.clamp(min=0))
+    old = block_of_slot.gather(1, victim).long()
+    slot_of_block.scatter_(1, torch.where(~hit & (old >= 0), old, nb), torch.full_like(cur, -1))
+    slot_of_block.scatter_(1, torch.where(hit, nb, ids), victim.int())
+    block_of_slot.scatter_(1, torch.where(hit, n, victim), ids.int())
+    last_used.scatter_(1, torch.where(hit, n, victim), now)
+    if counts is not None:
+        counts += torch.stack([hit.sum(), (~hit).sum()])
+    return torch.where(hit, cur, victim.int()), ~hit
+
+
+def check_fetch(store, layer, ids, fetch, slots, pool_k, pool_v) -> None:
+    op = "fetch_blocks"
+    if pool_k.dim() != 4 or pool_v.shape != pool_k.shape or not pool_k.is_contiguous() or not pool_v.is_contiguous():
+        _fail(op, f"pool_k and pool_v must be contiguous [Hkv, S, bs, d], got {tuple(pool_k.shape)}")
+    if tuple(pool_k.shape[2:]) != (store.bs, store.d) or pool_k.shape[0] != store.H or pool_k.dtype != store.dtype:
+        _fail(op, f"pool blocks {tuple(pool_k.shape)} {pool_k.dtype} do not match the store's "
+                  f"[{store.H}, S, {store.bs}, {store.d}] {store.dtype}")
+    if ids.shape != fetch.shape or ids.shape != slots.shape or ids.dim() != 2 or ids.shape[0] != store.H:
+        _fail(op, f"ids, fetch and slots must all be [Hkv, k], got {tuple(ids.shape)}, {tuple(fetch.shape)}, "
+                  f"{tuple(slots.shape)}")
+    if not 0 <= layer < store.L:
+        _fail(op, f"layer {layer} out of range [0, {store.L})")
+    _same_device(op, ids=ids, fetch=fetch, slots=slots, pool_k=pool_k, pool_v=pool_v)
+
+
+def fetch_blocks(store, layer, ids, fetch, slots, pool_k, pool_v):
+    """Copy K,V block ids[h, j] of one layer from the CPU store (kv_store.KVStore) into pool slot
+    slots[h, j] of head h, wherever fetch[h, j]. pool_k, pool_v: the layer's pool [Hkv, S, bs, d].
+    (On CUDA this reference brings the selection to the host: the Triton kernel does not.)"""
+    check_fetch(store, layer, ids, fetch, slots, pool_k, pool_v)
+    heads, cols = fetch.cpu().nonzero(as_tuple=True)
+    if len(heads) == 0:
+        return
+    blocks, dst = ids.cpu()[heads, cols], slots.cpu()[heads, cols].long()
+    rows = torch.empty(2, len(heads), store.bs * store.d, dtype=store.dtype)
+    store.gather(layer, heads, blocks, rows)
+    flat = (heads * pool_k.shape[1] + dst).to(pool_k.device)
+    pool_k.view(-1, rows.shape[2]).index_copy_(0, flat, rows[0].to(pool_k.device))
+    pool_v.view(-1, rows.shape[2]).index_copy_(0, flat, rows[1].to(pool_v.device))

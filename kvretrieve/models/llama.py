@@ -193,11 +193,17 @@ class Decoder:
         return F.linear(rms_norm(x, self.w.final_norm, self.cfg.rms_eps), self.w.lm_head).float()
 
     def forward(self, ids: torch.Tensor, start: int, attn: Attention, chunk: int = 4096,
-                on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+                on_layer: Callable[[int], None] | None = None, position: torch.Tensor | None = None) -> torch.Tensor:
         """Run a segment of token ids at positions start.. through every layer (layer-major, so only one
-        layer's K,V of the segment exist at a time); returns the last position's hidden row."""
+        layer's K,V of the segment exist at a time); returns the hidden rows. A decode step may give
+        its position as a device tensor [1] (int64): a CUDA graph of the step then stays valid for
+        the next position."""
         x = self.embed(ids)
-        rope = self.rope_tables(start, 1) if ids.shape[0] == 1 else None  # decode: one table for all layers
+        rope = None
+        if ids.shape[0] == 1:  # decode: one table for all layers
+            if position is None:
+                position = torch.full((1,), start, dtype=torch.long, device=self.device)
+            rope = self.rope.cos_sin(position, self.dtype, seq_len=start + 1)
         for layer in range(self.cfg.num_layers):
             self.layer(layer, x, start, attn, chunk, rope)
             if on_layer is not None:

@@ -4,6 +4,11 @@ A backend stores K,V and computes attention (dense.DenseKV, or the retrieval bac
 tells it which positions a forward pass writes (begin), lets the model call it once per layer, and
 records the new length only when every layer has run (commit), so an interrupted pass leaves the
 cache as it was before.
+
+On CUDA a decode step whose backend names a graph key (what the step's shapes depend on) runs as a
+CUDA graph: the first step with a new key runs eagerly (warm-up) and is then captured; later steps
+only replay it. Everything a step reads that changes between steps (token, position, backend
+state) lives in tensors written in place before the replay, so the graph never goes stale.
 """
 from __future__ import annotations
 
@@ -25,8 +30,15 @@ class Backend(Protocol):
 
 
 class Engine:
-    def __init__(self, model: Decoder, backend: Backend, prefill_chunk: int):
+    def __init__(self, model: Decoder, backend: Backend, prefill_chunk: int, graphs: bool = True):
         self.model, self.backend, self.chunk = model, backend, prefill_chunk
+        dev = model.device
+        # Dynamic-NTK RoPE changes its frequencies with the length, which a graph would freeze.
+        self.graphs = graphs and dev.type == "cuda" and model.cfg.rope.kind != "dynamic"
+        self._token = torch.zeros(1, dtype=torch.long, device=dev)
+        self._position = torch.zeros(1, dtype=torch.long, device=dev)
+        self._captured: dict = {}     # graph key -> (CUDAGraph, its output logits)
+        self._pool = None             # the memory pool all captured graphs share
 
     @property
     def length(self) -> int:
@@ -54,8 +66,36 @@ class Engine:
         with torch.inference_mode():
             return self.model.logits(x[-1:])[0]
 
+    @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Append one token (a 0-d device tensor, so no host sync is needed); returns next logits [V]."""
-        x = self.forward(token.view(1))
-        with torch.inference_mode():
-            return self.model.logits(x)[0]
+        start = self.backend.length
+        if start + 1 > self.backend.capacity:
+            raise ValueError(f"a decode step at position {start} exceeds the capacity {self.backend.capacity}")
+        self._token.copy_(token.view(1))
+        self._position.fill_(start)
+        self.backend.begin(start, 1)
+        key = getattr(self.backend, "graph_key", lambda: None)() if self.graphs else None
+        if key is not None and key in self._captured:
+            graph, logits = self._captured[key]
+            graph.replay()
+        else:
+            logits = self._decode(start)
+            if key is not None:
+                self._capture(key, start)
+        self.backend.commit(start + 1)
+        return logits
+
+    def _decode(self, start: int) -> torch.Tensor:
+        x = self.model.forward(self._token, start, self.backend, self.chunk, position=self._position)
+        return self.model.logits(x)[0]
+
+    def _capture(self, key, start: int) -> None:
+        """Record the step just run (so every kernel is compiled and the allocator warm) as a graph.
+        Capture only records: the cache is not written twice."""
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.model.device)
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._decode(start)
+        self._pool = graph.pool()
+        self._captured[key] = (graph, logits)

@@ -6,14 +6,17 @@ Per layer and KV head the pool holds S = sinks + ring + lru slots of one block e
                            the ring is one block longer than the window so the partly filled tail
                            block has a slot of its own;
   [n_sink + ring, S)       retrieved blocks, replaced least-recently-used first.
-The bookkeeping (which block sits in which LRU slot) is host-side numpy: it is a few vector ops
-per layer and step, and the host needs the miss list anyway to gather blocks from CPU memory.
+The LRU bookkeeping (which block sits in which slot, when each slot was last used) lives on the
+compute device too, as int32 tensors with one scratch column each (kernels.lru_lookup): a decode
+step never needs the host, so it can be captured whole in a CUDA graph. Which block each ring slot
+holds is host state (ring_block): prefill and truncation use it, between steps.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from .. import kernels
 from ..config import RetrievalConfig
 from .memory import check_allocation
 
@@ -33,12 +36,12 @@ class BlockPool:
         # first decode step, when the prefill's activations are gone (ensure_lru).
         self.k = torch.zeros(shape[:2] + (self.lru0,) + shape[3:], device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.slot_of_block = np.full((num_layers, num_kv_heads, max_blocks), -1, dtype=np.int64)
-        self.block_of_slot = np.full((num_layers, num_kv_heads, self.n_lru), -1, dtype=np.int64)
-        self.last_used = np.zeros((num_layers, num_kv_heads, self.n_lru), dtype=np.int64)
+        i32 = dict(dtype=torch.int32, device=device)
+        self.slot_of_block = torch.full((num_layers, num_kv_heads, max_blocks + 1), -1, **i32)
+        self.block_of_slot = torch.full((num_layers, num_kv_heads, self.n_lru + 1), -1, **i32)
+        self.last_used = torch.zeros(num_layers, num_kv_heads, self.n_lru + 1, **i32)
+        self.counts = torch.zeros(2, dtype=torch.int64, device=device)  # hits, misses
         self.ring_block = np.full((num_layers, self.ring), -1, dtype=np.int64)
-        self.hits = self.misses = 0
-        self._heads = np.arange(num_kv_heads)[:, None]
 
     def ensure_lru(self) -> None:
         if self.k.shape[2] == self.slots:
@@ -59,70 +62,46 @@ class BlockPool:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    def lookup(self, layer: int, ids: np.ndarray, stamp: int, count: bool = True):
-        """Find blocks ids [Hkv, k] in the LRU region, assigning victim slots to the missing ones.
+    def lookup(self, layer: int, ids: torch.Tensor, stamp: torch.Tensor, count: bool = True):
+        """Pool slots [Hkv, k] int32 of block ids [Hkv, k] (device), and which of them must be
+        fetched [Hkv, k] bool (see kernels.lru_lookup)."""
+        slot, fetch = kernels.lru_lookup(ids, self.slot_of_block[layer], self.block_of_slot[layer],
+                                         self.last_used[layer], stamp, self.counts if count else None)
+        return slot + self.lru0, fetch
 
-        Returns (slots [Hkv, k] pool slot of every id, miss_heads, miss_blocks, miss_slots). The
-        caller must fill the miss slots before attention reads them. Hits are stamped first, so a
-        victim is never a block of this same selection (the LRU region holds at least k slots).
-        """
-        sob, bos, used = self.slot_of_block[layer], self.block_of_slot[layer], self.last_used[layer]
-        heads = np.broadcast_to(self._heads, ids.shape)
-        lru = sob[heads, ids]
-        hit = lru >= 0
-        used[heads[hit], lru[hit]] = stamp
-        miss = ~hit
-        n_miss = int(miss.sum())
-        if count:  # speculative lookups are measured separately
-            self.hits += int(hit.sum())
-            self.misses += n_miss
-        if n_miss:
-            # The r-th miss of a head takes that head's r-th stalest slot.
-            order = np.argsort(used, axis=1, kind="stable")
-            rank = np.cumsum(miss, axis=1) - 1
-            mh, mb = heads[miss], ids[miss]
-            victims = order[mh, rank[miss]]
-            old = bos[mh, victims]
-            evicted = old >= 0
-            sob[mh[evicted], old[evicted]] = -1
-            sob[mh, mb] = victims
-            bos[mh, victims] = mb
-            used[mh, victims] = stamp
-            lru[miss] = victims
-        else:
-            mh = mb = victims = np.empty(0, dtype=np.int64)
-        return lru + self.lru0, mh, mb, victims + self.lru0
-
-    def table(self, selected: np.ndarray, n_full: int, window_blocks: int) -> np.ndarray:
-        """Slot table [Hkv, columns] int32 for a context of n_full full blocks plus the tail block:
-        sinks | selected (padded with -1) | window (the last window_blocks full blocks, from the
-        ring) | tail (always last). Columns are sized for the largest budget and window."""
-        t = np.full((self.H, self.columns), -1, dtype=np.int32)
-        sink = min(self.n_sink, n_full)
-        t[:, :sink] = np.arange(sink)
-        k = selected.shape[1]
-        t[:, self.n_sink:self.n_sink + k] = selected
-        first_win = max(sink, n_full - window_blocks)
-        win = [self.ring_slot(b) for b in range(first_win, n_full)]
-        start = self.n_sink + self.budget_blocks
-        t[:, start:start + len(win)] = win
-        t[:, -1] = self.ring_slot(n_full)
-        return t
+    def fixed_columns(self, pos: torch.Tensor, window_blocks: int) -> torch.Tensor:
+        """The part of the slot table that is the same for every layer, for the token at position
+        pos ([1] int64, device): sinks | -1 for the budget | window | tail, as one [columns] int32 row.
+        The tail is the token's own block; the window, the window_blocks blocks before it (from
+        the ring)."""
+        dev = pos.device
+        n_done = pos // self.bs                                              # [1]: blocks before the tail
+        sink = torch.arange(self.n_sink, device=dev)
+        sink = torch.where(sink < n_done, sink, -1)
+        win = torch.arange(self.window_blocks, device=dev) + n_done - window_blocks
+        first = torch.clamp(n_done, max=self.n_sink)                         # the sinks end here
+        ok = (win >= first) & (torch.arange(self.window_blocks, device=dev) < window_blocks)
+        win = torch.where(ok, self.n_sink + win.remainder(self.ring), -1)
+        tail = self.n_sink + n_done.remainder(self.ring)
+        budget = torch.full((self.budget_blocks,), -1, device=dev, dtype=torch.int64)
+        return torch.cat([sink, budget, win, tail]).int()
 
     def forget_range(self, layer: int, first: int, end: int) -> None:
         """Drop this layer's cached copies of blocks [first, end) (their contents changed)."""
-        bos = self.block_of_slot[layer]
-        stale = (bos >= first) & (bos < end)
-        heads, slots = np.nonzero(stale)
-        self.slot_of_block[layer, heads, bos[heads, slots]] = -1
-        bos[stale] = -1
-        self.last_used[layer][stale] = 0
+        self._forget(self.block_of_slot[layer:layer + 1], self.slot_of_block[layer:layer + 1],
+                     self.last_used[layer:layer + 1], first, end)
 
     def forget_from(self, block: int) -> None:
         """Drop every cached block >= block (after a truncation, their contents are stale)."""
-        stale = self.block_of_slot >= block
-        layers, heads, slots = np.nonzero(stale)
-        self.slot_of_block[layers, heads, self.block_of_slot[layers, heads, slots]] = -1
-        self.block_of_slot[stale] = -1
-        self.last_used[stale] = 0
+        self._forget(self.block_of_slot, self.slot_of_block, self.last_used, block, self.slot_of_block.shape[-1])
         self.ring_block[self.ring_block >= block] = -1
+
+    @staticmethod
+    def _forget(bos: torch.Tensor, sob: torch.Tensor, used: torch.Tensor, first: int, end: int) -> None:
+        stale = (bos >= first) & (bos < end)
+        stale[..., -1] = False
+        scratch = sob.shape[-1] - 1
+        sob.scatter_(-1, torch.where(stale, bos, scratch).long(), -1)
+        sob[..., -1] = -1
+        bos.masked_fill_(stale, -1)
+        used.masked_fill_(stale, 0)

@@ -4,7 +4,9 @@ Layout: fixed-size segments, each [layer, K|V, kv_head, block, block_size, head_
 one head is block_size * head_dim contiguous elements (4 KiB for 16 x 128 bf16), so fetching a
 block is one contiguous read, and a segment's rows for one layer form a 2-D [2*Hkv*blocks, bs*d]
 table that a single index_select can gather from. New segments are appended as the context grows:
-old data is never copied. Segments are pinned when CUDA is present so H2D/D2H copies can be async.
+old data is never copied. Segments are pinned when CUDA is present: copies can be async, and a GPU
+kernel can read blocks straight from them (kernels.fetch_blocks), finding each segment through
+device_offsets (its start relative to segment 0, in elements, on the compute device).
 """
 from __future__ import annotations
 
@@ -15,12 +17,14 @@ from .memory import GiB, check_allocation
 
 class KVStore:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, max_tokens: int,
-                 dtype: torch.dtype, pin: bool, segment_blocks: int = 1024):
+                 dtype: torch.dtype, pin: bool, segment_blocks: int = 1024, device: torch.device | None = None):
         self.L, self.H, self.d, self.bs = num_layers, num_kv_heads, head_dim, block_size
         self.max_blocks = -(-max_tokens // block_size)
         self.seg_blocks = min(segment_blocks, self.max_blocks)
         self.dtype, self.pin = dtype, pin
         self.segments: list[torch.Tensor] = []
+        n_segments = -(-self.max_blocks // self.seg_blocks)
+        self.device_offsets = torch.zeros(n_segments, dtype=torch.int64, device=device or "cpu")
 
     @property
     def bytes_per_block(self) -> int:
@@ -51,7 +55,10 @@ class KVStore:
             self.check_fits(n_blocks * self.bs)
         while self.capacity_blocks < n_blocks:
             shape = (self.L, 2, self.H, self.seg_blocks, self.bs, self.d)
-            self.segments.append(torch.empty(shape, dtype=self.dtype, pin_memory=self.pin))
+            seg = torch.empty(shape, dtype=self.dtype, pin_memory=self.pin)
+            offset = (seg.data_ptr() - (self.segments or [seg])[0].data_ptr()) // seg.element_size()
+            self.device_offsets[len(self.segments)] = offset
+            self.segments.append(seg)
 
     def write(self, layer: int, first_block: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store full blocks first_block.. of one layer; k, v [Hkv, nb, bs, d] on any device.

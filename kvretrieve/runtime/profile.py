@@ -1,4 +1,4 @@
-"""Measuring a run: stage timers that do not add host syncs, and memory accounting."""
+"""Measuring a run: timings, cache counters and memory accounting."""
 from __future__ import annotations
 
 import gc
@@ -8,39 +8,6 @@ import time
 import torch
 
 from .memory import GiB, process_rss_bytes
-
-
-class StageTimer:
-    """Accumulates the device time of a stage. On CUDA it records event pairs and reads them only
-    when asked (total_ms), so timing does not change how the work overlaps."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.pairs: list[tuple] = []
-        self.host_s = 0.0
-        self._t0 = 0.0
-
-    def start(self) -> None:
-        if self.cuda:
-            self.pairs.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
-            self.pairs[-1][0].record()
-        else:
-            self._t0 = time.perf_counter()
-
-    def stop(self) -> None:
-        if self.cuda:
-            self.pairs[-1][1].record()
-        else:
-            self.host_s += time.perf_counter() - self._t0
-
-    def total_ms(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            ms = sum(a.elapsed_time(b) for a, b in self.pairs)
-            self.pairs.clear()
-            return ms
-        ms, self.host_s = 1e3 * self.host_s, 0.0
-        return ms
 
 
 def sync(device: torch.device) -> None:
@@ -73,18 +40,13 @@ def profile_context(engine, ids: torch.Tensor, decode_steps: int) -> dict:
     build_s = (backend.counters().get("cluster_s", 0.0) - build0) if hasattr(backend, "counters") else 0.0
     for _ in range(2):  # warm-up steps (kernel compilation, allocator growth) are not measured
         token = engine.step(token).argmax()
-    timer = StageTimer(device)
     counters0 = backend.counters() if hasattr(backend, "counters") else {}
-    if hasattr(backend, "timer"):
-        backend.timer = timer
     step_ms = []
     for _ in range(decode_steps):
         t = time.perf_counter()
         token = engine.step(token).argmax()
         int(token)  # what a real generation loop does: the token goes to the host
         step_ms.append(1e3 * (time.perf_counter() - t))
-    if hasattr(backend, "timer"):
-        backend.timer = None
     counters = backend.counters() if hasattr(backend, "counters") else {}
     delta = {k: counters.get(k, 0) - counters0.get(k, 0) for k in counters}
     lookups = delta.get("hits", 0) + delta.get("misses", 0)
@@ -94,7 +56,6 @@ def profile_context(engine, ids: torch.Tensor, decode_steps: int) -> dict:
         "context": len(ids), "prefill_s": ttft, "prefill_tok_s": len(ids) / ttft, "ttft_s": ttft,
         "index_build_s": build_s, "build_share": build_s / ttft,
         "decode_ms_p50": statistics.median(step_ms), "decode_ms_p90": q[8],
-        "select_ms": timer.total_ms() / max(1, decode_steps) if lookups else None,
         "h2d_mb_per_token": delta.get("h2d_bytes", 0) / 1e6 / max(1, decode_steps) if lookups else None,
         "cache_hit": delta["hits"] / lookups if lookups else None,
         "spec_hit": delta["spec_hits"] / delta["spec_total"] if delta.get("spec_total") else None,

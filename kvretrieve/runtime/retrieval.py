@@ -3,10 +3,10 @@
 Prefill (a segment of T tokens at position P): dense causal attention over the segment (plus, for
 P > 0, the earlier tokens brought back from the store), then the segment's full blocks go to the
 CPU store (D2H on a side stream) and to the index; sinks and the recent window go to pool slots.
-Decode (one token): the token joins the tail block in its ring slot (a full block goes to store
-and index), the index picks budget blocks per KV head among those outside sinks and window, the
-pool resolves them (misses are fetched from the store), and one sparse kernel attends over
-sinks + selected + window + tail.
+Decode (one token): the token joins the tail block in its ring slot, the index picks budget blocks
+per KV head among those outside sinks and window, the pool resolves them (misses are read straight
+from the store by a kernel), and one sparse kernel attends over sinks + selected + window + tail.
+All of it runs on the device; when the tail block is full it goes to store and index after the step.
 """
 from __future__ import annotations
 
@@ -17,13 +17,12 @@ import torch
 
 from .. import kernels
 from ..config import RetrievalConfig
-from ..index import make_index, select_blocks
+from ..index import make_index
 from ..models.llama import Decoder, rms_norm
 from .dense import causal_attention
 from .gpu_cache import BlockPool
 from .kv_store import KVStore
 from .clustering import ClusteredSegments
-from .prefetch import Fetcher
 
 
 class RetrievalKV(ClusteredSegments):
@@ -34,16 +33,22 @@ class RetrievalKV(ClusteredSegments):
         self.scale = mc.head_dim ** -0.5
         max_blocks = -(-capacity // self.bs) + 1
         cuda = device.type == "cuda"
-        self.store = KVStore(self.L, self.H, mc.head_dim, self.bs, max_blocks * self.bs, dtype, pin=cuda)
+        self.store = KVStore(self.L, self.H, mc.head_dim, self.bs, max_blocks * self.bs, dtype, pin=cuda,
+                             device=device)
         self.index = make_index(cfg, self.L, self.H, mc.head_dim, max_blocks, device, dtype)
         self.pool = BlockPool(cfg, self.L, self.H, mc.head_dim, max_blocks, device, dtype)
-        self.fetcher = Fetcher(self.store, self.pool, device, cfg.prefetch, self.H * cfg.budget_blocks)
         self.d2h = torch.cuda.Stream(device) if cuda else None
         self._d2h_done: torch.cuda.Event | None = None
-        self._tables = torch.empty(self.L, self.H, self.pool.columns, dtype=torch.int32, pin_memory=cuda)
+        # Per-step decode state on the device, written in place between steps (a captured graph
+        # reads these very tensors): position, tail length, LRU time stamp, the slot tables.
+        self._tables = torch.empty(self.L, self.H, self.pool.columns, dtype=torch.int32, device=device)
+        self._pos = torch.zeros(1, dtype=torch.int64, device=device)
         self._tail_len = torch.zeros(1, dtype=torch.int32, device=device)
+        self._stamp = torch.zeros(1, dtype=torch.int32, device=device)
+        self._spec_counts = torch.zeros(2, dtype=torch.int64, device=device)   # speculated hits, total
+        self._fetched = torch.zeros(1, dtype=torch.int64, device=device)       # blocks read from the store
         self.length, self._start, self._n, self._step = 0, 0, 0, 0
-        self._spec: dict[int, np.ndarray] = {}
+        self._spec: dict[int, torch.Tensor] = {}
         self._seg_kv = None  # (k, v of the segment, all keys and values so far) while a layer prefills
         self._window, self._budget = cfg.window_blocks, cfg.budget_blocks  # in effect this step
         # Clustering indexes (ivf) store segments outside sinks and window in cluster order. Per
@@ -54,7 +59,6 @@ class RetrievalKV(ClusteredSegments):
         self._segments: list[list[tuple[int, int, torch.Tensor]]] = [[] for _ in range(self.L)]
         self._rope = None
         self.stats: Counter = Counter()
-        self.timer = None  # a profile.StageTimer, when selection time is being measured
         # observer(layer, q [Hq, d], selected block ids [Hkv, k], lo, hi, n_tokens, out [Hq, d]) is
         # called after each decode attention when set: bench/accuracy.py measures recall with it.
         # Attended: tokens [0, lo*bs) (sinks), the selected blocks, and [hi*bs, n_tokens) (window).
@@ -66,13 +70,11 @@ class RetrievalKV(ClusteredSegments):
         self._start, self._n = start, n
         self.store.ensure(-(-(start + n) // self.bs))  # refuses with a clear error before the RAM runs out
         if self.decoding:
-            self._step += 1
-            self._window, self._budget = self.cfg.plan(start + 1)  # window and budget for this context
-            self._tail_len.fill_((start + 1) % self.bs)
-            if self.cfg.speculative:
-                self._rope = self.model.rope_tables(start, 1)
+            self._begin_decode(start)
 
     def commit(self, length: int) -> None:
+        if self.decoding and length % self.bs == 0:
+            self._end_decode(length)
         self.length = length
         self._spec.clear()
 
@@ -219,93 +221,147 @@ class RetrievalKV(ClusteredSegments):
                     self.pool.ring_block[layer, b % self.pool.ring] = b
 
     # ---- decode ----------------------------------------------------------------------------------
-    def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # A decode step runs on the device alone: position, selection, LRU lookup, fetches and the slot
+    # table are tensors, so the host never waits and the step can be captured as one CUDA graph
+    # (graph_key). Host work happens between steps: begin() (plan, ring bookkeeping, store growth)
+    # and commit() (a completed tail block goes to store and index).
+    def graph_key(self):
+        """What a captured decode step depends on, or None when the step must run eagerly (an
+        observer watches it, the context is still too short for a full budget)."""
+        if not self.decoding or self.observer is not None:
+            return None
+        n_done, lo, hi = self._candidates()
+        if hi - lo < self._budget:
+            return None
+        return self._window, self._budget, self._estimate_blocks(hi - lo), self._score_blocks(n_done)
+
+    def _estimate_blocks(self, candidates: int) -> int:
+        return max(0, min(self.cfg.estimate_tokens // self.bs, candidates - self._budget))
+
+    def _score_blocks(self, n_done: int) -> int:
+        """Blocks scored per step: n_done rounded up to a power of two (candidates beyond the
+        context are masked), so one captured graph serves many steps."""
+        return min(self.pool.slot_of_block.shape[-1] - 1, max(64, 1 << max(0, n_done - 1).bit_length()))
+
+    def _begin_decode(self, start: int) -> None:
+        self._step += 1
+        self._window, self._budget = self.cfg.plan(start + 1)
         self.pool.ensure_lru()
-        t = self._start
-        b, off = divmod(t, self.bs)
-        rk, rv = self._ring(layer, b)
-        if off == 0 and self.d2h is not None:
-            # This ring slot held an older block whose D2H copy may still be reading it.
-            torch.cuda.current_stream(self.device).wait_stream(self.d2h)
-        rk[:, off] = k[0]
-        rv[:, off] = v[0]
-        self.pool.ring_block[layer, b % self.pool.ring] = b
-        if off == self.bs - 1:  # the tail block is full: it joins store and index
+        b, off = divmod(start, self.bs)
+        self.pool.ring_block[:, b % self.pool.ring] = b
+        self._pos.fill_(start)
+        self._tail_len.fill_(off + 1)  # the token's own block is the tail, even when this token completes it
+        self._stamp.fill_(2 * self._step + 1)
+        if self.d2h is not None and self._d2h_done is not None:
+            # Blocks stored by D2H copies must have landed before a fetch reads them, and a ring slot
+            # must not be overwritten while its old block is still being copied out.
+            torch.cuda.current_stream(self.device).wait_event(self._d2h_done)
+
+    def _end_decode(self, length: int) -> None:
+        """The token at length - 1 completed its block: the block joins store and index."""
+        b = length // self.bs - 1
+        for layer in range(self.L):
+            rk, rv = self._ring(layer, b)
             self._store_blocks(layer, b, rk[:, None], rv[:, None])
             if b < self.pool.n_sink:
                 self.pool.k[layer, :, b] = rk
                 self.pool.v[layer, :, b] = rv
             if self._reorders:
                 self._cluster_pending(layer, b + 1)
-        selected, ids, estimated = self._select(layer, q[0], stamp=2 * self._step + 1)
+
+    def _step_prologue(self) -> None:
+        """Once per step, on the device: the slot table columns every layer shares, the candidate
+        mask, and where the new token goes in its ring slot."""
+        n_done = self._pos // self.bs
+        fixed = self.pool.fixed_columns(self._pos, self._window)
+        self._tables.copy_(fixed.expand_as(self._tables))
+        n_score = self._score_blocks(self._start // self.bs)
+        blocks = torch.arange(n_score, device=self.device)
+        lo = torch.clamp(n_done, max=self.pool.n_sink)
+        self._outside = (blocks < lo) | (blocks >= torch.maximum(lo, n_done - self._window))
+        self._ring_row = (self.pool.n_sink + (self._pos // self.bs).remainder(self.pool.ring)) * self.bs \
+            + self._pos.remainder(self.bs)
+        if self.cfg.speculative:
+            self._spec_rope = self.model.rope.cos_sin(self._pos, self.model.dtype, self._start + 1)
+
+    def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        shape = (self.H, -1, self.pool.k.shape[-1])
+        self.pool.k[layer].view(shape).index_copy_(1, self._ring_row, k.transpose(0, 1))
+        self.pool.v[layer].view(shape).index_copy_(1, self._ring_row, v.transpose(0, 1))
         table = self._tables[layer]
-        table.copy_(torch.from_numpy(self.pool.table(selected, (t + 1) // self.bs, self._window)))
-        self.fetcher.wait(layer)
-        out, lse = kernels.sparse_decode(q[0], self.pool.k[layer], self.pool.v[layer],
-                                         table.to(self.device, non_blocking=True), self._tail_len, self.scale)
+        ids, estimated = self._select(layer, q[0], table)
+        out, lse = kernels.sparse_decode(q[0], self.pool.k[layer], self.pool.v[layer], table, self._tail_len,
+                                         self.scale)
         if estimated is not None:  # RetroInfer's estimation zone: more mass, no KV moved
             out_e, lse_e = self.index.estimate(layer, q[0], estimated, self.scale)
             out, _ = kernels.merge_attention(out, lse, out_e.to(out.dtype), lse_e)
         if self.observer is not None:
             _, lo, hi = self._candidates()
-            self.observer(layer, q[0], ids, lo, hi, t + 1, out)
+            self.observer(layer, q[0], ids, lo, hi, self._start + 1, out)
         return out[None]
 
     def _candidates(self) -> tuple[int, int, int]:
-        """(n_full, lo, hi): blocks [lo, hi) are neither sinks nor in this step's window (blocks of the
-        ring beyond it are candidates too: the store has them)."""
-        n_full = (self._start + 1) // self.bs
-        lo = min(self.pool.n_sink, n_full)
-        return n_full, lo, max(lo, n_full - self._window)
+        """(n_done, lo, hi) of a decode step: n_done blocks precede the tail block (the new token's,
+        in the ring even when the token completes it: it reaches the store after the step); blocks
+        [lo, hi) are neither sinks nor in this step's window (ring blocks beyond the window are
+        candidates too: the store has them)."""
+        n_done = self._start // self.bs
+        lo = min(self.pool.n_sink, n_done)
+        return n_done, lo, max(lo, n_done - self._window)
 
-    def _select(self, layer: int, q: torch.Tensor, stamp: int):
-        """Pick, resolve and fetch this layer's blocks. Returns (pool slots [Hkv, k], block ids
-        [Hkv, k], the estimation zone's block ids on the device or None)."""
-        n_full, lo, hi = self._candidates()
-        if hi <= lo:
-            empty = np.empty((self.H, 0), dtype=np.int64)
-            return empty, empty, None
-        if self.timer:
-            self.timer.start()
-        k, z = self._budget, self.cfg.estimate_tokens // self.bs
-        ids = select_blocks(self.index.scores(layer, q, n_full), lo, hi, k + z, ranked=z > 0)
-        estimated = ids[:, k:] if z and ids.shape[1] > k else None
+    def _pick(self, layer: int, q: torch.Tensor, k: int, ranked: bool = False) -> torch.Tensor:
+        """The k best candidate blocks [Hkv, k] of this layer for query q [Hq, d] (k <= candidates)."""
+        scores = self.index.scores(layer, q, self._outside.shape[0]).masked_fill(self._outside, float("-inf"))
+        return torch.topk(scores, k, dim=1, sorted=ranked).indices
+
+    def _select(self, layer: int, q: torch.Tensor, table: torch.Tensor):
+        """Pick, resolve and fetch this layer's blocks; their slots go into the table. Returns (block
+        ids [Hkv, k], the estimation zone's block ids or None)."""
+        _, lo, hi = self._candidates()
+        k = min(self._budget, hi - lo)
+        if k <= 0:
+            return torch.empty(self.H, 0, dtype=torch.long, device=self.device), None
+        z = self._estimate_blocks(hi - lo)
+        ids = self._pick(layer, q, k + z, ranked=z > 0)
+        estimated = ids[:, k:] if z > 0 else None
         ids = ids[:, :k]
-        if self.timer:
-            self.timer.stop()
-        ids = ids.cpu().numpy()  # the host needs the selection to gather misses from CPU memory
         spec = self._spec.pop(layer, None)
-        if spec is not None:
-            self.stats["spec_hits"] += sum(len(np.intersect1d(a, b)) for a, b in zip(ids, spec))
-            self.stats["spec_total"] += ids.size
-        slots, heads, blocks, fill = self.pool.lookup(layer, ids, stamp)
-        if len(blocks):
-            self._sync_d2h()
-            self.fetcher.fetch(layer, heads, blocks, fill)
-        return slots, ids, estimated
+        if spec is not None:  # how much of this selection the speculative prefetch already brought
+            same = (ids[:, :, None] == spec[:, None, :]).any(-1).sum()
+            self._spec_counts += torch.stack([same, torch.full_like(same, ids.numel())])
+        slots, fetch = self.pool.lookup(layer, ids, self._stamp)
+        self._fetched += fetch.sum()
+        kernels.fetch_blocks(self.store, layer, ids, fetch, slots, self.pool.k[layer], self.pool.v[layer])
+        table[:, self.pool.n_sink:self.pool.n_sink + k] = slots
+        return ids, estimated
 
     def prepare_layer(self, layer: int, x: torch.Tensor) -> None:
-        """Speculative prefetch (InfiniGen style): layer l's input through layer l+1's norm and q
-        projection approximates layer l+1's query, whose blocks are fetched while layer l runs."""
+        """Called before each layer. Decode: the step's shared device work before layer 0; with
+        speculative prefetch (InfiniGen style), layer l's input through layer l+1's norm and q
+        projection approximates layer l+1's query, whose blocks are fetched before layer l+1 asks."""
+        if self.decoding and layer == 0:
+            self._step_prologue()
         if not (self.cfg.speculative and self.decoding) or layer + 1 >= self.L:
             return
-        self.pool.ensure_lru()
+        _, lo, hi = self._candidates()
+        k = min(self._budget, hi - lo)
+        if k <= 0:
+            return
         w = self.model.w.layers[layer + 1]
-        q, _, _ = self.model.project_qkv(layer + 1, rms_norm(x, w.attn_norm, self.model.cfg.rms_eps), *self._rope)
-        n_full, lo, hi = self._candidates()
-        if hi > lo:
-            ids = select_blocks(self.index.scores(layer + 1, q[0], n_full), lo, hi, self._budget)
-            ids = ids.cpu().numpy()
-            self._spec[layer + 1] = ids
-            _, heads, blocks, fill = self.pool.lookup(layer + 1, ids, 2 * self._step, count=False)
-            if len(blocks):
-                self._sync_d2h()
-                self.fetcher.fetch(layer + 1, heads, blocks, fill)
+        q, _, _ = self.model.project_qkv(layer + 1, rms_norm(x, w.attn_norm, self.model.cfg.rms_eps), *self._spec_rope)
+        ids = self._pick(layer + 1, q[0], k)
+        self._spec[layer + 1] = ids
+        slots, fetch = self.pool.lookup(layer + 1, ids, self._stamp - 1, count=False)
+        self._fetched += fetch.sum()
+        kernels.fetch_blocks(self.store, layer + 1, ids, fetch, slots, self.pool.k[layer + 1], self.pool.v[layer + 1])
 
     # ---- accounting ------------------------------------------------------------------------------
     def memory(self) -> dict[str, int]:
         return {"store": self.store.nbytes(), "pool": self.pool.nbytes(), "index": self.index.nbytes()}
 
     def counters(self) -> dict[str, float]:
-        return {"hits": self.pool.hits, "misses": self.pool.misses, "h2d_bytes": self.fetcher.h2d_bytes,
-                **self.stats}
+        hits, misses = self.pool.counts.tolist()
+        spec_hits, spec_total = self._spec_counts.tolist()
+        block_bytes = 2 * self.bs * self.pool.k.shape[-1] * self.pool.k.element_size()  # K and V
+        return {"hits": hits, "misses": misses, "h2d_bytes": self._fetched.item() * block_bytes,
+                "spec_hits": spec_hits, "spec_total": spec_total, **self.stats}

@@ -1,0 +1,161 @@
+"""Decode speed on one GPU: kvretrieve against what users would run instead, in one run.
+
+Llama-3.1-8B shape, random bf16 weights (speed does not depend on values), prompts of random token
+ids, greedy decode. Rows, per context:
+  kvretrieve        retrieval over the CPU-resident KV cache, under a 24 GiB cap (a 24 GB card),
+                    the default index and each other kind;
+  kvretrieve-dense  the whole KV on the GPU, no cap (what a big GPU gives; decode step in a graph);
+  hf-dense          transformers, DynamicCache on the GPU;
+  hf-offload        transformers, DynamicCache(offloading=True).
+Ratios compare each row with the hf rows of the same context, measured in this same process.
+
+    KVRETRIEVE_FREE_RAM_GB=110 python bench/decode.py [--contexts 32K,128K] [--kinds lowrank,bounds]
+        [--long 512K:ivf] [--systems kvretrieve,kvretrieve-dense,hf-dense,hf-offload] [--merge]
+
+Random weights make successive decode queries nearly unrelated, so cache hits are rarer than with
+real weights (bench/results/profile_cpu_real_weights.md): the H2D traffic here is pessimistic.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, markdown_table, provenance, write_results  # noqa: E402
+
+from kvretrieve.api import make_backend  # noqa: E402
+from kvretrieve.config import RetrievalConfig  # noqa: E402
+from kvretrieve.models.llama import Decoder  # noqa: E402
+from kvretrieve.models.loader import random_weights  # noqa: E402
+from kvretrieve.models.shapes import shape_config  # noqa: E402
+from kvretrieve.runtime.engine import Engine  # noqa: E402
+from kvretrieve.runtime.profile import profile_context, reset_memory  # noqa: E402
+
+COLUMNS = ["system", "index", "context", "prefill_s", "decode_ms_p50", "decode_ms_p90", "peak_gpu_gib",
+           "gpu_cap_gib", "pinned_host_gib", "h2d_mb_per_token", "cache_hit", "x_hf_dense", "x_hf_offload",
+           "error"]
+CAP_GIB = 24.0
+
+
+def tokens(text: str) -> int:
+    text = text.strip().upper()
+    return int(float(text[:-1]) * 1024) if text.endswith("K") else int(text)
+
+
+def prompt(n: int, vocab: int, device) -> torch.Tensor:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int, chunk: int) -> dict:
+    """One kvretrieve row; kind None is the dense backend (no cap)."""
+    dev = decoder.device
+    torch.cuda.set_per_process_memory_fraction(1.0 if kind is None else
+                                               CAP_GIB * 2**30 / torch.cuda.get_device_properties(dev).total_memory)
+    reset_memory(dev)
+    row = {"system": "kvretrieve" if kind else "kvretrieve-dense", "index": kind, "context": context,
+           "gpu_cap_gib": CAP_GIB if kind else None}
+    engine = None
+    try:
+        cfg = RetrievalConfig(index=kind) if kind else None
+        engine = Engine(decoder, make_backend(decoder, context + steps + 16, cfg), chunk)
+        r = profile_context(engine, prompt(context, decoder.cfg.vocab_size, dev), steps)
+        row.update({k: r.get(k) for k in COLUMNS if k in r}, index_build_s=r.get("index_build_s"),
+                   graphs=len(engine._captured))
+    except (torch.OutOfMemoryError, RuntimeError, ValueError) as e:
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    del engine
+    reset_memory(dev)
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """x_hf_*: how many times faster than that hf row of the same context (p50 over p50)."""
+    for r in rows:
+        for name in ("hf-dense", "hf-offload"):
+            ref = next((h for h in rows if h["system"] == name and h["context"] == r["context"]
+                        and h.get("decode_ms_p50")), None)
+            if ref and r.get("decode_ms_p50"):
+                r["x_" + name.replace("-", "_")] = ref["decode_ms_p50"] / r["decode_ms_p50"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", default="32K,128K")
+    ap.add_argument("--kinds", default="lowrank,bounds,exact,ivf", help="kvretrieve index kinds (first = default)")
+    ap.add_argument("--long", default="512K:lowrank:ivf", help="a longer context for kvretrieve rows only, with kinds")
+    ap.add_argument("--systems", default="kvretrieve,kvretrieve-dense,hf-dense,hf-offload")
+    ap.add_argument("--steps", type=int, default=32, help="timed decode steps (kvretrieve; hf-offload takes 6)")
+    ap.add_argument("--chunk", type=int, default=4096, help="prefill chunk")
+    ap.add_argument("--merge", action="store_true", help="add to the rows already in the results file")
+    ap.add_argument("--out", default=os.environ.get("OUT", str(RESULTS)))
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    systems = args.systems.split(",")
+    contexts = [tokens(c) for c in args.contexts.split(",") if c]
+    kinds = args.kinds.split(",")
+    out = Path(args.out)
+    meta = provenance("cuda")
+    meta["commit"] = os.environ.get("KVRETRIEVE_COMMIT", meta["commit"])
+    old = json.loads((out / "decode.json").read_text())["rows"] if args.merge and (out / "decode.json").exists() else []
+    rows: list[dict] = []
+
+    def save():
+        merged = [r for r in old if not any((r["system"], r["index"], r["context"]) ==
+                                            (n["system"], n["index"], n["context"]) for n in rows)] + rows
+        merged.sort(key=lambda r: (r["context"], r["system"], r["index"] or ""))
+        add_ratios(merged)
+        write_results("decode", meta, merged, COLUMNS, NOTES, out)
+        print(markdown_table(merged, COLUMNS), flush=True)
+
+    t0 = time.time()
+    if "kvretrieve" in systems or "kvretrieve-dense" in systems:
+        cfg = shape_config("llama3-8b")
+        decoder = Decoder(cfg, random_weights(cfg, dev, torch.bfloat16, 0))
+        plan = [(n, k) for n in contexts for k in kinds] if "kvretrieve" in systems else []
+        if args.long and "kvretrieve" in systems:
+            n, *long_kinds = args.long.split(":")
+            plan += [(tokens(n), k) for k in long_kinds]
+        plan += [(n, None) for n in contexts] if "kvretrieve-dense" in systems else []
+        for n, kind in plan:
+            rows.append(kvretrieve_row(decoder, n, kind, args.steps, args.chunk))
+            print(f"[{time.time() - t0:4.0f} s] {rows[-1]}", flush=True)
+            save()
+        del decoder
+        reset_memory(dev)
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    hf = [s for s in ("hf-dense", "hf-offload") if s in systems]
+    if hf:
+        from decode_hf import LLAMA31_8B, build_hf_model, hf_row
+
+        model = build_hf_model(LLAMA31_8B, dev)
+        for n in contexts:
+            for s in hf:
+                r = hf_row(model, n, offload=s == "hf-offload", steps=6 if s == "hf-offload" else args.steps)
+                r.pop("tokens", None)
+                rows.append(r)
+                print(f"[{time.time() - t0:4.0f} s] {r}", flush=True)
+                save()
+        del model
+        gc.collect()
+    save()
+
+
+NOTES = """Llama-3.1-8B shape, random bf16 weights, random token ids, greedy decode; decode ms per token
+as median (p50) and p90 over the timed steps, the token read back to the host every step as in
+generation. kvretrieve rows run under set_per_process_memory_fraction(24 GiB); kvretrieve-dense
+and hf rows have the whole 80 GB card. x_hf_*: speed-up over that transformers row of the same
+context (ratio of p50s). h2d_mb_per_token for hf-offload is computed from the cache size (its
+offloaded cache brings every layer's K,V up each step), not measured. With random weights the
+queries of successive tokens are nearly unrelated, so cache hits and H2D traffic are pessimistic
+next to real weights."""
+
+
+if __name__ == "__main__":
+    main()

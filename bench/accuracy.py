@@ -48,6 +48,7 @@ class Cell:
     window_share: float = 0.25  # ... and this share of the attended tokens as recent window
     rank: int = 32
     needle: bool = False
+    reselect: int = 1           # decode steps one selection serves (RetrievalConfig.reselect_every)
 
     def split(self) -> tuple[int, int, int] | None:
         """(sink, window, budget) tokens summing to at most density * context: one block is kept
@@ -61,7 +62,7 @@ class Cell:
     def retrieval(self) -> RetrievalConfig:
         sink, window, budget = self.split()
         return RetrievalConfig(index=self.kind, block_size=self.block_size, budget_tokens=budget, sink_tokens=sink,
-                               window_tokens=window, rank=self.rank)
+                               window_tokens=window, rank=self.rank, reselect_every=self.reselect)
 
 
 # The recommended default, chosen from the evidence in bench/ACCURACY_NOTES.md.
@@ -80,6 +81,8 @@ def grid(name: str, kinds: tuple[str, ...]) -> list[Cell]:
     base, cells = Cell(DEFAULT.kind, 8192, 1 / 16), []
     if name == "quick":
         return [replace(default_cell(2048), needle=True)]
+    if name == "reselect":  # reusing a selection for several steps, at the default and at 1/16
+        return [replace(c, reselect=r, needle=True) for c in (default_cell(8192), base) for r in (1, 2, 4)]
     if name == "default":
         cells += [replace(base, kind=k, density=f, needle=f == 1 / 16 or k == DEFAULT.kind) for k in kinds
                   for f in DENSITIES]
@@ -185,11 +188,17 @@ def misses(row: dict) -> str:
     return ",".join(bad) or "ok"
 
 
+def config_key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in ("index", "context", "block_size", "sink_tokens", "window_tokens",
+                                      "budget_tokens", "rank")) + (row.get("reselect_every", 1),)
+
+
 def row_of(cell: Cell, m: dict, needle_res: dict | None) -> dict:
     sink, window, budget = cell.split()
     row = {"index": cell.kind, "context": cell.context, "density": m["attended_tokens"] / cell.context,
            "target_density": cell.density, "budget_tokens": budget, "block_size": cell.block_size,
            "sink_tokens": sink, "window_tokens": window, "rank": cell.rank if cell.kind == "lowrank" else None,
+           "reselect_every": cell.reselect,
            "default": replace(cell, needle=False) == default_cell(cell.context), **m,
            "needle_dense": None, "needle_sparse": None, "needle_same": None}
     if needle_res is not None:
@@ -199,14 +208,14 @@ def row_of(cell: Cell, m: dict, needle_res: dict | None) -> dict:
 
 
 COLUMNS = ["index", "context", "block_size", "target_density", "density", "sink_tokens", "window_tokens",
-           "budget_tokens", "attn_recall", "out_rel_err", "top1_agree", "kl", "ppl_dense", "ppl", "needle_dense",
+           "budget_tokens", "reselect_every", "attn_recall", "out_rel_err", "top1_agree", "kl", "ppl_dense", "ppl", "needle_dense",
            "needle_sparse", "needle_same", "default", "targets"]
 
 
 def run(args) -> Path:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    cells = grid("quick" if args.quick else "default", tuple(args.kinds.split(",")))
+    cells = grid("quick" if args.quick else args.grid, tuple(args.kinds.split(",")))
     contexts = sorted({c.context for c in cells})
     t0, timings = time.perf_counter(), {}
     llm = load(max(contexts))
@@ -226,7 +235,7 @@ def run(args) -> Path:
             for c in part:
                 m = metrics[c]
                 print(f"  {c.kind} {ctx} 1/{1 / c.density:g} bs{c.block_size} sink{c.sink} w{c.window_share} "
-                      f"r{c.rank}: recall {m['attn_recall']:.3f} top1 {m['top1_agree']:.3f} kl {m['kl']:.4f} "
+                      f"r{c.rank} every{c.reselect}: recall {m['attn_recall']:.3f} top1 {m['top1_agree']:.3f} kl {m['kl']:.4f} "
                       f"ppl {m['ppl']:.3f}/{m['ppl_dense']:.3f}", flush=True)
             print(f"[{time.perf_counter() - t0:6.0f}s] {ctx}: {s + len(part)}/{len(mine)} teacher-forced", flush=True)
         timings[f"teacher_forced_{ctx}_s"] = time.perf_counter() - t
@@ -252,7 +261,7 @@ def run(args) -> Path:
         "default": asdict(default_cell(8192).retrieval()) | {"budget_rule": rule, "by_context": {
             c: dict(zip(("sink_tokens", "window_tokens", "budget_tokens"), default_cell(c).split()))
             for c in (2048, 4096, 8192)}},
-        "grid": "quick" if args.quick else "default", "threads": args.threads, "steps": args.steps,
+        "grid": "quick" if args.quick else args.grid, "threads": args.threads, "steps": args.steps,
         "probe_every": args.probe_every, "targets": TARGETS, "timings": timings,
         "text": "continuation: pydoc_data.topics (CPython docs); needle haystack: stdlib module docstrings"}
     notes = (f"Default: {d.kind}, block {d.block_size}, rank {d.rank}; {rule}. context: tokens cached at the end "
@@ -266,11 +275,12 @@ def run(args) -> Path:
              "ppl within 2%, recall >= 0.90, needle answers identical to dense.")
     out_dir = Path(args.out) if args.out else RESULTS
     if args.merge and (out_dir / "accuracy.json").exists():
-        # Rows of the kinds measured now replace theirs in the existing results; the other rows and
-        # the provenance of the run that made them stay, this run is recorded beside it.
+        # Rows measured now replace the rows of the same configuration in the existing results; the
+        # other rows and the provenance of the run that made them stay, this run is recorded beside it.
         old = json.loads((out_dir / "accuracy.json").read_text())
         kinds = set(args.kinds.split(","))
-        rows = [r for r in old.pop("rows") if r["index"] not in kinds] + [r for r in rows if r["index"] in kinds]
+        new = {config_key(r) for r in rows}
+        rows = [r for r in old.pop("rows") if config_key(r) not in new] + rows
         extra = [r for r in old.get("merged_runs", []) if not kinds & set(r["kinds"])]
         old["merged_runs"] = extra + [{k: meta[k] for k in ("command", "commit", "date", "device")} |
                                       {"kinds": sorted(kinds), "timings": timings}]
@@ -283,6 +293,8 @@ def run(args) -> Path:
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the small CI grid")
+    ap.add_argument("--grid", default="default", choices=["default", "reselect"],
+                    help="reselect: the default (and 1/16) with a selection reused for 1, 2, 4 steps")
     ap.add_argument("--kinds", default=",".join(KINDS), help="index kinds, comma-separated (e.g. add ivf)")
     ap.add_argument("--steps", type=int, default=256, help="teacher-forced continuation tokens")
     ap.add_argument("--probe-every", type=int, default=16, help="recall/output error on every Nth step")

@@ -191,8 +191,8 @@ class Probe:
         keep = torch.zeros(H, n, dtype=torch.bool)
         keep[:, :lo * bs] = True
         keep[:, hi * bs:] = True
-        if ids.size:
-            tok = torch.from_numpy(ids)[:, :, None] * bs + torch.arange(bs)
+        if ids.numel():
+            tok = torch.as_tensor(ids).cpu()[:, :, None] * bs + torch.arange(bs)
             keep.scatter_(1, tok.reshape(H, -1), True)
         dense_out = torch.einsum("hgn,nhd->hgd", p, v.float()).reshape(out.shape)
         self.recall[layer] += (p * keep[:, None]).sum(-1).mean().item()

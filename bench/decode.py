@@ -38,7 +38,7 @@ from kvretrieve.models.shapes import shape_config  # noqa: E402
 from kvretrieve.runtime.engine import Engine  # noqa: E402
 from kvretrieve.runtime.profile import profile_context, reset_memory  # noqa: E402
 
-COLUMNS = ["system", "index", "context", "prefill_s", "decode_ms_p50", "decode_ms_p90", "peak_gpu_gib",
+COLUMNS = ["system", "index", "reselect_every", "context", "prefill_s", "decode_ms_p50", "decode_ms_p90", "peak_gpu_gib",
            "gpu_cap_gib", "pinned_host_gib", "h2d_mb_per_token", "cache_hit", "x_hf_dense", "x_hf_offload",
            "error"]
 CAP_GIB = 24.0
@@ -54,16 +54,20 @@ def prompt(n: int, vocab: int, device) -> torch.Tensor:
 
 
 def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int, chunk: int) -> dict:
-    """One kvretrieve row; kind None is the dense backend (no cap)."""
+    """One kvretrieve row; kind None is the dense backend (no cap); "lowrank@4": reselect_every=4."""
+    kind, _, every = (kind or "").partition("@")
+    kind = kind or None
     dev = decoder.device
     torch.cuda.set_per_process_memory_fraction(1.0 if kind is None else
                                                CAP_GIB * 2**30 / torch.cuda.get_device_properties(dev).total_memory)
     reset_memory(dev)
     row = {"system": "kvretrieve" if kind else "kvretrieve-dense", "index": kind, "context": context,
            "gpu_cap_gib": CAP_GIB if kind else None}
+    extra = {"reselect_every": int(every)} if every else {}
     engine = None
     try:
-        cfg = RetrievalConfig(index=kind) if kind else None
+        cfg = RetrievalConfig(index=kind, **extra) if kind else None
+        row["reselect_every"] = cfg.reselect_every if cfg else None
         engine = Engine(decoder, make_backend(decoder, context + steps + 16, cfg), chunk)
         r = profile_context(engine, prompt(context, decoder.cfg.vocab_size, dev), steps)
         row.update({k: r.get(k) for k in COLUMNS if k in r}, index_build_s=r.get("index_build_s"),
@@ -88,7 +92,8 @@ def add_ratios(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="32K,128K")
-    ap.add_argument("--kinds", default="lowrank,bounds,exact,ivf", help="kvretrieve index kinds (first = default)")
+    ap.add_argument("--kinds", default="lowrank,bounds,exact,ivf",
+                    help="kvretrieve index kinds (first = default); kind@N also sets reselect_every=N")
     ap.add_argument("--long", default="512K:lowrank:ivf", help="a longer context for kvretrieve rows only, with kinds")
     ap.add_argument("--systems", default="kvretrieve,kvretrieve-dense,hf-dense,hf-offload")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps (kvretrieve; hf-offload takes 6)")
@@ -107,9 +112,11 @@ def main() -> None:
     rows: list[dict] = []
 
     def save():
-        merged = [r for r in old if not any((r["system"], r["index"], r["context"]) ==
-                                            (n["system"], n["index"], n["context"]) for n in rows)] + rows
-        merged.sort(key=lambda r: (r["context"], r["system"], r["index"] or ""))
+        def key(r):
+            return r["system"], r["index"] or "", r.get("reselect_every") or 0, r["context"]
+
+        merged = [r for r in old if not any(key(r) == key(n) for n in rows)] + rows
+        merged.sort(key=lambda r: (r["context"], *key(r)))
         add_ratios(merged)
         write_results("decode", meta, merged, COLUMNS, NOTES, out)
         print(markdown_table(merged, COLUMNS), flush=True)

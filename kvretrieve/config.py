@@ -31,7 +31,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        _check(self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        _check(0 <= self.temperature < float("inf"),
+               f"temperature must be >= 0 (0 = greedy) and finite, got {self.temperature}")
         _check(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         if isinstance(self.stop, str):
@@ -56,7 +57,8 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
+        kind, colon, index = str(self.device).partition(":")
+        _check(self.device == "auto" or (kind in ("cpu", "cuda") and (not colon or index.isdigit())),
                f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check(self.max_context is None or self.max_context >= 16,
                f"max_context must be >= 16 tokens, got {self.max_context}")
@@ -90,6 +92,7 @@ class RetrievalConfig:
     rank: int = 32
     cache_blocks: int | None = None
     speculative: bool = False
+    reselect_every: int = 1       # decode steps one selection serves (LServe-style reuse)
     kmeans: str = "auto"          # ivf: auto, torch, faiss, faiss-gpu
     estimate_tokens: int = 0      # ivf: next-ranked tokens that count through centroids (RetroInfer)
     cluster_tokens: int = 8192    # ivf: tokens per clustered prefill segment
@@ -104,6 +107,7 @@ class RetrievalConfig:
         _check(self.window_tokens is None or self.window_tokens >= 0,
                f"window_tokens must be >= 0, got {self.window_tokens}")
         _check(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
+        _check(self.reselect_every >= 1, f"reselect_every must be >= 1 (1 = select every step), got {self.reselect_every}")
         _check(self.estimate_tokens >= 0, f"estimate_tokens must be >= 0, got {self.estimate_tokens}")
         _check(self.estimate_tokens == 0 or self.index == "ivf", "estimate_tokens needs index='ivf'")
         _check(self.cluster_tokens >= 64 * self.block_size,

@@ -55,10 +55,13 @@ def run_script(engine, prompt, continuation, decode_tokens, truncate_to):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("block_size,sink,window", [(16, 32, 64), (8, 0, 0), (4, 4, 8)])
-def test_full_budget_equals_dense(tiny_dir, kind, block_size, sink, window):
+@pytest.mark.parametrize("block_size,sink,window,reselect", [(16, 32, 64, 1), (8, 0, 0, 1), (4, 4, 8, 1),
+                                                             (4, 4, 8, 3)])
+def test_full_budget_equals_dense(tiny_dir, kind, block_size, sink, window, reselect):
+    """With the budget covering the context, retrieval is dense attention, also when selections are
+    reused between steps (a new candidate block changes the selection's width: a fresh one)."""
     cfg = RetrievalConfig(index=kind, block_size=block_size, budget_tokens=512, sink_tokens=sink,
-                          window_tokens=window, rank=8)
+                          window_tokens=window, rank=8, reselect_every=reselect)
     dense, sparse = engines(tiny_dir, cfg)
     g = torch.Generator().manual_seed(0)
     prompt, cont = torch.randint(0, 256, (203,), generator=g), torch.randint(0, 256, (37,), generator=g)
@@ -81,6 +84,37 @@ def test_small_budget_attends_fewer_tokens_but_stays_close(tiny_dir, kind):
     assert torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="sum") < 0.5
     counters = sparse.backend.counters()
     assert counters["hits"] + counters["misses"] == 20 * 3 * 2 * 8  # steps x layers x kv heads x budget blocks
+
+
+def test_reused_selection_skips_lookups_and_never_counts_a_token_twice(tiny_dir):
+    """reselect_every=4: one step in four selects (and looks up), the others reuse its slots; a reused
+    block that entered the window leaves the table, so the attended set has no duplicates."""
+    cfg = RetrievalConfig(index="lowrank", block_size=8, budget_tokens=64, sink_tokens=8, window_tokens=32, rank=8,
+                          reselect_every=4)
+    dense, sparse = engines(tiny_dir, cfg)
+    backend, seen = sparse.backend, []
+
+    def observer(layer, q, ids, lo, hi, n, out):
+        if layer == 0:
+            table = backend._tables[0]
+            blocks = [b for b in table[:, cfg.sink_blocks:cfg.sink_blocks + cfg.budget_blocks].flatten().tolist()
+                      if b >= 0]
+            seen.append((len(blocks), len(set(map(tuple, table.tolist()[0:1])))))
+            for h in range(backend.H):
+                row = [s for s in table[h].tolist() if s >= 0]
+                assert len(row) == len(set(row)), row  # no pool slot (so no block) attended twice
+
+    backend.observer = observer
+    g = torch.Generator().manual_seed(8)
+    prompt, steps = torch.randint(0, 256, (400,), generator=g), torch.randint(0, 256, (40,), generator=g)
+    dense.forward(prompt)
+    sparse.forward(prompt)
+    for t in steps:
+        a, b = dense.model.logits(dense.forward(t.view(1))), sparse.model.logits(sparse.forward(t.view(1)))
+    assert torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="sum") < 0.5
+    c = backend.counters()
+    assert c["hits"] + c["misses"] == 10 * 3 * 2 * 8  # 10 selecting steps of 40 x layers x kv heads x budget
+    assert len(seen) == 40
 
 
 def test_speculative_prefetch_gives_identical_outputs(tiny_dir):

@@ -77,8 +77,9 @@ class Engine:
         self.backend.begin(start, 1)
         key = getattr(self.backend, "graph_key", lambda: None)() if self.graphs else None
         if key is not None and key in self._captured:
-            graph, logits = self._captured[key]
+            graph, out = self._captured[key]
             graph.replay()
+            logits = out.clone()  # the graph's output buffer is overwritten by the next replay
         else:
             logits = self._decode(start)
             if key is not None:

@@ -15,17 +15,17 @@ from collections import Counter
 import numpy as np
 import torch
 
-from .. import kernels
 from ..config import RetrievalConfig
 from ..index import make_index
-from ..models.llama import Decoder, rms_norm
+from ..models.llama import Decoder
 from .dense import causal_attention
 from .gpu_cache import BlockPool
 from .kv_store import KVStore
 from .clustering import ClusteredSegments
+from .sparse_step import SparseStep
 
 
-class RetrievalKV(ClusteredSegments):
+class RetrievalKV(ClusteredSegments, SparseStep):
     def __init__(self, cfg: RetrievalConfig, model: Decoder, capacity: int, append_chunk_blocks: int = 512):
         mc, device, dtype = model.cfg, model.device, model.dtype
         self.cfg, self.model, self.capacity, self.device = cfg, model, capacity, device
@@ -49,6 +49,11 @@ class RetrievalKV(ClusteredSegments):
         self._fetched = torch.zeros(1, dtype=torch.int64, device=device)       # blocks read from the store
         self.length, self._start, self._n, self._step = 0, 0, 0, 0
         self._spec: dict[int, torch.Tensor] = {}
+        # The last selection per layer (block ids, pool slots), reused for reselect_every steps.
+        self._sel_ids = torch.zeros(self.L, self.H, cfg.budget_blocks, dtype=torch.int64, device=device)
+        self._sel_slots = torch.full((self.L, self.H, cfg.budget_blocks), -1, dtype=torch.int32, device=device)
+        self._sel_k: int | None = None   # its width; None: the next step selects afresh
+        self._since, self._reselect, self._prologue_ran = 0, True, False
         self._seg_kv = None  # (k, v of the segment, all keys and values so far) while a layer prefills
         self._window, self._budget = cfg.window_blocks, cfg.budget_blocks  # in effect this step
         # Clustering indexes (ivf) store segments outside sinks and window in cluster order. Per
@@ -73,6 +78,8 @@ class RetrievalKV(ClusteredSegments):
             self._begin_decode(start)
 
     def commit(self, length: int) -> None:
+        if not self.decoding:
+            self._sel_k = None
         if self.decoding and length % self.bs == 0:
             self._end_decode(length)
         self.length = length
@@ -82,6 +89,7 @@ class RetrievalKV(ClusteredSegments):
         if length >= self.length:
             return
         self.length = length
+        self._sel_k = None
         n_full = length // self.bs
         if self._reorders:  # window and tail must be in natural order again
             keep = max(min(self.pool.n_sink, n_full), n_full - self.pool.window_blocks)
@@ -219,141 +227,6 @@ class RetrievalKV(ClusteredSegments):
                     rk.copy_(ks[:, 0])
                     rv.copy_(vs[:, 0])
                     self.pool.ring_block[layer, b % self.pool.ring] = b
-
-    # ---- decode ----------------------------------------------------------------------------------
-    # A decode step runs on the device alone: position, selection, LRU lookup, fetches and the slot
-    # table are tensors, so the host never waits and the step can be captured as one CUDA graph
-    # (graph_key). Host work happens between steps: begin() (plan, ring bookkeeping, store growth)
-    # and commit() (a completed tail block goes to store and index).
-    def graph_key(self):
-        """What a captured decode step depends on, or None when the step must run eagerly (an
-        observer watches it, the context is still too short for a full budget)."""
-        if not self.decoding or self.observer is not None:
-            return None
-        n_done, lo, hi = self._candidates()
-        if hi - lo < self._budget:
-            return None
-        return self._window, self._budget, self._estimate_blocks(hi - lo), self._score_blocks(n_done)
-
-    def _estimate_blocks(self, candidates: int) -> int:
-        return max(0, min(self.cfg.estimate_tokens // self.bs, candidates - self._budget))
-
-    def _score_blocks(self, n_done: int) -> int:
-        """Blocks scored per step: n_done rounded up to a power of two (candidates beyond the
-        context are masked), so one captured graph serves many steps."""
-        return min(self.pool.slot_of_block.shape[-1] - 1, max(64, 1 << max(0, n_done - 1).bit_length()))
-
-    def _begin_decode(self, start: int) -> None:
-        self._step += 1
-        self._window, self._budget = self.cfg.plan(start + 1)
-        self.pool.ensure_lru()
-        b, off = divmod(start, self.bs)
-        self.pool.ring_block[:, b % self.pool.ring] = b
-        self._pos.fill_(start)
-        self._tail_len.fill_(off + 1)  # the token's own block is the tail, even when this token completes it
-        self._stamp.fill_(2 * self._step + 1)
-        if self.d2h is not None and self._d2h_done is not None:
-            # Blocks stored by D2H copies must have landed before a fetch reads them, and a ring slot
-            # must not be overwritten while its old block is still being copied out.
-            torch.cuda.current_stream(self.device).wait_event(self._d2h_done)
-
-    def _end_decode(self, length: int) -> None:
-        """The token at length - 1 completed its block: the block joins store and index."""
-        b = length // self.bs - 1
-        for layer in range(self.L):
-            rk, rv = self._ring(layer, b)
-            self._store_blocks(layer, b, rk[:, None], rv[:, None])
-            if b < self.pool.n_sink:
-                self.pool.k[layer, :, b] = rk
-                self.pool.v[layer, :, b] = rv
-            if self._reorders:
-                self._cluster_pending(layer, b + 1)
-
-    def _step_prologue(self) -> None:
-        """Once per step, on the device: the slot table columns every layer shares, the candidate
-        mask, and where the new token goes in its ring slot."""
-        n_done = self._pos // self.bs
-        fixed = self.pool.fixed_columns(self._pos, self._window)
-        self._tables.copy_(fixed.expand_as(self._tables))
-        n_score = self._score_blocks(self._start // self.bs)
-        blocks = torch.arange(n_score, device=self.device)
-        lo = torch.clamp(n_done, max=self.pool.n_sink)
-        self._outside = (blocks < lo) | (blocks >= torch.maximum(lo, n_done - self._window))
-        self._ring_row = (self.pool.n_sink + (self._pos // self.bs).remainder(self.pool.ring)) * self.bs \
-            + self._pos.remainder(self.bs)
-        if self.cfg.speculative:
-            self._spec_rope = self.model.rope.cos_sin(self._pos, self.model.dtype, self._start + 1)
-
-    def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        shape = (self.H, -1, self.pool.k.shape[-1])
-        self.pool.k[layer].view(shape).index_copy_(1, self._ring_row, k.transpose(0, 1))
-        self.pool.v[layer].view(shape).index_copy_(1, self._ring_row, v.transpose(0, 1))
-        table = self._tables[layer]
-        ids, estimated = self._select(layer, q[0], table)
-        out, lse = kernels.sparse_decode(q[0], self.pool.k[layer], self.pool.v[layer], table, self._tail_len,
-                                         self.scale)
-        if estimated is not None:  # RetroInfer's estimation zone: more mass, no KV moved
-            out_e, lse_e = self.index.estimate(layer, q[0], estimated, self.scale)
-            out, _ = kernels.merge_attention(out, lse, out_e.to(out.dtype), lse_e)
-        if self.observer is not None:
-            _, lo, hi = self._candidates()
-            self.observer(layer, q[0], ids, lo, hi, self._start + 1, out)
-        return out[None]
-
-    def _candidates(self) -> tuple[int, int, int]:
-        """(n_done, lo, hi) of a decode step: n_done blocks precede the tail block (the new token's,
-        in the ring even when the token completes it: it reaches the store after the step); blocks
-        [lo, hi) are neither sinks nor in this step's window (ring blocks beyond the window are
-        candidates too: the store has them)."""
-        n_done = self._start // self.bs
-        lo = min(self.pool.n_sink, n_done)
-        return n_done, lo, max(lo, n_done - self._window)
-
-    def _pick(self, layer: int, q: torch.Tensor, k: int, ranked: bool = False) -> torch.Tensor:
-        """The k best candidate blocks [Hkv, k] of this layer for query q [Hq, d] (k <= candidates)."""
-        scores = self.index.scores(layer, q, self._outside.shape[0]).masked_fill(self._outside, float("-inf"))
-        return torch.topk(scores, k, dim=1, sorted=ranked).indices
-
-    def _select(self, layer: int, q: torch.Tensor, table: torch.Tensor):
-        """Pick, resolve and fetch this layer's blocks; their slots go into the table. Returns (block
-        ids [Hkv, k], the estimation zone's block ids or None)."""
-        _, lo, hi = self._candidates()
-        k = min(self._budget, hi - lo)
-        if k <= 0:
-            return torch.empty(self.H, 0, dtype=torch.long, device=self.device), None
-        z = self._estimate_blocks(hi - lo)
-        ids = self._pick(layer, q, k + z, ranked=z > 0)
-        estimated = ids[:, k:] if z > 0 else None
-        ids = ids[:, :k]
-        spec = self._spec.pop(layer, None)
-        if spec is not None:  # how much of this selection the speculative prefetch already brought
-            same = (ids[:, :, None] == spec[:, None, :]).any(-1).sum()
-            self._spec_counts += torch.stack([same, torch.full_like(same, ids.numel())])
-        slots, fetch = self.pool.lookup(layer, ids, self._stamp)
-        self._fetched += fetch.sum()
-        kernels.fetch_blocks(self.store, layer, ids, fetch, slots, self.pool.k[layer], self.pool.v[layer])
-        table[:, self.pool.n_sink:self.pool.n_sink + k] = slots
-        return ids, estimated
-
-    def prepare_layer(self, layer: int, x: torch.Tensor) -> None:
-        """Called before each layer. Decode: the step's shared device work before layer 0; with
-        speculative prefetch (InfiniGen style), layer l's input through layer l+1's norm and q
-        projection approximates layer l+1's query, whose blocks are fetched before layer l+1 asks."""
-        if self.decoding and layer == 0:
-            self._step_prologue()
-        if not (self.cfg.speculative and self.decoding) or layer + 1 >= self.L:
-            return
-        _, lo, hi = self._candidates()
-        k = min(self._budget, hi - lo)
-        if k <= 0:
-            return
-        w = self.model.w.layers[layer + 1]
-        q, _, _ = self.model.project_qkv(layer + 1, rms_norm(x, w.attn_norm, self.model.cfg.rms_eps), *self._spec_rope)
-        ids = self._pick(layer + 1, q[0], k)
-        self._spec[layer + 1] = ids
-        slots, fetch = self.pool.lookup(layer + 1, ids, self._stamp - 1, count=False)
-        self._fetched += fetch.sum()
-        kernels.fetch_blocks(self.store, layer + 1, ids, fetch, slots, self.pool.k[layer + 1], self.pool.v[layer + 1])
 
     # ---- accounting ------------------------------------------------------------------------------
     def memory(self) -> dict[str, int]:

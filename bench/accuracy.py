@@ -66,7 +66,7 @@ class Cell:
 
 
 # The recommended default, chosen from the evidence in bench/ACCURACY_NOTES.md.
-DEFAULT = Cell("lowrank", 8192, 1 / 4, block_size=16, sink=16, window_share=0.25, rank=32)
+DEFAULT = Cell("lowrank", 8192, 1 / 4, block_size=16, sink=16, window_share=0.25, rank=32, reselect=2)
 MIN_ATTENDED = 1024  # tokens: below 8K contexts the density grows to keep at least this many
 
 
@@ -78,11 +78,13 @@ def default_cell(context: int) -> Cell:
 def grid(name: str, kinds: tuple[str, ...]) -> list[Cell]:
     """The configurations a run measures. Every kind is on every axis; the full cross product is only
     taken at 8K, the context the targets are set for (the grid has to fit 30 minutes on 2 cores)."""
-    base, cells = Cell(DEFAULT.kind, 8192, 1 / 16), []
+    base, cells = Cell(DEFAULT.kind, 8192, 1 / 16), []  # the grid's other rows select every step
     if name == "quick":
         return [replace(default_cell(2048), needle=True)]
     if name == "reselect":  # reusing a selection for several steps, at the default and at 1/16
         return [replace(c, reselect=r, needle=True) for c in (default_cell(8192), base) for r in (1, 2, 4)]
+    if name == "default-cells":  # the default configuration at 2K, 4K and 8K
+        return [replace(default_cell(c), needle=True) for c in (2048, 4096, 8192)]
     if name == "default":
         cells += [replace(base, kind=k, density=f, needle=f == 1 / 16 or k == DEFAULT.kind) for k in kinds
                   for f in DENSITIES]
@@ -113,7 +115,8 @@ def teacher_forced(llm, cells: list[Cell], ids: list[int], dense_logits: torch.T
     logits = torch.empty(len(cells), steps, dense_logits.shape[-1])
     for i in range(steps):
         for p in probes:
-            p.active = i % probe_every == probe_every // 2
+            # the probed phase rotates, so steps that reuse a selection are measured too
+            p.active = i % probe_every == (probe_every // 2 + i // probe_every) % probe_every
         logits[:, i] = batched_step(model, backends, torch.tensor([ids[P + i]] * len(cells)), P + i)
     targets = torch.tensor(ids[P + 1:P + steps + 1])
     for b in backends:
@@ -293,8 +296,9 @@ def run(args) -> Path:
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the small CI grid")
-    ap.add_argument("--grid", default="default", choices=["default", "reselect"],
-                    help="reselect: the default (and 1/16) with a selection reused for 1, 2, 4 steps")
+    ap.add_argument("--grid", default="default", choices=["default", "reselect", "default-cells"],
+                    help="reselect: the default (and 1/16) with a selection reused for 1, 2, 4 steps; "
+                         "default-cells: the default configuration at 2K, 4K, 8K")
     ap.add_argument("--kinds", default=",".join(KINDS), help="index kinds, comma-separated (e.g. add ivf)")
     ap.add_argument("--steps", type=int, default=256, help="teacher-forced continuation tokens")
     ap.add_argument("--probe-every", type=int, default=16, help="recall/output error on every Nth step")

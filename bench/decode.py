@@ -38,7 +38,8 @@ from kvretrieve.models.shapes import shape_config  # noqa: E402
 from kvretrieve.runtime.engine import Engine  # noqa: E402
 from kvretrieve.runtime.profile import profile_context, reset_memory  # noqa: E402
 
-COLUMNS = ["system", "index", "reselect_every", "context", "prefill_s", "decode_ms_p50", "decode_ms_p90", "peak_gpu_gib",
+COLUMNS = ["system", "index", "reselect_every", "speculative", "context", "prefill_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_mean",
+           "peak_gpu_gib",
            "gpu_cap_gib", "pinned_host_gib", "h2d_mb_per_token", "cache_hit", "x_hf_dense", "x_hf_offload",
            "error"]
 CAP_GIB = 24.0
@@ -54,8 +55,10 @@ def prompt(n: int, vocab: int, device) -> torch.Tensor:
 
 
 def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int, chunk: int) -> dict:
-    """One kvretrieve row; kind None is the dense backend (no cap); "lowrank@4": reselect_every=4."""
-    kind, _, every = (kind or "").partition("@")
+    """One kvretrieve row; kind None is the dense backend (no cap); "lowrank@4": reselect_every=4,
+    "lowrank+spec": speculative prefetch."""
+    kind, _, spec = (kind or "").partition("+")
+    kind, _, every = kind.partition("@")
     kind = kind or None
     dev = decoder.device
     torch.cuda.set_per_process_memory_fraction(1.0 if kind is None else
@@ -63,11 +66,12 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
     reset_memory(dev)
     row = {"system": "kvretrieve" if kind else "kvretrieve-dense", "index": kind, "context": context,
            "gpu_cap_gib": CAP_GIB if kind else None}
-    extra = {"reselect_every": int(every)} if every else {}
+    extra = ({"reselect_every": int(every)} if every else {}) | ({"speculative": True} if spec else {})
     engine = None
     try:
         cfg = RetrievalConfig(index=kind, **extra) if kind else None
         row["reselect_every"] = cfg.reselect_every if cfg else None
+        row["speculative"] = cfg.speculative if cfg else None
         engine = Engine(decoder, make_backend(decoder, context + steps + 16, cfg), chunk)
         r = profile_context(engine, prompt(context, decoder.cfg.vocab_size, dev), steps)
         row.update({k: r.get(k) for k in COLUMNS if k in r}, index_build_s=r.get("index_build_s"),
@@ -93,7 +97,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="32K,128K")
     ap.add_argument("--kinds", default="lowrank,bounds,exact,ivf",
-                    help="kvretrieve index kinds (first = default); kind@N also sets reselect_every=N")
+                    help="kvretrieve index kinds (first = default); kind@N sets reselect_every=N, "
+                         "kind+spec speculative prefetch")
     ap.add_argument("--long", default="512K:lowrank:ivf", help="a longer context for kvretrieve rows only, with kinds")
     ap.add_argument("--systems", default="kvretrieve,kvretrieve-dense,hf-dense,hf-offload")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps (kvretrieve; hf-offload takes 6)")
@@ -113,7 +118,7 @@ def main() -> None:
 
     def save():
         def key(r):
-            return r["system"], r["index"] or "", r.get("reselect_every") or 0, r["context"]
+            return r["system"], r["index"] or "", r.get("reselect_every") or 0, bool(r.get("speculative")), r["context"]
 
         merged = [r for r in old if not any(key(r) == key(n) for n in rows)] + rows
         merged.sort(key=lambda r: (r["context"], *key(r)))

@@ -290,6 +290,7 @@ def _interp_cases(device="cpu", big=False):
         L, H, bs, d, S = 3, 2, 8, 16, 12
         store = KVStore(L, H, d, bs, 40 * bs, dt, pin=device == "cuda", segment_blocks=16, device=torch.device(device))
         store.write(1, 0, torch.randn(H, 40, bs, d, generator=g).to(dt), torch.randn(H, 40, bs, d, generator=g).to(dt))
+        store.sync_offsets()
         ids = torch.stack([torch.randperm(40, generator=g)[:S] for _ in range(H)]).to(device)   # crosses segments
         slots = torch.stack([torch.randperm(S, generator=g) for _ in range(H)]).int().to(device)
         want = torch.rand(H, S, generator=g).lt(0.6).to(device)

@@ -117,6 +117,22 @@ def test_causal_attention_matches_naive(q_start, T, S_extra, hq, hkv):
     assert torch.allclose(out.double(), ref, atol=1e-5)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_fused_attention_with_lse_matches_reference(causal):
+    """attention_lse on CUDA in bf16 (cuDNN, or flash where cuDNN refuses), with token-major GQA
+    inputs as the prefill passes them, against the fp32 reference: output and log-sum-exp."""
+    from kvretrieve.runtime.dense import attention_lse, attention_lse_reference
+
+    g = torch.Generator().manual_seed(9)
+    T, S = (300, 300) if causal else (200, 700)
+    q, k, v = (torch.randn(n, h, 128, generator=g).bfloat16().cuda() for n, h in ((T, 32), (S, 8), (S, 8)))
+    out, lse = attention_lse(q, k, v, causal, 128 ** -0.5)
+    ref, ref_lse = attention_lse_reference(q.float(), k.float(), v.float(), causal, 128 ** -0.5)
+    assert out.shape == ref.shape and lse.shape == ref_lse.shape
+    assert rel_err(out.float(), ref) < 2e-2 and (lse.float() - ref_lse).abs().max() < 1e-2
+
+
 def test_config_errors():
     from kvretrieve.errors import ModelLoadError
 

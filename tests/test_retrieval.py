@@ -72,7 +72,8 @@ def test_full_budget_equals_dense(tiny_dir, kind, block_size, sink, window, rese
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_small_budget_attends_fewer_tokens_but_stays_close(tiny_dir, kind):
-    cfg = RetrievalConfig(index=kind, block_size=8, budget_tokens=64, sink_tokens=8, window_tokens=32, rank=8)
+    cfg = RetrievalConfig(index=kind, block_size=8, budget_tokens=64, sink_tokens=8, window_tokens=32, rank=8,
+                          reselect_every=1)
     dense, sparse = engines(tiny_dir, cfg)
     g = torch.Generator().manual_seed(1)
     prompt, steps = torch.randint(0, 256, (400,), generator=g), torch.randint(0, 256, (20,), generator=g)
@@ -118,7 +119,8 @@ def test_reused_selection_skips_lookups_and_never_counts_a_token_twice(tiny_dir)
 
 
 def test_speculative_prefetch_gives_identical_outputs(tiny_dir):
-    base = RetrievalConfig(index="lowrank", block_size=8, budget_tokens=64, sink_tokens=8, window_tokens=16, rank=8)
+    base = RetrievalConfig(index="lowrank", block_size=8, budget_tokens=64, sink_tokens=8, window_tokens=16, rank=8,
+                           reselect_every=1)
     _, plain = engines(tiny_dir, base)
     _, spec = engines(tiny_dir, dataclasses.replace(base, speculative=True))
     g = torch.Generator().manual_seed(2)
@@ -196,9 +198,9 @@ def test_store_grows_without_copying_and_refuses_what_cannot_fit(monkeypatch):
     store = KVStore(2, 2, 8, 4, 4096, torch.float32, pin=False, segment_blocks=16)
     k = torch.randn(2, 20, 4, 8)
     store.write(1, 0, k[:, :10], k[:, :10] + 1)
-    first = store.segments[0].data_ptr()
+    first = store.segments[1][0].data_ptr()
     store.write(1, 10, k[:, 10:], k[:, 10:] + 1)
-    assert store.segments[0].data_ptr() == first and len(store.segments) == 2
+    assert store.segments[1][0].data_ptr() == first and len(store.segments[1]) == 2
     rk, rv = store.read(1, 0, 20)
     assert torch.equal(rk, k) and torch.equal(rv, k + 1)
     out = torch.empty(2, 3, 32)
@@ -207,7 +209,25 @@ def test_store_grows_without_copying_and_refuses_what_cannot_fit(monkeypatch):
     monkeypatch.setenv("KVRETRIEVE_FREE_RAM_GB", "0.00001")
     with pytest.raises(ResourceError, match="CPU RAM.*KVRETRIEVE_FREE_RAM_GB"):
         store.ensure(100)
-    assert len(store.segments) == 2  # nothing was allocated
+    assert len(store.segments[1]) == 2  # nothing was allocated
+
+
+def test_store_reserves_in_the_background_and_writes_wait_for_their_layer():
+    store = KVStore(3, 2, 8, 4, 4096, torch.float32, pin=False, segment_blocks=16)
+    store.ensure(100, background=True)                  # 7 segments per layer, on a thread
+    k = torch.randn(2, 100, 4, 8)
+    for layer in (2, 0, 1):
+        store.write(layer, 0, k + layer, k - layer)
+    store.join()
+    assert [len(s) for s in store.segments] == [7, 7, 7] and store.capacity_blocks == 112
+    for layer in range(3):
+        rk, rv = store.read(layer, 0, 100)
+        assert torch.equal(rk, k + layer) and torch.equal(rv, k - layer)
+    store.sync_offsets()  # what the fetch kernel reads: each segment's start relative to the first one
+    base = store.segments[0][0].data_ptr()
+    for layer in range(3):
+        for i, seg in enumerate(store.segments[layer]):
+            assert store.device_offsets[layer, i] * 4 == seg.data_ptr() - base
 
 
 def test_retrieval_config_validation():
@@ -392,7 +412,7 @@ def test_auto_budget_is_the_measured_default():
 
 
 def test_auto_budget_in_decode(tiny_dir):
-    _, sparse = engines(tiny_dir, RetrievalConfig(index="bounds", block_size=4), capacity=2100)
+    _, sparse = engines(tiny_dir, RetrievalConfig(index="bounds", block_size=4, reselect_every=1), capacity=2100)
     g = torch.Generator().manual_seed(12)
     sparse.forward(torch.randint(0, 256, (2000,), generator=g))
     for t in torch.randint(0, 256, (5,), generator=g):

@@ -18,17 +18,16 @@ from kvretrieve.kernels.reference import check_fetch, check_launch_device
 
 @triton.jit
 def _fetch_kernel(base_ptr, seg_offsets_ptr, ids_ptr, fetch_ptr, slots_ptr, pool_k_ptr, pool_v_ptr,
-                  layer, k, seg_blocks, H, S, W: tl.constexpr):
+                  layer, n_seg, k, seg_blocks, H, S, W: tl.constexpr):
     h = tl.program_id(0).to(tl.int64)  # int64 offsets: a segment of 32 layers exceeds 2^31 elements
     j = tl.program_id(1)
     if tl.load(fetch_ptr + h * k + j) != 0:
         block = tl.load(ids_ptr + h * k + j).to(tl.int64)
         slot = tl.load(slots_ptr + h * k + j).to(tl.int64)
         seg = block // seg_blocks
-        # A segment is [L, 2 (K|V), H, seg_blocks, W]; its start is given relative to segment 0, in
-        # elements, so one base pointer reaches every segment.
-        row = seg_offsets_ptr + seg
-        src = tl.load(row) + ((layer * 2 * H + h) * seg_blocks + block % seg_blocks) * W
+        # A segment of a layer is [2 (K|V), H, seg_blocks, W]; its start is given relative to the
+        # store's first segment, in elements, so one base pointer reaches every segment.
+        src = tl.load(seg_offsets_ptr + layer * n_seg + seg) + (h * seg_blocks + block % seg_blocks) * W
         v_off = H * seg_blocks * W
         dst = (h * S + slot) * W
         cols = tl.arange(0, W)
@@ -52,11 +51,10 @@ def fetch_blocks(store, layer, ids, fetch, slots, pool_k, pool_v):
     check_fetch(store, layer, ids, fetch, slots, pool_k, pool_v)
     check_launch_device("fetch_blocks", ids, fetch, slots, pool_k, pool_v)
     h, k = ids.shape
-    if k == 0 or not store.segments:
+    if k == 0 or not store.reserved:
         return
-    base = store.segments[0]
-    if pool_k.is_cuda:
-        base = _HostPointer(base)
+    base = _HostPointer(store.base) if pool_k.is_cuda else store.base
+    # device_offsets must be current (store.sync_offsets(), between steps): a graph replays this launch
     _fetch_kernel[(h, k)](base, store.device_offsets, ids.contiguous(), fetch.contiguous().view(torch.int8),
-                          slots.contiguous(), pool_k, pool_v, int(layer), k, store.seg_blocks, h, pool_k.shape[1],
-                          W=store.bs * store.d, num_warps=4)
+                          slots.contiguous(), pool_k, pool_v, int(layer), store.n_segments, k, store.seg_blocks, h,
+                          pool_k.shape[1], W=store.bs * store.d, num_warps=4)

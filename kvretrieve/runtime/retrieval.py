@@ -47,6 +47,9 @@ class RetrievalKV(ClusteredSegments, SparseStep):
         self._stamp = torch.zeros(1, dtype=torch.int32, device=device)
         self._spec_counts = torch.zeros(2, dtype=torch.int64, device=device)   # speculated hits, total
         self._fetched = torch.zeros(1, dtype=torch.int64, device=device)       # blocks read from the store
+        self._spec_fetched = torch.zeros(1, dtype=torch.int64, device=device)  # ... by speculative prefetch
+        self._side = torch.cuda.Stream(device) if cuda and cfg.speculative else None
+        self._spec_ready: dict[int, torch.cuda.Event] = {}
         self.length, self._start, self._n, self._step = 0, 0, 0, 0
         self._spec: dict[int, torch.Tensor] = {}
         # The last selection per layer (block ids, pool slots), reused for reselect_every steps.
@@ -73,7 +76,8 @@ class RetrievalKV(ClusteredSegments, SparseStep):
     # ---- engine protocol -------------------------------------------------------------------------
     def begin(self, start: int, n: int) -> None:
         self._start, self._n = start, n
-        self.store.ensure(-(-(start + n) // self.bs))  # refuses with a clear error before the RAM runs out
+        # Refuses with a clear error before the RAM runs out; a long prefill pins memory in the background.
+        self.store.ensure(-(-(start + n) // self.bs), background=n > 1)
         if self.decoding:
             self._begin_decode(start)
 
@@ -84,6 +88,7 @@ class RetrievalKV(ClusteredSegments, SparseStep):
             self._end_decode(length)
         self.length = length
         self._spec.clear()
+        self._spec_ready.clear()
 
     def truncate(self, length: int) -> None:
         if length >= self.length:
@@ -236,5 +241,5 @@ class RetrievalKV(ClusteredSegments, SparseStep):
         hits, misses = self.pool.counts.tolist()
         spec_hits, spec_total = self._spec_counts.tolist()
         block_bytes = 2 * self.bs * self.pool.k.shape[-1] * self.pool.k.element_size()  # K and V
-        return {"hits": hits, "misses": misses, "h2d_bytes": self._fetched.item() * block_bytes,
+        return {"hits": hits, "misses": misses, "h2d_bytes": (self._fetched + self._spec_fetched).item() * block_bytes,
                 "spec_hits": spec_hits, "spec_total": spec_total, **self.stats}

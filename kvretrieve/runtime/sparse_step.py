@@ -42,6 +42,7 @@ class SparseStep:
         self._step += 1
         self._window, self._budget = self.cfg.plan(start + 1)
         self.pool.ensure_lru()
+        self.store.sync_offsets()
         b, off = divmod(start, self.bs)
         self.pool.ring_block[:, b % self.pool.ring] = b
         self._pos.fill_(start)
@@ -139,6 +140,9 @@ class SparseStep:
         ids = self._pick(layer, q, k + z, ranked=z > 0)
         estimated = ids[:, k:] if z > 0 else None
         ids = ids[:, :k]
+        ready = self._spec_ready.pop(layer, None)
+        if ready is not None:  # the speculative lookup of this layer ran on the side stream
+            torch.cuda.current_stream(self.device).wait_event(ready)
         spec = self._spec.pop(layer, None)
         if spec is not None:  # how much of this selection the speculative prefetch already brought
             same = (ids[:, :, None] == spec[:, None, :]).any(-1).sum()
@@ -154,7 +158,8 @@ class SparseStep:
     def prepare_layer(self, layer: int, x: torch.Tensor) -> None:
         """Called before each layer. Decode: the step's shared device work before layer 0; with
         speculative prefetch (InfiniGen style), layer l's input through layer l+1's norm and q
-        projection approximates layer l+1's query, whose blocks are fetched before layer l+1 asks."""
+        projection approximates layer l+1's query, whose blocks are fetched before layer l+1 asks:
+        on CUDA on a side stream, so the copies overlap layer l's attention and MLP."""
         if self.decoding and layer == 0:
             self._step_prologue()
             self._prologue_ran = True
@@ -166,9 +171,21 @@ class SparseStep:
             return
         w = self.model.w.layers[layer + 1]
         q, _, _ = self.model.project_qkv(layer + 1, rms_norm(x, w.attn_norm, self.model.cfg.rms_eps), *self._spec_rope)
-        ids = self._pick(layer + 1, q[0], k)
-        self._spec[layer + 1] = ids
-        slots, fetch = self.pool.lookup(layer + 1, ids, self._stamp - 1, count=False)
-        self._fetched += fetch.sum()
-        kernels.fetch_blocks(self.store, layer + 1, ids, fetch, slots, self.pool.k[layer + 1], self.pool.v[layer + 1])
+        if self._side is None:
+            self._prefetch(layer + 1, q[0], k)
+            return
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+        q.record_stream(self._side)  # q is freed here while the side stream may still read it
+        with torch.cuda.stream(self._side):
+            self._prefetch(layer + 1, q[0], k)
+            ready = torch.cuda.Event()
+            ready.record(self._side)
+        self._spec_ready[layer + 1] = ready
+
+    def _prefetch(self, layer: int, q: torch.Tensor, k: int) -> None:
+        ids = self._pick(layer, q, k)
+        self._spec[layer] = ids
+        slots, fetch = self.pool.lookup(layer, ids, self._stamp - 1, count=False)
+        self._spec_fetched += fetch.sum()
+        kernels.fetch_blocks(self.store, layer, ids, fetch, slots, self.pool.k[layer], self.pool.v[layer])
 

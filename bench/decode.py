@@ -75,7 +75,7 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
         engine = Engine(decoder, make_backend(decoder, context + steps + 16, cfg), chunk)
         r = profile_context(engine, prompt(context, decoder.cfg.vocab_size, dev), steps)
         row.update({k: r.get(k) for k in COLUMNS if k in r}, index_build_s=r.get("index_build_s"),
-                   graphs=len(engine._captured))
+                   graphs=len(engine._captured), step_ms=r.get("step_ms"))
     except (torch.OutOfMemoryError, RuntimeError, ValueError) as e:
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     del engine

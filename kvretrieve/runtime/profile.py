@@ -56,7 +56,7 @@ def profile_context(engine, ids: torch.Tensor, decode_steps: int) -> dict:
         "context": len(ids), "prefill_s": ttft, "prefill_tok_s": len(ids) / ttft, "ttft_s": ttft,
         "index_build_s": build_s, "build_share": build_s / ttft,
         "decode_ms_p50": statistics.median(step_ms), "decode_ms_p90": q[8],
-        "decode_ms_mean": statistics.fmean(step_ms),
+        "decode_ms_mean": statistics.fmean(step_ms), "step_ms": [round(t, 3) for t in step_ms],
         "h2d_mb_per_token": delta.get("h2d_bytes", 0) / 1e6 / max(1, decode_steps) if lookups else None,
         "cache_hit": delta["hits"] / lookups if lookups else None,
         "spec_hit": delta["spec_hits"] / delta["spec_total"] if delta.get("spec_total") else None,

@@ -34,9 +34,9 @@ class SparseStep:
         return max(0, min(self.cfg.estimate_tokens // self.bs, candidates - self._budget))
 
     def _score_blocks(self, n_done: int) -> int:
-        """Blocks scored per step: n_done rounded up to a power of two (candidates beyond the
-        context are masked), so one captured graph serves many steps."""
-        return min(self.pool.slot_of_block.shape[-1] - 1, max(64, 1 << max(0, n_done - 1).bit_length()))
+        """Blocks scored per step: past n_done, rounded up to 512 blocks (candidates beyond the
+        context are masked), so one captured graph serves thousands of steps."""
+        return min(self.pool.slot_of_block.shape[-1] - 1, (n_done // 512 + 1) * 512)
 
     def _begin_decode(self, start: int) -> None:
         self._step += 1

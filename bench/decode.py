@@ -113,7 +113,13 @@ def main() -> None:
     out = Path(args.out)
     meta = provenance("cuda")
     meta["commit"] = os.environ.get("KVRETRIEVE_COMMIT", meta["commit"])
-    old = json.loads((out / "decode.json").read_text())["rows"] if args.merge and (out / "decode.json").exists() else []
+    old = []
+    if args.merge and (out / "decode.json").exists():
+        before = json.loads((out / "decode.json").read_text())
+        old = before.pop("rows")
+        # the runs whose rows this file keeps, newest last
+        meta["runs"] = before.get("runs", [{k: before[k] for k in ("command", "commit", "date", "device")}])
+    meta.setdefault("runs", []).append({k: meta[k] for k in ("command", "commit", "date", "device")})
     rows: list[dict] = []
 
     def save():

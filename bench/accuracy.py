@@ -66,7 +66,7 @@ class Cell:
 
 
 # The recommended default, chosen from the evidence in bench/ACCURACY_NOTES.md.
-DEFAULT = Cell("lowrank", 8192, 1 / 4, block_size=16, sink=16, window_share=0.25, rank=32, reselect=2)
+DEFAULT = Cell("lowrank", 8192, 1 / 4, block_size=16, sink=16, window_share=0.25, rank=32, reselect=1)
 MIN_ATTENDED = 1024  # tokens: below 8K contexts the density grows to keep at least this many
 
 
@@ -83,8 +83,8 @@ def grid(name: str, kinds: tuple[str, ...]) -> list[Cell]:
         return [replace(default_cell(2048), needle=True)]
     if name == "reselect":  # reusing a selection for several steps, at the default and at 1/16
         return [replace(c, reselect=r, needle=True) for c in (default_cell(8192), base) for r in (1, 2, 4)]
-    if name == "default-cells":  # the default configuration at 2K, 4K and 8K
-        return [replace(default_cell(c), needle=True) for c in (2048, 4096, 8192)]
+    if name == "default-cells":  # the default configuration at 2K, 4K and 8K, selecting every 1 and 2 steps
+        return [replace(default_cell(c), needle=True, reselect=r) for c in (2048, 4096, 8192) for r in (1, 2)]
     if name == "default":
         cells += [replace(base, kind=k, density=f, needle=f == 1 / 16 or k == DEFAULT.kind) for k in kinds
                   for f in DENSITIES]

@@ -92,7 +92,7 @@ class RetrievalConfig:
     rank: int = 32
     cache_blocks: int | None = None
     speculative: bool = False
-    reselect_every: int = 2       # decode steps one selection serves (LServe-style reuse; see plan())
+    reselect_every: int = 1       # decode steps one selection serves (LServe-style reuse, a speed knob)
     kmeans: str = "auto"          # ivf: auto, torch, faiss, faiss-gpu
     estimate_tokens: int = 0      # ivf: next-ranked tokens that count through centroids (RetroInfer)
     cluster_tokens: int = 8192    # ivf: tokens per clustered prefill segment

@@ -181,9 +181,9 @@ def main() -> None:
 
 NOTES = """Llama-3.1-8B shape, random bf16 weights, random token ids, greedy decode; decode ms per token
 as median (p50), p90 and mean over the timed steps, the token read back to the host every step as
-in generation. With reselect_every = 2 (the default) every other step selects, looks up and copies
-while the steps between only attend, so those rows' step times are bimodal: their mean is the
-figure to read. kvretrieve rows run under set_per_process_memory_fraction(24 GiB); kvretrieve-dense
+in generation. The default selects every step (reselect_every = 1); with reselect_every = 2 or 4
+only one step in 2 or 4 selects, looks up and copies while the others only attend, so those rows'
+step times are bimodal: their mean is the figure to read. kvretrieve rows run under set_per_process_memory_fraction(24 GiB); kvretrieve-dense
 and hf rows have the whole 80 GB card. x_hf_*: speed-up over that transformers row of the same
 context (the hf row's p50 over this row's mean). h2d_mb_per_token for hf-offload is computed from the cache size (its
 offloaded cache brings every layer's K,V up each step), not measured. With random weights the

@@ -62,7 +62,8 @@ def write_results(name: str, meta: dict, rows: list[dict], columns: list[str], n
     (out_dir / f"{name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     md = [f"# {name}", "", f"- command: `{meta['command']}`", f"- commit: {meta['commit']}",
           f"- device: {meta['device']}", f"- date: {meta['date']}",
-          f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}", "",
+          f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}"]
+    md += [f"- run: `{r['command']}` at {r['commit']}, {r['date']}" for r in meta.get("runs", [])] + ["",
           markdown_table(rows, columns), ""]
     if notes:
         md += [notes, ""]

@@ -151,11 +151,18 @@ class RetrievalKV(ClusteredSegments, SparseStep):
         a continuation prefill, and for measuring what the sparse path leaves out)."""
         self._sync_d2h()
         nb, tail = divmod(P, self.bs)
-        ks, vs = self.store.read(layer, 0, nb)
-        ks = ks.to(self.device, non_blocking=True).reshape(self.H, nb * self.bs, -1)
-        vs = vs.to(self.device, non_blocking=True).reshape(self.H, nb * self.bs, -1)
-        rk, rv = self._ring(layer, nb)
-        return torch.cat([ks, rk[:, :tail]], 1).transpose(0, 1), torch.cat([vs, rv[:, :tail]], 1).transpose(0, 1)
+        # During a decode step the block its token completes is still only in the ring (the store
+        # gets it after the step).
+        stored = min(nb, self._start // self.bs) if self.decoding else nb
+        ks, vs = self.store.read(layer, 0, stored)
+        parts_k = [ks.to(self.device, non_blocking=True).reshape(self.H, stored * self.bs, -1)]
+        parts_v = [vs.to(self.device, non_blocking=True).reshape(self.H, stored * self.bs, -1)]
+        for b in range(stored, nb + 1):
+            rk, rv = self._ring(layer, b)
+            n = self.bs if b < nb else tail
+            parts_k.append(rk[:, :n])
+            parts_v.append(rv[:, :n])
+        return torch.cat(parts_k, 1).transpose(0, 1), torch.cat(parts_v, 1).transpose(0, 1)
 
     def _append(self, layer: int, k: torch.Tensor, v: torch.Tensor, P: int) -> None:
         """Add tokens P.. (k, v [T, Hkv, d]) to store, index, sinks, ring and tail."""

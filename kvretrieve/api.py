@@ -6,13 +6,13 @@ from pathlib import Path
 import torch
 
 from .config import RetrievalConfig, RuntimeConfig
-from .errors import ResourceError
+from .errors import ConfigError, ResourceError
 from .llm import LLM
 from .models.llama import Decoder, ModelConfig
 from .models.loader import load_model
 from .models.shapes import weight_bytes
 from .runtime.dense import DenseKV
-from .runtime.memory import GiB, apply_gpu_cap
+from .runtime.memory import GiB, apply_gpu_cap, check_allocation
 from .runtime.retrieval import RetrievalKV
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -21,7 +21,12 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: kvretrieve runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ResourceError(f"--device {name} asked for a GPU but torch sees none (torch {torch.__version__}, "
@@ -63,20 +68,41 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str = 
     if runtime.gpu_mem_gb is not None and dev.type == "cuda":
         apply_gpu_cap(dev, runtime.gpu_mem_gb)
     dtype = resolve_dtype(runtime.dtype, dev)
-    decoder, tokenizer, source = load_model(model, dev, dtype, log,
-                                            check=lambda cfg: check_weights_fit(cfg, dev, dtype, runtime.gpu_mem_gb))
+
+    def check(cfg: ModelConfig) -> None:  # before any weight is read
+        kv_tokens = 0 if retrieval is not None else runtime.max_context or cfg.max_position
+        check_weights_fit(cfg, dev, dtype, runtime.gpu_mem_gb, kv_tokens)
+
+    decoder, tokenizer, source = load_model(model, dev, dtype, log, check=check)
     backend = make_backend(decoder, runtime.max_context or decoder.cfg.max_position, retrieval)
     return LLM(decoder, tokenizer, backend, runtime, retrieval, source)
 
 
-def check_weights_fit(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, gpu_mem_gb: float | None) -> None:
-    """Refuse before reading any weight when the weights alone exceed the GPU memory cap."""
-    if device.type != "cuda" or gpu_mem_gb is None:
+def check_weights_fit(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, gpu_mem_gb: float | None,
+                      kv_tokens: int = 0, context_option: str = "--max-context") -> None:
+    """Refuse before reading any weight when the weights (plus a dense KV cache of kv_tokens tokens on
+    the same device) cannot fit: over the GPU memory cap, or over the free CPU RAM."""
+    nbytes = torch.finfo(dtype).bits // 8
+    need = weight_bytes(cfg, nbytes)
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_tokens * nbytes
+    if device.type == "cuda":
+        if gpu_mem_gb is None:
+            return
+        if need > gpu_mem_gb * GiB:
+            raise ResourceError(f"the weights alone need {need / GiB:.1f} GiB, more than --gpu-mem-gb {gpu_mem_gb}; "
+                                "raise the cap or use a smaller model")
+        if need + kv > gpu_mem_gb * GiB:
+            raise ResourceError(f"the weights ({need / GiB:.1f} GiB) and the dense KV cache of {kv_tokens:,} tokens "
+                                f"({kv / GiB:.1f} GiB) need more than --gpu-mem-gb {gpu_mem_gb}; lower "
+                                f"{context_option}, or use --retrieval to keep the KV cache in CPU memory")
         return
-    need = weight_bytes(cfg, torch.finfo(dtype).bits // 8)
-    if need > gpu_mem_gb * GiB:
-        raise ResourceError(f"the weights alone need {need / GiB:.1f} GiB, more than --gpu-mem-gb {gpu_mem_gb}; "
-                            "raise the cap or use a smaller model")
+    what = f"the weights ({need / GiB:.2f} GiB)" + (f" and the KV cache of {kv_tokens:,} tokens ({kv / GiB:.2f} GiB)"
+                                                     if kv else "")
+    fixes = [f"lower {context_option} or use --retrieval"] if kv else []
+    fixes.append("use a smaller model" + (" or --dtype bfloat16" if nbytes == 4 else ""))
+    fix = ", ".join(fixes) + (", or set KVRETRIEVE_FREE_RAM_GB if this host reports less free memory than it can "
+                              "hand out")
+    check_allocation(need + kv, device, what, fix)
 
 
 def make_backend(decoder: Decoder, capacity: int, retrieval: RetrievalConfig | None):

@@ -26,11 +26,17 @@ def read_document(path: str) -> str:
         raise InputError(f"document {p} does not exist; check the path")
     if not p.is_file():
         raise InputError(f"document {p} is not a regular file; pass a text file")
-    data = p.read_bytes()
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read document {p} ({e.strerror}); check its permissions") from None
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise InputError(f"document {p} is UTF-16 text, not UTF-8; convert it, e.g. "
+                         f"`iconv -f utf-16 -t utf-8 {p.name}`")
     if b"\x00" in data[:8192]:
         raise InputError(f"document {p} is binary, not text; pass a UTF-8 text file (convert PDFs etc. to text first)")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a leading byte-order mark is not part of the text
     except UnicodeDecodeError as e:
         raise InputError(f"document {p} is not UTF-8 text (invalid byte at offset {e.start}); convert it, e.g. "
                          f"`iconv -f latin1 -t utf-8 {p.name}`") from None
@@ -68,7 +74,12 @@ class Conversation:
 
     def ask(self, question: str, sampling, progress_factory):
         msgs = self.messages(question)
-        ids_estimate = len(self.llm.tokenizer.encode_chat(msgs)) - self.llm.cached_tokens
+        n_tokens = len(self.llm.tokenizer.encode_chat(msgs))
+        if n_tokens > self.llm.max_context:
+            raise InputError(f"this turn needs {n_tokens:,} tokens (documents, earlier turns and the question) but "
+                             f"the context holds {self.llm.max_context:,}; /reset to forget earlier turns, ask a "
+                             "shorter question, or raise --max-context")
+        ids_estimate = n_tokens - self.llm.cached_tokens
         answer = []
         # If interrupted, the turn is never recorded; the KV cache may hold part of the answer, which
         # the next turn's prefix match simply overwrites.
@@ -111,6 +122,9 @@ def chat(documents, system, **opts):
         except (EOFError, KeyboardInterrupt):
             click.echo(err=True)
             return
+        except UnicodeDecodeError as e:
+            raise InputError(f"a question on stdin is not UTF-8 text (invalid byte {e.object[e.start:e.start + 1]!r});"
+                             " send UTF-8, e.g. through `iconv -t utf-8`") from None
         if not interactive and line == "":
             return
         question = line.strip()
@@ -128,13 +142,22 @@ def chat(documents, system, **opts):
         if question.startswith("/"):
             click.echo(f"unknown command {question}; {HELP}", err=True)
             continue
+        pieces = conv.ask(question, sampling, progress)
         try:
-            for piece in conv.ask(question, sampling, progress):
+            for piece in pieces:
                 click.echo(piece, nl=False)
                 sys.stdout.flush()
             click.echo()
         except KeyboardInterrupt:
+            # The turn is not recorded; a forward pass cut short is rolled back by the engine and LLM
+            # keeps its token list in step with the KV cache, so the next question reuses what is
+            # valid and prefills the rest.
+            pieces.close()
             click.echo("\n[answer interrupted]", err=True)
+            if not interactive:  # piped questions: Ctrl-C stops the whole run (exit 130)
+                raise
+        except InputError as e:
             if not interactive:
                 raise
+            click.echo(f"error: {e}", err=True)  # in the terminal the conversation goes on
 

@@ -65,7 +65,11 @@ def cli():
 def generate(prompt, raw, system, stats, **opts):
     """Answer PROMPT (or '-' to read it from stdin), streaming the text."""
     if prompt == "-":
-        prompt = sys.stdin.read()
+        try:
+            prompt = sys.stdin.read()
+        except UnicodeDecodeError as e:
+            raise InputError(f"the prompt on stdin is not UTF-8 text (invalid byte {e.object[e.start:e.start + 1]!r}); "
+                             "convert it, e.g. `iconv -f latin1 -t utf-8`") from None
     if not prompt.strip():
         raise InputError("the prompt is empty; pass some text, or '-' to read it from stdin")
     llm = load_from_options(opts)

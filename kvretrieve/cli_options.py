@@ -29,7 +29,7 @@ def parse_tokens(value: str | int | None) -> int | None:
     mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
     try:
         return int(float(text[:-1] if mult > 1 else text) * mult)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: 'inf'
         raise click.BadParameter(f"{value!r} is not a token count (examples: 8192, 32K, 1M)") from None
 
 

@@ -8,7 +8,7 @@ import click
 import torch
 
 from .cli_options import parse_tokens, set_debug
-from .config import RetrievalConfig
+from .config import RetrievalConfig, RuntimeConfig
 from .errors import InputError
 
 COLUMNS = [("model", "model"), ("context", "context"), ("index", "index"), ("budget", "budget"),
@@ -93,6 +93,8 @@ def profile(model_path, shape, contexts, decode_steps, retrieval, budget, block_
         raise InputError("pass --model or --shape, not both")
     if decode_steps < 1:
         raise InputError("--decode-steps must be at least 1")
+    RuntimeConfig(device=device, dtype=dtype, prefill_chunk=prefill_chunk, gpu_mem_gb=gpu_mem_gb)  # validates them
+    kv_tokens = 0 if retrieval != "off" else max(contexts) + decode_steps + 16  # the largest dense cache
     cfg_r = None if retrieval == "off" else RetrievalConfig(
         index=retrieval, budget_tokens=budget, block_size=block_size, sink_tokens=sink, window_tokens=window,
         rank=rank, speculative=speculative)
@@ -102,11 +104,12 @@ def profile(model_path, shape, contexts, decode_steps, retrieval, budget, block_
         apply_gpu_cap(dev, gpu_mem_gb)
     if shape:
         cfg = shape_config(shape)
-        check_weights_fit(cfg, dev, dt, gpu_mem_gb)
+        check_weights_fit(cfg, dev, dt, gpu_mem_gb, kv_tokens, "--context")
         decoder, tokenizer, name = Decoder(cfg, random_weights(cfg, dev, dt, seed)), None, shape
     else:
         decoder, tokenizer, source = load_model(model_path, dev, dt, log=lambda m: click.echo(m, err=True),
-                                                check=lambda c: check_weights_fit(c, dev, dt, gpu_mem_gb))
+                                                check=lambda c: check_weights_fit(c, dev, dt, gpu_mem_gb, kv_tokens,
+                                                                                  "--context"))
         name = source.name
     rows = []
     for n in contexts:

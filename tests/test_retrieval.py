@@ -440,3 +440,47 @@ def test_backend_leaves_the_callers_kv_alone(tiny_dir):
         backend.end_layer(layer)
     backend.commit(600)
     assert backend._segments[0] and torch.equal(k, k0) and torch.equal(v, v0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_lookup_and_fetch_stress_slots_always_hold_their_blocks(device):
+    """Many steps of random selections through a small cache: after lookup + fetch (on CUDA the
+    zero-copy kernel, queued on the stream with no host sync) every selected block's slot holds
+    exactly that block's K and V from the store, and attention over the table equals attention
+    over the same blocks taken from the store."""
+    from kvretrieve import kernels
+
+    dev = torch.device(device)
+    L, H, d, bs, nb = 2, 3, 16, 8, 64
+    cfg = RetrievalConfig(block_size=bs, budget_tokens=6 * bs, sink_tokens=0, window_tokens=0, cache_blocks=8)
+    store = KVStore(L, H, d, bs, nb * bs, torch.float32, pin=dev.type == "cuda", segment_blocks=16, device=dev)
+    g = torch.Generator().manual_seed(21)
+    keys, values = torch.randn(L, H, nb, bs, d, generator=g), torch.randn(L, H, nb, bs, d, generator=g)
+    for layer in range(L):
+        store.write(layer, 0, keys[layer], values[layer])
+    store.sync_offsets()
+    pool = BlockPool(cfg, L, H, d, nb, dev, torch.float32)
+    pool.ensure_lru()
+    q = torch.randn(H * 2, d, generator=g).to(dev)
+    weights = torch.cat([torch.full((12,), 8.0), torch.ones(nb - 12)])
+    fetched = 0
+    for step in range(1, 400):
+        layer = step % L
+        # skewed selections: the first 12 blocks come back often (hits), the rest rarely (evictions)
+        ids = torch.multinomial(weights.expand(H, -1), 4, replacement=False, generator=g).to(dev)
+        slots, fetch = pool.lookup(layer, ids, torch.tensor([step], dtype=torch.int32, device=dev))
+        kernels.fetch_blocks(store, layer, ids, fetch, slots, pool.k[layer], pool.v[layer])
+        fetched += int(fetch.sum())
+        heads = torch.arange(H, device=dev)[:, None]
+        want_k = keys[layer].to(dev)[heads, ids]
+        assert torch.equal(pool.k[layer][heads, slots.long()], want_k)
+        assert torch.equal(pool.v[layer][heads, slots.long()], values[layer].to(dev)[heads, ids])
+        table = torch.cat([slots, torch.full((H, 1), -1, dtype=torch.int32, device=dev)], 1)
+        out, _ = kernels.sparse_decode(q, pool.k[layer], pool.v[layer], table,
+                                       torch.zeros(1, dtype=torch.int32, device=dev), d ** -0.5)
+        ref_table = torch.cat([ids.int().cpu(), torch.full((H, 1), -1, dtype=torch.int32)], 1)  # same empty tail
+        ref, _ = kernels.reference.sparse_decode(q.cpu(), keys[layer], values[layer], ref_table,
+                                                 torch.zeros(1, dtype=torch.int32), d ** -0.5)
+        assert torch.allclose(out.cpu(), ref, atol=1e-5)
+    hits, misses = pool.counts.tolist()
+    assert misses == fetched and hits > 0 and misses > 8 * H  # both paths and many evictions ran

@@ -50,10 +50,18 @@ def ensure_converted(gguf_path: Path, log=None) -> Path:
         return out
     if log:
         log(f"converting {gguf_path.name} once into {out} (later loads read the cache)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
     try:
-        convert(gguf_path, tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    except OSError as e:
+        raise ModelLoadError(f"cannot create the conversion cache in {out.parent} ({e.strerror}); set "
+                             "KVRETRIEVE_CACHE to a writable directory") from None
+    try:
+        try:
+            convert(gguf_path, tmp)
+        except OSError as e:  # a full disk while writing the converted weights
+            raise ModelLoadError(f"cannot write the converted model into {out.parent} ({e.strerror or e}); free "
+                                 "some disk space or set KVRETRIEVE_CACHE to another directory") from None
         try:
             os.replace(tmp, out)
         except OSError:  # another process finished first; its copy is as good as ours
@@ -86,10 +94,19 @@ def convert(gguf_path: Path, out: Path) -> None:
         raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {e}; the file is corrupt or truncated: "
                              "download it again") from None
     arch = _field(reader, "general.architecture")
+    if arch is None:
+        raise ModelLoadError(f"{gguf_path} names no architecture (general.architecture); the file is corrupt or not "
+                             "a model: download it again")
     if arch not in SUPPORTED:
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r} in {gguf_path}; supported: "
                              f"{', '.join(SUPPORTED)}")
-    heads, kv_heads = _field(reader, f"{arch}.attention.head_count"), _field(reader, f"{arch}.attention.head_count_kv")
+    required = [f"{arch}.{key}" for key in ("attention.head_count", "embedding_length", "feed_forward_length",
+                                             "block_count", "context_length", "attention.layer_norm_rms_epsilon")]
+    missing = [key for key in required if _field(reader, key) is None]
+    if missing:
+        raise ModelLoadError(f"{gguf_path} lacks {', '.join(missing)}; the file is incomplete: download it again")
+    heads = _field(reader, f"{arch}.attention.head_count")
+    kv_heads = _field(reader, f"{arch}.attention.head_count_kv", heads)
     tensors = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
@@ -98,12 +115,14 @@ def convert(gguf_path: Path, out: Path) -> None:
         if stem.startswith("blk."):
             _, idx, part = stem.split(".", 2)
             if part not in _LAYER_NAMES:
-                raise ModelLoadError(f"unexpected tensor {t.name} in {gguf_path}")
+                raise ModelLoadError(f"unexpected tensor {t.name} in {gguf_path}; kvretrieve converts plain "
+                                     f"{' and '.join(SUPPORTED)} GGUF files only")
             name = f"model.layers.{idx}.{_LAYER_NAMES[part]}.{kind}"
         elif stem in _TOP_NAMES:
             name = f"{_TOP_NAMES[stem]}.{kind}"
         else:
-            raise ModelLoadError(f"unexpected tensor {t.name} in {gguf_path}")
+            raise ModelLoadError(f"unexpected tensor {t.name} in {gguf_path}; kvretrieve converts plain "
+                                 f"{' and '.join(SUPPORTED)} GGUF files only")
         try:
             w = dequantize(t.data, t.tensor_type).astype(np.float32)
         except Exception as e:

@@ -62,6 +62,32 @@ def read_hf_config(model_dir: Path) -> dict:
     return cfg
 
 
+# config.json fields that must be positive integers when present (the first five are required).
+_POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "head_dim", "max_position_embeddings")
+_OPTIONAL_FIELDS = ("num_key_value_heads", "head_dim")  # null means "derive it"
+
+
+def check_hf_config(cfg: dict, path: Path) -> dict:
+    """Refuse values of the wrong type or sign with a message naming the field (int("big"), a
+    negative layer count or zero heads would otherwise fail deep inside the loader)."""
+    if isinstance(cfg.get("architectures"), str):
+        cfg = {**cfg, "architectures": [cfg["architectures"]]}
+    for key in _POSITIVE_INT_FIELDS:
+        if key not in cfg or (cfg[key] is None and key in _OPTIONAL_FIELDS):
+            continue
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value <= 0:
+            raise ModelLoadError(f"{path}: {key} must be a positive integer, got {value!r}; the file is damaged or "
+                                 "was edited: re-download the checkpoint's config.json")
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise ModelLoadError(f"{path}: {key} must be a positive number, got {value!r}; re-download the "
+                                 "checkpoint's config.json")
+    return cfg
+
+
 def _safetensor_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -119,7 +145,8 @@ def build_weights(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], device:
             raise ModelLoadError(f"checkpoint lacks tensor {name}; the checkpoint is incomplete or not a "
                                  f"{cfg.arch} model")
         if tuple(t.shape) != shape:
-            raise ModelLoadError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape} from config.json")
+            raise ModelLoadError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape} from config.json; "
+                                 "config.json does not belong to these weights: use the one from the same checkpoint")
         return t.to(device=device, dtype=dtype)
 
     D, d, F = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
@@ -169,11 +196,20 @@ def random_weights(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, s
 def load_model(path: str | Path | None, device: torch.device, dtype: torch.dtype, log=None, check=None):
     """-> (Decoder, Tokenizer, checkpoint directory). check(ModelConfig) runs before any weight is read."""
     model_dir = resolve_checkpoint(path, log)
-    hf_cfg = read_hf_config(model_dir)
-    cfg = ModelConfig.from_hf(hf_cfg, str(model_dir / "config.json"))
+    config_path = model_dir / "config.json"
+    hf_cfg = check_hf_config(read_hf_config(model_dir), config_path)
+    try:
+        cfg = ModelConfig.from_hf(hf_cfg, str(config_path))
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # a field of the wrong type that the checks above missed
+        raise ModelLoadError(f"{config_path} has an invalid value ({type(e).__name__}: {e}); re-download the checkpoint's "
+                             "config.json") from None
     if check is not None:
         check(cfg)
     tokenizer = Tokenizer(model_dir, hf_cfg)
+    if tokenizer.base_vocab_size > cfg.vocab_size:
+        raise ModelLoadError(f"{model_dir / 'tokenizer.json'} has {tokenizer.base_vocab_size:,} tokens but the model "
+                             f"embeds only {cfg.vocab_size:,}: the tokenizer belongs to another model; use the "
+                             "checkpoint's own tokenizer.json")
     with torch.inference_mode():
         weights = build_weights(cfg, CheckpointTensors(model_dir), device, dtype)
     return Decoder(cfg, weights), tokenizer, model_dir

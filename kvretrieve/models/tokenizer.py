@@ -22,9 +22,12 @@ def _load_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path} is not valid JSON ({e}); re-download it") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} does not hold a JSON object; re-download it")
+    return data
 
 
 class Tokenizer:
@@ -45,25 +48,38 @@ class Tokenizer:
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.chat_template = self._find_template(model_dir, cfg)
         self.eos_ids = self._eos_ids(model_dir, model_config)
+        vocab = model_config.get("vocab_size")
+        self._model_vocab = vocab if isinstance(vocab, int) else None  # ids at or above it have no embedding
 
     @staticmethod
     def _find_template(model_dir: Path, cfg: dict) -> str | None:
         jinja = model_dir / "chat_template.jinja"
         if jinja.is_file():
-            return jinja.read_text(encoding="utf-8")
+            try:
+                return jinja.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ModelLoadError(f"{jinja} is not UTF-8 text ({e}); re-download it") from None
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
-            named = {t.get("name"): t.get("template") for t in template}
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
         if template is None and (model_dir / "chat_template.json").is_file():
             template = _load_json(model_dir / "chat_template.json").get("chat_template")
+        if template is not None and not isinstance(template, str):
+            raise ModelLoadError(f"the chat template in {model_dir} is a {type(template).__name__}, not text; "
+                                 "re-download tokenizer_config.json")
         return template
 
     def _eos_ids(self, model_dir: Path, model_config: dict) -> frozenset[int]:
         ids: set[int] = set()
         for source in (model_config, _load_json(model_dir / "generation_config.json")):
             value = source.get("eos_token_id")
-            ids.update(value if isinstance(value, list) else [] if value is None else [value])
+            value = value if isinstance(value, list) else [] if value is None else [value]
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+                raise ModelLoadError(f"eos_token_id in {model_dir} must be a token id or a list of them, got "
+                                     f"{source.get('eos_token_id')!r}; re-download config.json and "
+                                     "generation_config.json")
+            ids.update(value)
         if self.eos_token is not None and self._tok.token_to_id(self.eos_token) is not None:
             ids.add(self._tok.token_to_id(self.eos_token))
         return frozenset(int(i) for i in ids)
@@ -72,8 +88,18 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def base_vocab_size(self) -> int:
+        """Tokens of the model vocabulary proper (without added special tokens)."""
+        return self._tok.get_vocab_size(with_added_tokens=False)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if self._model_vocab is not None and ids and max(ids) >= self._model_vocab:
+            raise ModelLoadError(f"the tokenizer gave token id {max(ids)} but the model embeds only "
+                                 f"{self._model_vocab:,} tokens: tokenizer.json belongs to another model; use the "
+                                 "checkpoint's own tokenizer files")
+        return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -85,9 +111,18 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise InputError(f"message {i} must be a dict with string 'role' and 'content'")
-        return _compile(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return _compile(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except (TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
+            if isinstance(e, InputError):  # raise_exception() in the template: its own message
+                raise
+            raise InputError(f"the model's chat template fails on these messages ({type(e).__name__}: {e}); fix "
+                             "the template (chat_template.jinja or tokenizer_config.json), or send plain text "
+                             "(`kvretrieve generate --raw`)") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # The template already writes BOS where the model wants it, so no special tokens are added.

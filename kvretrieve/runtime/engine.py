@@ -56,7 +56,11 @@ class Engine:
         if start + n > self.backend.capacity:
             raise ValueError(f"segment of {n} tokens at position {start} exceeds the capacity {self.backend.capacity}")
         self.backend.begin(start, n)
-        x = self.model.forward(ids, start, self.backend, self.chunk, on_layer)
+        try:
+            x = self.model.forward(ids, start, self.backend, self.chunk, on_layer)
+        except BaseException:  # Ctrl-C or an error between layers: undo what the layers that ran wrote
+            self.backend.truncate(start)
+            raise
         self.backend.commit(start + n)
         return x
 
@@ -76,14 +80,18 @@ class Engine:
         self._position.fill_(start)
         self.backend.begin(start, 1)
         key = getattr(self.backend, "graph_key", lambda: None)() if self.graphs else None
-        if key is not None and key in self._captured:
-            graph, out = self._captured[key]
-            graph.replay()
-            logits = out.clone()  # the graph's output buffer is overwritten by the next replay
-        else:
-            logits = self._decode(start)
-            if key is not None:
-                self._capture(key, start)
+        try:
+            if key is not None and key in self._captured:
+                graph, out = self._captured[key]
+                graph.replay()
+                logits = out.clone()  # the graph's output buffer is overwritten by the next replay
+            else:
+                logits = self._decode(start)
+                if key is not None:
+                    self._capture(key, start)
+        except BaseException:
+            self.backend.truncate(start)
+            raise
         self.backend.commit(start + 1)
         return logits
 

@@ -92,9 +92,11 @@ class BlockPool:
                      self.last_used[layer:layer + 1], first, end)
 
     def forget_from(self, block: int) -> None:
-        """Drop every cached block >= block (after a truncation, their contents are stale)."""
+        """Drop every cached block >= block (after a truncation to a length in `block`, their contents
+        are stale). The ring keeps `block` itself: its first tokens are still valid, and only the
+        ring has them until the block is full."""
         self._forget(self.block_of_slot, self.slot_of_block, self.last_used, block, self.slot_of_block.shape[-1])
-        self.ring_block[self.ring_block >= block] = -1
+        self.ring_block[self.ring_block > block] = -1
 
     @staticmethod
     def _forget(bos: torch.Tensor, sob: torch.Tensor, used: torch.Tensor, first: int, end: int) -> None:

@@ -141,6 +141,10 @@ class KVStore:
     def read(self, layer: int, first_block: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks first_block.. of one layer as k, v [Hkv, n_blocks, bs, d] (CPU tensors)."""
         self._wait(layer)
+        if n_blocks == 0:
+            empty = self.segments[layer][0][0, :, :0] if self.segments[layer] else \
+                torch.empty(self.H, 0, self.bs, self.d, dtype=self.dtype)
+            return empty, empty
         parts_k, parts_v, done = [], [], 0
         while done < n_blocks:
             seg, off = divmod(first_block + done, self.seg_blocks)

@@ -57,6 +57,7 @@ class RetrievalKV(ClusteredSegments, SparseStep):
         self._sel_slots = torch.full((self.L, self.H, cfg.budget_blocks), -1, dtype=torch.int32, device=device)
         self._sel_k: int | None = None   # its width; None: the next step selects afresh
         self._since, self._reselect, self._prologue_ran = 0, True, False
+        self._open = False               # a forward pass has begun and not committed
         self._seg_kv = None  # (k, v of the segment, all keys and values so far) while a layer prefills
         self._window, self._budget = cfg.window_blocks, cfg.budget_blocks  # in effect this step
         # Clustering indexes (ivf) store segments outside sinks and window in cluster order. Per
@@ -75,13 +76,14 @@ class RetrievalKV(ClusteredSegments, SparseStep):
 
     # ---- engine protocol -------------------------------------------------------------------------
     def begin(self, start: int, n: int) -> None:
-        self._start, self._n = start, n
+        self._start, self._n, self._open = start, n, True
         # Refuses with a clear error before the RAM runs out; a long prefill pins memory in the background.
         self.store.ensure(-(-(start + n) // self.bs), background=n > 1)
         if self.decoding:
             self._begin_decode(start)
 
     def commit(self, length: int) -> None:
+        self._open = False
         if not self.decoding:
             self._sel_k = None
         if self.decoding and length % self.bs == 0:
@@ -91,9 +93,12 @@ class RetrievalKV(ClusteredSegments, SparseStep):
         self._spec_ready.clear()
 
     def truncate(self, length: int) -> None:
-        if length >= self.length:
+        """Forget tokens from `length` on; after a pass that did not commit (an exception or Ctrl-C
+        between layers), also what its layers wrote past the committed length."""
+        if length >= self.length and not self._open:
             return
-        self.length = length
+        self._open = False
+        self.length = length = min(length, self.length)
         self._sel_k = None
         n_full = length // self.bs
         if self._reorders:  # window and tail must be in natural order again
@@ -155,8 +160,9 @@ class RetrievalKV(ClusteredSegments, SparseStep):
         # gets it after the step).
         stored = min(nb, self._start // self.bs) if self.decoding else nb
         ks, vs = self.store.read(layer, 0, stored)
-        parts_k = [ks.to(self.device, non_blocking=True).reshape(self.H, stored * self.bs, -1)]
-        parts_v = [vs.to(self.device, non_blocking=True).reshape(self.H, stored * self.bs, -1)]
+        d = ks.shape[-1]
+        parts_k = [ks.to(self.device, non_blocking=True).reshape(self.H, stored * self.bs, d)]
+        parts_v = [vs.to(self.device, non_blocking=True).reshape(self.H, stored * self.bs, d)]
         for b in range(stored, nb + 1):
             rk, rv = self._ring(layer, b)
             n = self.bs if b < nb else tail
@@ -186,10 +192,10 @@ class RetrievalKV(ClusteredSegments, SparseStep):
                 vb = torch.gather(v[rows].transpose(0, 1), 1, idx).view(self.H, nb, self.bs, -1)
             self._place_blocks(layer, b0 + rel, kb, vb, last_full=b0 + full)
         tail = b0 + full
+        self.pool.ring_block[layer, tail % self.pool.ring] = tail
         rk, rv = self._ring(layer, tail)
         rk[:, :rest] = k[full * self.bs:].transpose(0, 1)
         rv[:, :rest] = v[full * self.bs:].transpose(0, 1)
-        self.pool.ring_block[layer, tail % self.pool.ring] = tail
 
     def _place_blocks(self, layer: int, first: int, kb: torch.Tensor, vb: torch.Tensor, last_full: int) -> None:
         """Full blocks first.. (kb, vb [Hkv, nb, bs, d]) go to store and index; those among the sinks
@@ -202,10 +208,11 @@ class RetrievalKV(ClusteredSegments, SparseStep):
             self.pool.v[layer, :, first:first + n_sink] = vb[:, :n_sink]
         blocks = list(range(max(first, last_full - self.pool.window_blocks), first + nb))
         if blocks:
+            # Marked before the copy: an interrupted copy then reads as a stale slot (truncate repairs it).
+            self.pool.ring_block[layer, np.array(blocks) % self.pool.ring] = blocks
             slots = torch.tensor([self.pool.ring_slot(b) for b in blocks], device=self.device)
             self.pool.k[layer].index_copy_(1, slots, kb[:, blocks[0] - first:])
             self.pool.v[layer].index_copy_(1, slots, vb[:, blocks[0] - first:])
-            self.pool.ring_block[layer, np.array(blocks) % self.pool.ring] = blocks
 
     def _store_blocks(self, layer: int, first: int, kb: torch.Tensor, vb: torch.Tensor) -> None:
         """Full blocks kb, vb [Hkv, nb, bs, d] -> index (on the device) and CPU store (async D2H)."""

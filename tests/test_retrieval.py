@@ -70,17 +70,23 @@ def test_full_budget_equals_dense(tiny_dir, kind, block_size, sink, window, rese
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-5), (a - b).abs().max()
 
 
+def decode_side_by_side(dense, sparse, seed: int, steps: int):
+    """A 400-token random prompt, then `steps` decode steps in both engines: the last logits of each."""
+    g = torch.Generator().manual_seed(seed)
+    prompt, tokens = torch.randint(0, 256, (400,), generator=g), torch.randint(0, 256, (steps,), generator=g)
+    dense.forward(prompt)
+    sparse.forward(prompt)
+    for t in tokens:
+        a, b = dense.model.logits(dense.forward(t.view(1))), sparse.model.logits(sparse.forward(t.view(1)))
+    return a, b
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_small_budget_attends_fewer_tokens_but_stays_close(tiny_dir, kind):
     cfg = RetrievalConfig(index=kind, block_size=8, budget_tokens=64, sink_tokens=8, window_tokens=32, rank=8,
                           reselect_every=1)
     dense, sparse = engines(tiny_dir, cfg)
-    g = torch.Generator().manual_seed(1)
-    prompt, steps = torch.randint(0, 256, (400,), generator=g), torch.randint(0, 256, (20,), generator=g)
-    dense.forward(prompt)
-    sparse.forward(prompt)
-    for t in steps:
-        a, b = dense.model.logits(dense.forward(t.view(1))), sparse.model.logits(sparse.forward(t.view(1)))
+    a, b = decode_side_by_side(dense, sparse, seed=1, steps=20)
     assert not torch.allclose(a, b, atol=1e-4)  # it really is sparse
     assert torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="sum") < 0.5
     counters = sparse.backend.counters()
@@ -96,26 +102,17 @@ def test_reused_selection_skips_lookups_and_never_counts_a_token_twice(tiny_dir)
     backend, seen = sparse.backend, []
 
     def observer(layer, q, ids, lo, hi, n, out):
-        if layer == 0:
-            table = backend._tables[0]
-            blocks = [b for b in table[:, cfg.sink_blocks:cfg.sink_blocks + cfg.budget_blocks].flatten().tolist()
-                      if b >= 0]
-            seen.append((len(blocks), len(set(map(tuple, table.tolist()[0:1])))))
-            for h in range(backend.H):
-                row = [s for s in table[h].tolist() if s >= 0]
-                assert len(row) == len(set(row)), row  # no pool slot (so no block) attended twice
+        seen.append(layer)
+        for h in range(backend.H):
+            row = [s for s in backend._tables[layer, h].tolist() if s >= 0]
+            assert len(row) == len(set(row)), row  # no pool slot (so no block) attended twice
 
     backend.observer = observer
-    g = torch.Generator().manual_seed(8)
-    prompt, steps = torch.randint(0, 256, (400,), generator=g), torch.randint(0, 256, (40,), generator=g)
-    dense.forward(prompt)
-    sparse.forward(prompt)
-    for t in steps:
-        a, b = dense.model.logits(dense.forward(t.view(1))), sparse.model.logits(sparse.forward(t.view(1)))
+    a, b = decode_side_by_side(dense, sparse, seed=8, steps=40)
     assert torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="sum") < 0.5
     c = backend.counters()
     assert c["hits"] + c["misses"] == 10 * 3 * 2 * 8  # 10 selecting steps of 40 x layers x kv heads x budget
-    assert len(seen) == 40
+    assert len(seen) == 40 * 3
 
 
 def test_speculative_prefetch_gives_identical_outputs(tiny_dir):

@@ -59,6 +59,8 @@ def model_options(f):
         _tokens_option("--window", default=None, metavar="TOKENS",
                        help="Recent tokens always attended (default: a quarter of the attended tokens, <= 512)."),
         click.option("--rank", type=int, default=32, show_default=True, help="Low-rank key sketch size (lowrank)."),
+        click.option("--reselect-every", type=int, default=1, show_default=True, metavar="STEPS",
+                     help="Decode steps one block selection serves (2 is faster; accuracy in the README)."),
         click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=set_debug,
                      help="Show tracebacks."),
     ]
@@ -88,7 +90,8 @@ def load_from_options(opts: dict):
     if opts["retrieval"] != "off":
         retrieval = RetrievalConfig(index=opts["retrieval"], budget_tokens=opts["budget"],
                                     block_size=opts["block_size"], sink_tokens=opts["sink"],
-                                    window_tokens=opts["window"], rank=opts["rank"])
+                                    window_tokens=opts["window"], rank=opts["rank"],
+                                    reselect_every=opts["reselect_every"])
     return load(opts["model_path"], device=opts["device"], dtype=opts["dtype"], max_context=opts["max_context"],
                 gpu_mem_gb=opts["gpu_mem_gb"], retrieval=retrieval, log=lambda m: click.echo(m, err=True))
 

@@ -248,6 +248,7 @@ def test_prompt_or_turn_longer_than_context(tiny):
     (["--retrieval", "lowrank", "--budget", "0"], ("budget_tokens (0) must be at least one block",)),
     (["--retrieval", "bounds", "--block-size", "12"], ("block_size must be a power of two",)),
     (["--retrieval", "lowrank", "--rank", "0"], ("rank must be >= 1",)),
+    (["--retrieval", "lowrank", "--reselect-every", "0"], ("reselect_every must be >= 1",)),
     (["--retrieval", "lowrank", "--rank", "64"], ("rank 64 is above the model's head_dim 16", "--rank <= 16")),
     (["--max-context", "0"], ("max_context must be >= 16",)),
     (["--max-new-tokens", "-1"], ("max_new_tokens must be >= 0",)),

@@ -40,7 +40,8 @@ class BlockPool:
         self.slot_of_block = torch.full((num_layers, num_kv_heads, max_blocks + 1), -1, **i32)
         self.block_of_slot = torch.full((num_layers, num_kv_heads, self.n_lru + 1), -1, **i32)
         self.last_used = torch.zeros(num_layers, num_kv_heads, self.n_lru + 1, **i32)
-        self.counts = torch.zeros(2, dtype=torch.int64, device=device)  # hits, misses
+        self.counts = torch.zeros(2, dtype=torch.int64, device=device)       # hits, misses
+        self.spec_counts = torch.zeros(2, dtype=torch.int64, device=device)  # ... of speculative lookups
         self.ring_block = np.full((num_layers, self.ring), -1, dtype=np.int64)
 
     def ensure_lru(self) -> None:
@@ -62,11 +63,12 @@ class BlockPool:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    def lookup(self, layer: int, ids: torch.Tensor, stamp: torch.Tensor, count: bool = True):
+    def lookup(self, layer: int, ids: torch.Tensor, stamp: torch.Tensor, speculative: bool = False):
         """Pool slots [Hkv, k] int32 of block ids [Hkv, k] (device), and which of them must be
-        fetched [Hkv, k] bool (see kernels.lru_lookup)."""
-        slot, fetch = kernels.lru_lookup(ids, self.slot_of_block[layer], self.block_of_slot[layer],
-                                         self.last_used[layer], stamp, self.counts if count else None)
+        fetched [Hkv, k] bool (see kernels.lru_lookup). Every miss is one fetched block, so the
+        counts are also the copy volume; speculative lookups are counted apart."""
+        slot, fetch = kernels.lru_lookup(ids, self.slot_of_block[layer], self.block_of_slot[layer], self.last_used[layer],
+                                         stamp, self.spec_counts if speculative else self.counts)
         return slot + self.lru0, fetch
 
     def fixed_columns(self, pos: torch.Tensor, window_blocks: int) -> torch.Tensor:

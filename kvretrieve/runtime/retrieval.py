@@ -46,8 +46,6 @@ class RetrievalKV(ClusteredSegments, SparseStep):
         self._tail_len = torch.zeros(1, dtype=torch.int32, device=device)
         self._stamp = torch.zeros(1, dtype=torch.int32, device=device)
         self._spec_counts = torch.zeros(2, dtype=torch.int64, device=device)   # speculated hits, total
-        self._fetched = torch.zeros(1, dtype=torch.int64, device=device)       # blocks read from the store
-        self._spec_fetched = torch.zeros(1, dtype=torch.int64, device=device)  # ... by speculative prefetch
         self._side = torch.cuda.Stream(device) if cuda and cfg.speculative else None
         self._spec_ready: dict[int, torch.cuda.Event] = {}
         self.length, self._start, self._n, self._step = 0, 0, 0, 0
@@ -253,7 +251,8 @@ class RetrievalKV(ClusteredSegments, SparseStep):
 
     def counters(self) -> dict[str, float]:
         hits, misses = self.pool.counts.tolist()
+        fetched = misses + self.pool.spec_counts[1].item()  # every miss is one block read from the store
         spec_hits, spec_total = self._spec_counts.tolist()
         block_bytes = 2 * self.bs * self.pool.k.shape[-1] * self.pool.k.element_size()  # K and V
-        return {"hits": hits, "misses": misses, "h2d_bytes": (self._fetched + self._spec_fetched).item() * block_bytes,
+        return {"hits": hits, "misses": misses, "h2d_bytes": fetched * block_bytes,
                 "spec_hits": spec_hits, "spec_total": spec_total, **self.stats}

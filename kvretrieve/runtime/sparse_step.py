@@ -87,8 +87,7 @@ class SparseStep:
         k, n0 = self._sel_k, self.pool.n_sink
         if not self._reselect and k:
             self._tables[:, :, n0:n0 + k] = torch.where(self._sel_ids[:, :, :k] < hi, self._sel_slots[:, :, :k], -1)
-        self._ring_row = (self.pool.n_sink + (self._pos // self.bs).remainder(self.pool.ring)) * self.bs \
-            + self._pos.remainder(self.bs)
+        self._ring_row = (self.pool.n_sink + n_done.remainder(self.pool.ring)) * self.bs + self._pos.remainder(self.bs)
         if self.cfg.speculative:
             self._spec_rope = self.model.rope.cos_sin(self._pos, self.model.dtype, self._start + 1)
 
@@ -148,7 +147,6 @@ class SparseStep:
             same = (ids[:, :, None] == spec[:, None, :]).any(-1).sum()
             self._spec_counts += torch.stack([same, torch.full_like(same, ids.numel())])
         slots, fetch = self.pool.lookup(layer, ids, self._stamp)
-        self._fetched += fetch.sum()
         kernels.fetch_blocks(self.store, layer, ids, fetch, slots, self.pool.k[layer], self.pool.v[layer])
         table[:, self.pool.n_sink:self.pool.n_sink + k] = slots
         self._sel_ids[layer, :, :k] = ids
@@ -185,7 +183,6 @@ class SparseStep:
     def _prefetch(self, layer: int, q: torch.Tensor, k: int) -> None:
         ids = self._pick(layer, q, k)
         self._spec[layer] = ids
-        slots, fetch = self.pool.lookup(layer, ids, self._stamp - 1, count=False)
-        self._spec_fetched += fetch.sum()
+        slots, fetch = self.pool.lookup(layer, ids, self._stamp - 1, speculative=True)
         kernels.fetch_blocks(self.store, layer, ids, fetch, slots, self.pool.k[layer], self.pool.v[layer])
 

@@ -95,9 +95,11 @@ class LLM:
 
     def prefill(self, ids: list[int], on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Make the cache hold exactly `ids`, reusing the shared prefix; returns the next-token logits."""
-        keep = min(_shared_prefix(self._ids, ids), len(ids) - 1)  # the last token is always run again: its logits are needed
-        self.engine.truncate(keep)
+        # The last token is always run again: its logits are needed. A Ctrl-C may have left the cache
+        # shorter than the token list (or longer): only what both hold is reused.
+        keep = min(_shared_prefix(self._ids, ids), len(ids) - 1, self.engine.length)
         self._ids = self._ids[:keep]
+        self.engine.truncate(keep)
         logits = self.engine.prefill(ids[keep:], on_layer)
         self._ids = list(ids)
         return logits
@@ -110,7 +112,7 @@ class LLM:
             kwargs["max_new_tokens"] = max_new_tokens
         params = sampling if sampling is not None else SamplingParams(**kwargs)
         ids = self.tokenize(prompt)
-        reused = min(_shared_prefix(self._ids, ids), len(ids) - 1)
+        reused = min(_shared_prefix(self._ids, ids), len(ids) - 1, self.engine.length)
         t0 = time.perf_counter()
         logits = self.prefill(ids, on_layer)
         gen = make_generator(params, self.device)

@@ -498,3 +498,118 @@ def test_prefill_cut_short_leaves_the_cache_as_it_was(tiny, kind):
     for a, b in zip(_session(tiny, retrieval, True, 1000), _session(tiny, retrieval, False, 0)):
         assert torch.equal(a, b)
 
+
+
+class _InterruptAt:
+    """A trace function that sends this process SIGINT at the n-th line kvretrieve executes, as Ctrl-C
+    would; the handler runs at once, in the main thread. n=None only counts."""
+
+    def __init__(self, n: int | None):
+        self.n, self.count, self.where = n, 0, None
+
+    def __call__(self, frame, event, arg):
+        if "kvretrieve" not in frame.f_code.co_filename:
+            return None
+        if event == "line":
+            self.count += 1
+            if self.count == self.n:
+                self.where = (frame.f_code.co_filename.split("kvretrieve")[-1], frame.f_code.co_name)
+                sys.settrace(None)
+                signal.raise_signal(signal.SIGINT)
+        return self
+
+    def run(self, fn):
+        sys.settrace(self)
+        try:
+            return fn()
+        finally:
+            sys.settrace(None)
+
+
+@pytest.mark.parametrize("kind", ["off", "lowrank", "ivf"])
+@pytest.mark.parametrize("pass_", ["decode", "prefill"])
+def test_ctrl_c_at_any_line_of_a_forward_pass_is_rolled_back(tiny, kind, pass_):
+    """A decode step or a continuation prefill cut short anywhere, its commit included, leaves a cache
+    whose next passes give the logits of a session never interrupted. The decode step completes a
+    block, so its commit stores that block; the steps after it retrieve from a cache that the cut-short
+    lookups touched. A cut after the commit (on the way out of the engine) keeps the tokens: the caller
+    never saw them and truncates them away (as LLM does with its token list)."""
+    retrieval = None if kind == "off" else RetrievalConfig(index=kind, block_size=8, rank=8, budget_tokens=32,
+                                                           window_tokens=32, cluster_tokens=512)
+    g = torch.Generator().manual_seed(1)
+    doc = torch.randint(0, 49152, (8 * 80 - 1,), generator=g).tolist()
+    # ivf: a continuation long enough that its layers cluster a segment (cluster_tokens) before they store it
+    more = [0] if pass_ == "decode" else torch.randint(0, 49152, (600 if kind == "ivf" else 40,), generator=g).tolist()
+    tokens = [torch.tensor(t) for t in (101, 102, 103)]
+
+    def session():
+        llm = kvretrieve.load(tiny, device="cpu", dtype="float32", max_context=4096, retrieval=retrieval)
+        llm.prefill(doc)
+        return llm.engine
+
+    def run(engine):  # the pass under test, then decode steps after it
+        first = engine.step(tokens[0]) if pass_ == "decode" else engine.prefill(more)
+        return [first] + [engine.step(t) for t in tokens[1:]]
+
+    ref = run(session())
+    engine, n, cut = session(), 0, _InterruptAt(0)
+    stride = 1 if pass_ == "decode" and kind != "off" else 7
+    while cut.count >= cut.n:  # until a pass runs to its end uncut: every line (every stride-th) was cut
+        n += stride
+        cut = _InterruptAt(n)
+        try:
+            cut.run(lambda: engine.step(tokens[0]) if pass_ == "decode" else engine.prefill(more))
+        except KeyboardInterrupt:
+            kept = engine.length == len(doc) + len(more) and cut.where[0].endswith("engine.py")
+            assert engine.length == len(doc) or kept, cut.where
+        engine.truncate(len(doc))
+        for got, expected in zip(run(engine), ref):
+            assert torch.equal(got, expected), f"cut at line event {n} in {cut.where}"
+        engine.truncate(len(doc))
+    assert n > 100
+
+
+def test_ctrl_c_at_any_line_of_a_streamed_answer_leaves_the_next_answer_as_fresh(tiny):
+    """LLM keeps its token list in step with the cache whatever line a Ctrl-C lands on (inside the
+    engine, sampling, detokenizing, or between updating the list and the cache): the next prompt,
+    which shares a prefix with the cut one, is answered as in a fresh session."""
+    retrieval = RetrievalConfig(index="lowrank", block_size=8, rank=8, budget_tokens=32, window_tokens=32)
+    doc = DOC.read_text()[:600]
+    first, second = doc + "\nWho kept the lamp?", doc + "\nWhy?"
+
+    def fresh():
+        return kvretrieve.load(tiny, device="cpu", dtype="float32", max_context=4096, retrieval=retrieval)
+
+    def stream(llm, prompt):
+        return list(llm.stream(prompt, max_new_tokens=8))
+
+    expected = stream(fresh(), second)
+    llm, n, cut = fresh(), 0, _InterruptAt(0)
+    while cut.count >= cut.n:
+        n += 17
+        cut = _InterruptAt(n)
+        try:
+            cut.run(lambda: stream(llm, first))
+        except KeyboardInterrupt:
+            pass
+        assert stream(llm, second) == expected, f"cut at line event {n} in {cut.where}"
+    assert n > 100
+
+
+def test_interrupts_deferred_holds_ctrl_c_until_the_block_ends():
+    from kvretrieve.runtime.interrupts import interrupts_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            signal.raise_signal(signal.SIGINT)
+            done.append("after the signal")
+    assert done == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with interrupts_deferred():  # no signal, nothing raised
+        done.append("quiet")
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(interrupts_deferred().__enter__() is None))
+    thread.start()
+    thread.join()
+    assert seen == [True]  # off the main thread it holds nothing (and does not fail)

@@ -13,12 +13,15 @@ import time
 
 import torch
 
+from .interrupts import interrupts_deferred
+
 
 class ClusteredSegments:
     def _cluster_groups(self, layer: int, n_full: int):
         """The natural-order blocks that left the window, as batches (first block, blocks per
         segment, segments) of cluster_tokens-sized segments; a remainder under 64 blocks waits (it
-        stays selectable, scored as natural blocks). Advances the layer's natural_from."""
+        stays selectable, scored as natural blocks). The caller advances natural_from once a batch
+        is recorded."""
         seg, start = self.cfg.cluster_tokens // self.bs, self._natural_from[layer]
         end = n_full - self.pool.window_blocks
         group = max(1, 8 // self.H)  # segments clustered in one batch (bounds the k-means temporaries)
@@ -27,7 +30,6 @@ class ClusteredSegments:
             n_seg = max(1, min(group, (end - start) // nb))
             yield start, nb, n_seg
             start += nb * n_seg
-            self._natural_from[layer] = start
 
     def _cluster_pending(self, layer: int, n_full: int) -> None:
         """Cluster what left the window, reading the blocks back from the store (decode, or blocks
@@ -69,6 +71,9 @@ class ClusteredSegments:
             for i in range(n_seg):
                 self._segments[layer].append((first + i * nb, nb, host[i::n_seg]))
                 out.append((first + i * nb, nb, perm[i::n_seg]))
+            # Recorded before the store has them: a rollback restores these blocks, past the committed
+            # length, from whatever the store holds, which is harmless.
+            self._natural_from[layer] = first + nb * n_seg
         self.stats["cluster_s"] += time.perf_counter() - t0  # perm.cpu() synchronised: work is done
         return out
 
@@ -79,11 +84,13 @@ class ClusteredSegments:
         ks = ks.to(self.device).reshape(self.H * n_seg, nb * self.bs, -1)        # [Hkv x segments, tokens, d]
         vs = vs.to(self.device).reshape(self.H * n_seg, nb * self.bs, -1)
         perm = self.index.cluster_order(ks)
-        for i in range(n_seg):
-            part = slice(i, None, n_seg)  # segment i of every head
-            seg_first = first + i * nb
-            self._rewrite(layer, seg_first, ks[part], vs[part], perm[part])
-            self._segments[layer].append((seg_first, nb, perm[part].cpu()))
+        host = perm.cpu()
+        with interrupts_deferred():  # the store in cluster order and its record go together
+            for i in range(n_seg):
+                part = slice(i, None, n_seg)  # segment i of every head
+                self._rewrite(layer, first + i * nb, ks[part], vs[part], perm[part])
+                self._segments[layer].append((first + i * nb, nb, host[part]))
+            self._natural_from[layer] = first + nb * n_seg
 
     def _rewrite(self, layer: int, first: int, ks: torch.Tensor, vs: torch.Tensor, perm: torch.Tensor) -> None:
         """Store blocks first.. as ks, vs [Hkv, tokens, d] taken in the order perm [Hkv, tokens]."""
@@ -98,10 +105,12 @@ class ClusteredSegments:
         """Put every clustered segment reaching past `block` back in natural order."""
         segments = self._segments[layer]
         while segments and segments[-1][0] + segments[-1][1] > block:
-            first, nb, perm = segments.pop()
+            first, nb, perm = segments[-1]
             self._sync_d2h()
             ks, vs = self.store.read(layer, first, nb)
             ks = ks.to(self.device).reshape(self.H, nb * self.bs, -1)
             vs = vs.to(self.device).reshape(self.H, nb * self.bs, -1)
-            self._rewrite(layer, first, ks, vs, perm.argsort(1))                   # the inverse permutation
-            self._natural_from[layer] = first
+            with interrupts_deferred():
+                self._rewrite(layer, first, ks, vs, perm.argsort(1))               # the inverse permutation
+                segments.pop()
+                self._natural_from[layer] = first

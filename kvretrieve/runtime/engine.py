@@ -17,6 +17,7 @@ from typing import Callable, Protocol
 import torch
 
 from ..models.llama import Decoder
+from .interrupts import interrupts_deferred
 
 
 class Backend(Protocol):
@@ -47,7 +48,8 @@ class Engine:
     @torch.inference_mode()
     def truncate(self, length: int) -> None:
         """Forget every token from position `length` on."""
-        self.backend.truncate(length)
+        with interrupts_deferred():
+            self.backend.truncate(length)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -55,20 +57,26 @@ class Engine:
         start, n = self.backend.length, ids.shape[0]
         if start + n > self.backend.capacity:
             raise ValueError(f"segment of {n} tokens at position {start} exceeds the capacity {self.backend.capacity}")
-        self.backend.begin(start, n)
         try:
+            self.backend.begin(start, n)
             x = self.model.forward(ids, start, self.backend, self.chunk, on_layer)
+            with interrupts_deferred():
+                self.backend.commit(start + n)
         except BaseException:  # Ctrl-C or an error between layers: undo what the layers that ran wrote
-            self.backend.truncate(start)
+            self.truncate(start)
             raise
-        self.backend.commit(start + n)
         return x
 
     def prefill(self, ids: list[int], on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Append tokens; returns the logits [V] (fp32) that follow the last one."""
+        start = self.backend.length
         x = self.forward(torch.tensor(ids, dtype=torch.long, device=self.model.device), on_layer)
-        with torch.inference_mode():
-            return self.model.logits(x[-1:])[0]
+        try:
+            with torch.inference_mode():
+                return self.model.logits(x[-1:])[0]
+        except BaseException:  # the caller never sees these tokens: the cache must not keep them
+            self.truncate(start)
+            raise
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -78,9 +86,9 @@ class Engine:
             raise ValueError(f"a decode step at position {start} exceeds the capacity {self.backend.capacity}")
         self._token.copy_(token.view(1))
         self._position.fill_(start)
-        self.backend.begin(start, 1)
-        key = getattr(self.backend, "graph_key", lambda: None)() if self.graphs else None
         try:
+            self.backend.begin(start, 1)
+            key = getattr(self.backend, "graph_key", lambda: None)() if self.graphs else None
             if key is not None and key in self._captured:
                 graph, out = self._captured[key]
                 graph.replay()
@@ -89,10 +97,11 @@ class Engine:
                 logits = self._decode(start)
                 if key is not None:
                     self._capture(key, start)
-        except BaseException:
-            self.backend.truncate(start)
+            with interrupts_deferred():
+                self.backend.commit(start + 1)
+        except BaseException:  # the caller has not counted this token yet
+            self.truncate(start)
             raise
-        self.backend.commit(start + 1)
         return logits
 
     def _decode(self, start: int) -> torch.Tensor:

@@ -93,6 +93,13 @@ class BlockPool:
         self._forget(self.block_of_slot[layer:layer + 1], self.slot_of_block[layer:layer + 1],
                      self.last_used[layer:layer + 1], first, end)
 
+    def forget_cached(self) -> None:
+        """Drop every retrieved block the pool caches (sinks and the window ring stay). Wholesale, so
+        tables left half updated by a lookup cut short come back consistent too."""
+        self.slot_of_block.fill_(-1)
+        self.block_of_slot.fill_(-1)
+        self.last_used.fill_(0)
+
     def forget_from(self, block: int) -> None:
         """Drop every cached block >= block (after a truncation to a length in `block`, their contents
         are stale). The ring keeps `block` itself: its first tokens are still valid, and only the

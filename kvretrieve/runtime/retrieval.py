@@ -74,6 +74,8 @@ class RetrievalKV(ClusteredSegments, SparseStep):
 
     # ---- engine protocol -------------------------------------------------------------------------
     def begin(self, start: int, n: int) -> None:
+        if self._open:  # a rollback was itself cut short: finish it first
+            self.truncate(start)
         self._start, self._n, self._open = start, n, True
         # Refuses with a clear error before the RAM runs out; a long prefill pins memory in the background.
         self.store.ensure(-(-(start + n) // self.bs), background=n > 1)
@@ -81,7 +83,6 @@ class RetrievalKV(ClusteredSegments, SparseStep):
             self._begin_decode(start)
 
     def commit(self, length: int) -> None:
-        self._open = False
         if not self.decoding:
             self._sel_k = None
         if self.decoding and length % self.bs == 0:
@@ -89,13 +90,17 @@ class RetrievalKV(ClusteredSegments, SparseStep):
         self.length = length
         self._spec.clear()
         self._spec_ready.clear()
+        self._open = False  # last: a commit cut short is rolled back like the pass it ends
 
     def truncate(self, length: int) -> None:
         """Forget tokens from `length` on; after a pass that did not commit (an exception or Ctrl-C
         between layers), also what its layers wrote past the committed length."""
         if length >= self.length and not self._open:
             return
-        self._open = False
+        if self._open:
+            # The pass may have claimed pool slots for blocks it had not fetched yet (lookup marks a
+            # slot before the copy fills it), for blocks below `length` too: start the cache cold.
+            self.pool.forget_cached()
         self.length = length = min(length, self.length)
         self._sel_k = None
         n_full = length // self.bs
@@ -107,6 +112,7 @@ class RetrievalKV(ClusteredSegments, SparseStep):
         self.pool.forget_from(n_full)
         if length:
             self._repair_ring(length)
+        self._open = False  # last: until here, the next begin redoes this truncation
 
     @property
     def decoding(self) -> bool:

@@ -300,6 +300,34 @@ def _interp_cases(device="cpu", big=False):
         return [("k", err(pools[0], pools[2]), 0.0), ("v", err(pools[1], pools[3]), 0.0),
                 ("copied", float(pools[0].abs().sum(dim=(2, 3)).gt(0).sum() != want.sum()), 0.0)]
 
+    def store(dt):
+        # Blocks written from pool slots by the kernel and by the reference, into two stores that
+        # start with the same contents: both must end up equal to what was expected, byte for byte.
+        from kvretrieve.kernels.fetch import store_blocks as t_store
+        from kvretrieve.runtime.kv_store import KVStore
+
+        g = torch.Generator().manual_seed(13)
+        L, H, bs, d, S = 3, 2, 8, 16, 5
+        old = torch.randn(L, 2, H, 40, bs, d, generator=g).to(dt)
+        pk, pv = (torch.randn(L, H, S, bs, d, generator=g).to(dt) for _ in range(2))
+        expected = old.clone()
+        stores = [KVStore(L, H, d, bs, 40 * bs, dt, pin=device == "cuda", segment_blocks=16,
+                          device=torch.device(device)) for _ in range(2)]
+        for st in stores:
+            for layer in range(L):
+                st.write(layer, 0, old[layer, 0], old[layer, 1])
+            st.sync_offsets()
+        for block, slot in ((0, 1), (17, 4), (39, 0)):  # segments 0, 1 and 2
+            expected[:, 0, :, block], expected[:, 1, :, block] = pk[:, :, slot], pv[:, :, slot]
+            t_store(stores[0], block, slot, pk.to(device), pv.to(device))
+            R.store_blocks(stores[1], block, slot, pk.to(device), pv.to(device))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        got = [torch.stack([torch.stack(st.read(layer, 0, 40)) for layer in range(L)]) for st in stores]
+        return [("kernel", err(got[0], expected), 0.0), ("reference", err(got[1], expected), 0.0)]
+
+    cases["store-blocks-fp32"] = lambda: store(torch.float32)
+    cases["store-blocks-bf16"] = lambda: store(torch.bfloat16)
     cases["lru-lookup-sequence"] = lru_sequence
     cases["fetch-blocks-fp32"] = lambda: fetch(torch.float32)
     cases["fetch-blocks-bf16"] = lambda: fetch(torch.bfloat16)

@@ -18,9 +18,10 @@ class BlockIndex(Protocol):
     def fit(self, layer: int, keys: torch.Tensor) -> None:
         """keys [T, Hkv, d] (post-RoPE) of the first prefill: a chance to learn a projection."""
 
-    def add(self, layer: int, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def add(self, layer: int | slice, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Index full blocks first_block.. ; keys, values [Hkv, nb, block_size, d] (a block may be
-        indexed again: its contents changed, e.g. after clustering)."""
+        indexed again: its contents changed, e.g. after clustering). layer=slice(None) with keys,
+        values [L, Hkv, nb, block_size, d] indexes the blocks of every layer at once."""
 
     def scores(self, layer: int, q: torch.Tensor, n_blocks: int) -> torch.Tensor:
         """q [Hq, d] -> scores [Hkv, n_blocks] float32 of blocks 0..n_blocks-1 (higher = more relevant)."""

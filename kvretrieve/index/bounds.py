@@ -25,10 +25,10 @@ class BoundsIndex:
     def fit(self, layer: int, keys: torch.Tensor) -> None:
         pass
 
-    def add(self, layer: int, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        nb = keys.shape[1]
-        self.kmin[layer, :, first_block:first_block + nb] = keys.amin(2)
-        self.kmax[layer, :, first_block:first_block + nb] = keys.amax(2)
+    def add(self, layer: int | slice, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        nb = keys.shape[-3]
+        self.kmin[layer, :, first_block:first_block + nb] = keys.amin(-2)
+        self.kmax[layer, :, first_block:first_block + nb] = keys.amax(-2)
 
     def scores(self, layer: int, q: torch.Tensor, n_blocks: int) -> torch.Tensor:
         return kernels.bounds_block_scores(q, self.kmin[layer], self.kmax[layer], n_blocks)

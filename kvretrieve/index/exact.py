@@ -21,9 +21,9 @@ class ExactIndex:
     def fit(self, layer: int, keys: torch.Tensor) -> None:
         pass
 
-    def add(self, layer: int, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        hkv, nb, bs, d = keys.shape
-        self.keys[layer, :, first_block * bs:(first_block + nb) * bs] = keys.reshape(hkv, nb * bs, d)
+    def add(self, layer: int | slice, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        nb, bs = keys.shape[-3:-1]
+        self.keys[layer, :, first_block * bs:(first_block + nb) * bs] = keys.flatten(-3, -2)
 
     def scores(self, layer: int, q: torch.Tensor, n_blocks: int) -> torch.Tensor:
         hkv = self.keys.shape[1]

@@ -110,11 +110,11 @@ class IVFIndex:
     def fit(self, layer: int, keys: torch.Tensor) -> None:
         pass
 
-    def add(self, layer: int, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        nb = keys.shape[1]
-        self.means[layer, :, first_block:first_block + nb] = keys.float().mean(2).to(self.means.dtype)
+    def add(self, layer: int | slice, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        nb = keys.shape[-3]
+        self.means[layer, :, first_block:first_block + nb] = keys.float().mean(-2).to(self.means.dtype)
         if self.vsums is not None:
-            self.vsums[layer, :, first_block:first_block + nb] = values.float().sum(2).to(self.vsums.dtype)
+            self.vsums[layer, :, first_block:first_block + nb] = values.float().sum(-2).to(self.vsums.dtype)
 
     def scores(self, layer: int, q: torch.Tensor, n_blocks: int) -> torch.Tensor:
         hkv = self.means.shape[1]

@@ -39,9 +39,9 @@ class LowRankIndex:
         self.proj[layer] = vecs.flip(-1)[:, :, :self.rank].to(self.proj.dtype)
         self.mean[layer] = mean.to(self.mean.dtype)
 
-    def add(self, layer: int, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        hkv, nb, bs, d = keys.shape
-        x = (keys.reshape(hkv, nb * bs, d) - self.mean[layer][:, None]) @ self.proj[layer]
+    def add(self, layer: int | slice, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        nb, bs = keys.shape[-3:-1]
+        x = (keys.flatten(-3, -2) - self.mean[layer].unsqueeze(-2)) @ self.proj[layer]
         self.sketch[layer, :, first_block * bs:(first_block + nb) * bs] = x
 
     def scores(self, layer: int, q: torch.Tensor, n_blocks: int) -> torch.Tensor:

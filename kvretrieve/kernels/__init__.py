@@ -68,5 +68,12 @@ def fetch_blocks(store, layer, ids, fetch, slots, pool_k, pool_v):
     return impl(store, layer, ids, fetch, slots, pool_k, pool_v)
 
 
+def store_blocks(store, block, slot, pool_k, pool_v):
+    """Write pool slot `slot` of every layer (pool_k, pool_v [L, Hkv, S, bs, d]) to the CPU store
+    as block `block`; on CUDA one kernel writes the pinned store directly (store.sync_offsets first)."""
+    impl = _tfetch.store_blocks if _use_triton(pool_k) and store.pin else _ref.store_blocks
+    return impl(store, block, slot, pool_k, pool_v)
+
+
 __all__ = ["HAS_TRITON", "sparse_decode", "lowrank_block_scores", "bounds_block_scores", "merge_attention",
-           "lru_lookup", "fetch_blocks"]
+           "lru_lookup", "fetch_blocks", "store_blocks"]

@@ -1,4 +1,4 @@
-"""Zero-copy fetch of missed KV blocks: a Triton kernel that reads the pinned CPU store directly.
+"""Zero-copy transfers between the pinned CPU store and the GPU block pool, as Triton kernels.
 
 Pinned host memory is mapped into the GPU's address space (UVA), so a kernel can load from it over
 PCIe. Each program copies one (head, selected block) pair: when its fetch flag is set it reads the
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvretrieve.kernels.reference import check_fetch, check_launch_device
+from kvretrieve.kernels.reference import check_fetch, check_launch_device, check_store
 
 
 @triton.jit
@@ -33,6 +33,19 @@ def _fetch_kernel(base_ptr, seg_offsets_ptr, ids_ptr, fetch_ptr, slots_ptr, pool
         cols = tl.arange(0, W)
         tl.store(pool_k_ptr + dst + cols, tl.load(base_ptr + src + cols))
         tl.store(pool_v_ptr + dst + cols, tl.load(base_ptr + src + v_off + cols))
+
+
+@triton.jit
+def _store_kernel(base_ptr, seg_offsets_ptr, pool_k_ptr, pool_v_ptr, block, slot, n_seg, seg_blocks, H, S,
+                  W: tl.constexpr):
+    layer = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    seg = block // seg_blocks
+    dst = tl.load(seg_offsets_ptr + layer * n_seg + seg) + (h * seg_blocks + block % seg_blocks) * W
+    src = ((layer * H + h) * S + slot) * W
+    cols = tl.arange(0, W)
+    tl.store(base_ptr + dst + cols, tl.load(pool_k_ptr + src + cols))
+    tl.store(base_ptr + dst + H * seg_blocks * W + cols, tl.load(pool_v_ptr + src + cols))
 
 
 class _HostPointer:
@@ -58,3 +71,15 @@ def fetch_blocks(store, layer, ids, fetch, slots, pool_k, pool_v):
     _fetch_kernel[(h, k)](base, store.device_offsets, ids.contiguous(), fetch.contiguous().view(torch.int8),
                           slots.contiguous(), pool_k, pool_v, int(layer), store.n_segments, k, store.seg_blocks, h,
                           pool_k.shape[1], W=store.bs * store.d, num_warps=4)
+
+
+def store_blocks(store, block, slot, pool_k, pool_v):
+    """Same contract as kernels.reference.store_blocks: one program per (layer, head) writes the
+    block's K and V rows into pinned host memory over PCIe (UVA), ordered on the current stream like
+    any kernel, instead of 2 * L copies launched from the host."""
+    check_store(store, block, slot, pool_k, pool_v)
+    check_launch_device("store_blocks", pool_k, pool_v)
+    base = _HostPointer(store.base) if pool_k.is_cuda else store.base
+    _store_kernel[(store.L, store.H)](base, store.device_offsets, pool_k, pool_v, int(block), int(slot),
+                                      store.n_segments, store.seg_blocks, store.H, pool_k.shape[2],
+                                      W=store.bs * store.d, num_warps=4)

@@ -271,3 +271,26 @@ def fetch_blocks(store, layer, ids, fetch, slots, pool_k, pool_v):
     flat = (heads * pool_k.shape[1] + dst).to(pool_k.device)
     pool_k.view(-1, rows.shape[2]).index_copy_(0, flat, rows[0].to(pool_k.device))
     pool_v.view(-1, rows.shape[2]).index_copy_(0, flat, rows[1].to(pool_v.device))
+
+
+def check_store(store, block, slot, pool_k, pool_v) -> None:
+    op = "store_blocks"
+    if pool_k.dim() != 5 or pool_v.shape != pool_k.shape or not pool_k.is_contiguous() or not pool_v.is_contiguous():
+        _fail(op, f"pool_k and pool_v must be contiguous [L, Hkv, S, bs, d], got {tuple(pool_k.shape)}")
+    if tuple(pool_k.shape[3:]) != (store.bs, store.d) or tuple(pool_k.shape[:2]) != (store.L, store.H) \
+            or pool_k.dtype != store.dtype:
+        _fail(op, f"pool {tuple(pool_k.shape)} {pool_k.dtype} does not match the store's "
+                  f"[{store.L}, {store.H}, S, {store.bs}, {store.d}] {store.dtype}")
+    if not 0 <= slot < pool_k.shape[2]:
+        _fail(op, f"slot {slot} out of range [0, {pool_k.shape[2]})")
+    if not 0 <= block < store.capacity_blocks:
+        _fail(op, f"block {block} is past the store's reserved {store.capacity_blocks} blocks (store.ensure first)")
+
+
+def store_blocks(store, block, slot, pool_k, pool_v):
+    """Write pool slot `slot` of every layer (pool_k, pool_v [L, Hkv, S, bs, d]) to the CPU store
+    (kv_store.KVStore) as block `block` of that layer: a decode step that completes a block hands it
+    to the store for all layers at once. From CUDA the copies are async on the current stream."""
+    check_store(store, block, slot, pool_k, pool_v)
+    for layer in range(store.L):
+        store.write(layer, block, pool_k[layer, :, slot:slot + 1], pool_v[layer, :, slot:slot + 1])

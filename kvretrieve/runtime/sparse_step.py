@@ -60,18 +60,23 @@ class SparseStep:
             torch.cuda.current_stream(self.device).wait_event(self._d2h_done)
 
     def _end_decode(self, length: int) -> None:
-        """The token at length - 1 completed its block: the block joins store and index."""
+        """The token at length - 1 completed its block: the block joins store and index, for all
+        layers at once (a handful of launches, not a few per layer: this runs every block_size steps)."""
         b = length // self.bs - 1
-        for layer in range(self.L):
-            rk, rv = self._ring(layer, b)
-            self._store_blocks(layer, b, rk[:, None], rv[:, None])
-            if b < self.pool.n_sink:
-                self.pool.k[layer, :, b] = rk
-                self.pool.v[layer, :, b] = rv
-            if self._reorders:
+        slot = self.pool.ring_slot(b)
+        kb, vb = self.pool.k[:, :, slot, None], self.pool.v[:, :, slot, None]      # [L, Hkv, 1, bs, d]
+        self.index.add(slice(None), b, kb, vb)
+        kernels.store_blocks(self.store, b, slot, self.pool.k, self.pool.v)
+        if self.d2h is not None:  # the writes run on this stream; host readers of the store wait for them
+            self._d2h_done = torch.cuda.Event()
+            self._d2h_done.record(torch.cuda.current_stream(self.device))
+        if b < self.pool.n_sink:
+            self.pool.k[:, :, b] = kb[:, :, 0]
+            self.pool.v[:, :, b] = vb[:, :, 0]
+        if self._reorders:
+            for layer in range(self.L):
                 self._cluster_pending(layer, b + 1)
-        if self._reorders:  # clustering may have moved blocks: select afresh
-            self._sel_k = None
+            self._sel_k = None  # clustering may have moved blocks: select afresh
 
     def _step_prologue(self) -> None:
         """Once per step, on the device, before the first layer attends: the slot table columns every

@@ -58,9 +58,25 @@ def prompt(n: int, vocab: int, device) -> torch.Tensor:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int, chunk: int) -> dict:
+def kernel_times(engine: Engine, steps: int) -> list[dict]:
+    """GPU time per decode step by kernel (CUPTI sees the kernels inside replayed graphs): the top 15,
+    over `steps` more steps after the timed ones (one of every block_size steps completes a block)."""
+    token = torch.zeros((), dtype=torch.long, device=engine.model.device)
+    engine.step(token)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step(token)
+        torch.cuda.synchronize()
+    rows = [{"kernel": e.key[:90], "us_per_step": getattr(e, "device_time_total", 0) / steps,
+             "calls_per_step": e.count / steps} for e in prof.key_averages()]
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows[:15]
+
+
+def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int, chunk: int,
+                   kernels: int = 0) -> dict:
     """One kvretrieve row; kind None is the dense backend (no cap); "lowrank@4": reselect_every=4,
-    "lowrank+spec": speculative prefetch."""
+    "lowrank+spec": speculative prefetch. kernels > 0: that many more steps under the profiler."""
     kind, _, spec = (kind or "").partition("+")
     kind, _, every = kind.partition("@")
     kind = kind or None
@@ -76,10 +92,15 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
         cfg = RetrievalConfig(index=kind, **extra) if kind else None
         row["reselect_every"] = cfg.reselect_every if cfg else None
         row["speculative"] = cfg.speculative if cfg else None
-        engine = Engine(decoder, make_backend(decoder, context + steps + 16, cfg), chunk)
+        engine = Engine(decoder, make_backend(decoder, context + steps + kernels + 32, cfg), chunk)
         r = profile_context(engine, prompt(context, decoder.cfg.vocab_size, dev), steps)
         row.update({k: r.get(k) for k in COLUMNS if k in r}, index_build_s=r.get("index_build_s"),
                    graphs=len(engine._captured), step_ms=r.get("step_ms"))
+        if kernels:
+            try:
+                row["kernels"] = kernel_times(engine, kernels)
+            except Exception as e:  # noqa: BLE001 - the profile is extra; the timed row stands without it
+                row["kernels_error"] = f"{type(e).__name__}: {e}"[:200]
     except (torch.OutOfMemoryError, RuntimeError, ValueError) as e:
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     del engine
@@ -110,6 +131,8 @@ def main() -> None:
     ap.add_argument("--systems", default="kvretrieve,kvretrieve-dense,hf-dense,hf-offload")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps (kvretrieve; hf-offload takes 6)")
     ap.add_argument("--chunk", type=int, default=4096, help="prefill chunk")
+    ap.add_argument("--kernels", type=int, default=0,
+                    help="profile this many more steps of each kvretrieve row: GPU time by kernel in the JSON")
     ap.add_argument("--merge", action="store_true", help="add to the rows already in the results file")
     ap.add_argument("--rewrite", action="store_true", help="only rewrite the table of the results file")
     ap.add_argument("--out", default=os.environ.get("OUT", str(RESULTS)))
@@ -156,7 +179,7 @@ def main() -> None:
             plan += [(tokens(n), k) for k in long_kinds]
         plan += [(n, None) for n in contexts] if "kvretrieve-dense" in systems else []
         for n, kind in plan:
-            rows.append(kvretrieve_row(decoder, n, kind, args.steps, args.chunk))
+            rows.append(kvretrieve_row(decoder, n, kind, args.steps, args.chunk, args.kernels))
             print(f"[{time.time() - t0:4.0f} s] {rows[-1]}", flush=True)
             save()
         del decoder

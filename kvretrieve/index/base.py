@@ -29,6 +29,24 @@ class BlockIndex(Protocol):
     def nbytes(self) -> int: ...
 
 
+TOPK_CHUNK = 1024  # blocks per first-stage slice of top_blocks (bench/probe_topk.py measured the choice)
+
+
+def top_blocks(scores: torch.Tensor, k: int, ranked: bool = False, chunk: int = TOPK_CHUNK) -> torch.Tensor:
+    """Indices [H, k] of the k highest scores per row of scores [H, n], best first when ranked.
+    For wide rows, in two stages: torch.topk gives each row to one thread block, which leaves a GPU
+    with 8 rows nearly idle; split into slices of `chunk`, the first stage runs H * n / chunk blocks
+    and the second picks among H * k * n / chunk survivors. Exact: a row's top k is within the union
+    of its slices' top k."""
+    h, n = scores.shape
+    if n % chunk or n < 4 * chunk or 2 * k > chunk:
+        return torch.topk(scores, k, dim=1, sorted=ranked).indices
+    vals, idx = torch.topk(scores.view(h, n // chunk, chunk), k, dim=2, sorted=False)   # [H, slices, k]
+    idx = idx + torch.arange(0, n, chunk, device=scores.device)[:, None]
+    pick = torch.topk(vals.view(h, -1), k, dim=1, sorted=ranked).indices
+    return idx.view(h, -1).gather(1, pick)
+
+
 def select_blocks(scores: torch.Tensor, lo: int, hi: int, k: int, ranked: bool = False) -> torch.Tensor:
     """Top-k block ids per KV head among candidate blocks [lo, hi) -> [Hkv, min(k, hi - lo)] int64,
     best first when ranked."""
@@ -37,4 +55,4 @@ def select_blocks(scores: torch.Tensor, lo: int, hi: int, k: int, ranked: bool =
         return torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
     if k == hi - lo and not ranked:  # everything fits the budget: no ranking needed
         return torch.arange(lo, hi, device=scores.device).expand(scores.shape[0], -1)
-    return torch.topk(scores[:, lo:hi], k, dim=1, sorted=ranked).indices + lo
+    return top_blocks(scores[:, lo:hi], k, ranked) + lo

@@ -16,7 +16,7 @@ import triton.language as tl
 from kvretrieve.kernels.reference import check_fetch, check_launch_device, check_store
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["layer"])
 def _fetch_kernel(base_ptr, seg_offsets_ptr, ids_ptr, fetch_ptr, slots_ptr, pool_k_ptr, pool_v_ptr,
                   layer, n_seg, k, seg_blocks, H, S, W: tl.constexpr):
     h = tl.program_id(0).to(tl.int64)  # int64 offsets: a segment of 32 layers exceeds 2^31 elements
@@ -35,7 +35,9 @@ def _fetch_kernel(base_ptr, seg_offsets_ptr, ids_ptr, fetch_ptr, slots_ptr, pool
         tl.store(pool_v_ptr + dst + cols, tl.load(base_ptr + src + v_off + cols))
 
 
-@triton.jit
+# Block and slot change every call: specialising on them (== 1, multiples of 16) would compile new
+# variants mid-generation (a 300 ms step was measured).
+@triton.jit(do_not_specialize=["block", "slot"])
 def _store_kernel(base_ptr, seg_offsets_ptr, pool_k_ptr, pool_v_ptr, block, slot, n_seg, seg_blocks, H, S,
                   W: tl.constexpr):
     layer = tl.program_id(0).to(tl.int64)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from ..index.base import top_blocks
 from ..models.llama import rms_norm
 
 
@@ -131,7 +132,7 @@ class SparseStep:
     def _pick(self, layer: int, q: torch.Tensor, k: int, ranked: bool = False) -> torch.Tensor:
         """The k best candidate blocks [Hkv, k] of this layer for query q [Hq, d] (k <= candidates)."""
         scores = self.index.scores(layer, q, self._outside.shape[0]).masked_fill(self._outside, float("-inf"))
-        return torch.topk(scores, k, dim=1, sorted=ranked).indices
+        return top_blocks(scores, k, ranked)
 
     def _select(self, layer: int, q: torch.Tensor, table: torch.Tensor):
         """Pick, resolve and fetch this layer's blocks; their slots go into the table. Returns (block

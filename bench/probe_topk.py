@@ -1,0 +1,64 @@
+"""Top-k of block scores on the GPU: torch.topk against the two-stage top_blocks, per slice width.
+
+The decode step picks 128 blocks per KV head (8 heads) among 2K / 8K / 32K candidates (32K / 128K /
+512K contexts) in every layer; the profile of bench/decode.py --kernels put torch.topk at ~44 us
+per layer at 128K. Each variant is timed as 32 calls captured in one CUDA graph (as in the step),
+median over replays. Writes probe_topk.json to $OUT (or bench/results).
+
+    python bench/probe_topk.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, provenance  # noqa: E402
+
+from kvretrieve.index.base import top_blocks  # noqa: E402
+
+
+def graph_us(fn, calls: int = 32, replays: int = 30) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(1e3 * start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def main() -> None:
+    out = Path(os.environ.get("OUT", RESULTS))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for n in (2048, 8192, 32768):
+        scores = torch.randn(8, n, device="cuda", generator=g)
+        want = torch.topk(scores, 128, dim=1, sorted=False).indices.sort(1).values
+        row = {"candidates": n, "k": 128, "heads": 8,
+               "torch_topk_us": graph_us(lambda: torch.topk(scores, 128, dim=1, sorted=False))}
+        for chunk in (256, 512, 1024, 2048):
+            same = torch.equal(top_blocks(scores, 128, chunk=chunk).sort(1).values, want)
+            row[f"two_stage_{chunk}_us"] = graph_us(lambda c=chunk: top_blocks(scores, 128, chunk=c))
+            row[f"two_stage_{chunk}_exact"] = same
+        rows.append(row)
+        print(row, flush=True)
+    meta = provenance("cuda")
+    (out / "probe_topk.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -40,7 +40,7 @@ from kvretrieve.models.llama import Decoder  # noqa: E402
 from kvretrieve.models.loader import random_weights  # noqa: E402
 from kvretrieve.models.shapes import shape_config  # noqa: E402
 from kvretrieve.runtime.engine import Engine  # noqa: E402
-from kvretrieve.runtime.profile import profile_context, reset_memory  # noqa: E402
+from kvretrieve.runtime.profile import capacity_for, profile_context, reset_memory  # noqa: E402
 
 COLUMNS = ["system", "index", "reselect_every", "speculative", "context", "prefill_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_mean",
            "peak_gpu_gib",
@@ -92,7 +92,8 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
         cfg = RetrievalConfig(index=kind, **extra) if kind else None
         row["reselect_every"] = cfg.reselect_every if cfg else None
         row["speculative"] = cfg.speculative if cfg else None
-        engine = Engine(decoder, make_backend(decoder, context + steps + kernels + 32, cfg), chunk)
+        bs = cfg.block_size if cfg else 16
+        engine = Engine(decoder, make_backend(decoder, capacity_for(context, steps + kernels + 2, bs), cfg), chunk)
         r = profile_context(engine, prompt(context, decoder.cfg.vocab_size, dev), steps)
         row.update({k: r.get(k) for k in COLUMNS if k in r}, index_build_s=r.get("index_build_s"),
                    graphs=len(engine._captured), step_ms=r.get("step_ms"))

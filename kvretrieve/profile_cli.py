@@ -89,7 +89,7 @@ def profile(model_path, shape, contexts, decode_steps, retrieval, budget, block_
     from .models.shapes import shape_config
     from .runtime.engine import Engine
     from .runtime.memory import apply_gpu_cap
-    from .runtime.profile import profile_context, reset_memory
+    from .runtime.profile import capacity_for, profile_context, reset_memory
 
     if model_path and shape:
         raise InputError("pass --model or --shape, not both")
@@ -116,7 +116,7 @@ def profile(model_path, shape, contexts, decode_steps, retrieval, budget, block_
     rows = []
     for n in contexts:
         reset_memory(dev)
-        engine = Engine(decoder, make_backend(decoder, n + decode_steps + 16, cfg_r), prefill_chunk)
+        engine = Engine(decoder, make_backend(decoder, capacity_for(n, decode_steps, block_size), cfg_r), prefill_chunk)
         row = profile_context(engine, prompt_ids(tokenizer, n, decoder.cfg.vocab_size, dev, seed), decode_steps)
         row.update(model=name, index=retrieval, budget=cfg_r.plan(n)[1] * block_size if cfg_r else None,
                    gpu_cap_gib=gpu_mem_gb,

@@ -189,6 +189,7 @@ def _interp_cases(device="cpu", big=False):
     from kvretrieve.kernels.merge import merge_attention as t_merge
     from kvretrieve.kernels.scoring import bounds_block_scores as t_bounds
     from kvretrieve.kernels.scoring import lowrank_block_scores as t_lowrank
+    from kvretrieve.kernels.scoring import max_dot_block_scores as t_maxdot
 
     shape = dict(Hkv=4, S=64, bs=64, d=128, n=150) if big else {}
     # Bigger shapes sum ~10k terms per output: allow a larger fp32 rounding drift.
@@ -237,6 +238,11 @@ def _interp_cases(device="cpu", big=False):
                 ("scores", err(t_lowrank(*a), R.lowrank_block_scores(*a)) / s, 2e-5)]
             cases[f"bounds-{dn}-G{G}"] = lambda a=(qs, kmin, kmax, nb), s=mag: [
                 ("scores", err(t_bounds(*a), R.bounds_block_scores(*a)) / s, 2e-5)]
+            # the exact index's scores (keys, block_size tokens) and ivf's (centroids, one per block)
+            keys = kmin.view(kmin.shape[0], -1, d)  # any [Hkv, cap, d] stream will do
+            for b in (bs, 1):
+                cases[f"max-dot-{dn}-G{G}-bs{b}"] = lambda a=(qs, keys, keys.shape[1] // b, b), s=mag: [
+                    ("scores", err(t_maxdot(*a), R.max_dot_block_scores(*a)) / s, 2e-5)]
         args = merge_case(dt, H=40 if big else 6, d=128 if big else 24, device=device)
         cases[f"merge-{dn}"] = lambda a=args, t=tol: [
             (name, err(x, y), t) for name, x, y in zip(("out", "lse"), t_merge(*a), R.merge_attention(*a))]

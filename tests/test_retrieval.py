@@ -521,7 +521,8 @@ def test_long_generation_memory_stays_flat_and_seeds_repeat(tiny_dir, device, to
 @pytest.mark.parametrize("ranked", [False, True])
 def test_top_blocks_equals_topk_in_two_stages_or_one(n, k, chunk, ranked):
     """The two-stage top-k (slices of `chunk`, then the survivors) picks exactly torch.topk's set, in
-    its order when ranked; shapes that do not split evenly or keep too much of a slice use one stage."""
+    its order when ranked; a row that does not split evenly is padded; too narrow a row, or a k
+    that keeps too much of a slice, takes one stage."""
     from kvretrieve.index.base import top_blocks
 
     g = torch.Generator().manual_seed(n + k)

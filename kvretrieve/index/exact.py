@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
 from ..runtime.memory import check_allocation
 
 
@@ -26,10 +27,7 @@ class ExactIndex:
         self.keys[layer, :, first_block * bs:(first_block + nb) * bs] = keys.flatten(-3, -2)
 
     def scores(self, layer: int, q: torch.Tensor, n_blocks: int) -> torch.Tensor:
-        hkv = self.keys.shape[1]
-        qg = q.float().view(hkv, -1, q.shape[-1])                          # [Hkv, G, d]
-        s = qg @ self.keys[layer, :, :n_blocks * self.bs].float().transpose(1, 2)  # [Hkv, G, n*bs]
-        return s.amax(1).view(hkv, n_blocks, self.bs).amax(2)
+        return kernels.max_dot_block_scores(q, self.keys[layer], n_blocks, self.bs)
 
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size()

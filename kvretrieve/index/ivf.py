@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import kernels
 from ..errors import ConfigError
 from ..runtime.memory import check_allocation
 
@@ -117,9 +118,7 @@ class IVFIndex:
             self.vsums[layer, :, first_block:first_block + nb] = values.float().sum(-2).to(self.vsums.dtype)
 
     def scores(self, layer: int, q: torch.Tensor, n_blocks: int) -> torch.Tensor:
-        hkv = self.means.shape[1]
-        qg = q.float().view(hkv, -1, q.shape[-1])
-        return (qg @ self.means[layer, :, :n_blocks].float().transpose(1, 2)).amax(1)
+        return kernels.max_dot_block_scores(q, self.means[layer], n_blocks, 1)  # a centroid per block
 
     def cluster_order(self, keys: torch.Tensor) -> torch.Tensor:
         """keys [B, n, d]: B point sets (KV heads x segments), n a multiple of block_size -> perm

@@ -40,6 +40,13 @@ def lowrank_block_scores(q, proj, mean, sketch, n_blocks, block_size):
     return impl(q, proj, mean, sketch, n_blocks, block_size)
 
 
+def max_dot_block_scores(q, keys, n_blocks, block_size):
+    """Exact block scores: q [Hq, d], keys [Hkv, cap, d] -> [Hkv, n_blocks] float32, the max of q.k
+    over a block's block_size keys and the group's query heads."""
+    impl = _tscore.max_dot_block_scores if _use_triton(q) else _ref.max_dot_block_scores
+    return impl(q, keys, n_blocks, block_size)
+
+
 def bounds_block_scores(q, kmin, kmax, n_blocks):
     """Quest upper-bound block scores: q [Hq, d], kmin/kmax [Hkv, cap_blocks, d]
     -> [Hkv, n_blocks] float32."""
@@ -76,4 +83,4 @@ def store_blocks(store, block, slot, pool_k, pool_v):
 
 
 __all__ = ["HAS_TRITON", "sparse_decode", "lowrank_block_scores", "bounds_block_scores", "merge_attention",
-           "lru_lookup", "fetch_blocks", "store_blocks"]
+           "lru_lookup", "fetch_blocks", "store_blocks", "max_dot_block_scores"]

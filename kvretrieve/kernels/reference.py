@@ -92,6 +92,20 @@ def check_lowrank(q, proj, mean, sketch, n_blocks, block_size) -> tuple[int, int
     return hkv, g, r
 
 
+def check_max_dot(q, keys, n_blocks, block_size) -> tuple[int, int]:
+    """Validate max_dot_block_scores inputs; returns (Hkv, G)."""
+    op = "max_dot_block_scores"
+    for name, t in (("q", q), ("keys", keys)):
+        _float(op, name, t)
+    if q.dim() != 2 or keys.dim() != 3 or keys.shape[2] != q.shape[1]:
+        _fail(op, f"q must be [Hq, d] and keys [Hkv, cap, d], got {tuple(q.shape)} and {tuple(keys.shape)}")
+    if int(n_blocks) < 0 or int(block_size) <= 0 or n_blocks * block_size > keys.shape[1]:
+        _fail(op, f"need 0 <= n_blocks*block_size <= {keys.shape[1]} and block_size > 0, got {n_blocks}, {block_size}")
+    g = _group(op, q.shape[0], keys.shape[0])
+    _same_device(op, q=q, keys=keys)
+    return keys.shape[0], g
+
+
 def check_bounds(q, kmin, kmax, n_blocks) -> tuple[int, int]:
     """Validate bounds_block_scores inputs; returns (Hkv, G)."""
     op = "bounds_block_scores"
@@ -162,6 +176,15 @@ def lowrank_block_scores(q, proj, mean, sketch, n_blocks, block_size):
     sk = sketch[:, : n_blocks * block_size].float()
     s = torch.einsum("hgr,htr->hgt", qr, sk) + qm[..., None]
     return s.amax(dim=1).view(hkv, n_blocks, block_size).amax(dim=-1)
+
+
+def max_dot_block_scores(q, keys, n_blocks, block_size):
+    """Block maxima [Hkv, n_blocks] f32 of q.k over a block's keys and the group's query heads (the
+    exact index's scores; block_size 1 over centroids: ivf's). q [Hq, d], keys [Hkv, cap, d]."""
+    hkv, g = check_max_dot(q, keys, n_blocks, block_size)
+    qg = q.float().view(hkv, g, -1)
+    s = qg @ keys[:, :n_blocks * block_size].float().transpose(1, 2)                # [Hkv, G, n*bs]
+    return s.amax(1).view(hkv, n_blocks, block_size).amax(2)
 
 
 def bounds_block_scores(q, kmin, kmax, n_blocks):

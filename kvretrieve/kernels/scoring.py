@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvretrieve.kernels.reference import check_bounds, check_launch_device, check_lowrank
+from kvretrieve.kernels.reference import check_bounds, check_launch_device, check_lowrank, check_max_dot
 from kvretrieve.kernels.sparse_decode import _mma
 
 # Enough programs to cover an H100 (132 SMs) several times over, whatever Hkv is.
@@ -41,7 +41,7 @@ def _lowrank_kernel(
     stride_sh, stride_st, stride_sr, stride_oh,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr,
     RP: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr, TB: tl.constexpr,
-    SK_F32: tl.constexpr, UPCAST: tl.constexpr,
+    SK_F32: tl.constexpr, UPCAST: tl.constexpr, PROJ: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     pid = tl.program_id(1)
@@ -54,12 +54,16 @@ def _lowrank_kernel(
     heads = kvh * G + offs_g
     q = tl.load(q_ptr + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-    p_head = proj_ptr + kvh.to(tl.int64) * stride_ph
-    proj = tl.load(p_head + offs_d[:, None] * stride_pd + offs_r[None, :] * stride_pr,
-                   mask=d_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + kvh * stride_mh + offs_d * stride_md, mask=d_mask, other=0.0).to(tl.float32)
-    qr = tl.dot(q, proj, input_precision="ieee")  # once per program, exact fp32
-    qm = tl.sum(q * mean[None, :], 1)
+    if PROJ:
+        p_head = proj_ptr + kvh.to(tl.int64) * stride_ph
+        proj = tl.load(p_head + offs_d[:, None] * stride_pd + offs_r[None, :] * stride_pr,
+                       mask=d_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + kvh * stride_mh + offs_d * stride_md, mask=d_mask, other=0.0).to(tl.float32)
+        qr = tl.dot(q, proj, input_precision="ieee")  # once per program, exact fp32
+        qm = tl.sum(q * mean[None, :], 1)
+    else:  # the "sketch" is the keys themselves (R = D): plain q.k
+        qr = q
+        qm = tl.zeros([GP], dtype=tl.float32)
 
     # Tokens of a tile form a [TB, BSP] grid (BSP = block size padded to a power of two),
     # flattened so one dot covers the tile; padding columns are masked to -inf.
@@ -131,19 +135,36 @@ def lowrank_block_scores(q, proj, mean, sketch, n_blocks, block_size):
     out = torch.empty(hkv, n_blocks, dtype=torch.float32, device=q.device)
     if n_blocks == 0:
         return out
-    d = q.shape[1]
-    bsp = triton.next_power_of_2(block_size)
-    # ~256 tokens per tile; tb*bsp >= 16 so the token dimension is a legal dot N.
-    tb = max(1, min(256 // bsp, triton.next_power_of_2(n_blocks)), triton.cdiv(16, bsp))
-    progs, iters = _split_work(triton.cdiv(n_blocks, tb), hkv)
-    _lowrank_kernel[(hkv, progs)](
-        q, proj, mean, sketch, out, n_blocks, iters,
-        q.stride(0), q.stride(1), *proj.stride(), *mean.stride(), *sketch.stride(), out.stride(0),
-        G=g, GP=max(16, triton.next_power_of_2(g)), D=d, DP=max(16, triton.next_power_of_2(d)),
-        R=r, RP=max(16, triton.next_power_of_2(r)), BS=block_size, BSP=bsp, TB=tb,
-        SK_F32=sketch.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-    )
+    _launch_lowrank(q, proj, mean, sketch, out, n_blocks, block_size, g, r, True)
     return out
+
+
+def max_dot_block_scores(q, keys, n_blocks, block_size):
+    """Triton block maxima of q.k: the low-rank kernel with the keys as sketch and no projection.
+    q [Hq, d], keys [Hkv, cap, d] -> [Hkv, n_blocks] float32."""
+    hkv, g = check_max_dot(q, keys, n_blocks, block_size)
+    check_launch_device("max_dot_block_scores", q, keys)
+    n_blocks, block_size = int(n_blocks), int(block_size)
+    out = torch.empty(hkv, n_blocks, dtype=torch.float32, device=q.device)
+    if n_blocks:
+        _launch_lowrank(q, keys, keys, keys, out, n_blocks, block_size, g, keys.shape[2], False)  # proj, mean unused
+    return out
+
+
+def _launch_lowrank(q, proj, mean, sketch, out, n_blocks, block_size, g, r, use_proj):
+    d, rp = q.shape[1], max(16, triton.next_power_of_2(r))
+    bsp = triton.next_power_of_2(block_size)
+    # ~8K sketch elements per tile (256 tokens at rank 32); tb*bsp >= 16 so the token dimension is a
+    # legal dot N.
+    tb = max(1, min(max(1, 8192 // rp // bsp), triton.next_power_of_2(n_blocks)), triton.cdiv(16, bsp))
+    progs, iters = _split_work(triton.cdiv(n_blocks, tb), q.shape[0] // g)
+    _lowrank_kernel[(q.shape[0] // g, progs)](
+        q, proj, mean, sketch, out, n_blocks, iters,
+        q.stride(0), q.stride(1), *proj.stride(), *mean.stride()[-2:], *sketch.stride(), out.stride(0),
+        G=g, GP=max(16, triton.next_power_of_2(g)), D=d, DP=max(16, triton.next_power_of_2(d)),
+        R=r, RP=rp, BS=block_size, BSP=bsp, TB=tb,
+        SK_F32=sketch.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1", PROJ=use_proj,
+    )
 
 
 def bounds_block_scores(q, kmin, kmax, n_blocks):
@@ -167,4 +188,4 @@ def bounds_block_scores(q, kmin, kmax, n_blocks):
     return out
 
 
-__all__ = ["lowrank_block_scores", "bounds_block_scores"]
+__all__ = ["lowrank_block_scores", "max_dot_block_scores", "bounds_block_scores"]

@@ -26,6 +26,11 @@ def peak_gpu_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
 
 
+def capacity_for(context: int, decode_steps: int, block_size: int) -> int:
+    """Tokens a backend must hold for profile_context: the prompt, the warm-up and the timed steps."""
+    return context + decode_steps + block_size + 16
+
+
 def profile_context(engine, ids: torch.Tensor, decode_steps: int) -> dict:
     """Prefill ids, then decode greedily: 2 warm-up steps, then decode_steps timed ones."""
     device, backend = engine.model.device, engine.backend
@@ -38,7 +43,9 @@ def profile_context(engine, ids: torch.Tensor, decode_steps: int) -> dict:
     int(token)
     ttft = time.perf_counter() - t0
     build_s = (backend.counters().get("cluster_s", 0.0) - build0) if hasattr(backend, "counters") else 0.0
-    for _ in range(2):  # warm-up steps (kernel compilation, allocator growth) are not measured
+    # Warm-up steps (kernel compilation, allocator growth) are not measured; they include a step
+    # that completes a block (its kernels compile on first use).
+    for _ in range(2 + getattr(backend, "bs", 0)):
         token = engine.step(token).argmax()
     counters0 = backend.counters() if hasattr(backend, "counters") else {}
     step_ms = []

@@ -45,7 +45,7 @@ from kvretrieve.runtime.profile import capacity_for, profile_context, reset_memo
 COLUMNS = ["system", "index", "reselect_every", "speculative", "context", "prefill_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_mean",
            "peak_gpu_gib",
            "gpu_cap_gib", "pinned_host_gib", "h2d_mb_per_token", "cache_hit", "x_hf_dense", "x_hf_offload",
-           "error"]
+           "commit", "error"]
 CAP_GIB = 24.0
 
 
@@ -110,14 +110,16 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """x_hf_*: how many times faster than that hf row of the same context: the hf row's median over
-    this row's mean (a selection that serves two steps makes kvretrieve's step times bimodal, so its
-    median says little; transformers' steps are alike)."""
+    """x_hf_*: how many times faster than that hf row of the same context and the same run (commit):
+    the hf row's median over this row's mean (a selection that serves two steps makes kvretrieve's
+    step times bimodal, so its median says little; transformers' steps are alike). transformers'
+    eager decode is bound by the host CPU, which differs between lent machines, so a row whose run's
+    hf rows were replaced by a later run's keeps the ratio measured in its own run."""
     for r in rows:
         mine = r.get("decode_ms_mean") or r.get("decode_ms_p50")
         for name in ("hf-dense", "hf-offload"):
             ref = next((h for h in rows if h["system"] == name and h["context"] == r["context"]
-                        and h.get("decode_ms_p50")), None)
+                        and h.get("commit") == r.get("commit") and h.get("decode_ms_p50")), None)
             if ref and mine:
                 r["x_" + name.replace("-", "_")] = ref["decode_ms_p50"] / mine
 
@@ -180,7 +182,7 @@ def main() -> None:
             plan += [(tokens(n), k) for k in long_kinds]
         plan += [(n, None) for n in contexts] if "kvretrieve-dense" in systems else []
         for n, kind in plan:
-            rows.append(kvretrieve_row(decoder, n, kind, args.steps, args.chunk, args.kernels))
+            rows.append(kvretrieve_row(decoder, n, kind, args.steps, args.chunk, args.kernels) | {"commit": meta["commit"]})
             print(f"[{time.time() - t0:4.0f} s] {rows[-1]}", flush=True)
             save()
         del decoder
@@ -195,7 +197,7 @@ def main() -> None:
             for s in hf:
                 r = hf_row(model, n, offload=s == "hf-offload", steps=6 if s == "hf-offload" else args.steps)
                 r.pop("tokens", None)
-                rows.append(r)
+                rows.append(r | {"commit": meta["commit"]})
                 print(f"[{time.time() - t0:4.0f} s] {r}", flush=True)
                 save()
         del model
@@ -209,7 +211,7 @@ in generation. The default selects every step (reselect_every = 1); with reselec
 only one step in 2 or 4 selects, looks up and copies while the others only attend, so those rows'
 step times are bimodal: their mean is the figure to read. kvretrieve rows run under set_per_process_memory_fraction(24 GiB); kvretrieve-dense
 and hf rows have the whole 80 GB card. x_hf_*: speed-up over that transformers row of the same
-context (the hf row's p50 over this row's mean). h2d_mb_per_token for hf-offload is computed from the cache size (its
+context and run (the hf row's p50 over this row's mean; commit names the run). h2d_mb_per_token for hf-offload is computed from the cache size (its
 offloaded cache brings every layer's K,V up each step), not measured. With random weights the
 queries of successive tokens are nearly unrelated, so cache hits and H2D traffic are pessimistic
 next to real weights. The first kvretrieve row of each context pins fresh host memory (~1 GiB/s on

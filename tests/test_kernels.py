@@ -240,8 +240,8 @@ def _interp_cases(device="cpu", big=False):
                 ("scores", err(t_bounds(*a), R.bounds_block_scores(*a)) / s, 2e-5)]
             # the exact index's scores (keys, block_size tokens) and ivf's (centroids, one per block)
             keys = kmin.view(kmin.shape[0], -1, d)  # any [Hkv, cap, d] stream will do
-            for b in (bs, 1):
-                cases[f"max-dot-{dn}-G{G}-bs{b}"] = lambda a=(qs, keys, keys.shape[1] // b, b), s=mag: [
+            for what, b in (("keys", bs), ("centroids", 1)):  # names must not depend on `big`
+                cases[f"max-dot-{what}-{dn}-G{G}"] = lambda a=(qs, keys, keys.shape[1] // b, b), s=mag: [
                     ("scores", err(t_maxdot(*a), R.max_dot_block_scores(*a)) / s, 2e-5)]
         args = merge_case(dt, H=40 if big else 6, d=128 if big else 24, device=device)
         cases[f"merge-{dn}"] = lambda a=args, t=tol: [

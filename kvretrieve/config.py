@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-INDEX_KINDS = ("lowrank", "bounds", "exact", "ivf")
+INDEX_KINDS = ("lowrank", "bounds", "exact", "ivf", "oracle")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 

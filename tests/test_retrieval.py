@@ -535,3 +535,23 @@ def test_top_blocks_equals_topk_in_two_stages_or_one(n, k, chunk, ranked):
         assert torch.equal(got, want)
     else:
         assert all(set(a.tolist()) == set(b.tolist()) for a, b in zip(got, want))
+
+
+def test_oracle_index_ranks_blocks_by_their_true_attention_mass():
+    """oracle scores = log of each block's softmax mass summed over the GQA group; so its top-k keeps
+    at least as much mass as the exact (max q.k) ranking, for every KV head."""
+    g = torch.Generator().manual_seed(5)
+    L, H, G, d, bs, nb = 1, 2, 3, 16, 4, 24
+    oracle = ExactIndex(L, H, d, bs, nb, torch.device("cpu"), torch.float32, mass=True)
+    exact = ExactIndex(L, H, d, bs, nb, torch.device("cpu"), torch.float32)
+    keys = torch.randn(H, nb, bs, d, generator=g) * 2
+    for idx in (oracle, exact):
+        idx.add(0, 0, keys, keys)
+    q = torch.randn(H * G, d, generator=g)
+    p = torch.softmax(torch.einsum("hgd,htd->hgt", q.view(H, G, d), keys.view(H, nb * bs, d)) * d ** -0.5, -1)
+    mass = p.view(H, G, nb, bs).sum(-1).sum(1)                                     # [H, nb]
+    assert torch.allclose(oracle.scores(0, q, nb).exp(), mass, atol=1e-6)
+    for k in (1, 4, 9):
+        kept = [mass.gather(1, select_blocks(idx.scores(0, q, nb), 0, nb, k)).sum(1) for idx in (oracle, exact)]
+        assert torch.all(kept[0] >= kept[1] - 1e-6)
+        assert torch.allclose(kept[0], mass.topk(k, dim=1).values.sum(1))

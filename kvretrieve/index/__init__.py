@@ -21,8 +21,8 @@ def make_index(cfg: RetrievalConfig, num_layers: int, num_kv_heads: int, head_di
         return LowRankIndex(*shape, cfg.rank, device, dtype)
     if cfg.index == "bounds":
         return BoundsIndex(*shape, device, dtype)
-    if cfg.index == "exact":
-        return ExactIndex(*shape, device, dtype)
+    if cfg.index in ("exact", "oracle"):
+        return ExactIndex(*shape, device, dtype, mass=cfg.index == "oracle")
     if cfg.index == "ivf":
         return IVFIndex(*shape, device, dtype, kmeans=cfg.kmeans, estimate=cfg.estimate_tokens > 0)
     raise ConfigError(f"unknown index kind {cfg.index!r}")

@@ -1,5 +1,10 @@
-"""The oracle: true block maxima of q.k over full keys. For measuring the other kinds, never the
-default: it keeps every key on the compute device, which is what retrieval exists to avoid."""
+"""Oracles over full keys, for measuring the other kinds, never the default: they keep every key on
+the compute device, which is what retrieval exists to avoid.
+
+exact:  a block's score is its true maximum of q.k (what the approximate kinds estimate).
+oracle: a block's score is its true share of the softmax attention mass, summed over the GQA group:
+        the ranking that maximises attention-mass recall, the best any block selection can do.
+"""
 from __future__ import annotations
 
 import torch
@@ -12,8 +17,9 @@ class ExactIndex:
     kind = "exact"
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, max_blocks: int,
-                 device: torch.device, dtype: torch.dtype):
-        self.bs = block_size
+                 device: torch.device, dtype: torch.dtype, mass: bool = False):
+        self.bs, self.mass = block_size, mass
+        self.kind = "oracle" if mass else "exact"
         shape = (num_layers, num_kv_heads, max_blocks * block_size, head_dim)
         check_allocation(torch.Size(shape).numel() * torch.finfo(dtype).bits // 8, device,
                          "the exact index (a full copy of the keys)", "use --retrieval lowrank or bounds")
@@ -27,7 +33,13 @@ class ExactIndex:
         self.keys[layer, :, first_block * bs:(first_block + nb) * bs] = keys.flatten(-3, -2)
 
     def scores(self, layer: int, q: torch.Tensor, n_blocks: int) -> torch.Tensor:
-        return kernels.max_dot_block_scores(q, self.keys[layer], n_blocks, self.bs)
+        if not self.mass:
+            return kernels.max_dot_block_scores(q, self.keys[layer], n_blocks, self.bs)
+        hkv, d = self.keys.shape[1], q.shape[-1]
+        s = q.float().view(hkv, -1, d) @ self.keys[layer, :, :n_blocks * self.bs].float().transpose(1, 2)
+        s = s * d ** -0.5                                                          # [Hkv, G, n*bs]
+        share = s.view(*s.shape[:2], n_blocks, self.bs).logsumexp(-1) - s.logsumexp(-1, keepdim=True)
+        return share.logsumexp(1)  # log of the block's mass summed over the group's query heads
 
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size()

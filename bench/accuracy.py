@@ -49,6 +49,7 @@ class Cell:
     rank: int = 32
     needle: bool = False
     reselect: int = 1           # decode steps one selection serves (RetrievalConfig.reselect_every)
+    store: str = "model"        # the CPU store's dtype (RetrievalConfig.store_dtype)
 
     def split(self) -> tuple[int, int, int] | None:
         """(sink, window, budget) tokens summing to at most density * context: one block is kept
@@ -62,7 +63,8 @@ class Cell:
     def retrieval(self) -> RetrievalConfig:
         sink, window, budget = self.split()
         return RetrievalConfig(index=self.kind, block_size=self.block_size, budget_tokens=budget, sink_tokens=sink,
-                               window_tokens=window, rank=self.rank, reselect_every=self.reselect)
+                               window_tokens=window, rank=self.rank, reselect_every=self.reselect,
+                               store_dtype=self.store)
 
 
 # The recommended default, chosen from the evidence in bench/ACCURACY_NOTES.md.
@@ -83,6 +85,9 @@ def grid(name: str, kinds: tuple[str, ...]) -> list[Cell]:
         return [replace(default_cell(2048), needle=True)]
     if name == "reselect":  # reusing a selection for several steps, at the default and at 1/16
         return [replace(c, reselect=r, needle=True) for c in (default_cell(8192), base) for r in (1, 2, 4)]
+    if name == "int8":  # the int8 store at the default and at 1/16 (rows beside the model-dtype ones)
+        return [replace(c, store="int8", needle=True) for c in
+                [default_cell(c) for c in (2048, 4096, 8192)] + [base, replace(base, kind="ivf")]]
     if name == "default-cells":  # the default configuration at 2K, 4K and 8K, selecting every 1 and 2 steps
         return [replace(default_cell(c), needle=True, reselect=r) for c in (2048, 4096, 8192) for r in (1, 2)]
     if name == "default":
@@ -193,7 +198,8 @@ def misses(row: dict) -> str:
 
 def config_key(row: dict) -> tuple:
     return tuple(row.get(k) for k in ("index", "context", "block_size", "sink_tokens", "window_tokens",
-                                      "budget_tokens", "rank")) + (row.get("reselect_every", 1),)
+                                      "budget_tokens", "rank")) + (row.get("reselect_every", 1),
+                                                                   row.get("store_dtype", "model"))
 
 
 def row_of(cell: Cell, m: dict, needle_res: dict | None) -> dict:
@@ -201,7 +207,7 @@ def row_of(cell: Cell, m: dict, needle_res: dict | None) -> dict:
     row = {"index": cell.kind, "context": cell.context, "density": m["attended_tokens"] / cell.context,
            "target_density": cell.density, "budget_tokens": budget, "block_size": cell.block_size,
            "sink_tokens": sink, "window_tokens": window, "rank": cell.rank if cell.kind == "lowrank" else None,
-           "reselect_every": cell.reselect,
+           "reselect_every": cell.reselect, "store_dtype": cell.store,
            "default": replace(cell, needle=False) == default_cell(cell.context), **m,
            "needle_dense": None, "needle_sparse": None, "needle_same": None}
     if needle_res is not None:
@@ -211,7 +217,7 @@ def row_of(cell: Cell, m: dict, needle_res: dict | None) -> dict:
 
 
 COLUMNS = ["index", "context", "block_size", "target_density", "density", "sink_tokens", "window_tokens",
-           "budget_tokens", "reselect_every", "attn_recall", "out_rel_err", "top1_agree", "kl", "ppl_dense", "ppl", "needle_dense",
+           "budget_tokens", "reselect_every", "store_dtype", "attn_recall", "out_rel_err", "top1_agree", "kl", "ppl_dense", "ppl", "needle_dense",
            "needle_sparse", "needle_same", "default", "targets"]
 
 
@@ -238,7 +244,7 @@ def run(args) -> Path:
             for c in part:
                 m = metrics[c]
                 print(f"  {c.kind} {ctx} 1/{1 / c.density:g} bs{c.block_size} sink{c.sink} w{c.window_share} "
-                      f"r{c.rank} every{c.reselect}: recall {m['attn_recall']:.3f} top1 {m['top1_agree']:.3f} kl {m['kl']:.4f} "
+                      f"r{c.rank} every{c.reselect} {c.store}: recall {m['attn_recall']:.3f} top1 {m['top1_agree']:.3f} kl {m['kl']:.4f} "
                       f"ppl {m['ppl']:.3f}/{m['ppl_dense']:.3f}", flush=True)
             print(f"[{time.perf_counter() - t0:6.0f}s] {ctx}: {s + len(part)}/{len(mine)} teacher-forced", flush=True)
         timings[f"teacher_forced_{ctx}_s"] = time.perf_counter() - t
@@ -296,9 +302,10 @@ def run(args) -> Path:
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the small CI grid")
-    ap.add_argument("--grid", default="default", choices=["default", "reselect", "default-cells"],
+    ap.add_argument("--grid", default="default", choices=["default", "reselect", "default-cells", "int8"],
                     help="reselect: the default (and 1/16) with a selection reused for 1, 2, 4 steps; "
-                         "default-cells: the default configuration at 2K, 4K, 8K")
+                         "default-cells: the default configuration at 2K, 4K, 8K; int8: the int8 store at "
+                         "the default (2K, 4K, 8K) and at 1/16 (lowrank, ivf)")
     ap.add_argument("--kinds", default=",".join(KINDS), help="index kinds, comma-separated (e.g. add ivf)")
     ap.add_argument("--steps", type=int, default=256, help="teacher-forced continuation tokens")
     ap.add_argument("--probe-every", type=int, default=16, help="recall/output error on every Nth step")

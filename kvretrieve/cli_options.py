@@ -61,6 +61,9 @@ def model_options(f):
         click.option("--rank", type=int, default=32, show_default=True, help="Low-rank key sketch size (lowrank)."),
         click.option("--reselect-every", type=int, default=1, show_default=True, metavar="STEPS",
                      help="Decode steps one block selection serves (2 is faster; accuracy in the README)."),
+        click.option("--store-dtype", default="model", show_default=True, type=click.Choice(["model", "int8"]),
+                     help="CPU KV store: the model's dtype, or int8 with a scale per token (half the RAM and "
+                          "half the copies; accuracy in the README)."),
         click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=set_debug,
                      help="Show tracebacks."),
     ]
@@ -91,7 +94,7 @@ def load_from_options(opts: dict):
         retrieval = RetrievalConfig(index=opts["retrieval"], budget_tokens=opts["budget"],
                                     block_size=opts["block_size"], sink_tokens=opts["sink"],
                                     window_tokens=opts["window"], rank=opts["rank"],
-                                    reselect_every=opts["reselect_every"])
+                                    reselect_every=opts["reselect_every"], store_dtype=opts["store_dtype"])
     return load(opts["model_path"], device=opts["device"], dtype=opts["dtype"], max_context=opts["max_context"],
                 gpu_mem_gb=opts["gpu_mem_gb"], retrieval=retrieval, log=lambda m: click.echo(m, err=True))
 

@@ -96,6 +96,7 @@ class RetrievalConfig:
     kmeans: str = "auto"          # ivf: auto, torch, faiss, faiss-gpu
     estimate_tokens: int = 0      # ivf: next-ranked tokens that count through centroids (RetroInfer)
     cluster_tokens: int = 8192    # ivf: tokens per clustered prefill segment
+    store_dtype: str = "model"    # the CPU store: the model's dtype, or int8 with a scale per token and head
 
     def __post_init__(self) -> None:
         _check(self.index in INDEX_KINDS, f"unknown index kind {self.index!r}; choose one of {', '.join(INDEX_KINDS)}")
@@ -112,6 +113,7 @@ class RetrievalConfig:
         _check(self.estimate_tokens == 0 or self.index == "ivf", "estimate_tokens needs index='ivf'")
         _check(self.cluster_tokens >= 64 * self.block_size,
                f"cluster_tokens must be at least 64 blocks ({64 * self.block_size} tokens), got {self.cluster_tokens}")
+        _check(self.store_dtype in ("model", "int8"), f"store_dtype must be 'model' or 'int8', got {self.store_dtype!r}")
         _check(self.cache_blocks is None or self.cache_blocks >= self.budget_blocks,
                f"cache_blocks ({self.cache_blocks}) must hold at least the budget ({self.budget_blocks} blocks)")
 

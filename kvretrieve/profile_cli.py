@@ -72,6 +72,8 @@ def prompt_ids(tokenizer, n: int, vocab: int, device: torch.device, seed: int) -
 @click.option("--speculative", is_flag=True, help="Speculative next-layer prefetch.")
 @click.option("--reselect-every", type=int, default=1, show_default=True, metavar="STEPS",
               help="Decode steps one block selection serves.")
+@click.option("--store-dtype", default="model", show_default=True, type=click.Choice(["model", "int8"]),
+              help="CPU KV store: the model's dtype, or int8 with a scale per token.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--gpu-mem-gb", type=float, default=None, help="Cap the GPU memory this process may use (GiB).")
@@ -81,7 +83,7 @@ def prompt_ids(tokenizer, n: int, vocab: int, device: torch.device, seed: int) -
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of the table.")
 @click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=set_debug, help="Show tracebacks.")
 def profile(model_path, shape, contexts, decode_steps, retrieval, budget, block_size, sink, window, rank,
-            speculative, reselect_every, device, dtype, gpu_mem_gb, prefill_chunk, seed, as_json):
+            speculative, reselect_every, store_dtype, device, dtype, gpu_mem_gb, prefill_chunk, seed, as_json):
     """Measure prefill and decode speed and memory at several context lengths."""
     from .api import check_weights_fit, make_backend, resolve_device, resolve_dtype
     from .models.loader import load_model, random_weights
@@ -99,7 +101,7 @@ def profile(model_path, shape, contexts, decode_steps, retrieval, budget, block_
     kv_tokens = 0 if retrieval != "off" else max(contexts) + decode_steps + 16  # the largest dense cache
     cfg_r = None if retrieval == "off" else RetrievalConfig(
         index=retrieval, budget_tokens=budget, block_size=block_size, sink_tokens=sink, window_tokens=window,
-        rank=rank, speculative=speculative, reselect_every=reselect_every)
+        rank=rank, speculative=speculative, reselect_every=reselect_every, store_dtype=store_dtype)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if gpu_mem_gb is not None and dev.type == "cuda":

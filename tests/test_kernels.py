@@ -288,13 +288,14 @@ def _interp_cases(device="cpu", big=False):
             worst = max(worst, float(sum(diff)))
         return [("mismatches", worst, 0.0)]
 
-    def fetch(dt):
+    def fetch(dt, quantize=False):
         from kvretrieve.kernels.fetch import fetch_blocks as t_fetch
         from kvretrieve.runtime.kv_store import KVStore
 
         g = torch.Generator().manual_seed(12)
         L, H, bs, d, S = 3, 2, 8, 16, 12
-        store = KVStore(L, H, d, bs, 40 * bs, dt, pin=device == "cuda", segment_blocks=16, device=torch.device(device))
+        store = KVStore(L, H, d, bs, 40 * bs, dt, pin=device == "cuda", segment_blocks=16, device=torch.device(device),
+                        quantize=quantize)
         store.write(1, 0, torch.randn(H, 40, bs, d, generator=g).to(dt), torch.randn(H, 40, bs, d, generator=g).to(dt))
         store.sync_offsets()
         ids = torch.stack([torch.randperm(40, generator=g)[:S] for _ in range(H)]).to(device)   # crosses segments
@@ -303,12 +304,16 @@ def _interp_cases(device="cpu", big=False):
         pools = [torch.zeros(H, S, bs, d, dtype=dt, device=device) for _ in range(4)]
         t_fetch(store, 1, ids, want, slots, pools[0], pools[1])
         R.fetch_blocks(store, 1, ids, want, slots, pools[2], pools[3])
-        return [("k", err(pools[0], pools[2]), 0.0), ("v", err(pools[1], pools[3]), 0.0),
+        # Dequantizing rounds fp32 to the pool's dtype: the interpreter's cast may differ by one unit.
+        tol = pools[2].float().abs().max().item() * torch.finfo(dt).eps if quantize else 0.0
+        return [("k", err(pools[0], pools[2]), tol), ("v", err(pools[1], pools[3]), tol),
                 ("copied", float(pools[0].abs().sum(dim=(2, 3)).gt(0).sum() != want.sum()), 0.0)]
 
-    def store(dt):
+    def store(dt, quantize=False):
         # Blocks written from pool slots by the kernel and by the reference, into two stores that
-        # start with the same contents: both must end up equal to what was expected, byte for byte.
+        # start with the same contents: both must end up equal to what was expected, byte for byte
+        # (int8 stores: within half a quantization step of it; kernel and reference may round a
+        # code differently where their divisions differ in the last bit).
         from kvretrieve.kernels.fetch import store_blocks as t_store
         from kvretrieve.runtime.kv_store import KVStore
 
@@ -318,11 +323,14 @@ def _interp_cases(device="cpu", big=False):
         pk, pv = (torch.randn(L, H, S, bs, d, generator=g).to(dt) for _ in range(2))
         expected = old.clone()
         stores = [KVStore(L, H, d, bs, 40 * bs, dt, pin=device == "cuda", segment_blocks=16,
-                          device=torch.device(device)) for _ in range(2)]
+                          device=torch.device(device), quantize=quantize) for _ in range(2)]
         for st in stores:
             for layer in range(L):
                 st.write(layer, 0, old[layer, 0], old[layer, 1])
             st.sync_offsets()
+        if quantize:
+            old = torch.stack([torch.stack(stores[0].read(layer, 0, 40)) for layer in range(L)])
+            expected = old.clone()
         for block, slot in ((0, 1), (17, 4), (39, 0)):  # segments 0, 1 and 2
             expected[:, 0, :, block], expected[:, 1, :, block] = pk[:, :, slot], pv[:, :, slot]
             t_store(stores[0], block, slot, pk.to(device), pv.to(device))
@@ -330,13 +338,23 @@ def _interp_cases(device="cpu", big=False):
         if device == "cuda":
             torch.cuda.synchronize()
         got = [torch.stack([torch.stack(st.read(layer, 0, 40)) for layer in range(L)]) for st in stores]
-        return [("kernel", err(got[0], expected), 0.0), ("reference", err(got[1], expected), 0.0)]
+        if not quantize:
+            return [("kernel", err(got[0], expected), 0.0), ("reference", err(got[1], expected), 0.0)]
+        step = expected.float().abs().amax(-1, keepdim=True) / 127  # one code, per token
+        off = [((g.float() - expected.float()).abs() / step).max().item() for g in got]
+        tol = 0.5 + 128 * torch.finfo(dt).eps / 2 + 1e-3  # half a code, then the rounding to dt of up to 127 codes
+        return [("kernel", off[0], tol), ("reference", off[1], tol),
+                ("kernel-vs-reference", ((got[0].float() - got[1].float()).abs() / step).max().item(), 1.01)]
 
     cases["store-blocks-fp32"] = lambda: store(torch.float32)
     cases["store-blocks-bf16"] = lambda: store(torch.bfloat16)
+    cases["store-blocks-int8-fp32"] = lambda: store(torch.float32, quantize=True)
+    cases["store-blocks-int8-bf16"] = lambda: store(torch.bfloat16, quantize=True)
     cases["lru-lookup-sequence"] = lru_sequence
     cases["fetch-blocks-fp32"] = lambda: fetch(torch.float32)
     cases["fetch-blocks-bf16"] = lambda: fetch(torch.bfloat16)
+    cases["fetch-blocks-int8-fp32"] = lambda: fetch(torch.float32, quantize=True)
+    cases["fetch-blocks-int8-bf16"] = lambda: fetch(torch.bfloat16, quantize=True)
     cases["scoring-multi-tile"] = lambda: many_tiles_per_program(False)
     cases["scoring-multi-tile-fp32-q-bf16-stream"] = lambda: many_tiles_per_program(True)
     return cases

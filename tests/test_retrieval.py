@@ -70,6 +70,26 @@ def test_full_budget_equals_dense(tiny_dir, kind, block_size, sink, window, rese
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-5), (a - b).abs().max()
 
 
+@pytest.mark.parametrize("kind", ["lowrank", "ivf"])
+def test_int8_store_with_full_budget_stays_next_to_dense(tiny_dir, kind):
+    """The int8 store changes only what comes back from CPU memory: with the budget covering the
+    context the logits differ from dense by quantization noise, far less than a sparse selection."""
+    base = dict(index=kind, block_size=8, budget_tokens=512, sink_tokens=8, window_tokens=16, rank=8,
+                cluster_tokens=512)
+    dense, exact = engines(tiny_dir, RetrievalConfig(**base))
+    _, quant = engines(tiny_dir, RetrievalConfig(**base, store_dtype="int8"))
+    g = torch.Generator().manual_seed(0)
+    prompt, cont = torch.randint(0, 256, (203,), generator=g), torch.randint(0, 256, (37,), generator=g)
+    steps = torch.randint(0, 256, (45,), generator=g)
+    ref, same, noisy = (run_script(e, prompt, cont, steps, 230) for e in (dense, exact, quant))
+    assert all(torch.allclose(a, b, atol=2e-5, rtol=1e-5) for a, b in zip(ref, same))
+    kl = [torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
+          for a, b in zip(ref[2:], noisy[2:])]  # decode steps: what the store feeds
+    assert max(kl) < 1e-3 and not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ref[2:], noisy[2:]))
+    d = quant.backend.store.d  # fp32 model: 4 bytes a value become 1, plus a 4-byte scale per token
+    assert quant.backend.store.nbytes() * 4 * d == exact.backend.store.nbytes() * (d + 4)
+
+
 def decode_side_by_side(dense, sparse, seed: int, steps: int):
     """A 400-token random prompt, then `steps` decode steps in both engines: the last logits of each."""
     g = torch.Generator().manual_seed(seed)
@@ -207,6 +227,34 @@ def test_store_grows_without_copying_and_refuses_what_cannot_fit(monkeypatch):
     with pytest.raises(ResourceError, match="CPU RAM.*KVRETRIEVE_FREE_RAM_GB"):
         store.ensure(100)
     assert len(store.segments[1]) == 2  # nothing was allocated
+
+
+def test_int8_store_reads_within_half_a_step_in_half_the_memory():
+    """quantize=True: int8 codes and a scale per token and head; read and gather give the model's dtype
+    back, each value within half a quantization step (absmax / 127 of its token) of what was written."""
+    from kvretrieve.runtime.kv_store import dequantize, quantize
+
+    g = torch.Generator().manual_seed(3)
+    k = (torch.randn(2, 40, 4, 8, generator=g) * torch.rand(2, 40, 4, 1, generator=g) * 5).to(torch.bfloat16)
+    k[0, 3, 1] = 0  # an all-zero token keeps scale 1, no NaN
+    plain = KVStore(2, 2, 8, 4, 4096, torch.bfloat16, pin=False, segment_blocks=16)
+    store = KVStore(2, 2, 8, 4, 4096, torch.bfloat16, pin=False, segment_blocks=16, quantize=True)
+    for s in (plain, store):
+        s.write(1, 0, k, -k)
+    rk, rv = store.read(1, 0, 40)                                   # three segments
+    assert rk.dtype == torch.bfloat16 and torch.equal(rv, -rk)
+    step = k.float().abs().amax(-1, keepdim=True) / 127
+    assert ((rk.float() - k.float()).abs() <= step / 2 + k.float().abs() * 2 ** -8).all()
+    assert not torch.equal(rk, k) and torch.equal(rk[0, 3, 1], k[0, 3, 1])
+    q, scale = quantize(k)
+    assert torch.equal(rk, dequantize(q, scale, torch.bfloat16))
+    out = torch.empty(2, 3, 32, dtype=torch.bfloat16)
+    store.gather(1, torch.tensor([1, 0, 1]), torch.tensor([18, 3, 35]), out)
+    assert torch.equal(out[0], torch.stack([rk[1, 18], rk[0, 3], rk[1, 35]]).view(3, 32))
+    assert torch.equal(out[1], -out[0])
+    # int8 codes (half of bf16) + an fp32 scale per token of 8 values (a quarter; 1/64 at head_dim 128)
+    assert store.nbytes() == plain.nbytes() // 2 + plain.nbytes() // 4
+    assert store.bytes_per_block * 4 == plain.bytes_per_block * 3
 
 
 def test_store_reserves_in_the_background_and_writes_wait_for_their_layer():

@@ -8,6 +8,10 @@ copied. Segments are pinned when CUDA is present: copies can be async, and a GPU
 blocks straight from them (kernels.fetch_blocks), finding each segment through device_offsets (its
 start relative to the first segment, in elements, on the compute device).
 
+quantize=True keeps K and V as int8 with one fp32 scale per token and head (absmax / 127, in a
+parallel [K|V, kv_head, block, block_size] table): half the host memory and half the bytes a fetch
+moves over PCIe. Reads dequantize to the model's dtype; so do the fetch kernel and gather.
+
 Pinning fresh host memory is slow (~1 GiB/s on the H100 host: 18 GiB for a 128K prompt of the 8B
 shape would cost 8+ s of a prefill), so a long prefill reserves its segments on a background
 thread, layer after layer; a write waits only for its own layer's segments, which arrive long
@@ -22,29 +26,55 @@ import torch
 from .memory import GiB, check_allocation
 
 
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., d] -> (int8 [..., d], fp32 scale [...]): symmetric per row, rounding half away from
+    zero (the store kernel rounds the same way)."""
+    amax = x.float().abs().amax(-1)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    v = x.float() / scale[..., None]
+    return (v.sign() * (v.abs() + 0.5).floor()).clamp(-127, 127).to(torch.int8), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale[..., None]).to(dtype)
+
+
 class KVStore:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, max_tokens: int,
-                 dtype: torch.dtype, pin: bool, segment_blocks: int = 1024, device: torch.device | None = None):
+                 dtype: torch.dtype, pin: bool, segment_blocks: int = 1024, device: torch.device | None = None,
+                 quantize: bool = False):
         self.L, self.H, self.d, self.bs = num_layers, num_kv_heads, head_dim, block_size
         self.max_blocks = -(-max_tokens // block_size)
         self.seg_blocks = min(segment_blocks, self.max_blocks)
-        self.dtype, self.pin = dtype, pin
+        self.dtype, self.pin, self.quantized = dtype, pin, quantize  # dtype: what reads give back
         self.n_segments = -(-self.max_blocks // self.seg_blocks)
         self.segments: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.scales: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]   # quantized stores only
         self.reserved = 0             # segments per layer that exist or are being allocated
         self._layer_ready = [threading.Event() for _ in range(num_layers)]
         for e in self._layer_ready:
             e.set()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._host_offsets = torch.zeros(num_layers, self.n_segments, dtype=torch.int64)
-        self.device_offsets = torch.zeros(num_layers, self.n_segments, dtype=torch.int64, device=device or "cpu")
+        self._host_offsets = torch.zeros(2, num_layers, self.n_segments, dtype=torch.int64)  # data, scales
+        self.offsets = torch.zeros(2, num_layers, self.n_segments, dtype=torch.int64, device=device or "cpu")
         self._offsets_synced = 0      # segments per layer whose offsets device_offsets holds
+
+    @property
+    def device_offsets(self) -> torch.Tensor:
+        """[L, n_segments]: each segment's start relative to the first one, in elements."""
+        return self.offsets[0]
+
+    @property
+    def device_scale_offsets(self) -> torch.Tensor:
+        """[L, n_segments]: the same for the scale tables of a quantized store (relative to the first)."""
+        return self.offsets[1]
 
     @property
     def bytes_per_block(self) -> int:
         """All layers, K and V, all heads: the host memory one block of tokens costs."""
-        return 2 * self.L * self.H * self.bs * self.d * torch.finfo(self.dtype).bits // 8
+        per_token = self.d + 4 if self.quantized else self.d * torch.finfo(self.dtype).bits // 8
+        return 2 * self.L * self.H * self.bs * per_token
 
     @property
     def capacity_blocks(self) -> int:
@@ -56,8 +86,15 @@ class KVStore:
         self._wait(0)
         return self.segments[0][0]
 
+    @property
+    def scale_base(self) -> torch.Tensor:
+        """The scale table every scale offset is relative to (quantized stores)."""
+        self._wait(0)
+        return self.scales[0][0]
+
     def nbytes(self) -> int:
-        return sum(s.numel() * s.element_size() for layer in self.segments for s in layer)
+        return sum(s.numel() * s.element_size() for tables in (self.segments, self.scales) for layer in tables
+                   for s in layer)
 
     def check_fits(self, n_tokens: int) -> None:
         """Refuse up front (before any allocation) a context whose KV cannot fit in free RAM."""
@@ -92,12 +129,16 @@ class KVStore:
     def _allocate(self, have: int, want: int) -> None:
         try:
             shape = (2, self.H, self.seg_blocks, self.bs, self.d)
+            tables = [(self.segments, shape, torch.int8 if self.quantized else self.dtype)]
+            if self.quantized:
+                tables.append((self.scales, shape[:-1], torch.float32))
             for layer in range(self.L):
                 for i in range(have, want):
-                    seg = torch.empty(shape, dtype=self.dtype, pin_memory=self.pin)
-                    first = self.segments[0][0] if self.segments[0] else seg
-                    self._host_offsets[layer, i] = (seg.data_ptr() - first.data_ptr()) // seg.element_size()
-                    self.segments[layer].append(seg)
+                    for t, (segs, shp, dt) in enumerate(tables):
+                        seg = torch.empty(shp, dtype=dt, pin_memory=self.pin)
+                        first = segs[0][0] if segs[0] else seg
+                        self._host_offsets[t, layer, i] = (seg.data_ptr() - first.data_ptr()) // seg.element_size()
+                        segs[layer].append(seg)
                 self._layer_ready[layer].set()
         except BaseException as e:  # noqa: BLE001 - re-raised in the thread that waits
             self._error = e
@@ -120,7 +161,7 @@ class KVStore:
         """Copy the segments' offsets to the device (before a kernel reads the store)."""
         if self._offsets_synced != self.reserved:
             self.join()
-            self.device_offsets.copy_(self._host_offsets)
+            self.offsets.copy_(self._host_offsets)
             self._offsets_synced = self.reserved
 
     def write(self, layer: int, first_block: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -129,6 +170,8 @@ class KVStore:
         nb = k.shape[1]
         self.ensure(first_block + nb)
         self._wait(layer)
+        if self.quantized:  # on k's device, so only int8 and scales cross PCIe
+            (k, k_scale), (v, v_scale) = quantize(k), quantize(v)
         done = 0
         while done < nb:
             seg, off = divmod(first_block + done, self.seg_blocks)
@@ -136,31 +179,39 @@ class KVStore:
             dst = self.segments[layer][seg]
             dst[0, :, off:off + n].copy_(k[:, done:done + n], non_blocking=True)
             dst[1, :, off:off + n].copy_(v[:, done:done + n], non_blocking=True)
+            if self.quantized:
+                scales = self.scales[layer][seg]
+                scales[0, :, off:off + n].copy_(k_scale[:, done:done + n], non_blocking=True)
+                scales[1, :, off:off + n].copy_(v_scale[:, done:done + n], non_blocking=True)
             done += n
 
     def read(self, layer: int, first_block: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks first_block.. of one layer as k, v [Hkv, n_blocks, bs, d] (CPU tensors)."""
+        """Blocks first_block.. of one layer as k, v [Hkv, n_blocks, bs, d] (CPU tensors in the model's
+        dtype: views of the store when one segment holds them and it is not quantized)."""
         self._wait(layer)
-        if n_blocks == 0:
-            empty = self.segments[layer][0][0, :, :0] if self.segments[layer] else \
-                torch.empty(self.H, 0, self.bs, self.d, dtype=self.dtype)
-            return empty, empty
-        parts_k, parts_v, done = [], [], 0
+        runs, done = [], 0
         while done < n_blocks:
             seg, off = divmod(first_block + done, self.seg_blocks)
             n = min(n_blocks - done, self.seg_blocks - off)
-            parts_k.append(self.segments[layer][seg][0, :, off:off + n])
-            parts_v.append(self.segments[layer][seg][1, :, off:off + n])
+            runs.append((seg, slice(off, off + n)))
             done += n
-        if len(parts_k) == 1:
-            return parts_k[0], parts_v[0]
-        return torch.cat(parts_k, 1), torch.cat(parts_v, 1)
+        out = []
+        for kv in (0, 1):
+            if self.quantized:
+                parts = [dequantize(self.segments[layer][s][kv, :, r], self.scales[layer][s][kv, :, r], self.dtype)
+                         for s, r in runs]
+            else:
+                parts = [self.segments[layer][s][kv, :, r] for s, r in runs]
+            out.append(parts[0] if len(parts) == 1 else torch.cat(parts, 1) if parts
+                       else torch.empty(self.H, 0, self.bs, self.d, dtype=self.dtype))
+        return out[0], out[1]
 
     def gather(self, layer: int, heads: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
-        """out[0, i], out[1, i] = K and V of block blocks[i] of head heads[i]; out [2, m, bs*d] (CPU).
+        """out[0, i], out[1, i] = K and V of block blocks[i] of head heads[i]; out [2, m, bs*d] (CPU,
+        the model's dtype).
 
         One index_select per segment touched and K|V: a segment is laid out as [K|V, head, block],
-        so row = head * SB + block % SB of its K or V table.
+        so row = head * SB + block % SB of its K or V table (and of its scale table).
         """
         self._wait(layer)
         seg = blocks // self.seg_blocks
@@ -171,7 +222,11 @@ class KVStore:
             table = self.segments[layer][s].view(2, self.H * self.seg_blocks, width)
             r = rows.index_select(0, pick) if len(pick) != len(rows) else rows
             for kv in (0, 1):
-                if len(pick) == len(rows):
+                if self.quantized:
+                    scales = self.scales[layer][s].view(2, self.H * self.seg_blocks, self.bs)[kv].index_select(0, r)
+                    got = dequantize(table[kv].index_select(0, r).view(-1, self.bs, self.d), scales, self.dtype)
+                    out[kv].index_copy_(0, pick, got.view(-1, width))
+                elif len(pick) == len(rows):
                     torch.index_select(table[kv], 0, r, out=out[kv, :len(rows)])
                 else:
                     out[kv].index_copy_(0, pick, table[kv].index_select(0, r))

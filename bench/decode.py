@@ -42,7 +42,7 @@ from kvretrieve.models.shapes import shape_config  # noqa: E402
 from kvretrieve.runtime.engine import Engine  # noqa: E402
 from kvretrieve.runtime.profile import capacity_for, profile_context, reset_memory  # noqa: E402
 
-COLUMNS = ["system", "index", "reselect_every", "speculative", "context", "prefill_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_mean",
+COLUMNS = ["system", "index", "reselect_every", "speculative", "store_dtype", "context", "prefill_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_mean",
            "peak_gpu_gib",
            "gpu_cap_gib", "pinned_host_gib", "h2d_mb_per_token", "cache_hit", "x_hf_dense", "x_hf_offload",
            "commit", "error"]
@@ -76,8 +76,9 @@ def kernel_times(engine: Engine, steps: int) -> list[dict]:
 def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int, chunk: int,
                    kernels: int = 0) -> dict:
     """One kvretrieve row; kind None is the dense backend (no cap); "lowrank@4": reselect_every=4,
-    "lowrank+spec": speculative prefetch. kernels > 0: that many more steps under the profiler."""
-    kind, _, spec = (kind or "").partition("+")
+    "lowrank+spec": speculative prefetch, "lowrank+int8": the int8 CPU store. kernels > 0: that many
+    more steps under the profiler."""
+    kind, *flags = (kind or "").split("+")
     kind, _, every = kind.partition("@")
     kind = kind or None
     dev = decoder.device
@@ -86,12 +87,14 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
     reset_memory(dev)
     row = {"system": "kvretrieve" if kind else "kvretrieve-dense", "index": kind, "context": context,
            "gpu_cap_gib": CAP_GIB if kind else None}
-    extra = ({"reselect_every": int(every)} if every else {}) | ({"speculative": True} if spec else {})
+    extra = ({"reselect_every": int(every)} if every else {}) | ({"speculative": True} if "spec" in flags else {}) \
+        | ({"store_dtype": "int8"} if "int8" in flags else {})
     engine = None
     try:
         cfg = RetrievalConfig(index=kind, **extra) if kind else None
         row["reselect_every"] = cfg.reselect_every if cfg else None
         row["speculative"] = cfg.speculative if cfg else None
+        row["store_dtype"] = cfg.store_dtype if cfg else None
         bs = cfg.block_size if cfg else 16
         engine = Engine(decoder, make_backend(decoder, capacity_for(context, steps + kernels + 2, bs), cfg), chunk)
         r = profile_context(engine, prompt(context, decoder.cfg.vocab_size, dev), steps)
@@ -129,7 +132,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="32K,128K")
     ap.add_argument("--kinds", default="lowrank,bounds,exact,ivf",
                     help="kvretrieve index kinds (first = default); kind@N sets reselect_every=N, "
-                         "kind+spec speculative prefetch")
+                         "kind+spec speculative prefetch, kind+int8 the int8 CPU store")
     ap.add_argument("--long", default="512K:lowrank:ivf", help="a longer context for kvretrieve rows only, with kinds")
     ap.add_argument("--systems", default="kvretrieve,kvretrieve-dense,hf-dense,hf-offload")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps (kvretrieve; hf-offload takes 6)")
@@ -164,7 +167,8 @@ def main() -> None:
 
     def save():
         def key(r):
-            return r["system"], r["index"] or "", r.get("reselect_every") or 0, bool(r.get("speculative")), r["context"]
+            return (r["system"], r["index"] or "", r.get("reselect_every") or 0, bool(r.get("speculative")),
+                    r.get("store_dtype") or "model", r["context"])
 
         merged = [r for r in old if not any(key(r) == key(n) for n in rows)] + rows
         merged.sort(key=lambda r: (r["context"], *key(r)))

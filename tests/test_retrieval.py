@@ -289,12 +289,12 @@ def test_rank_above_head_dim_is_refused(tiny_dir):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kind", KINDS + ["ivf"])
-def test_cuda_graph_steps_equal_eager_steps(tiny_dir, kind):
+@pytest.mark.parametrize("kind,store", [(k, "model") for k in KINDS + ["ivf"]] + [("lowrank", "int8"), ("ivf", "int8")])
+def test_cuda_graph_steps_equal_eager_steps(tiny_dir, kind, store):
     """Decode steps replayed from CUDA graphs (misses read from pinned memory by the fetch kernel)
     give the same logits as eager steps, with and without speculative prefetch."""
     base = RetrievalConfig(index=kind, block_size=8, budget_tokens=64, sink_tokens=8, window_tokens=16, rank=8,
-                           cluster_tokens=512)
+                           cluster_tokens=512, store_dtype=store)
     _, eager = engines(tiny_dir, base, device="cuda")
     eager.graphs = False
     _, graph = engines(tiny_dir, base, device="cuda")

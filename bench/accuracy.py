@@ -85,6 +85,9 @@ def grid(name: str, kinds: tuple[str, ...]) -> list[Cell]:
         return [replace(default_cell(2048), needle=True)]
     if name == "reselect":  # reusing a selection for several steps, at the default and at 1/16
         return [replace(c, reselect=r, needle=True) for c in (default_cell(8192), base) for r in (1, 2, 4)]
+    if name == "oracle-blocks":  # how close the mass oracle gets to the targets with small blocks
+        return [replace(base, kind="oracle", block_size=4, needle=True), replace(base, kind="oracle", block_size=8,
+                                                                                density=1 / 8)]
     if name == "int8":  # the int8 store at the default and at 1/16 (rows beside the model-dtype ones)
         return [replace(c, store="int8", needle=True) for c in
                 [default_cell(c) for c in (2048, 4096, 8192)] + [base, replace(base, kind="ivf")]]
@@ -302,10 +305,12 @@ def run(args) -> Path:
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the small CI grid")
-    ap.add_argument("--grid", default="default", choices=["default", "reselect", "default-cells", "int8"],
+    ap.add_argument("--grid", default="default", choices=["default", "reselect", "default-cells", "int8",
+                                                             "oracle-blocks"],
                     help="reselect: the default (and 1/16) with a selection reused for 1, 2, 4 steps; "
                          "default-cells: the default configuration at 2K, 4K, 8K; int8: the int8 store at "
-                         "the default (2K, 4K, 8K) and at 1/16 (lowrank, ivf)")
+                         "the default (2K, 4K, 8K) and at 1/16 (lowrank, ivf); oracle-blocks: the mass "
+                         "oracle with blocks of 4 (1/16) and 8 (1/8)")
     ap.add_argument("--kinds", default=",".join(KINDS), help="index kinds, comma-separated (e.g. add ivf)")
     ap.add_argument("--steps", type=int, default=256, help="teacher-forced continuation tokens")
     ap.add_argument("--probe-every", type=int, default=16, help="recall/output error on every Nth step")

@@ -88,6 +88,9 @@ def test_int8_store_with_full_budget_stays_next_to_dense(tiny_dir, kind):
     assert max(kl) < 1e-3 and not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ref[2:], noisy[2:]))
     d = quant.backend.store.d  # fp32 model: 4 bytes a value become 1, plus a 4-byte scale per token
     assert quant.backend.store.nbytes() * 4 * d == exact.backend.store.nbytes() * (d + 4)
+    for e, per_token in ((exact, 4 * d), (quant, d + 4)):  # what a missed block moves: K and V of bs tokens
+        c = e.backend.counters()
+        assert c["misses"] > 0 and c["h2d_bytes"] == c["misses"] * 2 * 8 * per_token
 
 
 def decode_side_by_side(dense, sparse, seed: int, steps: int):

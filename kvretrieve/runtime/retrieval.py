@@ -259,6 +259,6 @@ class RetrievalKV(ClusteredSegments, SparseStep):
         hits, misses = self.pool.counts.tolist()
         fetched = misses + self.pool.spec_counts[1].item()  # every miss is one block read from the store
         spec_hits, spec_total = self._spec_counts.tolist()
-        block_bytes = 2 * self.bs * self.pool.k.shape[-1] * self.pool.k.element_size()  # K and V
+        block_bytes = self.store.bytes_per_block // (self.L * self.H)  # K and V of one head (int8: with scales)
         return {"hits": hits, "misses": misses, "h2d_bytes": fetched * block_bytes,
                 "spec_hits": spec_hits, "spec_total": spec_total, **self.stats}

@@ -12,6 +12,7 @@ state) lives in tensors written in place before the replay, so the graph never g
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Protocol
 
 import torch
@@ -51,43 +52,43 @@ class Engine:
         with interrupts_deferred():
             self.backend.truncate(length)
 
-    @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Append a segment of token ids; returns the hidden rows [T, hidden] after the last layer."""
-        start, n = self.backend.length, ids.shape[0]
+    @contextmanager
+    def _pass(self, n: int):
+        """A forward pass of n tokens from the committed length: begin, the body, commit. Any exception
+        (Ctrl-C included) rolls back what the pass wrote, also after its commit, since the caller
+        never got its result."""
+        start = self.backend.length
         if start + n > self.backend.capacity:
-            raise ValueError(f"segment of {n} tokens at position {start} exceeds the capacity {self.backend.capacity}")
+            raise ValueError(f"{n} tokens at position {start} exceed the capacity {self.backend.capacity}")
         try:
             self.backend.begin(start, n)
-            x = self.model.forward(ids, start, self.backend, self.chunk, on_layer)
+            yield start
             with interrupts_deferred():
                 self.backend.commit(start + n)
-        except BaseException:  # Ctrl-C or an error between layers: undo what the layers that ran wrote
+        except BaseException:
             self.truncate(start)
             raise
-        return x
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, on_layer: Callable[[int], None] | None = None,
+                last_logits: bool = False) -> torch.Tensor:
+        """Append a segment of token ids; returns the hidden rows [T, hidden] after the last layer, or
+        with last_logits the logits [V] (fp32) that follow the last token."""
+        with self._pass(ids.shape[0]) as start:
+            x = self.model.forward(ids, start, self.backend, self.chunk, on_layer)
+            out = self.model.logits(x[-1:])[0] if last_logits else x
+        return out
 
     def prefill(self, ids: list[int], on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Append tokens; returns the logits [V] (fp32) that follow the last one."""
-        start = self.backend.length
-        x = self.forward(torch.tensor(ids, dtype=torch.long, device=self.model.device), on_layer)
-        try:
-            with torch.inference_mode():
-                return self.model.logits(x[-1:])[0]
-        except BaseException:  # the caller never sees these tokens: the cache must not keep them
-            self.truncate(start)
-            raise
+        return self.forward(torch.tensor(ids, dtype=torch.long, device=self.model.device), on_layer, last_logits=True)
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Append one token (a 0-d device tensor, so no host sync is needed); returns next logits [V]."""
-        start = self.backend.length
-        if start + 1 > self.backend.capacity:
-            raise ValueError(f"a decode step at position {start} exceeds the capacity {self.backend.capacity}")
-        self._token.copy_(token.view(1))
-        self._position.fill_(start)
-        try:
-            self.backend.begin(start, 1)
+        with self._pass(1) as start:
+            self._token.copy_(token.view(1))
+            self._position.fill_(start)
             key = getattr(self.backend, "graph_key", lambda: None)() if self.graphs else None
             if key is not None and key in self._captured:
                 graph, out = self._captured[key]
@@ -97,11 +98,6 @@ class Engine:
                 logits = self._decode(start)
                 if key is not None:
                     self._capture(key, start)
-            with interrupts_deferred():
-                self.backend.commit(start + 1)
-        except BaseException:  # the caller has not counted this token yet
-            self.truncate(start)
-            raise
         return logits
 
     def _decode(self, start: int) -> torch.Tensor:

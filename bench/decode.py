@@ -59,8 +59,9 @@ def prompt(n: int, vocab: int, device) -> torch.Tensor:
 
 
 def kernel_times(engine: Engine, steps: int) -> list[dict]:
-    """GPU time per decode step by kernel (CUPTI sees the kernels inside replayed graphs): the top 15,
-    over `steps` more steps after the timed ones (one of every block_size steps completes a block)."""
+    """GPU time per decode step by kernel (CUPTI sees the kernels inside replayed graphs): the top 15
+    and the sum over all kernels ("all kernels"), over `steps` more steps after the timed ones (one of
+    every block_size steps completes a block)."""
     token = torch.zeros((), dtype=torch.long, device=engine.model.device)
     engine.step(token)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -70,7 +71,9 @@ def kernel_times(engine: Engine, steps: int) -> list[dict]:
     rows = [{"kernel": e.key[:90], "us_per_step": getattr(e, "device_time_total", 0) / steps,
              "calls_per_step": e.count / steps} for e in prof.key_averages()]
     rows.sort(key=lambda r: -r["us_per_step"])
-    return rows[:15]
+    total = {"kernel": "all kernels", "us_per_step": sum(r["us_per_step"] for r in rows),
+             "calls_per_step": sum(r["calls_per_step"] for r in rows)}
+    return rows[:15] + [total]
 
 
 def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int, chunk: int,
@@ -99,7 +102,8 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
         engine = Engine(decoder, make_backend(decoder, capacity_for(context, steps + kernels + 2, bs), cfg), chunk)
         r = profile_context(engine, prompt(context, decoder.cfg.vocab_size, dev), steps)
         row.update({k: r.get(k) for k in COLUMNS if k in r}, index_build_s=r.get("index_build_s"),
-                   graphs=len(engine._captured), step_ms=r.get("step_ms"))
+                   graphs=len(engine._captured), step_ms=r.get("step_ms"),
+                   host_ms_p50=r.get("host_ms_p50"))
         if kernels:
             try:
                 row["kernels"] = kernel_times(engine, kernels)

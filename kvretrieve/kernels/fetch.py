@@ -18,10 +18,10 @@ from kvretrieve.kernels.reference import check_fetch, check_launch_device, check
 
 @triton.jit
 def _row_from_store(base_ptr, scale_ptr, src, s_src, cols, D: tl.constexpr, QUANT: tl.constexpr):
-    """One block row of K or V from the store as fp32: int8 codes times their token's scale."""
+    """One block row of K or V from the store: quantized, int8 codes times their token's scale (fp32)."""
     x = tl.load(base_ptr + src + cols)
-    if QUANT:
-        return x.to(tl.float32) * tl.load(scale_ptr + s_src + cols // D)
+    if QUANT:  # a constexpr branch: one return type per compiled variant
+        x = x.to(tl.float32) * tl.load(scale_ptr + s_src + cols // D)
     return x
 
 

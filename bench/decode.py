@@ -102,8 +102,7 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
         engine = Engine(decoder, make_backend(decoder, capacity_for(context, steps + kernels + 2, bs), cfg), chunk)
         r = profile_context(engine, prompt(context, decoder.cfg.vocab_size, dev), steps)
         row.update({k: r.get(k) for k in COLUMNS if k in r}, index_build_s=r.get("index_build_s"),
-                   graphs=len(engine._captured), step_ms=r.get("step_ms"),
-                   host_ms_p50=r.get("host_ms_p50"))
+                   graphs=len(engine._captured), step_ms=r.get("step_ms"))
         if kernels:
             try:
                 row["kernels"] = kernel_times(engine, kernels)

@@ -6,6 +6,7 @@ what is already cached (the documents of a chat, earlier turns) and only the res
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Union
@@ -116,37 +117,43 @@ class LLM:
         t0 = time.perf_counter()
         logits = self.prefill(ids, on_layer)
         gen = make_generator(params, self.device)
-        token = sample(logits, params, gen)
-        token_id = int(token)  # the one host sync per token
-        prefill_s = time.perf_counter() - t0
+        room = self.max_context - self.engine.length  # decode steps the cache can still take
+        steps = max(0, min(params.max_new_tokens - 1, room))
         decoder, out, sent, new_ids, step_ms = StreamDecoder(self.tokenizer), "", 0, [], []
-        finish = "length"
-        while len(new_ids) < params.max_new_tokens:
-            if token_id in self.tokenizer.eos_ids:
-                finish = "eos"
-                break
-            new_ids.append(token_id)
-            out += decoder.push(token_id)
-            cut = min((i for i in (out.find(s, max(0, sent - len(s))) for s in params.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                yield out[sent:cut]
-                out, finish = out[:cut], "stop"
-                break
-            safe = len(out) - _held_back(out, params.stop)
-            if safe > sent:
-                yield out[sent:safe]
-                sent = safe
-            if len(new_ids) == params.max_new_tokens:
-                break
-            if self.engine.length >= self.max_context:
-                finish = "context"
-                break
-            t = time.perf_counter()
-            logits = self.engine.step(token)
-            self._ids.append(token_id)
-            token = sample(logits, params, gen)
-            token_id = int(token)
-            step_ms.append(1e3 * (time.perf_counter() - t))
+        finish, prefill_s = "context", time.perf_counter() - t0
+        if params.max_new_tokens == 0:
+            finish, tokens = "length", (t for t in ())
+        else:
+            tokens = self.engine.decode(sample(logits, params, gen), lambda x: sample(x, params, gen), steps)
+        with closing(tokens):
+            while True:
+                t = time.perf_counter()
+                token_id = next(tokens, None)  # the one host sync per token
+                if token_id is None:
+                    break
+                if not new_ids:
+                    prefill_s = time.perf_counter() - t0
+                else:
+                    step_ms.append(1e3 * (time.perf_counter() - t))
+                    self._ids.append(new_ids[-1])  # asking for this id appended the previous one to the cache
+                if token_id in self.tokenizer.eos_ids:
+                    finish = "eos"
+                    break
+                new_ids.append(token_id)
+                out += decoder.push(token_id)
+                cut = min((i for i in (out.find(s, max(0, sent - len(s))) for s in params.stop) if i >= 0),
+                          default=-1)
+                if cut >= 0:
+                    yield out[sent:cut]
+                    out, finish = out[:cut], "stop"
+                    break
+                safe = len(out) - _held_back(out, params.stop)
+                if safe > sent:
+                    yield out[sent:safe]
+                    sent = safe
+                if len(new_ids) == params.max_new_tokens:
+                    finish = "length"
+                    break
         if finish != "stop":
             out += decoder.flush()
             if len(out) > sent:

@@ -569,31 +569,37 @@ def test_ctrl_c_at_any_line_of_a_forward_pass_is_rolled_back(tiny, kind, pass_):
     assert n > 100
 
 
-def test_ctrl_c_at_any_line_of_a_streamed_answer_leaves_the_next_answer_as_fresh(tiny):
+@pytest.mark.parametrize("ahead", [False, True])
+def test_ctrl_c_at_any_line_of_a_streamed_answer_leaves_the_next_answer_as_fresh(tiny, ahead):
     """LLM keeps its token list in step with the cache whatever line a Ctrl-C lands on (inside the
     engine, sampling, detokenizing, or between updating the list and the cache): the next prompt,
-    which shares a prefix with the cut one, is answered as in a fresh session."""
+    which shares a prefix with the cut one, is answered as in a fresh session. ahead: the engine
+    launches each step before the host reads its token (the CUDA default), as on a GPU."""
     retrieval = RetrievalConfig(index="lowrank", block_size=8, rank=8, budget_tokens=32, window_tokens=32)
     doc = DOC.read_text()[:600]
     first, second = doc + "\nWho kept the lamp?", doc + "\nWhy?"
 
     def fresh():
-        return kvretrieve.load(tiny, device="cpu", dtype="float32", max_context=4096, retrieval=retrieval)
+        llm = kvretrieve.load(tiny, device="cpu", dtype="float32", max_context=4096, retrieval=retrieval)
+        llm.engine.ahead = ahead
+        return llm
 
     def stream(llm, prompt):
         return list(llm.stream(prompt, max_new_tokens=8))
 
     expected = stream(fresh(), second)
-    llm, n, cut = fresh(), 0, _InterruptAt(0)
+    # Every 34th line, the two variants offset by 17 (their line sequences differ only in the order
+    # of step and read): together every 17th line, at half the time each.
+    llm, n, cut = fresh(), 17 if ahead else 0, _InterruptAt(0)
     while cut.count >= cut.n:
-        n += 17
+        n += 34
         cut = _InterruptAt(n)
         try:
             cut.run(lambda: stream(llm, first))
         except KeyboardInterrupt:
             pass
         assert stream(llm, second) == expected, f"cut at line event {n} in {cut.where}"
-    assert n > 100
+    assert n > 200
 
 
 def test_interrupts_deferred_holds_ctrl_c_until_the_block_ends():

@@ -1,4 +1,4 @@
-"""Attention and block-scoring kernels.
+"""Attention, block-scoring and fused decoder-layer kernels (RMSNorm, RoPE, SiLU gate).
 
 The public functions dispatch to the Triton launchers for CUDA tensors when Triton is importable,
 and to the pure-torch references (kvretrieve.kernels.reference) otherwise. Signatures and return
@@ -11,6 +11,7 @@ from kvretrieve.kernels import reference as _ref
 
 try:
     from kvretrieve.kernels import fetch as _tfetch
+    from kvretrieve.kernels import fused as _tfused
     from kvretrieve.kernels import lru as _tlru
     from kvretrieve.kernels import merge as _tmerge
     from kvretrieve.kernels import scoring as _tscore
@@ -82,5 +83,25 @@ def store_blocks(store, block, slot, pool_k, pool_v):
     return impl(store, block, slot, pool_k, pool_v)
 
 
+def rms_norm(x, weight, eps):
+    """RMSNorm of x [T, n] with weight [n] (x's dtype) -> [T, n] in x.dtype: normalised in fp32,
+    rounded to x.dtype, then scaled by the weight."""
+    impl = _tfused.rms_norm if _use_triton(x) else _ref.rms_norm
+    return impl(x, weight, eps)
+
+
+def apply_rope(x, cos, sin):
+    """RoPE of x [T, H, d] with cos/sin [T, d] (x's dtype) -> new [T, H, d], rotating pairs (i, i + d/2)."""
+    impl = _tfused.apply_rope if _use_triton(x) else _ref.apply_rope
+    return impl(x, cos, sin)
+
+
+def silu_mul(gate_up):
+    """gate_up [T, 2m] (gate | up) -> silu(gate) * up [T, m] in its dtype."""
+    impl = _tfused.silu_mul if _use_triton(gate_up) else _ref.silu_mul
+    return impl(gate_up)
+
+
 __all__ = ["HAS_TRITON", "sparse_decode", "lowrank_block_scores", "bounds_block_scores", "merge_attention",
-           "lru_lookup", "fetch_blocks", "store_blocks", "max_dot_block_scores"]
+           "lru_lookup", "fetch_blocks", "store_blocks", "max_dot_block_scores", "rms_norm", "apply_rope",
+           "silu_mul"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INTS = (torch.int32, torch.int64)
@@ -317,3 +318,64 @@ def store_blocks(store, block, slot, pool_k, pool_v):
     check_store(store, block, slot, pool_k, pool_v)
     for layer in range(store.L):
         store.write(layer, block, pool_k[layer, :, slot:slot + 1], pool_v[layer, :, slot:slot + 1])
+
+
+def check_rms_norm(x, weight, eps) -> None:
+    """Validate rms_norm inputs."""
+    op = "rms_norm"
+    _float(op, "x", x)
+    _float(op, "weight", weight)
+    if x.dim() != 2 or x.shape[1] == 0:
+        _fail(op, f"x must be [T, n] with n > 0, got shape {tuple(x.shape)}")
+    if tuple(weight.shape) != (x.shape[1],) or weight.dtype != x.dtype:
+        _fail(op, f"weight must be [{x.shape[1]}] in x's dtype {x.dtype}, got {tuple(weight.shape)} {weight.dtype}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        _fail(op, f"eps must be a number >= 0, got {eps!r}")
+    _same_device(op, x=x, weight=weight)
+
+
+def check_rope(x, cos, sin) -> None:
+    """Validate apply_rope inputs."""
+    op = "apply_rope"
+    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
+        _float(op, name, t)
+    if x.dim() != 3 or x.shape[2] % 2:
+        _fail(op, f"x must be [T, H, d] with an even d, got shape {tuple(x.shape)}")
+    want = (x.shape[0], x.shape[2])
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != want or t.dtype != x.dtype:
+            _fail(op, f"{name} must be [T, d] = {list(want)} in x's dtype {x.dtype}, got {tuple(t.shape)} {t.dtype}")
+    _same_device(op, x=x, cos=cos, sin=sin)
+
+
+def check_silu_mul(gate_up) -> None:
+    """Validate silu_mul inputs."""
+    op = "silu_mul"
+    _float(op, "gate_up", gate_up)
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        _fail(op, f"gate_up must be [T, 2m] (gate then up), got shape {tuple(gate_up.shape)}")
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm of x [T, n] with weight [n] -> [T, n] in x.dtype. Normalises in fp32, rounds to the
+    model dtype, then scales by the weight in that dtype: the reference order, which fp16/bf16 need."""
+    check_rms_norm(x, weight, eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotary embedding of x [T, H, d] with cos/sin [T, d] -> new [T, H, d]; rotates the pairs
+    (i, i + d/2), the layout of HF checkpoints."""
+    check_rope(x, cos, sin)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def silu_mul(gate_up):
+    """SwiGLU gate of gate_up [T, 2m] (gate | up) -> silu(gate) * up [T, m]."""
+    check_silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

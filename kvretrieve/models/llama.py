@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelLoadError
+from ..kernels import rms_norm, silu_mul  # rms_norm is imported from here by other modules
 from .rope import Rope, RopeConfig, apply_rope
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -101,13 +102,6 @@ class Attention(Protocol):
         """The segment's attention for this layer is done (the backend may now move or reorder k, v)."""
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalise in fp32, then scale in the model dtype: the reference order, which fp16/bf16 need.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
 class Decoder:
     """The math of the model. `layer()` runs one decoder layer over a whole segment in place."""
 
@@ -128,11 +122,11 @@ class Decoder:
         """Normalised hidden rows [T, hidden] -> rotated q [T, Hq, d], k, v [T, Hkv, d]."""
         c, w = self.cfg, self.w.layers[layer]
         qkv = F.linear(h, w.qkv, w.qkv_bias)
-        nq, nkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        q = qkv[:, :nq].view(-1, c.num_heads, c.head_dim)
-        k = qkv[:, nq:nq + nkv].view(-1, c.num_kv_heads, c.head_dim)
-        v = qkv[:, nq + nkv:].view(-1, c.num_kv_heads, c.head_dim)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        nqk = (c.num_heads + c.num_kv_heads) * c.head_dim
+        # q and k heads are adjacent in the fused projection, so one RoPE launch rotates both.
+        qk = apply_rope(qkv[:, :nqk].view(-1, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)
+        v = qkv[:, nqk:].view(-1, c.num_kv_heads, c.head_dim)
+        return qk[:, :c.num_heads], qk[:, c.num_heads:], v
 
     def _project(self, layer: int, h: torch.Tensor, rows: slice, heads: int, cos, sin, rotate: bool):
         """One part of the fused q|k|v projection: the weight rows `rows`, viewed as `heads` heads."""
@@ -185,8 +179,7 @@ class Decoder:
 
     def mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         w = self.w.layers[layer]
-        gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, w.down)
+        return F.linear(silu_mul(F.linear(h, w.gate_up)), w.down)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head for the given rows, returned in fp32."""

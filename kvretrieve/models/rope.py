@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModelLoadError
+from ..kernels import apply_rope  # applying the tables is a kernel (Triton on CUDA); re-exported here
+
+__all__ = ["ROPE_TYPES", "RopeConfig", "Rope", "apply_rope"]
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -127,10 +130,3 @@ class Rope:
         freqs = positions.float()[:, None] * self._inv_freq_for(seq_len)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, d]; rotate pairs (i, i + d/2), the layout of HF checkpoints."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -13,7 +13,7 @@ state) lives in tensors written in place before the replay, so the graph never g
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 
@@ -37,6 +37,9 @@ class Engine:
         dev = model.device
         # Dynamic-NTK RoPE changes its frequencies with the length, which a graph would freeze.
         self.graphs = graphs and dev.type == "cuda" and model.cfg.rope.kind != "dynamic"
+        # decode() launches a step before the host reads the token it appends where launches are
+        # asynchronous (CUDA); on the CPU that would only delay each token's display by a step.
+        self.ahead = dev.type == "cuda"
         self._token = torch.zeros(1, dtype=torch.long, device=dev)
         self._position = torch.zeros(1, dtype=torch.long, device=dev)
         self._captured: dict = {}     # graph key -> (CUDAGraph, its output logits)
@@ -100,6 +103,39 @@ class Engine:
                     self._capture(key, start)
         return logits
 
+    def decode(self, token: torch.Tensor, next_token: Callable[[torch.Tensor], torch.Tensor],
+               steps: int) -> Iterator[int]:
+        """The generation loop: yields the id of `token` (a 0-d device tensor), then of each token that
+        next_token(logits) picks, steps + 1 ids in all. Asking for the next id appends the last one
+        to the cache; a consumer that stops at an id (closes the generator: use contextlib.closing)
+        leaves that id out of the cache.
+
+        With self.ahead the step that appends an id is launched before the host reads the id, so the
+        device never idles while the host reads a token, decides whether to go on and prepares the
+        next step (1-2 ms per token on an H100 host). The price: when the consumer stops, that
+        launched step is rolled back."""
+        ahead = self.ahead
+        reader = _HostTokens(self.model.device)
+        pending, launched_at = reader.send(token), None
+        try:
+            for i in range(steps + 1):
+                # The first id is read at once: it ends the prefill, and its step may capture a graph.
+                early, nxt = ahead and 0 < i < steps, None
+                if early:
+                    launched_at = self.length
+                    token = next_token(self.step(token))
+                    nxt = reader.send(token)
+                token_id = reader.read(pending)
+                yield token_id
+                launched_at = None  # the consumer goes on: the launched step stands
+                if not early and i < steps:
+                    token = next_token(self.step(token))
+                    nxt = reader.send(token)
+                pending = nxt
+        finally:
+            if launched_at is not None:
+                self.truncate(launched_at)
+
     def _decode(self, start: int) -> torch.Tensor:
         x = self.model.forward(self._token, start, self.backend, self.chunk, position=self._position)
         return self.model.logits(x)[0]
@@ -113,3 +149,29 @@ class Engine:
             logits = self._decode(start)
         self._pool = graph.pool()
         self._captured[key] = (graph, logits)
+
+
+class _HostTokens:
+    """Brings token ids to the host without waiting for work queued after them: each id is copied
+    into its own pinned slot and an event marks the copy (.item() would wait for the whole stream,
+    including a step launched after the token)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.slots = torch.zeros(2, dtype=torch.long, pin_memory=self.cuda)
+        self.events = [torch.cuda.Event() for _ in range(2)] if self.cuda else None
+        self.n = 0
+
+    def send(self, token: torch.Tensor):
+        if not self.cuda:
+            return token
+        i, self.n = self.n % 2, self.n + 1
+        self.slots[i].copy_(token, non_blocking=True)
+        self.events[i].record()
+        return i
+
+    def read(self, handle) -> int:
+        if not self.cuda:
+            return int(handle)
+        self.events[handle].synchronize()
+        return int(self.slots[handle])

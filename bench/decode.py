@@ -79,8 +79,8 @@ def kernel_times(engine: Engine, steps: int) -> list[dict]:
 def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int, chunk: int,
                    kernels: int = 0) -> dict:
     """One kvretrieve row; kind None is the dense backend (no cap); "lowrank@4": reselect_every=4,
-    "lowrank+spec": speculative prefetch, "lowrank+int8": the int8 CPU store. kernels > 0: that many
-    more steps under the profiler."""
+    "lowrank+spec": speculative prefetch, "lowrank+int8" / "lowrank+model": the int8 / model-dtype CPU
+    store (default: auto, int8 on the GPU). kernels > 0: that many more steps under the profiler."""
     kind, *flags = (kind or "").split("+")
     kind, _, every = kind.partition("@")
     kind = kind or None
@@ -91,13 +91,13 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
     row = {"system": "kvretrieve" if kind else "kvretrieve-dense", "index": kind, "context": context,
            "gpu_cap_gib": CAP_GIB if kind else None}
     extra = ({"reselect_every": int(every)} if every else {}) | ({"speculative": True} if "spec" in flags else {}) \
-        | ({"store_dtype": "int8"} if "int8" in flags else {})
+        | ({"store_dtype": "int8"} if "int8" in flags else {}) | ({"store_dtype": "model"} if "model" in flags else {})
     engine = None
     try:
         cfg = RetrievalConfig(index=kind, **extra) if kind else None
         row["reselect_every"] = cfg.reselect_every if cfg else None
         row["speculative"] = cfg.speculative if cfg else None
-        row["store_dtype"] = cfg.store_dtype if cfg else None
+        row["store_dtype"] = ("int8" if cfg.quantized_store(dev) else "model") if cfg else None
         bs = cfg.block_size if cfg else 16
         engine = Engine(decoder, make_backend(decoder, capacity_for(context, steps + kernels + 2, bs), cfg), chunk)
         r = profile_context(engine, prompt(context, decoder.cfg.vocab_size, dev), steps)

@@ -61,9 +61,10 @@ def model_options(f):
         click.option("--rank", type=int, default=32, show_default=True, help="Low-rank key sketch size (lowrank)."),
         click.option("--reselect-every", type=int, default=1, show_default=True, metavar="STEPS",
                      help="Decode steps one block selection serves (2 is faster; accuracy in the README)."),
-        click.option("--store-dtype", default="model", show_default=True, type=click.Choice(["model", "int8"]),
+        click.option("--store-dtype", default="auto", show_default=True, type=click.Choice(["auto", "model", "int8"]),
                      help="CPU KV store: the model's dtype, or int8 with a scale per token (half the RAM and "
-                          "half the copies; accuracy in the README)."),
+                          "half the copies; accuracy in the README); auto: int8 on a GPU, the model's dtype "
+                          "on the CPU."),
         click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=set_debug,
                      help="Show tracebacks."),
     ]

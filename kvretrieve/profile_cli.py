@@ -72,8 +72,8 @@ def prompt_ids(tokenizer, n: int, vocab: int, device: torch.device, seed: int) -
 @click.option("--speculative", is_flag=True, help="Speculative next-layer prefetch.")
 @click.option("--reselect-every", type=int, default=1, show_default=True, metavar="STEPS",
               help="Decode steps one block selection serves.")
-@click.option("--store-dtype", default="model", show_default=True, type=click.Choice(["model", "int8"]),
-              help="CPU KV store: the model's dtype, or int8 with a scale per token.")
+@click.option("--store-dtype", default="auto", show_default=True, type=click.Choice(["auto", "model", "int8"]),
+              help="CPU KV store: the model's dtype, or int8 with a scale per token; auto: int8 on a GPU.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--gpu-mem-gb", type=float, default=None, help="Cap the GPU memory this process may use (GiB).")

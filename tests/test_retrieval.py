@@ -281,9 +281,17 @@ def test_store_reserves_in_the_background_and_writes_wait_for_their_layer():
 def test_retrieval_config_validation():
     for bad, msg in [(dict(budget_tokens=8), "at least one block"), (dict(window_tokens=-1), "window_tokens"),
                      (dict(index="faiss"), "unknown index kind"), (dict(block_size=12), "power of two"),
-                     (dict(cache_blocks=4), "cache_blocks")]:
+                     (dict(cache_blocks=4), "cache_blocks"), (dict(store_dtype="fp8"), "store_dtype")]:
         with pytest.raises(ConfigError, match=msg):
             RetrievalConfig(**bad)
+
+
+def test_store_dtype_auto_is_int8_on_a_gpu_only(tiny_dir):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert [RetrievalConfig(store_dtype=s).quantized_store(gpu) for s in ("auto", "model", "int8")] == [True, False, True]
+    assert [RetrievalConfig(store_dtype=s).quantized_store(cpu) for s in ("auto", "model", "int8")] == [False, False, True]
+    _, engine = engines(tiny_dir, RetrievalConfig(block_size=8, budget_tokens=32, window_tokens=16, rank=8))
+    assert not engine.backend.store.quantized  # on this CPU machine, auto keeps the model's dtype
 
 
 def test_rank_above_head_dim_is_refused(tiny_dir):

@@ -115,9 +115,9 @@ def _bounds_kernel(
         tl.store(out_ptr + kvh * stride_oh + blocks, tl.max(ub, 0), mask=b_mask)
 
 
-def _split_work(n_tiles: int, hkv: int) -> tuple[int, int]:
-    """(programs per KV head, tiles per program) for about _TARGET_PROGRAMS programs in all."""
-    iters = triton.cdiv(n_tiles, max(1, _TARGET_PROGRAMS // hkv))
+def _split_work(n_tiles: int, hkv: int, target: int = _TARGET_PROGRAMS) -> tuple[int, int]:
+    """(programs per KV head, tiles per program) for about `target` programs in all."""
+    iters = triton.cdiv(n_tiles, max(1, target // hkv))
     return triton.cdiv(n_tiles, iters), iters
 
 
@@ -151,19 +151,22 @@ def max_dot_block_scores(q, keys, n_blocks, block_size):
     return out
 
 
-def _launch_lowrank(q, proj, mean, sketch, out, n_blocks, block_size, g, r, use_proj):
+def _launch_lowrank(q, proj, mean, sketch, out, n_blocks, block_size, g, r, use_proj, tile_elems: int = 8192,
+                    programs: int = _TARGET_PROGRAMS, **launch):
+    """tile_elems, programs and launch (num_warps, num_stages) are tuning knobs (bench/probe_scoring.py)."""
     d, rp = q.shape[1], max(16, triton.next_power_of_2(r))
     bsp = triton.next_power_of_2(block_size)
-    # ~8K sketch elements per tile (256 tokens at rank 32); tb*bsp >= 16 so the token dimension is a
-    # legal dot N.
-    tb = max(1, min(max(1, 8192 // rp // bsp), triton.next_power_of_2(n_blocks)), triton.cdiv(16, bsp))
-    progs, iters = _split_work(triton.cdiv(n_blocks, tb), q.shape[0] // g)
+    # ~tile_elems sketch elements per tile (256 tokens at rank 32); tb*bsp >= 16 so the token
+    # dimension is a legal dot N.
+    tb = max(1, min(max(1, tile_elems // rp // bsp), triton.next_power_of_2(n_blocks)), triton.cdiv(16, bsp))
+    progs, iters = _split_work(triton.cdiv(n_blocks, tb), q.shape[0] // g, programs)
     _lowrank_kernel[(q.shape[0] // g, progs)](
         q, proj, mean, sketch, out, n_blocks, iters,
         q.stride(0), q.stride(1), *proj.stride(), *mean.stride()[-2:], *sketch.stride(), out.stride(0),
         G=g, GP=max(16, triton.next_power_of_2(g)), D=d, DP=max(16, triton.next_power_of_2(d)),
         R=r, RP=rp, BS=block_size, BSP=bsp, TB=tb,
         SK_F32=sketch.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1", PROJ=use_proj,
+        **launch,
     )
 
 

@@ -34,7 +34,7 @@ class RetrievalKV(ClusteredSegments, SparseStep):
         max_blocks = -(-capacity // self.bs) + 1
         cuda = device.type == "cuda"
         self.store = KVStore(self.L, self.H, mc.head_dim, self.bs, max_blocks * self.bs, dtype, pin=cuda,
-                             device=device, quantize=cfg.store_dtype == "int8")
+                             device=device, quantize=cfg.quantized_store(device))
         self.index = make_index(cfg, self.L, self.H, mc.head_dim, max_blocks, device, dtype)
         self.pool = BlockPool(cfg, self.L, self.H, mc.head_dim, max_blocks, device, dtype)
         self.d2h = torch.cuda.Stream(device) if cuda else None

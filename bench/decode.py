@@ -213,8 +213,8 @@ def main() -> None:
 
 
 NOTES = """Llama-3.1-8B shape, random bf16 weights, random token ids, greedy decode; decode ms per token
-as median (p50), p90 and mean over the timed steps, the token read back to the host every step as
-in generation. The default selects every step (reselect_every = 1); with reselect_every = 2 or 4
+as median (p50), p90 and mean over the timed steps of the engine's generation loop as LLM.stream
+runs it (Engine.decode: each token read back to the host, the next step launched before the read). The default selects every step (reselect_every = 1); with reselect_every = 2 or 4
 only one step in 2 or 4 selects, looks up and copies while the others only attend, so those rows'
 step times are bimodal: their mean is the figure to read. kvretrieve rows run under set_per_process_memory_fraction(24 GiB); kvretrieve-dense
 and hf rows have the whole 80 GB card. x_hf_*: speed-up over that transformers row of the same
@@ -223,7 +223,8 @@ offloaded cache brings every layer's K,V up each step), not measured. With rando
 queries of successive tokens are nearly unrelated, so cache hits and H2D traffic are pessimistic
 next to real weights. The first kvretrieve row of each context pins fresh host memory (~1 GiB/s on
 this host, on a background thread during prefill); later rows reuse the pinned memory that torch's
-host allocator keeps. The 512K row ran in a separate call (listed under runs)."""
+host allocator keeps. store_dtype: the CPU store's (the default, auto, is int8 on the GPU). The 512K
+row ran in a separate call (listed under runs)."""
 
 
 if __name__ == "__main__":

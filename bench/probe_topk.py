@@ -1,4 +1,4 @@
-"""Top-k of block scores on the GPU: torch.topk against the two-stage top_blocks, per slice width.
+"""Top-k of block scores on the GPU: torch.topk against the radix-select kernel (kernels/topk.py).
 
 The decode step picks 128 blocks per KV head (8 heads) among 2K / 8K / 32K candidates (32K / 128K /
 512K contexts) in every layer; the profile of bench/decode.py --kernels put torch.topk at ~44 us
@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, provenance  # noqa: E402
 
-from kvretrieve.index.base import top_blocks  # noqa: E402
+from kvretrieve.kernels import topk_indices  # noqa: E402
 
 
 def graph_us(fn, calls: int = 32, replays: int = 30) -> float:
@@ -45,15 +45,14 @@ def main() -> None:
     out = Path(os.environ.get("OUT", RESULTS))
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for n in (2048, 8192, 32768):
+    for n in (2048, 8704, 32768):
         scores = torch.randn(8, n, device="cuda", generator=g)
         want = torch.topk(scores, 128, dim=1, sorted=False).indices.sort(1).values
         row = {"candidates": n, "k": 128, "heads": 8,
                "torch_topk_us": graph_us(lambda: torch.topk(scores, 128, dim=1, sorted=False))}
-        for chunk in (256, 512, 1024, 2048):
-            same = torch.equal(top_blocks(scores, 128, chunk=chunk).sort(1).values, want)
-            row[f"two_stage_{chunk}_us"] = graph_us(lambda c=chunk: top_blocks(scores, 128, chunk=c))
-            row[f"two_stage_{chunk}_exact"] = same
+        got = topk_indices(scores, 128)
+        row["radix_select_us"] = graph_us(lambda: topk_indices(scores, 128))
+        row["radix_select_exact"] = torch.equal(got.sort(1).values, want)
         rows.append(row)
         print(row, flush=True)
     meta = provenance("cuda")

@@ -575,27 +575,6 @@ def test_long_generation_memory_stays_flat_and_seeds_repeat(tiny_dir, device, to
     assert runs[0] == runs[1] and len(set(runs[0])) > 20
 
 
-@pytest.mark.parametrize("n,k,chunk", [(4096, 128, 1024), (8192, 100, 512), (2048, 16, 512), (3000, 64, 512),
-                                       (4096, 600, 1024)])
-@pytest.mark.parametrize("ranked", [False, True])
-def test_top_blocks_equals_topk_in_two_stages_or_one(n, k, chunk, ranked):
-    """The two-stage top-k (slices of `chunk`, then the survivors) picks exactly torch.topk's set, in
-    its order when ranked; a row that does not split evenly is padded; too narrow a row, or a k
-    that keeps too much of a slice, takes one stage."""
-    from kvretrieve.index.base import top_blocks
-
-    g = torch.Generator().manual_seed(n + k)
-    scores = torch.randn(3, n, generator=g)
-    scores[1, ::7] = float("-inf")  # masked candidates, as the decode step passes them
-    got = top_blocks(scores, k, ranked, chunk)
-    want = torch.topk(scores, k, dim=1, sorted=ranked).indices
-    assert got.shape == want.shape
-    if ranked:
-        assert torch.equal(got, want)
-    else:
-        assert all(set(a.tolist()) == set(b.tolist()) for a, b in zip(got, want))
-
-
 def test_oracle_index_ranks_blocks_by_their_true_attention_mass():
     """oracle scores = log of each block's softmax mass summed over the GQA group; so its top-k keeps
     at least as much mass as the exact (max q.k) ranking, for every KV head."""

@@ -64,6 +64,8 @@ def _launches(cuda, kv_store):
     for counts in (None, cuda(2, dt=i64)):
         out.append((f"counts={counts is not None}", "lru.lru_lookup", (cuda(3, 10, dt=i64), cuda(3, 41, dt=i32),
                     cuda(3, 25, dt=i32), cuda(3, 25, dt=i32), cuda(1, dt=i32), counts)))
+    for n in (300, 8704):  # one slice; several slices, then a pass over their survivors (HAS_IDX)
+        out.append((f"n={n}", "topk.topk_indices", (cuda(8, n), 128)))
     return out
 
 

@@ -11,6 +11,8 @@ from typing import Protocol
 
 import torch
 
+from .. import kernels
+
 
 class BlockIndex(Protocol):
     kind: str
@@ -29,26 +31,13 @@ class BlockIndex(Protocol):
     def nbytes(self) -> int: ...
 
 
-TOPK_CHUNK = 2048  # blocks per first-stage slice of top_blocks (bench/results/probe_topk_h100.json)
-
-
-def top_blocks(scores: torch.Tensor, k: int, ranked: bool = False, chunk: int = TOPK_CHUNK) -> torch.Tensor:
-    """Indices [H, k] of the k highest scores per row of scores [H, n], best first when ranked.
-    For wide rows, in two stages: torch.topk gives each row to one thread block, which leaves a GPU
-    with 8 rows nearly idle; split into slices of `chunk`, the first stage runs H * n / chunk blocks
-    and the second picks among H * k * n / chunk survivors. Exact: a row's top k is within the union
-    of its slices' top k (a row is padded with -inf to whole slices; the caller's k never exceeds its
-    finite scores, so padding is never picked)."""
-    h, n = scores.shape
-    if n < 4 * chunk or 2 * k > chunk:
-        return torch.topk(scores, k, dim=1, sorted=ranked).indices
-    if n % chunk:
-        scores = torch.nn.functional.pad(scores, (0, chunk - n % chunk), value=float("-inf"))
-        n = scores.shape[1]
-    vals, idx = torch.topk(scores.view(h, n // chunk, chunk), k, dim=2, sorted=False)   # [H, slices, k]
-    idx = idx + torch.arange(0, n, chunk, device=scores.device)[:, None]
-    pick = torch.topk(vals.view(h, -1), k, dim=1, sorted=ranked).indices
-    return idx.view(h, -1).gather(1, pick)
+def top_blocks(scores: torch.Tensor, k: int, ranked: bool = False) -> torch.Tensor:
+    """Indices [H, k] of the k highest scores per row of scores [H, n], best first when ranked (the
+    estimation zone needs an order), else in no particular order: on CUDA a radix-select kernel
+    (kernels/topk.py; torch.topk leaves a GPU with 8 rows nearly idle)."""
+    if ranked:
+        return torch.topk(scores, k, dim=1, sorted=True).indices
+    return kernels.topk_indices(scores, k)
 
 
 def select_blocks(scores: torch.Tensor, lo: int, hi: int, k: int, ranked: bool = False) -> torch.Tensor:

@@ -16,6 +16,7 @@ try:
     from kvretrieve.kernels import merge as _tmerge
     from kvretrieve.kernels import scoring as _tscore
     from kvretrieve.kernels import sparse_decode as _tdecode
+    from kvretrieve.kernels import topk as _ttopk
 
     HAS_TRITON = True
 except Exception:  # noqa: BLE001 - a missing or broken Triton must never break the CPU path
@@ -102,6 +103,13 @@ def silu_mul(gate_up):
     return impl(gate_up)
 
 
+def topk_indices(scores, k):
+    """Indices [H, k] int64 of the k highest scores per row of scores [H, n] float32, in no particular
+    order. On CUDA a radix-select kernel (k up to half its slice), else torch.topk."""
+    triton_ok = _use_triton(scores) and 2 * k <= _ttopk.TOPK_SLICE
+    return (_ttopk.topk_indices if triton_ok else _ref.topk_indices)(scores, k)
+
+
 __all__ = ["HAS_TRITON", "sparse_decode", "lowrank_block_scores", "bounds_block_scores", "merge_attention",
            "lru_lookup", "fetch_blocks", "store_blocks", "max_dot_block_scores", "rms_norm", "apply_rope",
-           "silu_mul"]
+           "silu_mul", "topk_indices"]

@@ -379,3 +379,23 @@ def silu_mul(gate_up):
     check_silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def check_topk(scores, k) -> tuple[int, int]:
+    """Validate topk_indices inputs -> (rows, n)."""
+    op = "topk_indices"
+    if not isinstance(scores, torch.Tensor) or scores.dtype != torch.float32 or scores.dim() != 2:
+        _fail(op, f"scores must be a float32 [H, n] tensor, got {getattr(scores, 'dtype', type(scores))} "
+                  f"{tuple(getattr(scores, 'shape', ()))}")
+    if scores.shape[1] and scores.stride(1) != 1:
+        _fail(op, "scores rows must be contiguous (a column slice is fine, a transpose is not)")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= scores.shape[1]:
+        _fail(op, f"k must be an int in [0, {scores.shape[1]}], got {k!r}")
+    return scores.shape[0], scores.shape[1]
+
+
+def topk_indices(scores, k):
+    """Indices [H, k] int64 of the k highest scores of each row of scores [H, n] float32, in no
+    particular order (among equal scores, any)."""
+    check_topk(scores, k)
+    return torch.topk(scores, k, dim=1, sorted=False).indices

@@ -29,7 +29,7 @@ def peak_gpu_gib(device: torch.device) -> float | None:
 
 def capacity_for(context: int, decode_steps: int, block_size: int) -> int:
     """Tokens a backend must hold for profile_context: the prompt, the warm-up and the timed steps."""
-    return context + decode_steps + block_size + 16
+    return context + decode_steps + 2 * block_size + 16
 
 
 def profile_context(engine, ids: torch.Tensor, decode_steps: int) -> dict:
@@ -44,13 +44,14 @@ def profile_context(engine, ids: torch.Tensor, decode_steps: int) -> dict:
     # Warm-up steps (kernel compilation, allocator growth) are not measured; they include a step
     # that completes a block (its kernels compile on first use).
     warm = 2 + getattr(backend, "bs", 0)
-    with closing(engine.decode(logits.argmax(), torch.argmax, warm + decode_steps)) as tokens:
+    with closing(engine.decode(logits.argmax(), torch.argmax, warm + 1 + decode_steps)) as tokens:
         next(tokens)
         ttft = time.perf_counter() - t0
         build_s = (backend.counters().get("cluster_s", 0.0) - build0) if hasattr(backend, "counters") else 0.0
         for _ in range(warm):
             next(tokens)
         counters0 = backend.counters() if hasattr(backend, "counters") else {}
+        next(tokens)  # reading the counters waited for the step launched ahead: that step is not timed
         step_ms = []
         for _ in range(decode_steps):
             t = time.perf_counter()

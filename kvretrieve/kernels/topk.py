@@ -1,0 +1,82 @@
+"""Top-k selection of block scores as a Triton radix select.
+
+torch.topk hands each row to one thread block; the decode step has 8 rows (KV heads) of 2K-32K
+block scores per layer, so two torch.topk stages cost ~31 us per layer at 128K (bench/results/
+probe_topk_h100.json), 1 ms per token. Here each program takes a slice of CHUNK scores held in
+registers, finds its k-th largest by bisecting on the scores' bit patterns (32 counting passes over
+registers, no sort), and writes its k best (values and indices) compactly with a prefix sum. Slices
+of one row shrink it to n_slices * k survivors; a last pass over those gives the row's top k. The
+result is a set: indices come in no particular order.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvretrieve.kernels.reference import check_launch_device, check_topk
+
+TOPK_SLICE = 2048  # scores per program; a slice must be at least 2 * k for the rows to shrink
+
+
+# n changes with the context: specialising on it would compile new variants mid-generation.
+@triton.jit(do_not_specialize=["n", "k"])
+def _topk_kernel(val_ptr, idx_ptr, out_val_ptr, out_idx_ptr, n, k, stride_v, stride_i, stride_out,
+                 CHUNK: tl.constexpr, HAS_IDX: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    piece = tl.program_id(1)
+    offs = piece * CHUNK + tl.arange(0, CHUNK)
+    valid = offs < n
+    x = tl.load(val_ptr + row * stride_v + offs, mask=valid, other=float("-inf"))
+    # Floats as int32 keys with the same order: negative floats count down as their bits count up,
+    # so their 31 low bits are flipped. Padding ranks below -inf, so it is never picked before a
+    # real score.
+    bits = x.to(tl.int32, bitcast=True)
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+    key = tl.where(valid, key, -2147483649)
+    # The largest t with count(key >= t) >= k is the k-th largest key: bisect over the int32 range.
+    lo = tl.full((), -2147483649, tl.int64)
+    hi = tl.full((), 2147483647, tl.int64)
+    for _ in range(33):
+        mid = (lo + hi + 1) >> 1
+        enough = tl.sum((key >= mid).to(tl.int32), 0) >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = key > lo
+    tie = key == lo
+    # All keys above the k-th, then the first ties in index order up to k.
+    room = k - tl.sum(above.to(tl.int32), 0)
+    take = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= room))
+    pos = tl.cumsum(take.to(tl.int32), 0) - 1
+    if HAS_IDX:
+        src = tl.load(idx_ptr + row * stride_i + offs, mask=valid, other=0)
+    else:
+        src = offs.to(tl.int64)
+    dst = row * stride_out + piece * k + pos
+    tl.store(out_val_ptr + dst, x, mask=take)
+    tl.store(out_idx_ptr + dst, src, mask=take)
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Same contract as kernels.reference.topk_indices (the Triton path needs 2 * k <= TOPK_SLICE)."""
+    h, n = check_topk(scores, k)
+    check_launch_device("topk_indices", scores)
+    if 2 * k > TOPK_SLICE:
+        raise ValueError(f"topk_indices: k={k} exceeds half a slice ({TOPK_SLICE // 2}); use the reference")
+    if k == 0 or h == 0:
+        return torch.empty(h, k, dtype=torch.long, device=scores.device)
+    vals, idx = scores, None
+    while True:
+        pieces = triton.cdiv(n, TOPK_SLICE)
+        width = TOPK_SLICE if pieces > 1 else max(16, triton.next_power_of_2(n))
+        out_v = torch.empty(h, pieces * k, dtype=torch.float32, device=scores.device)
+        out_i = torch.empty(h, pieces * k, dtype=torch.long, device=scores.device)
+        _topk_kernel[(h, pieces)](vals, out_i if idx is None else idx, out_v, out_i, n, k, vals.stride(0),
+                                  0 if idx is None else idx.stride(0), out_v.stride(0), CHUNK=width,
+                                  HAS_IDX=idx is not None, num_warps=8 if width >= 2048 else 4)
+        if pieces == 1:
+            return out_i
+        vals, idx, n = out_v, out_i, pieces * k
+
+
+__all__ = ["topk_indices", "TOPK_SLICE"]

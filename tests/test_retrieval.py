@@ -593,3 +593,17 @@ def test_oracle_index_ranks_blocks_by_their_true_attention_mass():
         kept = [mass.gather(1, select_blocks(idx.scores(0, q, nb), 0, nb, k)).sum(1) for idx in (oracle, exact)]
         assert torch.all(kept[0] >= kept[1] - 1e-6)
         assert torch.allclose(kept[0], mass.topk(k, dim=1).values.sum(1))
+
+
+@pytest.mark.cuda
+def test_cuda_store_is_pinned_from_load_and_a_context_beyond_ram_is_refused_there(tiny_dir, monkeypatch):
+    """On CUDA the CPU store is reserved (pinned) on a thread from the moment the backend is made, so the
+    first prefill does not pin; a capacity the RAM cannot hold is refused then, before any prefill."""
+    cfg = RetrievalConfig(index="lowrank", block_size=8, budget_tokens=64, window_tokens=16, rank=8)
+    _, engine = engines(tiny_dir, cfg, device="cuda", capacity=4096)
+    store = engine.backend.store
+    store.join()
+    assert store.reserved == store.n_segments and store.nbytes() >= store.max_blocks * store.bytes_per_block
+    monkeypatch.setenv("KVRETRIEVE_FREE_RAM_GB", str(store.nbytes() / 2 / 2**30))
+    with pytest.raises(ResourceError, match="max-context"):
+        engines(tiny_dir, cfg, device="cuda", capacity=4096)

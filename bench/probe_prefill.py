@@ -72,9 +72,22 @@ def stage_probe(out: dict, context: int) -> None:
     t = time.perf_counter()
     backend = RetrievalKV(RetrievalConfig(), decoder, context + 64)
     out["backend_init_s"] = time.perf_counter() - t
+    backend.store.join()  # the store is pinned from backend creation on: not part of the prefill
+    out["store_reserve_s"] = time.perf_counter() - t
+    engine = Engine(decoder, backend, 4096)
+    ids = torch.randint(0, cfg.vocab_size, (context,), device=dev)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    engine.prefill(ids.tolist())
+    torch.cuda.synchronize()
+    out["prefill_unsynced_s"] = time.perf_counter() - t  # as bench/decode.py sees it (warm pinned store)
+    engine.truncate(0)
     spent = defaultdict(float)
-    for name in ("begin", "begin_layer", "attend", "end_layer", "commit"):
-        fn = getattr(backend, name)
+    # inside begin_layer / end_layer: the PCA fit, the index update, the store write (incl. its D2H)
+    parts = [(backend, n) for n in ("begin", "begin_layer", "attend", "end_layer", "commit")]
+    parts += [(backend.index, "fit"), (backend.index, "add"), (backend.store, "write")]
+    for owner, name in parts:
+        fn = getattr(owner, name)
 
         def wrap(*a, _fn=fn, _name=name, **kw):
             torch.cuda.synchronize()
@@ -83,16 +96,15 @@ def stage_probe(out: dict, context: int) -> None:
             torch.cuda.synchronize()
             spent[_name] += time.perf_counter() - t0
             return r
-        setattr(backend, name, wrap)
-    engine = Engine(decoder, backend, 4096)
-    ids = torch.randint(0, cfg.vocab_size, (context,), device=dev)
+        setattr(owner, name, wrap)
     torch.cuda.synchronize()
     t = time.perf_counter()
     engine.prefill(ids.tolist())
     torch.cuda.synchronize()
     out["prefill_s"] = time.perf_counter() - t
     out["stages_s"] = dict(spent)
-    out["rest_s"] = out["prefill_s"] - sum(spent.values())   # projections, MLP, norms, RoPE
+    top = ("begin", "begin_layer", "attend", "end_layer", "commit")
+    out["rest_s"] = out["prefill_s"] - sum(spent[k] for k in top)   # projections, MLP, norms, RoPE
 
 
 def main() -> None:

@@ -101,14 +101,16 @@ def test_truncate_then_refill_matches(tmp_path):
     assert torch.allclose(again, full[20:], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("q_start,T,S_extra,hq,hkv", [(0, 33, 0, 8, 2), (17, 1, 0, 6, 3), (9, 12, 0, 4, 4),
-                                                      (40, 7, 0, 8, 2)])
-def test_causal_attention_matches_naive(q_start, T, S_extra, hq, hkv):
+@pytest.mark.parametrize("q_start,T,S_extra,hq,hkv,piece", [(0, 33, 0, 8, 2, 16384), (17, 1, 0, 6, 3, 16384),
+                                                            (9, 12, 0, 4, 4, 16384), (40, 7, 0, 8, 2, 16384),
+                                                            (40, 7, 0, 8, 2, 16), (37, 9, 0, 8, 2, 8)])
+def test_causal_attention_matches_naive(q_start, T, S_extra, hq, hkv, piece):
+    """Also with the earlier tokens in several pieces (the last one shorter), merged by log-sum-exp."""
     g = torch.Generator().manual_seed(4)
     d = 16
     S = q_start + T
     q, k, v = (torch.randn(n, h, d, generator=g) for n, h in ((T, hq), (S, hkv), (S, hkv)))
-    out = causal_attention(q, k, v, q_start, d ** -0.5)
+    out = causal_attention(q, k, v, q_start, d ** -0.5, piece)
     q, k, v = q.double(), k.double(), v.double()
     kr, vr = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
     scores = torch.einsum("thd,shd->hts", q, kr) * d ** -0.5

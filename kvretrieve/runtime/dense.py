@@ -56,13 +56,21 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     return r[0][0].transpose(0, 1), r[1][0].transpose(0, 1)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, scale: float) -> torch.Tensor:
+# Keys per call against the earlier tokens of a segment. cuDNN builds an execution plan per shape
+# (bench/results/probe_prefill_h100.json: a first 128K prefill 20.4 s, a second 14.5 s): with the
+# prefix in pieces of one length, a prompt needs a handful of plans instead of one per chunk.
+PREFIX_PIECE = 16384
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, scale: float,
+                     piece: int = PREFIX_PIECE) -> torch.Tensor:
     """q [T, Hq, d] at positions q_start.. attends to k, v [q_start + T, Hkv, d] causally -> [T, Hq, d].
 
     Decode (T = 1) folds the G query heads of a KV head into query rows ([Hkv, G, d]): SDPA then sees
     plain attention and never repeats K,V. A longer segment splits its keys into the earlier tokens,
-    which every query sees (no mask), and the segment itself, a square causal block; the two partial
-    results merge by their log-sum-exp. So no mask is ever materialised and the fused kernels run.
+    which every query sees (no mask), in pieces of `piece` keys, and the segment itself, a square
+    causal block; the partial results merge by their log-sum-exp (in fp32). So no mask is ever
+    materialised and the fused kernels run.
     """
     T, Hq, d = q.shape
     Hkv = k.shape[1]
@@ -73,10 +81,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start:
     out, lse = attention_lse(q, k[q_start:], v[q_start:], True, scale)
     if q_start == 0:
         return out
-    out_p, lse_p = attention_lse(q, k[:q_start], v[:q_start], False, scale)
-    merged, _ = kernels.merge_attention(out.reshape(T * Hq, d), lse.reshape(-1).float().contiguous(),
-                                        out_p.reshape(T * Hq, d), lse_p.reshape(-1).float().contiguous())
-    return merged.view(T, Hq, d)
+    out, lse = out.reshape(T * Hq, d).float(), lse.reshape(-1).float().contiguous()
+    for a in range(0, q_start, piece):
+        b = min(q_start, a + piece)
+        out_p, lse_p = attention_lse(q, k[a:b], v[a:b], False, scale)
+        out, lse = kernels.merge_attention(out, lse, out_p.reshape(T * Hq, d).float(),
+                                           lse_p.reshape(-1).float().contiguous())
+    return out.to(q.dtype).view(T, Hq, d)
 
 
 class DenseKV:

@@ -55,3 +55,25 @@ def save_with_tokenizer(model, out: Path, tokenizer_dir: Path | None) -> Path:
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj))
+
+
+def run_interpreted(module: str) -> dict:
+    """Run `module.interp_main()` (a test module beside this file) under TRITON_INTERPRET=1 in a fresh
+    interpreter (the variable must be set before triton is imported) and return the JSON it prints
+    after "RESULTS "; a "SKIP reason" line skips the calling test."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
+    code = f"import {module} as T; T.interp_main()"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    skips = [ln[len("SKIP "):] for ln in proc.stdout.splitlines() if ln.startswith("SKIP ")]
+    if proc.returncode == 0 and skips:
+        pytest.skip(skips[0])
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULTS "):])

@@ -3,18 +3,15 @@ transformers' and plain torch formulas, Triton kernels against the references (u
 TRITON_INTERPRET=1 in a subprocess on CPU, natively on CUDA at Llama-8B sizes), input checks."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import run_interpreted
 import kvretrieve.kernels as K
 from kvretrieve.kernels import reference as R
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -243,13 +240,7 @@ def interp_main():
 def interp_results():
     if not K.HAS_TRITON:
         pytest.skip("triton not installed")
-    # TRITON_INTERPRET must be set before triton is imported, hence a fresh interpreter.
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(__file__)]))
-    code = "import test_fused_kernels as T; T.interp_main()"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULTS "):])
+    return run_interpreted("test_fused_kernels")
 
 
 _CASE_NAMES = list(_cases().keys()) if K.HAS_TRITON else []

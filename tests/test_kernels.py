@@ -4,17 +4,15 @@ kernels against the references (under TRITON_INTERPRET=1 in a subprocess on CPU,
 import functools
 import json
 import math
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from helpers import run_interpreted
 import kvretrieve.kernels as K
 from kvretrieve.kernels import reference as R
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INF = float("inf")
 
 
@@ -396,16 +394,7 @@ def interp_main():
 def interp_results():
     if not K.HAS_TRITON:
         pytest.skip("triton not installed")
-    # TRITON_INTERPRET must be set before triton is imported, hence a fresh interpreter.
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(__file__)]))
-    code = "import test_kernels as T; T.interp_main()"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    skips = [ln[len("SKIP "):] for ln in proc.stdout.splitlines() if ln.startswith("SKIP ")]
-    if proc.returncode == 0 and skips:
-        pytest.skip(skips[0])
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULTS "):])
+    return run_interpreted("test_kernels")
 
 
 _CASE_NAMES = list(_interp_cases().keys()) if K.HAS_TRITON else []

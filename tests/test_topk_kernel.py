@@ -4,16 +4,13 @@ top_blocks, which the decode step selects with."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from helpers import run_interpreted
 from kvretrieve.kernels import reference as ref
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (rows, n, k, what the scores look like): one slice and several, uneven last slices, k at the
 # slice limit, ties, masked (-inf) candidates as the decode step passes them, negative scores.
@@ -80,12 +77,7 @@ def interp_main() -> None:
 
 @pytest.fixture(scope="module")
 def interp_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(__file__)]))
-    code = "import test_topk_kernel as t; t.interp_main()"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULTS ")), None)
-    assert line is not None, proc.stderr[-3000:]
-    return json.loads(line[len("RESULTS "):])
+    return run_interpreted("test_topk_kernel")
 
 
 def test_triton_interpreter_gives_a_top_k(interp_results):

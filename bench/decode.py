@@ -36,13 +36,14 @@ from common import RESULTS, markdown_table, provenance, write_results  # noqa: E
 
 from kvretrieve.api import make_backend  # noqa: E402
 from kvretrieve.config import RetrievalConfig  # noqa: E402
+from kvretrieve.errors import KVRetrieveError  # noqa: E402
 from kvretrieve.models.llama import Decoder  # noqa: E402
 from kvretrieve.models.loader import random_weights  # noqa: E402
 from kvretrieve.models.shapes import shape_config  # noqa: E402
 from kvretrieve.runtime.engine import Engine  # noqa: E402
 from kvretrieve.runtime.profile import capacity_for, profile_context, reset_memory  # noqa: E402
 
-COLUMNS = ["system", "index", "reselect_every", "speculative", "store_dtype", "context", "reserve_s", "prefill_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_mean",
+COLUMNS = ["system", "index", "default", "reselect_every", "speculative", "store_dtype", "context", "reserve_s", "prefill_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_mean",
            "peak_gpu_gib",
            "gpu_cap_gib", "pinned_host_gib", "h2d_mb_per_token", "cache_hit", "x_hf_dense", "x_hf_offload",
            "commit", "error"]
@@ -78,7 +79,8 @@ def kernel_times(engine: Engine, steps: int) -> list[dict]:
 
 def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int, chunk: int,
                    kernels: int = 0) -> dict:
-    """One kvretrieve row; kind None is the dense backend (no cap); "lowrank@4": reselect_every=4,
+    """One kvretrieve row; kind None is the dense backend (no cap), "auto" the default index (the row
+    names the kind it chose and says default=True); "lowrank@4": reselect_every=4,
     "lowrank+spec": speculative prefetch, "lowrank+int8" / "lowrank+model": the int8 / model-dtype CPU
     store (default: auto, int8 on the GPU). kernels > 0: that many more steps under the profiler."""
     kind, *flags = (kind or "").split("+")
@@ -88,8 +90,8 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
     torch.cuda.set_per_process_memory_fraction(1.0 if kind is None else
                                                CAP_GIB * 2**30 / torch.cuda.get_device_properties(dev).total_memory)
     reset_memory(dev)
-    row = {"system": "kvretrieve" if kind else "kvretrieve-dense", "index": kind, "context": context,
-           "gpu_cap_gib": CAP_GIB if kind else None}
+    row = {"system": "kvretrieve" if kind else "kvretrieve-dense", "index": kind, "default": kind == "auto" or None,
+           "context": context, "gpu_cap_gib": CAP_GIB if kind else None}
     extra = ({"reselect_every": int(every)} if every else {}) | ({"speculative": True} if "spec" in flags else {}) \
         | ({"store_dtype": "int8"} if "int8" in flags else {}) | ({"store_dtype": "model"} if "model" in flags else {})
     engine = None
@@ -101,7 +103,8 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
         bs = cfg.block_size if cfg else 16
         t = time.perf_counter()
         backend = make_backend(decoder, capacity_for(context, steps + kernels + 2, bs), cfg)
-        if cfg:  # the CPU store is pinned from load on (a thread): a prompt sent later finds it ready
+        if cfg:
+            row["index"] = backend.cfg.index  # the CPU store is pinned from load on (a thread): a prompt sent later finds it ready
             backend.store.join()
             row["reserve_s"] = time.perf_counter() - t
         engine = Engine(decoder, backend, chunk)
@@ -113,7 +116,7 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
                 row["kernels"] = kernel_times(engine, kernels)
             except Exception as e:  # noqa: BLE001 - the profile is extra; the timed row stands without it
                 row["kernels_error"] = f"{type(e).__name__}: {e}"[:200]
-    except (torch.OutOfMemoryError, RuntimeError, ValueError) as e:
+    except (torch.OutOfMemoryError, RuntimeError, ValueError, KVRetrieveError) as e:
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     del engine
     reset_memory(dev)
@@ -138,10 +141,14 @@ def add_ratios(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="32K,128K")
-    ap.add_argument("--kinds", default="lowrank,bounds,exact,ivf",
-                    help="kvretrieve index kinds (first = default); kind@N sets reselect_every=N, "
+    ap.add_argument("--kinds", default="auto,bounds,exact,ivf",
+                    help="kvretrieve index kinds (auto = the default: lowrank, or ivf where lowrank's sketches "
+                         "do not fit); kind@N sets reselect_every=N, "
                          "kind+spec speculative prefetch, kind+int8 the int8 CPU store")
-    ap.add_argument("--long", default="512K:lowrank:ivf", help="a longer context for kvretrieve rows only, with kinds")
+    ap.add_argument("--long", default="512K:auto:lowrank:exact",
+                    help="a longer context for kvretrieve rows only, with kinds (at 512K lowrank and exact do not fit "
+                         "24 GiB and say so; bounds is left out: its 3-minute prefill would take the run past 10 "
+                         "minutes)")
     ap.add_argument("--systems", default="kvretrieve,kvretrieve-dense,hf-dense,hf-offload")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps (kvretrieve; hf-offload takes 6)")
     ap.add_argument("--chunk", type=int, default=4096, help="prefill chunk")
@@ -175,7 +182,8 @@ def main() -> None:
 
     def save():
         def key(r):
-            return (r["system"], r["index"] or "", r.get("reselect_every") or 0, bool(r.get("speculative")),
+            return (r["system"], r["index"] or "", bool(r.get("default")), r.get("reselect_every") or 0,
+                    bool(r.get("speculative")),
                     r.get("store_dtype") or "model", r["context"])
 
         merged = [r for r in old if not any(key(r) == key(n) for n in rows)] + rows
@@ -229,8 +237,10 @@ queries of successive tokens are nearly unrelated, so cache hits and H2D traffic
 next to real weights. The first kvretrieve row of each context pins fresh host memory (~1 GiB/s on
 this host, on a thread that starts when the backend is made, so it overlaps model loading);
 reserve_s is that pinning, waited for before the prompt is sent; later rows reuse the pinned memory
-that torch's host allocator keeps. store_dtype: the CPU store's (the default, auto, is int8 on the GPU). The 512K
-row ran in a separate call (listed under runs)."""
+that torch's host allocator keeps. store_dtype: the CPU store's (the default, auto, is int8 on the GPU). default:
+the row ran with the default index (auto: lowrank while its key sketches fit in half the device
+memory left, else ivf), index names the kind it chose. At 512K lowrank's sketches (8 GiB) and exact's
+keys (32 GiB) do not fit beside 15 GiB of weights under the cap: their rows say so."""
 
 
 if __name__ == "__main__":

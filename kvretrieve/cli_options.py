@@ -8,6 +8,9 @@ import click
 
 from .config import RetrievalConfig
 
+# --retrieval: off (a dense cache on the device) or an index kind (oracle is for measurement only).
+RETRIEVAL_CHOICES = ["off", "auto", "lowrank", "bounds", "ivf", "exact"]
+
 _DEBUG_KEY = "kvretrieve.debug"
 
 
@@ -48,9 +51,9 @@ def model_options(f):
         _tokens_option("--max-context", default=None, metavar="TOKENS",
                        help="KV capacity, e.g. 8192 or 32K (default: the model's maximum)."),
         click.option("--gpu-mem-gb", type=float, default=None, help="Cap the GPU memory this process may use (GiB)."),
-        click.option("--retrieval", default="off", show_default=True,
-                     type=click.Choice(["off", "lowrank", "bounds", "ivf", "exact"]),
-                     help="Keep the KV cache in CPU memory and attend to the blocks this index picks."),
+        click.option("--retrieval", default="off", show_default=True, type=click.Choice(RETRIEVAL_CHOICES),
+                     help="Keep the KV cache in CPU memory and attend to the blocks this index picks; auto: "
+                          "lowrank, or ivf where lowrank's key sketches would not fit on the device."),
         _tokens_option("--budget", default=None, metavar="TOKENS",
                        help="Retrieved tokens per KV head (default: a quarter of the context, at least 1K "
                             "attended, at most 2K retrieved)."),

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-INDEX_KINDS = ("lowrank", "bounds", "exact", "ivf", "oracle")
+INDEX_KINDS = ("auto", "lowrank", "bounds", "exact", "ivf", "oracle")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -82,9 +82,12 @@ class RetrievalConfig:
     the first tokens, the most recent ones, and the blocks of block_size tokens the index picks.
     budget_tokens / window_tokens None (the default) follow the context: see plan().
     cache_blocks: GPU slots per layer and KV head for retrieved blocks (None = 2x the budget).
+    index: auto (the default) is lowrank, the most accurate kind, unless its key sketches would take
+    more than half of the memory left on the device (an 8B model on a 24 GB card beyond ~256K
+    tokens); then ivf, whose index on the device is only its centroids. See index.choose_index.
     """
 
-    index: str = "lowrank"
+    index: str = "auto"
     block_size: int = 16
     budget_tokens: int | None = None
     sink_tokens: int = 16

@@ -7,7 +7,7 @@ import json
 import click
 import torch
 
-from .cli_options import parse_tokens, set_debug
+from .cli_options import RETRIEVAL_CHOICES, parse_tokens, set_debug
 from .config import RetrievalConfig, RuntimeConfig
 from .errors import InputError
 
@@ -60,8 +60,8 @@ def prompt_ids(tokenizer, n: int, vocab: int, device: torch.device, seed: int) -
 @click.option("--context", "contexts", default="4K", show_default=True, callback=lambda c, p, v: _contexts(v),
               help="Comma-separated prompt lengths, e.g. 4K,32K,128K.")
 @click.option("--decode-steps", type=int, default=32, show_default=True, help="Tokens decoded per context.")
-@click.option("--retrieval", default="lowrank", show_default=True,
-              type=click.Choice(["off", "lowrank", "bounds", "ivf", "exact"]), help="Index kind, or off for dense.")
+@click.option("--retrieval", default="auto", show_default=True, type=click.Choice(RETRIEVAL_CHOICES),
+              help="Index kind, or off for dense; auto: lowrank, or ivf where lowrank's sketches would not fit.")
 @click.option("--budget", default=None, callback=lambda c, p, v: parse_tokens(v),
               help="Retrieved tokens per KV head (default: follows the context, at most 2K).")
 @click.option("--block-size", type=int, default=16, show_default=True)
@@ -120,7 +120,7 @@ def profile(model_path, shape, contexts, decode_steps, retrieval, budget, block_
         reset_memory(dev)
         engine = Engine(decoder, make_backend(decoder, capacity_for(n, decode_steps, block_size), cfg_r), prefill_chunk)
         row = profile_context(engine, prompt_ids(tokenizer, n, decoder.cfg.vocab_size, dev, seed), decode_steps)
-        row.update(model=name, index=retrieval, budget=cfg_r.plan(n)[1] * block_size if cfg_r else None,
+        row.update(model=name, index=engine.backend.cfg.index if cfg_r else retrieval, budget=cfg_r.plan(n)[1] * block_size if cfg_r else None,
                    gpu_cap_gib=gpu_mem_gb,
                    device=str(dev), dtype=str(dt).replace("torch.", ""))
         rows.append(row)

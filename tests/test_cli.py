@@ -162,6 +162,7 @@ def test_profile_shape_and_model(smol_dir):
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert [r["context"] for r in rows] == [256, 1024] and all(r["decode_ms_p50"] > 0 for r in rows)
+    assert all(r["index"] == "lowrank" for r in rows)  # the default, auto, names the kind it chose
     assert rows[1]["cache_hit"] is not None and rows[1]["h2d_mb_per_token"] is not None
     table = run("profile", "--model", str(smol_dir), "--context", "300", "--decode-steps", "2", "--retrieval", "off",
                 "--dtype", "float32")

@@ -10,13 +10,14 @@ import torch
 
 from kvretrieve.config import RetrievalConfig
 from kvretrieve.errors import ConfigError, ResourceError
-from kvretrieve.index import ExactIndex, select_blocks
+from kvretrieve.index import ExactIndex, IVFIndex, LowRankIndex, choose_index, select_blocks
 from kvretrieve.models.llama import Decoder, ModelConfig
 from kvretrieve.models.loader import CheckpointTensors, build_weights, read_hf_config
 from kvretrieve.runtime.dense import DenseKV
 from kvretrieve.runtime.engine import Engine
 from kvretrieve.runtime.gpu_cache import BlockPool
 from kvretrieve.runtime.kv_store import KVStore
+from kvretrieve.runtime.memory import free_device_bytes
 from kvretrieve.runtime.retrieval import RetrievalKV
 
 from helpers import tiny_hf_model
@@ -32,10 +33,14 @@ def tiny_dir(tmp_path_factory):
     return path
 
 
-def engines(model_dir, retrieval: RetrievalConfig, device="cpu", dtype=torch.float32, capacity=1024):
+def decoder(model_dir, device="cpu", dtype=torch.float32) -> Decoder:
     cfg = ModelConfig.from_hf(read_hf_config(model_dir))
-    dev = torch.device(device)
-    dec = Decoder(cfg, build_weights(cfg, CheckpointTensors(model_dir), dev, dtype))
+    return Decoder(cfg, build_weights(cfg, CheckpointTensors(model_dir), torch.device(device), dtype))
+
+
+def engines(model_dir, retrieval: RetrievalConfig, device="cpu", dtype=torch.float32, capacity=1024):
+    dec = decoder(model_dir, device, dtype)
+    cfg, dev = dec.cfg, dec.device
     dense = Engine(dec, DenseKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, dev, dtype), 4096)
     # append_chunk_blocks=5 and prefill chunks of 64 rows: long segments reach the store in several
     # chunks and attend query chunk by query chunk, as 128K prompts do (the dense side takes one chunk)
@@ -607,3 +612,49 @@ def test_cuda_store_is_pinned_from_load_and_a_context_beyond_ram_is_refused_ther
     monkeypatch.setenv("KVRETRIEVE_FREE_RAM_GB", str(store.nbytes() / 2 / 2**30))
     with pytest.raises(ResourceError, match="max-context"):
         engines(tiny_dir, cfg, device="cuda", capacity=4096)
+
+
+def test_auto_index_takes_lowrank_while_its_sketches_fit_and_ivf_beyond(tiny_dir, monkeypatch):
+    """index="auto" (the default) is lowrank while its key sketches take at most half of the free
+    memory, ivf past that; explicit kinds are kept as asked."""
+    cfg = RetrievalConfig(rank=8)
+    assert cfg.index == "auto"
+    L, H, blocks, cpu = 3, 2, 1000, torch.device("cpu")
+    sketch = L * H * blocks * cfg.block_size * cfg.rank * 4                          # fp32
+    for free, kind in [(2 * sketch, "lowrank"), (2 * sketch - 4096, "ivf")]:
+        monkeypatch.setenv("KVRETRIEVE_FREE_RAM_GB", str(free / 2**30))
+        assert choose_index(cfg, L, H, blocks, cpu, torch.float32).index == kind
+        assert choose_index(dataclasses.replace(cfg, index="bounds"), L, H, blocks, cpu, torch.float32).index == "bounds"
+    monkeypatch.delenv("KVRETRIEVE_FREE_RAM_GB")
+    dense, auto = engines(tiny_dir, dataclasses.replace(cfg, budget_tokens=64, window_tokens=16))
+    _, lowrank = engines(tiny_dir, RetrievalConfig(index="lowrank", rank=8, budget_tokens=64, window_tokens=16))
+    assert auto.backend.cfg.index == "lowrank" and isinstance(auto.backend.index, LowRankIndex)
+    prompt = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(auto.forward(prompt), lowrank.forward(prompt))
+
+
+@pytest.mark.cuda
+def test_auto_index_on_a_capped_gpu_turns_to_ivf(tiny_dir):
+    """free_device_bytes honours set_per_process_memory_fraction (what --gpu-mem-gb sets), so a capacity
+    whose sketches would crowd the capped device gets the ivf index, which then decodes."""
+    dev = torch.device("cuda")
+    cfg = RetrievalConfig(rank=8, block_size=8, budget_tokens=64, window_tokens=16)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    dec = decoder(tiny_dir, "cuda")
+    torch.cuda.empty_cache()
+    # 3 layers x 2 heads x 8 ranks x fp32 = 192 B of sketches per token: 600 MiB at 3.3M tokens
+    capacity = 600 * 2**20 // 192
+    try:
+        torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(dev) + 2**30) / total, dev)
+        assert free_device_bytes(dev) <= 2**30
+        backend = RetrievalKV(cfg, dec, capacity)
+        assert backend.cfg.index == "ivf" and isinstance(backend.index, IVFIndex)
+        backend.store.join()
+        prompt = torch.randint(0, 256, (512,), generator=torch.Generator().manual_seed(4)).cuda()
+        assert torch.isfinite(dec.logits(Engine(dec, backend, 64).forward(prompt))).all()
+        del backend
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+    backend = RetrievalKV(cfg, dec, capacity)
+    backend.store.join()
+    assert backend.cfg.index == "lowrank"

@@ -1,15 +1,36 @@
 """Block indexes: lowrank (Loki), bounds (Quest), ivf (clusters), exact (oracle)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..config import RetrievalConfig
 from ..errors import ConfigError
+from ..runtime.memory import free_device_bytes, free_host_bytes
 from .base import BlockIndex, select_blocks
 from .bounds import BoundsIndex
 from .exact import ExactIndex
 from .ivf import IVFIndex
 from .lowrank import LowRankIndex
+
+
+# index="auto" takes lowrank while its sketches fit in this share of the memory left on the device:
+# the rest is for the block pool, the ring and prefill's activations (at 128K on a 24 GiB cap, 2 GiB
+# of sketches beside 15 GiB of weights peak at 19 GiB).
+AUTO_SKETCH_SHARE = 0.5
+
+
+def choose_index(cfg: RetrievalConfig, num_layers: int, num_kv_heads: int, max_blocks: int,
+                 device: torch.device, dtype: torch.dtype) -> RetrievalConfig:
+    """cfg with index="auto" made concrete: lowrank (the most accurate kind, bench/results/accuracy.md)
+    when its sketches, r/d of the keys, fit; otherwise ivf, which keeps only centroids on the device
+    (an 8B model on a 24 GB card: lowrank to ~256K tokens, ivf at 512K)."""
+    if cfg.index != "auto":
+        return cfg
+    sketch = num_layers * num_kv_heads * max_blocks * cfg.block_size * cfg.rank * torch.finfo(dtype).bits // 8
+    free = free_host_bytes() if device.type == "cpu" else free_device_bytes(device)
+    return replace(cfg, index="lowrank" if sketch <= AUTO_SKETCH_SHARE * free else "ivf")
 
 
 def make_index(cfg: RetrievalConfig, num_layers: int, num_kv_heads: int, head_dim: int, max_blocks: int,
@@ -28,4 +49,4 @@ def make_index(cfg: RetrievalConfig, num_layers: int, num_kv_heads: int, head_di
     raise ConfigError(f"unknown index kind {cfg.index!r}")
 
 
-__all__ = ["BlockIndex", "make_index", "select_blocks", "LowRankIndex", "BoundsIndex", "ExactIndex", "IVFIndex"]
+__all__ = ["BlockIndex", "choose_index", "make_index", "select_blocks", "LowRankIndex", "BoundsIndex", "ExactIndex", "IVFIndex"]

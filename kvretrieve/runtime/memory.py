@@ -15,9 +15,6 @@ GiB = 1 << 30
 FREE_RAM_OVERRIDE = "KVRETRIEVE_FREE_RAM_GB"
 # Share of the free memory one allocation may take, leaving room for activations and the OS.
 _HEADROOM = 0.9
-# Byte caps set by apply_gpu_cap, per device index. torch keeps the fraction privately and a cap is
-# process-wide by nature (it cannot be lifted), so it is remembered here once.
-_GPU_CAPS: dict[int, int] = {}
 
 
 def free_host_bytes() -> int:
@@ -31,12 +28,12 @@ def free_host_bytes() -> int:
 
 
 def free_device_bytes(device: torch.device) -> int:
-    """Bytes this process may still allocate on a CUDA device, honouring a per-process cap."""
-    free, total = torch.cuda.mem_get_info(device)
-    cap = _GPU_CAPS.get(device.index or 0)
-    if cap is not None:
-        free = min(free, cap - torch.cuda.memory_reserved(device))
-    return max(0, free)
+    """Bytes this process may still allocate on a CUDA device, honouring a per-process cap
+    (set_per_process_memory_fraction, as apply_gpu_cap sets it: cudaMemGetInfo does not see it)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    cap = int(torch.cuda.get_per_process_memory_fraction(index) * total)
+    return max(0, min(free, cap - torch.cuda.memory_reserved(index)))
 
 
 def check_allocation(nbytes: int, device: torch.device, what: str, fix: str) -> None:
@@ -55,7 +52,6 @@ def apply_gpu_cap(device: torch.device, gib: float) -> None:
     if cap > total:
         raise ResourceError(f"--gpu-mem-gb {gib} is more than the GPU has ({total / GiB:.1f} GiB); lower it")
     torch.cuda.set_per_process_memory_fraction(cap / total, index)
-    _GPU_CAPS[index] = cap
 
 
 def process_rss_bytes() -> int:

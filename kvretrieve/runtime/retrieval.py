@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..config import RetrievalConfig
-from ..index import make_index
+from ..index import choose_index, make_index
 from ..models.llama import Decoder
 from .dense import causal_attention
 from .gpu_cache import BlockPool
@@ -28,21 +28,23 @@ from .sparse_step import SparseStep
 class RetrievalKV(ClusteredSegments, SparseStep):
     def __init__(self, cfg: RetrievalConfig, model: Decoder, capacity: int, append_chunk_blocks: int = 512):
         mc, device, dtype = model.cfg, model.device, model.dtype
+        max_blocks = -(-capacity // cfg.block_size) + 1
+        cfg = choose_index(cfg, mc.num_layers, mc.num_kv_heads, max_blocks, device, dtype)  # before any allocation
         self.cfg, self.model, self.capacity, self.device = cfg, model, capacity, device
         self.bs, self.L, self.H = cfg.block_size, mc.num_layers, mc.num_kv_heads
         self.scale = mc.head_dim ** -0.5
-        max_blocks = -(-capacity // self.bs) + 1
         cuda = device.type == "cuda"
         self.store = KVStore(self.L, self.H, mc.head_dim, self.bs, max_blocks * self.bs, dtype, pin=cuda,
                              device=device, quantize=cfg.quantized_store(device))
+        self.index = make_index(cfg, self.L, self.H, mc.head_dim, max_blocks, device, dtype)
+        self.pool = BlockPool(cfg, self.L, self.H, mc.head_dim, max_blocks, device, dtype)
         if cuda:
             # Pinning runs at ~1 GiB/s (9 GiB for 128K tokens of the 8B shape with the int8 store) and
             # slows the thread that launches kernels: begin it now, on a thread, so it overlaps the
             # rest of loading and the wait for a prompt instead of the first prefill. A context
-            # that cannot fit in RAM is refused here, before any prefill.
+            # that cannot fit in RAM is refused here, before any prefill; one whose index or pool
+            # cannot fit on the device was refused just above, before any pinning.
             self.store.ensure(self.store.max_blocks, background=True)
-        self.index = make_index(cfg, self.L, self.H, mc.head_dim, max_blocks, device, dtype)
-        self.pool = BlockPool(cfg, self.L, self.H, mc.head_dim, max_blocks, device, dtype)
         self.d2h = torch.cuda.Stream(device) if cuda else None
         self._d2h_done: torch.cuda.Event | None = None
         # Per-step decode state on the device, written in place between steps (a captured graph

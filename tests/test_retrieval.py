@@ -658,3 +658,27 @@ def test_auto_index_on_a_capped_gpu_turns_to_ivf(tiny_dir):
     backend = RetrievalKV(cfg, dec, capacity)
     backend.store.join()
     assert backend.cfg.index == "lowrank"
+
+
+@pytest.mark.cuda
+def test_out_of_memory_in_a_prefill_is_a_resource_error_and_the_cache_stays(tiny_dir):
+    """An OOM during a pass (what a capacity whose caches fit at load can still meet in a long
+    prefill) reaches the user as a ResourceError with fixes, the pass rolled back."""
+    dev = torch.device("cuda")
+    cfg = RetrievalConfig(index="lowrank", rank=8, block_size=8, budget_tokens=64, window_tokens=16)
+    dense, engine = engines(tiny_dir, cfg, device="cuda", capacity=4096)
+    engine.backend.store.join()
+    prompt = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(5)).cuda()
+    total = torch.cuda.get_device_properties(dev).total_memory
+    for e in (dense, engine):
+        first = e.forward(prompt[:100], last_logits=True)
+        torch.cuda.empty_cache()
+        try:  # no allocation beyond the memory already held
+            torch.cuda.set_per_process_memory_fraction(torch.cuda.memory_reserved(dev) / total, dev)
+            with pytest.raises(ResourceError, match="out of GPU memory while running 2,900 tokens after 100"):
+                e.forward(prompt[100:])
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        assert e.length == 100
+        e.truncate(99)
+        assert torch.allclose(e.forward(prompt[99:100], last_logits=True), first, atol=1e-5)

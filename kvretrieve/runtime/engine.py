@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
+from ..errors import ResourceError
 from ..models.llama import Decoder
 from .interrupts import interrupts_deferred
 
@@ -77,9 +78,18 @@ class Engine:
                 last_logits: bool = False) -> torch.Tensor:
         """Append a segment of token ids; returns the hidden rows [T, hidden] after the last layer, or
         with last_logits the logits [V] (fp32) that follow the last token."""
-        with self._pass(ids.shape[0]) as start:
-            x = self.model.forward(ids, start, self.backend, self.chunk, on_layer)
-            out = self.model.logits(x[-1:])[0] if last_logits else x
+        try:
+            with self._pass(ids.shape[0]) as start:
+                x = self.model.forward(ids, start, self.backend, self.chunk, on_layer)
+                out = self.model.logits(x[-1:])[0] if last_logits else x
+        except torch.OutOfMemoryError:
+            # Activations grow with the context (a layer's keys and values so far come back for
+            # attention): a capacity whose caches fit at load may still not prefill. The pass was
+            # rolled back, so the session goes on.
+            raise ResourceError(
+                f"out of GPU memory while running {ids.shape[0]:,} tokens after {self.length:,} (the cache is "
+                "as it was before them); lower --max-context or the prompt, raise --gpu-mem-gb, or use "
+                "--retrieval auto, which picks an index that leaves room") from None
         return out
 
     def prefill(self, ids: list[int], on_layer: Callable[[int], None] | None = None) -> torch.Tensor:

@@ -75,7 +75,9 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str = 
 
     decoder, tokenizer, source = load_model(model, dev, dtype, log, check=check)
     backend = make_backend(decoder, runtime.max_context or decoder.cfg.max_position, retrieval)
-    return LLM(decoder, tokenizer, backend, runtime, retrieval, source)
+    llm = LLM(decoder, tokenizer, backend, runtime, retrieval, source)
+    llm.engine.warm_up()  # on CUDA: compiles and plans now (while the store pins), not in the first prompt
+    return llm
 
 
 def check_weights_fit(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, gpu_mem_gb: float | None,

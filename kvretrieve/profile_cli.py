@@ -119,6 +119,7 @@ def profile(model_path, shape, contexts, decode_steps, retrieval, budget, block_
     for n in contexts:
         reset_memory(dev)
         engine = Engine(decoder, make_backend(decoder, capacity_for(n, decode_steps, block_size), cfg_r), prefill_chunk)
+        engine.warm_up()  # as kvretrieve.load does: one-time compiles are not part of the prefill
         row = profile_context(engine, prompt_ids(tokenizer, n, decoder.cfg.vocab_size, dev, seed), decode_steps)
         row.update(model=name, index=engine.backend.cfg.index if cfg_r else retrieval, budget=cfg_r.plan(n)[1] * block_size if cfg_r else None,
                    gpu_cap_gib=gpu_mem_gb,

@@ -637,7 +637,7 @@ def test_auto_index_takes_lowrank_while_its_sketches_fit_and_ivf_beyond(tiny_dir
 def test_auto_index_on_a_capped_gpu_turns_to_ivf(tiny_dir):
     """free_device_bytes honours set_per_process_memory_fraction (what --gpu-mem-gb sets), so a capacity
     whose sketches would crowd the capped device gets the ivf index, which then decodes."""
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", 0)  # set_per_process_memory_fraction wants an index
     cfg = RetrievalConfig(rank=8, block_size=8, budget_tokens=64, window_tokens=16)
     total = torch.cuda.get_device_properties(dev).total_memory
     dec = decoder(tiny_dir, "cuda")
@@ -664,7 +664,7 @@ def test_auto_index_on_a_capped_gpu_turns_to_ivf(tiny_dir):
 def test_out_of_memory_in_a_prefill_is_a_resource_error_and_the_cache_stays(tiny_dir):
     """An OOM during a pass (what a capacity whose caches fit at load can still meet in a long
     prefill) reaches the user as a ResourceError with fixes, the pass rolled back."""
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", 0)  # set_per_process_memory_fraction wants an index
     cfg = RetrievalConfig(index="lowrank", rank=8, block_size=8, budget_tokens=64, window_tokens=16)
     dense, engine = engines(tiny_dir, cfg, device="cuda", capacity=4096)
     engine.backend.store.join()
@@ -682,3 +682,27 @@ def test_out_of_memory_in_a_prefill_is_a_resource_error_and_the_cache_stays(tiny
         assert e.length == 100
         e.truncate(99)
         assert torch.allclose(e.forward(prompt[99:100], last_logits=True), first, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", [None, "lowrank", "ivf"])
+def test_warm_up_leaves_an_empty_cache_that_decodes_as_a_fresh_one(tiny_dir, kind):
+    """Engine.warm_up (kvretrieve.load runs it on CUDA) prefills and decodes a throwaway prompt, then
+    truncates to 0: what follows must match an engine that never warmed up."""
+    cfg = RetrievalConfig(index=kind, rank=8, block_size=8, budget_tokens=64, window_tokens=16,
+                          cluster_tokens=512) if kind else None
+    prompt = torch.randint(0, 256, (1500,), generator=torch.Generator().manual_seed(6)).cuda()
+    runs = []
+    for warm in (True, False):
+        dense, engine = engines(tiny_dir, cfg or RetrievalConfig(index="lowrank", rank=8), device="cuda",
+                                capacity=4096)
+        e = engine if kind else dense
+        if warm:
+            e.warm_up()
+            assert e.length == 0 and e._captured, "the throwaway prompt decoded as a graph"
+        logits = [e.forward(prompt, last_logits=True)]
+        for _ in range(12):
+            logits.append(e.step(logits[-1].argmax()))
+        runs.append(torch.stack(logits))
+    assert torch.equal(runs[0].argmax(-1), runs[1].argmax(-1))
+    assert torch.allclose(runs[0], runs[1], atol=1e-4, rtol=1e-4)

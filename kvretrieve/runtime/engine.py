@@ -19,6 +19,7 @@ import torch
 
 from ..errors import ResourceError
 from ..models.llama import Decoder
+from .dense import PREFIX_PIECE
 from .interrupts import interrupts_deferred
 
 
@@ -91,6 +92,26 @@ class Engine:
                 "as it was before them); lower --max-context or the prompt, raise --gpu-mem-gb, or use "
                 "--retrieval auto, which picks an index that leaves room") from None
         return out
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """On CUDA, with an empty cache: pay the costs a process pays once, on a throwaway prompt, so
+        a user's first prompt does not (a fresh process's first 128K prefill of the 8B shape took
+        17.6 s against 14.7 s for a later one: bench/NOTES.md). They are Triton compiles, cuDNN plans
+        for each attention shape, and cuBLAS/cuSOLVER set-up. One full prefix piece plus a chunk
+        makes every shape a long prompt attends with: a chunk against 0-3 chunks and a whole
+        piece. Two decode steps compile the decode kernels. The cache is left empty."""
+        if self.model.device.type != "cuda" or self.length:
+            return
+        n = min(PREFIX_PIECE + self.chunk, self.backend.capacity - 3)
+        if n < 1:
+            return
+        ids = torch.arange(n, device=self.model.device) % self.model.cfg.vocab_size
+        token = self.forward(ids, last_logits=True).argmax()
+        for _ in range(2):
+            token = self.step(token).argmax()
+        torch.cuda.synchronize(self.model.device)
+        self.truncate(0)
 
     def prefill(self, ids: list[int], on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Append tokens; returns the logits [V] (fp32) that follow the last one."""

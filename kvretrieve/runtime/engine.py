@@ -96,11 +96,11 @@ class Engine:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """On CUDA, with an empty cache: pay the costs a process pays once, on a throwaway prompt, so
-        a user's first prompt does not (a fresh process's first 128K prefill of the 8B shape took
-        17.6 s against 14.7 s for a later one: bench/NOTES.md). They are Triton compiles, cuDNN plans
-        for each attention shape, and cuBLAS/cuSOLVER set-up. One full prefix piece plus a chunk
+        a user's first prompt does not (8B shape, a fresh process's first 128K prefill: 17.6 s
+        without, 15.0 s with; bench/NOTES.md). They are Triton compiles, cuDNN plans for each
+        attention shape, and cuBLAS/cuSOLVER set-up. One full prefix piece plus a chunk
         makes every shape a long prompt attends with: a chunk against 0-3 chunks and a whole
-        piece. Two decode steps compile the decode kernels. The cache is left empty."""
+        piece. Two eager decode steps compile the decode kernels. The cache is left empty."""
         if self.model.device.type != "cuda" or self.length:
             return
         n = min(PREFIX_PIECE + self.chunk, self.backend.capacity - 3)
@@ -108,8 +108,14 @@ class Engine:
             return
         ids = torch.arange(n, device=self.model.device) % self.model.cfg.vocab_size
         token = self.forward(ids, last_logits=True).argmax()
-        for _ in range(2):
-            token = self.step(token).argmax()
+        # Eager steps: a graph captured at this context would not be the prompt's (its key follows
+        # the context) and would only hold memory.
+        graphs, self.graphs = self.graphs, False
+        try:
+            for _ in range(2):
+                token = self.step(token).argmax()
+        finally:
+            self.graphs = graphs
         torch.cuda.synchronize(self.model.device)
         self.truncate(0)
 

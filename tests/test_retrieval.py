@@ -701,6 +701,8 @@ def test_warm_up_leaves_an_empty_cache_that_decodes_as_a_fresh_one(tiny_dir, kin
         if warm:
             e.warm_up()
             assert e.length == 0 and not e._captured, "warm-up captures no graph (its shapes are not the prompt's)"
+            if kind:  # nor keeps the decode pool's LRU region through the next prefill
+                assert e.backend.pool.k.shape[2] == e.backend.pool.lru0
         logits = [e.forward(prompt, last_logits=True)]
         for _ in range(12):
             logits.append(e.step(logits[-1].argmax()))

@@ -118,6 +118,9 @@ class Engine:
             self.graphs = graphs
         torch.cuda.synchronize(self.model.device)
         self.truncate(0)
+        drop = getattr(self.backend, "drop_decode_memory", None)  # what the steps added, not held through a prefill
+        if drop is not None:
+            drop()
 
     def prefill(self, ids: list[int], on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Append tokens; returns the logits [V] (fp32) that follow the last one."""

@@ -52,6 +52,16 @@ class BlockPool:
         self.k = torch.cat([self.k, self.k.new_zeros(pad)], dim=2)
         self.v = torch.cat([self.v, self.v.new_zeros(pad)], dim=2)
 
+    def drop_lru(self) -> None:
+        """Give the LRU region back (forgetting what it caches) until ensure_lru adds it again. Only
+        while no captured graph holds self.k / self.v: Engine.warm_up, whose steps run eagerly, so
+        that 0.5 GiB (128K, 8B shape) is not held through the first prefill (at 512K it would not fit)."""
+        if self.k.shape[2] == self.lru0:
+            return
+        self.forget_cached()
+        self.k = self.k[:, :, :self.lru0].clone()
+        self.v = self.v[:, :, :self.lru0].clone()
+
     @property
     def columns(self) -> int:
         """Width of the slot table: sinks + budget + window + tail."""

@@ -122,6 +122,11 @@ class RetrievalKV(ClusteredSegments, SparseStep):
             self._repair_ring(length)
         self._open = False  # last: until here, the next begin redoes this truncation
 
+    def drop_decode_memory(self) -> None:
+        """With an empty cache and no captured graph: give back what decode steps allocate (the pool's
+        LRU region), so a following prefill has it."""
+        self.pool.drop_lru()
+
     @property
     def decoding(self) -> bool:
         return self._n == 1 and self._start > 0

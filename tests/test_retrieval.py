@@ -709,3 +709,42 @@ def test_warm_up_leaves_an_empty_cache_that_decodes_as_a_fresh_one(tiny_dir, kin
         runs.append(torch.stack(logits))
     assert torch.equal(runs[0].argmax(-1), runs[1].argmax(-1))
     assert torch.allclose(runs[0], runs[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quantize", [False, True])
+def test_store_reads_to_the_gpu_equal_reads_on_the_host(quantize):
+    """KVStore.read(..., device=cuda) (a continuation prefill's earlier tokens) copies per head and
+    dequantizes on the GPU: the same values as the host path, across segment boundaries."""
+    L, H, d, bs, nb = 2, 3, 16, 4, 40
+    dev = torch.device("cuda")
+    store = KVStore(L, H, d, bs, nb * bs, torch.float32, pin=True, segment_blocks=16, device=dev, quantize=quantize)
+    g = torch.Generator().manual_seed(8)
+    k, v = (torch.randn(H, nb, bs, d, generator=g).to(dev) for _ in range(2))
+    store.write(1, 0, k, v)
+    torch.cuda.synchronize()
+    for first, n in [(0, nb), (5, 30), (16, 16), (3, 1)]:
+        host = store.read(1, first, n)
+        gpu = store.read(1, first, n, dev)
+        for a, b in zip(host, gpu):
+            assert b.device.type == "cuda" and torch.allclose(a, b.cpu(), atol=1e-6)
+    assert torch.allclose(store.read(1, 0, nb, dev)[0], k, atol=0 if not quantize else k.abs().max().item() / 100)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("store", ["model", "int8"])
+def test_continuation_prefill_on_cuda_equals_dense(tiny_dir, store):
+    """A continuation (earlier tokens read back from the store on the GPU) and the steps after it, with
+    the budget covering the context: dense attention, up to int8 noise."""
+    cfg = RetrievalConfig(index="lowrank", block_size=8, budget_tokens=512, sink_tokens=8, window_tokens=16,
+                          rank=8, store_dtype=store)
+    dense, sparse = engines(tiny_dir, cfg, device="cuda")
+    g = torch.Generator().manual_seed(9)
+    prompt, cont = torch.randint(0, 256, (203,), generator=g).cuda(), torch.randint(0, 256, (37,), generator=g).cuda()
+    steps = torch.randint(0, 256, (20,), generator=g).cuda()
+    for a, b in zip(run_script(dense, prompt, cont, steps, 230), run_script(sparse, prompt, cont, steps, 230)):
+        if store == "model":
+            assert torch.allclose(a, b, atol=2e-4), (a - b).abs().max()
+        else:
+            kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
+            assert kl < 1e-3, kl

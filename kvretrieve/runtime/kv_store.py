@@ -189,9 +189,11 @@ class KVStore:
                     dst[1, h, off:off + n].copy_(vs[h, done:done + n], non_blocking=True)
             done += n
 
-    def read(self, layer: int, first_block: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks first_block.. of one layer as k, v [Hkv, n_blocks, bs, d] (CPU tensors in the model's
-        dtype: views of the store when one segment holds them and it is not quantized)."""
+    def read(self, layer: int, first_block: int, n_blocks: int,
+             device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks first_block.. of one layer as k, v [Hkv, n_blocks, bs, d] in the model's dtype: CPU
+        tensors (views of the store when one segment holds them and it is not quantized), or on a
+        CUDA `device`, where they are copied up as stored (async, from pinned memory) and dequantized."""
         self._wait(layer)
         runs, done = [], 0
         while done < n_blocks:
@@ -199,6 +201,8 @@ class KVStore:
             n = min(n_blocks - done, self.seg_blocks - off)
             runs.append((seg, slice(off, off + n)))
             done += n
+        if device is not None and device.type == "cuda":
+            return self._read_to(layer, runs, n_blocks, device)
         out = []
         for kv in (0, 1):
             if self.quantized:
@@ -209,6 +213,25 @@ class KVStore:
             out.append(parts[0] if len(parts) == 1 else torch.cat(parts, 1) if parts
                        else torch.empty(self.H, 0, self.bs, self.d, dtype=self.dtype))
         return out[0], out[1]
+
+    def _read_to(self, layer: int, runs: list, n_blocks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Per head, as in write: contiguous runs are plain async cudaMemcpys, where a strided copy
+        # would stage through pageable memory; dequantizing on the GPU instead of the host keeps a
+        # follow-up prompt after a long document from converting every earlier token on the CPU.
+        raw = torch.empty(2, self.H, n_blocks, self.bs, self.d, dtype=self.segments[layer][0].dtype, device=device)
+        scale = torch.empty(raw.shape[:-1], dtype=torch.float32, device=device) if self.quantized else None
+        done = 0
+        for s, r in runs:
+            n = r.stop - r.start
+            for kv in (0, 1):
+                for h in range(self.H):
+                    raw[kv, h, done:done + n].copy_(self.segments[layer][s][kv, h, r], non_blocking=True)
+                    if scale is not None:
+                        scale[kv, h, done:done + n].copy_(self.scales[layer][s][kv, h, r], non_blocking=True)
+            done += n
+        if scale is None:
+            return raw[0], raw[1]
+        return dequantize(raw[0], scale[0], self.dtype), dequantize(raw[1], scale[1], self.dtype)  # half the fp32 temporary
 
     def gather(self, layer: int, heads: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
         """out[0, i], out[1, i] = K and V of block blocks[i] of head heads[i]; out [2, m, bs*d] (CPU,

@@ -176,10 +176,10 @@ class RetrievalKV(ClusteredSegments, SparseStep):
         # During a decode step the block its token completes is still only in the ring (the store
         # gets it after the step).
         stored = min(nb, self._start // self.bs) if self.decoding else nb
-        ks, vs = self.store.read(layer, 0, stored)
+        ks, vs = self.store.read(layer, 0, stored, self.device)
         d = ks.shape[-1]
-        parts_k = [ks.to(self.device, non_blocking=True).reshape(self.H, stored * self.bs, d)]
-        parts_v = [vs.to(self.device, non_blocking=True).reshape(self.H, stored * self.bs, d)]
+        parts_k = [ks.reshape(self.H, stored * self.bs, d)]
+        parts_v = [vs.reshape(self.H, stored * self.bs, d)]
         for b in range(stored, nb + 1):
             rk, rv = self._ring(layer, b)
             n = self.bs if b < nb else tail

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -26,6 +27,7 @@ def device_name(device: str = "cpu") -> str:
 
 
 def provenance(device: str = "cpu") -> dict:
+    """KVRETRIEVE_COMMIT names the commit where git cannot (a copy of the tree on a GPU machine)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=RESULTS.parent, check=True).stdout.strip()
@@ -34,6 +36,7 @@ def provenance(device: str = "cpu") -> dict:
         commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
+    commit = os.environ.get("KVRETRIEVE_COMMIT", commit)
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("transformers", "triton"):
         try:

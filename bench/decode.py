@@ -170,7 +170,6 @@ def main() -> None:
     kinds = args.kinds.split(",")
     out = Path(args.out)
     meta = provenance("cuda")
-    meta["commit"] = os.environ.get("KVRETRIEVE_COMMIT", meta["commit"])
     old = []
     if args.merge and (out / "decode.json").exists():
         before = json.loads((out / "decode.json").read_text())

@@ -52,7 +52,6 @@ def main() -> None:
                      "-p", "no:cacheprovider"], "cuda_tests.log", 300)
         print(tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else tests.stderr[-2000:], flush=True)
     meta = provenance("cuda")
-    meta["commit"] = os.environ.get("KVRETRIEVE_COMMIT", meta["commit"])
     cols = ["model", "context", "index", "budget", "prefill_s", "prefill_tok_s", "index_build_s", "build_share",
             "decode_ms_p50", "decode_ms_p90", "h2d_mb_per_token", "cache_hit", "peak_gpu_gib",
             "gpu_cap_gib", "pinned_host_gib", "rss_gib"]

@@ -7,7 +7,7 @@ import torch
 
 from ..config import RetrievalConfig
 from ..errors import ConfigError
-from ..runtime.memory import free_device_bytes, free_host_bytes
+from ..runtime.memory import free_bytes
 from .base import BlockIndex, select_blocks
 from .bounds import BoundsIndex
 from .exact import ExactIndex
@@ -29,8 +29,7 @@ def choose_index(cfg: RetrievalConfig, num_layers: int, num_kv_heads: int, max_b
     if cfg.index != "auto":
         return cfg
     sketch = num_layers * num_kv_heads * max_blocks * cfg.block_size * cfg.rank * torch.finfo(dtype).bits // 8
-    free = free_host_bytes() if device.type == "cpu" else free_device_bytes(device)
-    return replace(cfg, index="lowrank" if sketch <= AUTO_SKETCH_SHARE * free else "ivf")
+    return replace(cfg, index="lowrank" if sketch <= AUTO_SKETCH_SHARE * free_bytes(device) else "ivf")
 
 
 def make_index(cfg: RetrievalConfig, num_layers: int, num_kv_heads: int, head_dim: int, max_blocks: int,

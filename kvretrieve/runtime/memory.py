@@ -36,8 +36,13 @@ def free_device_bytes(device: torch.device) -> int:
     return max(0, min(free, cap - torch.cuda.memory_reserved(index)))
 
 
+def free_bytes(device: torch.device) -> int:
+    """What may still be allocated where `device` keeps its tensors: host RAM or the (capped) GPU."""
+    return free_host_bytes() if device.type == "cpu" else free_device_bytes(device)
+
+
 def check_allocation(nbytes: int, device: torch.device, what: str, fix: str) -> None:
-    free = free_host_bytes() if device.type == "cpu" else free_device_bytes(device)
+    free = free_bytes(device)
     if nbytes > _HEADROOM * free:
         where = "CPU RAM" if device.type == "cpu" else f"GPU memory on {device}"
         raise ResourceError(f"not enough {where} for {what}: needs {nbytes / GiB:.2f} GiB, "

@@ -27,8 +27,8 @@ from common import RESULTS, provenance, write_results  # noqa: E402
 
 import kvretrieve  # noqa: E402
 from kvretrieve import RetrievalConfig  # noqa: E402
-from kvretrieve.api import make_backend  # noqa: E402
-from kvretrieve.runtime.engine import Engine  # noqa: E402
+from kvretrieve.api import backend_for  # noqa: E402
+from kvretrieve.engine.engine import Engine  # noqa: E402
 
 KINDS = ("lowrank", "bounds", "exact")      # a new index kind is one more name here
 DENSITIES = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
@@ -109,14 +109,14 @@ def grid(name: str, kinds: tuple[str, ...]) -> list[Cell]:
 
 
 def load(max_context: int):
-    return kvretrieve.load(device="cpu", dtype="float32", max_context=max_context)
+    return kvretrieve.load(device="cpu", dtype="float32", max_context=max_context, retrieval=None)  # dense
 
 
 def teacher_forced(llm, cells: list[Cell], ids: list[int], dense_logits: torch.Tensor, steps: int,
                    probe_every: int) -> list[dict]:
     """Prompt = ids[:P] (replayed), then ids[P:P+steps] fed one decode step at a time."""
     P, model, dense = len(ids) - steps - 1, llm.engine.model, llm.engine.backend
-    backends = [make_backend(model, P + steps + 64, c.retrieval()) for c in cells]
+    backends = [backend_for(model, P + steps + 64, c.retrieval())[0] for c in cells]
     for b in backends:
         replay(b, dense, P)
     probes = [Probe(b) for b in backends]
@@ -162,7 +162,7 @@ def needle(llm, cells: list[Cell], context: int, depths, phrasings: int, batch: 
         dense_ans.append(greedy(model, [eng.backend], [first], len(p.ids), max_new, tok.eos_ids)[0])
     results = [{"needle_dense": 0, "needle_sparse": 0, "same": 0, "answers": []} for _ in cells]
     for s in range(0, len(cells), batch):
-        backends = [make_backend(model, shared + 64 + max_new + 64, c.retrieval()) for c in cells[s:s + batch]]
+        backends = [backend_for(model, shared + 64 + max_new + 64, c.retrieval())[0] for c in cells[s:s + batch]]
         engines = [Engine(model, b, 4096) for b in backends]
         for b in backends:
             replay(b, eng.backend, shared)  # the dense cache still holds the shared document

@@ -3,7 +3,7 @@ attention backends, the attention probe (recall, output error) and the needle pr
 
 Several configurations share one model: a decode step runs one row per configuration through the
 model's decode math as a batch, and each row's attention goes to its own backend in decode mode
-(begin(pos, 1), then the backend's decode call), exactly as Engine.step drives it. The projections and the MLP then read the
+(begin(pos, 1), prologue(), then the backend's decode call), exactly as Engine.step drives it. The projections and the MLP then read the
 weights once per step instead of once per configuration, which is most of the cost on a CPU.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvretrieve.models.llama import rms_norm
+from kvretrieve.kernels import rms_norm
 
 # Stdlib modules whose docstrings form the needle haystack: prose-heavy ones, in a fixed order so
 # the haystack is the same on every run of one Python version.
@@ -122,7 +122,7 @@ class FanOut:
         self.backends = backends
 
     def __call__(self, layer, q, k, v):
-        return torch.cat([b(layer, q[i:i + 1], k[i:i + 1], v[i:i + 1]) for i, b in enumerate(self.backends)])
+        return torch.cat([b.decode(layer, q[i:i + 1], k[i:i + 1], v[i:i + 1]) for i, b in enumerate(self.backends)])
 
 
 @torch.inference_mode()
@@ -135,6 +135,7 @@ def batched_step(model, backends, tokens: torch.Tensor, pos: int) -> torch.Tenso
     """
     for b in backends:
         b.begin(pos, 1)
+        b.prologue()
     x, eps, fan = model.embed(tokens), model.cfg.rms_eps, FanOut(backends)
     cos, sin = (t.expand(len(backends), -1) for t in model.rope_tables(pos, 1))
     for layer in range(model.cfg.num_layers):

@@ -94,7 +94,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     contexts = [int(c) for c in args.contexts.split(",")]
 
-    llm = kvretrieve.load(device="cpu", dtype=args.dtype, max_context=max(contexts) + 64)
+    llm = kvretrieve.load(device="cpu", dtype=args.dtype, max_context=max(contexts) + 64, retrieval=None)  # dense
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(llm.source), dtype=getattr(torch, args.dtype)).eval()

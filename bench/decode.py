@@ -34,14 +34,14 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, markdown_table, provenance, write_results  # noqa: E402
 
-from kvretrieve.api import make_backend  # noqa: E402
+from kvretrieve.api import build_engine  # noqa: E402
 from kvretrieve.config import RetrievalConfig  # noqa: E402
+from kvretrieve.engine.engine import Engine  # noqa: E402
 from kvretrieve.errors import KVRetrieveError  # noqa: E402
 from kvretrieve.models.llama import Decoder  # noqa: E402
 from kvretrieve.models.loader import random_weights  # noqa: E402
 from kvretrieve.models.shapes import shape_config  # noqa: E402
-from kvretrieve.runtime.engine import Engine  # noqa: E402
-from kvretrieve.runtime.profile import capacity_for, profile_context, reset_memory  # noqa: E402
+from kvretrieve.profiling import capacity_for, profile_context, reset_memory  # noqa: E402
 
 COLUMNS = ["system", "index", "default", "reselect_every", "speculative", "store_dtype", "context", "ready_s", "prefill_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_mean",
            "peak_gpu_gib",
@@ -97,21 +97,23 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
     engine = None
     try:
         cfg = RetrievalConfig(index=kind, **extra) if kind else None
-        row["reselect_every"] = cfg.reselect_every if cfg else None
-        row["speculative"] = cfg.speculative if cfg else None
-        row["store_dtype"] = ("int8" if cfg.quantized_store(dev) else "model") if cfg else None
         bs = cfg.block_size if cfg else 16
         t = time.perf_counter()
-        backend = make_backend(decoder, capacity_for(context, steps + kernels + 2, bs), cfg)
-        engine = Engine(decoder, backend, chunk)
-        engine.warm_up()   # as kvretrieve.load does (CUDA: compiles, cuDNN plans), while the store pins
+        # as kvretrieve.load leaves it: every "auto" resolved, warmed up (compiles, cuDNN plans) while
+        # the store pins
+        engine, choice = build_engine(decoder, capacity_for(context, steps + kernels + 2, bs), chunk, cfg)
+        chosen = choice.retrieval
         if cfg:
-            row["index"] = backend.cfg.index
-            backend.store.join()
+            row["index"] = chosen.index if chosen else "dense"  # auto: dense while the whole KV fits
+            if chosen:
+                engine.backend.store.join()
+        row["reselect_every"] = chosen.reselect_every if chosen else None
+        row["speculative"] = chosen.speculative if chosen else None
+        row["store_dtype"] = chosen.store_dtype if chosen else None
         row["ready_s"] = time.perf_counter() - t
-        r = profile_context(engine, prompt(context, decoder.cfg.vocab_size, dev), steps)
+        r = profile_context(engine, prompt(context, decoder.cfg.vocab_size, dev), steps, bs)
         row.update({k: r.get(k) for k in COLUMNS if k in r}, index_build_s=r.get("index_build_s"),
-                   graphs=len(engine._captured), step_ms=r.get("step_ms"))
+                   graphs=len(engine._captured), step_ms=r.get("step_ms"), attention=choice.reason)
         if kernels:
             try:
                 row["kernels"] = kernel_times(engine, kernels)
@@ -142,9 +144,9 @@ def add_ratios(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="32K,128K")
-    ap.add_argument("--kinds", default="auto,bounds,exact,ivf",
-                    help="kvretrieve index kinds (auto = the default: lowrank, or ivf where lowrank's sketches "
-                         "do not fit); kind@N sets reselect_every=N, "
+    ap.add_argument("--kinds", default="auto,lowrank,bounds,exact,ivf",
+                    help="kvretrieve index kinds (auto = the default: dense while the whole KV fits under the cap, "
+                         "else lowrank, or ivf where lowrank's sketches do not fit); kind@N sets reselect_every=N, "
                          "kind+spec speculative prefetch, kind+int8 the int8 CPU store")
     ap.add_argument("--long", default="512K:auto:lowrank:bounds:exact",
                     help="a longer context for kvretrieve rows only, with kinds (at 512K only auto's choice, ivf, fits "
@@ -237,8 +239,9 @@ next to real weights. ready_s: from making the backend to ready for a prompt, as
 leaves it: the CPU store pinned (on a thread; ~1-2 GiB/s of fresh pinned memory on this host, later
 rows reuse what torch's host allocator keeps) and Engine.warm_up (one-time compiles and cuDNN plans,
 on a throwaway 20K-token prompt), which overlap. store_dtype: the CPU store's (the default, auto, is int8 on the GPU). default:
-the row ran with the default index (auto: lowrank while its key sketches fit in half the device
-memory left, else ivf), index names the kind it chose. At 512K only ivf fits beside 15 GiB of weights
+the row ran with the default configuration, auto (since the redesign: dense attention while the whole KV cache
+fits under the cap next to the weights, else lowrank while its key sketches fit in half the device memory
+left, else ivf); index names what it chose ("dense" included). At 512K only ivf fits beside 15 GiB of weights
 under the cap: lowrank's sketches (8 GiB), bounds' min/max keys (4 GiB) and exact's keys (32 GiB)
 leave no room for the prefill's working set (a layer's keys and values so far); their rows say so."""
 

@@ -1,77 +1,72 @@
-"""Everything the GPU machine has to check and time, in one call (device time is scarce).
+"""Everything a GPU call has to check and time, in one command (device time is scarce).
 
-1. the CUDA tests: Triton kernels against their torch references, retrieval async vs sync paths;
-2. `kvretrieve profile` on the Llama-3.1-8B shape (random bf16 weights) at 32K and 128K under a
-   24 GiB cap (an emulated 24 GB card), for each index kind;
-3. writes profile_h100.json / .md (and the logs) to $OUT, to be committed under bench/results/.
+1. the CUDA tests (every test marked cuda): Triton kernels against their torch references, the
+   retrieval backend's async paths, the decode loop, models against transformers;
+2. bench/decode.py with the given arguments (this tree), results under $OUT/new;
+3. with --baseline DIR (a copy of an earlier commit's kvretrieve/ and bench/, e.g. made with
+   `git archive REV kvretrieve bench pyproject.toml | tar -x -C .base`), the same decode rows for
+   that code in the same call, under $OUT/old, so a refactor's speed is compared within one run.
 
-    KVRETRIEVE_FREE_RAM_GB=100 python bench/gpu_suite.py [--quick]
+    KVRETRIEVE_FREE_RAM_GB=110 python bench/gpu_suite.py [--skip-tests] \
+        [--decode "--systems kvretrieve --contexts 32K,128K --kinds auto,lowrank --long ''"] \
+        [--baseline .base --baseline-decode "--systems kvretrieve --contexts 32K,128K --kinds auto --long ''"]
 
-The host's RAM reads low at start and grows as it is used, hence the free-RAM override.
+KVRETRIEVE_COMMIT / KVRETRIEVE_BASELINE_COMMIT name the commits (the GPU copy has no git). The
+host's RAM reads low at start and grows as it is used, hence the free-RAM override.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, provenance, write_results  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("OUT", REPO / "bench" / "results"))
 
 
-def run(cmd: list[str], log: str, timeout: int) -> subprocess.CompletedProcess:
+def run(cmd: list[str], log: Path, timeout: int, root: Path = REPO, env: dict | None = None) -> int:
+    """Run cmd with `root` first on the import path; its output goes to log (and its tail to stdout)."""
     t0 = time.time()
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    (OUT / log).write_text(f"$ {' '.join(cmd)}\n# rc={proc.returncode} in {time.time() - t0:.0f} s\n"
-                           f"{proc.stdout}\n--- stderr ---\n{proc.stderr}")
-    print(f"[{time.time() - t0:5.0f} s] rc={proc.returncode} {' '.join(cmd[2:6])} ...", flush=True)
-    return proc
+    env = dict(os.environ, PYTHONPATH=str(root), PYTHONUNBUFFERED="1",
+               PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True", **(env or {}))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+        f.flush()
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=env, cwd=root).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    lines = log.read_text().splitlines()
+    print(f"[{time.time() - t0:5.0f} s] rc={rc} {shlex.join(cmd[1:4])} ...\n  " + "\n  ".join(lines[-12:]), flush=True)
+    return rc
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="small contexts only (a smoke test)")
-    ap.add_argument("--kinds", default="lowrank,bounds,ivf",
-                    help="index kinds, each optionally with its contexts: lowrank,ivf:128K:512K")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--skip-tests", action="store_true")
-    ap.add_argument("--timeout", type=int, default=420, help="seconds per profile command")
-    ap.add_argument("--prefill-chunk", default="4096")
+    ap.add_argument("--tests", default="tests/", help="what pytest collects (its cuda-marked tests run)")
+    ap.add_argument("--decode", default="", help="arguments of bench/decode.py for this tree ('' = no run)")
+    ap.add_argument("--baseline", default="", help="a copy of an earlier tree to time with --baseline-decode")
+    ap.add_argument("--baseline-decode", default="")
+    ap.add_argument("--timeout", type=int, default=540, help="seconds per step")
     args = ap.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     if not args.skip_tests:
-        tests = run([py, "-m", "pytest", "-q", "-x", "-m", "cuda", "tests/test_kernels.py", "tests/test_retrieval.py",
-                     "-p", "no:cacheprovider"], "cuda_tests.log", 300)
-        print(tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else tests.stderr[-2000:], flush=True)
-    meta = provenance("cuda")
-    cols = ["model", "context", "index", "budget", "prefill_s", "prefill_tok_s", "index_build_s", "build_share",
-            "decode_ms_p50", "decode_ms_p90", "h2d_mb_per_token", "cache_hit", "peak_gpu_gib",
-            "gpu_cap_gib", "pinned_host_gib", "rss_gib"]
-    notes = ("kvretrieve profile, Llama-3.1-8B shape with random bf16 weights, prompts of random token ids, "
-             "greedy decode of 32 tokens (median and p90 per token, host sync per token as in generation), "
-             "under set_per_process_memory_fraction(24 GiB).")
-    rows = []
-    for spec in args.kinds.split(","):
-        kind, _, contexts = spec.partition(":")  # e.g. "ivf:128K:512K"; default 32K,128K
-        contexts = contexts.replace(":", ",") or ("4K,8K" if args.quick else "32K,128K")
-        proc = run([py, "-m", "kvretrieve", "profile", "--shape", "llama3-8b", "--context", contexts,
-                    "--retrieval", kind, "--gpu-mem-gb", "24", "--decode-steps", "32", "--json",
-                    "--prefill-chunk", args.prefill_chunk],
-                   f"profile_{kind}.log", args.timeout)
-        if proc.returncode == 0:
-            rows += json.loads(proc.stdout)
-        else:
-            print(proc.stderr[-3000:], flush=True)
-        write_results("profile_h100", meta, rows, cols, notes, OUT)  # after each kind: a timeout keeps the rest
-    print(markdown_table(rows, cols), flush=True)
+        run([py, "-m", "pytest", "-q", "-m", "cuda", *shlex.split(args.tests), "-p", "no:cacheprovider"],
+            OUT / "cuda_tests.log", args.timeout)
+    if args.decode:
+        run([py, "bench/decode.py", *shlex.split(args.decode), "--out", str(OUT / "new")], OUT / "new" / "decode.log",
+            args.timeout)
+    if args.baseline and args.baseline_decode:
+        base = (REPO / args.baseline).resolve()
+        commit = os.environ.get("KVRETRIEVE_BASELINE_COMMIT", "baseline")
+        run([py, "bench/decode.py", *shlex.split(args.baseline_decode), "--out", str(OUT / "old")],
+            OUT / "old" / "decode.log", args.timeout, root=base, env={"KVRETRIEVE_COMMIT": commit})
 
 
 if __name__ == "__main__":

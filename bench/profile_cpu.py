@@ -17,7 +17,7 @@ from common import RESULTS, provenance, write_results  # noqa: E402
 
 from click.testing import CliRunner  # noqa: E402
 
-from kvretrieve.profile_cli import profile  # noqa: E402
+from kvretrieve.cli.profile import profile  # noqa: E402
 
 
 def main() -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .errors import ConfigError
 
 INDEX_KINDS = ("auto", "lowrank", "bounds", "exact", "ivf", "oracle")
@@ -82,9 +84,12 @@ class RetrievalConfig:
     the first tokens, the most recent ones, and the blocks of block_size tokens the index picks.
     budget_tokens / window_tokens None (the default) follow the context: see plan().
     cache_blocks: GPU slots per layer and KV head for retrieved blocks (None = 2x the budget).
-    index: auto (the default) is lowrank, the most accurate kind, unless its key sketches would take
-    more than half of the memory left on the device (an 8B model on a 24 GB card beyond ~256K
-    tokens); then ivf, whose index on the device is only its centroids. See index.choose_index.
+    index: auto (the default) is dense attention while the whole KV of the context fits on the
+    device next to the weights (exact, and faster), else lowrank, the most accurate kind, unless
+    its key sketches would take more than half of the memory left on the device (an 8B model on a
+    24 GB card beyond ~256K tokens), else ivf, whose index on the device is only its centroids.
+    kvretrieve.load() resolves every "auto" here once (kvretrieve.resolve); the backends only ever
+    see concrete values.
     """
 
     index: str = "auto"
@@ -102,7 +107,8 @@ class RetrievalConfig:
     store_dtype: str = "auto"     # the CPU store: model (its dtype), int8 (a scale per token and head), auto
 
     def __post_init__(self) -> None:
-        _check(self.index in INDEX_KINDS, f"unknown index kind {self.index!r}; choose one of {', '.join(INDEX_KINDS)}")
+        _check(self.index in INDEX_KINDS,
+               f"unknown RetrievalConfig.index {self.index!r}; choose one of {', '.join(INDEX_KINDS)}")
         _check(_power_of_two(self.block_size) and 4 <= self.block_size <= 256,
                f"block_size must be a power of two in [4, 256], got {self.block_size}")
         _check(self.budget_tokens is None or self.budget_tokens >= self.block_size,
@@ -110,7 +116,7 @@ class RetrievalConfig:
         _check(self.sink_tokens >= 0, f"sink_tokens must be >= 0, got {self.sink_tokens}")
         _check(self.window_tokens is None or self.window_tokens >= 0,
                f"window_tokens must be >= 0, got {self.window_tokens}")
-        _check(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
+        _check(self.rank >= 1, f"RetrievalConfig.rank must be >= 1, got {self.rank}")
         _check(self.reselect_every >= 1, f"reselect_every must be >= 1 (1 = select every step), got {self.reselect_every}")
         _check(self.estimate_tokens >= 0, f"estimate_tokens must be >= 0, got {self.estimate_tokens}")
         _check(self.estimate_tokens == 0 or self.index == "ivf", "estimate_tokens needs index='ivf'")
@@ -135,11 +141,10 @@ class RetrievalConfig:
         """The longest window in blocks (what the ring of recent blocks is sized for)."""
         return -(-(self.window_tokens if self.window_tokens is not None else AUTO_MAX_WINDOW) // self.block_size)
 
-    def quantized_store(self, device) -> bool:
-        """Whether the CPU store keeps int8. auto: on CUDA, where every missed block crosses PCIe and
-        int8 halves those bytes (128K, 8B shape: 15.1 -> 12.7 ms/token); on the CPU the store is read
-        in place, so dequantizing would only cost time."""
-        return self.store_dtype == "int8" or (self.store_dtype == "auto" and device.type == "cuda")
+    @property
+    def resolved(self) -> bool:
+        """True once kvretrieve.resolve has made every "auto" concrete (what backends accept)."""
+        return self.index != "auto" and self.store_dtype != "auto" and self.kmeans != "auto"
 
     def plan(self, context: int) -> tuple[int, int]:
         """(window blocks, budget blocks) for a context of this many tokens. Set values are used as
@@ -158,3 +163,34 @@ class RetrievalConfig:
     @property
     def slot_blocks(self) -> int:
         return self.cache_blocks if self.cache_blocks is not None else 2 * self.budget_blocks
+
+
+@dataclass(slots=True, frozen=True)
+class KVGeometry:
+    """The shape of one sequence's KV cache as every part of the data path sees it: the store, the
+    indexes, the block pool and the backends are all sized from this one value.
+
+    max_blocks: blocks of block_size tokens the context can reach (its capacity rounded up, plus
+    the partly filled tail block).
+    """
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    max_blocks: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def for_capacity(cls, layers: int, kv_heads: int, head_dim: int, block_size: int, capacity: int,
+                     device: torch.device, dtype: torch.dtype) -> "KVGeometry":
+        return cls(layers, kv_heads, head_dim, block_size, -(-capacity // block_size) + 1, torch.device(device), dtype)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.max_blocks * self.block_size
+
+    def nbytes(self, *shape: int, dtype: torch.dtype | None = None) -> int:
+        """Bytes of a tensor of this shape in dtype (default: the model's)."""
+        return torch.Size(shape).numel() * (dtype or self.dtype).itemsize

@@ -13,12 +13,13 @@ from typing import Callable, Iterator, Union
 
 import torch
 
-from .config import RetrievalConfig, RuntimeConfig, SamplingParams
+from .config import RetrievalConfig, SamplingParams
+from .engine.engine import Engine
+from .engine.sampling import make_generator, sample
 from .errors import InputError
 from .models.llama import Decoder
 from .models.tokenizer import StreamDecoder, Tokenizer
-from .runtime.engine import Engine
-from .runtime.sampling import make_generator, sample
+from .resolve import AttentionChoice
 
 Prompt = Union[str, list[dict]]
 
@@ -54,13 +55,29 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
 
 
 class LLM:
-    def __init__(self, model: Decoder, tokenizer: Tokenizer, backend, runtime: RuntimeConfig,
-                 retrieval: RetrievalConfig | None, source: Path | str):
-        self.model, self.tokenizer, self.runtime, self.retrieval = model, tokenizer, runtime, retrieval
-        self.source = source
-        self.engine = Engine(model, backend, runtime.prefill_chunk)
+    """A loaded model and its KV cache (kvretrieve.load makes one)."""
+
+    def __init__(self, model: Decoder, tokenizer: Tokenizer, engine: Engine, attention: AttentionChoice,
+                 source: Path | str):
+        self.model, self.tokenizer, self.engine, self.source = model, tokenizer, engine, source
+        self._attention = attention
         self._ids: list[int] = []  # the tokens whose K,V the cache holds, in order
         self.last: GenerationResult | None = None
+
+    @property
+    def mode(self) -> str:
+        """"dense" (the whole KV on the device) or "retrieval" (KV in CPU memory, blocks selected)."""
+        return self._attention.mode
+
+    @property
+    def mode_reason(self) -> str:
+        """One line: how attention runs and why (what load() decided for retrieval="auto")."""
+        return self._attention.reason
+
+    @property
+    def retrieval(self) -> RetrievalConfig | None:
+        """The resolved retrieval configuration (every "auto" made concrete), or None when dense."""
+        return self._attention.retrieval
 
     @property
     def device(self) -> torch.device:
@@ -86,7 +103,7 @@ class LLM:
             raise InputError("the prompt is empty; give it some text")
         if len(ids) > self.max_context:
             raise InputError(f"the prompt has {len(ids):,} tokens but the context holds {self.max_context:,}; "
-                             f"shorten it or raise --max-context (the model was trained for "
+                             f"shorten it or raise max_context (the model was trained for "
                              f"{self.model.cfg.max_position:,})")
         return ids
 

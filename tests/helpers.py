@@ -77,3 +77,35 @@ def run_interpreted(module: str) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     return json.loads(lines[-1][len("RESULTS "):])
+
+
+def tiny_decoder(model_dir, device="cpu", dtype=None):
+    """A Decoder over a saved (tiny) HF checkpoint, built without a tokenizer."""
+    from kvretrieve.models.llama import Decoder, ModelConfig
+    from kvretrieve.models.loader import CheckpointTensors, build_weights, read_hf_config
+
+    cfg = ModelConfig.from_hf(read_hf_config(model_dir))
+    return Decoder(cfg, build_weights(cfg, CheckpointTensors(model_dir), torch.device(device), dtype or torch.float32))
+
+
+def dense_backend(dec, capacity: int):
+    from kvretrieve.backends import DenseKV
+    from kvretrieve.resolve import geometry
+
+    return DenseKV(geometry(dec.cfg, capacity, 16, dec.device, dec.dtype), capacity)
+
+
+def retrieval_backend(dec, cfg, capacity: int, **kwargs):
+    """RetrievalKV over dec for `capacity` tokens, cfg resolved as kvretrieve.load resolves it."""
+    from kvretrieve.backends import RetrievalKV
+    from kvretrieve.resolve import geometry, resolve_retrieval
+
+    cfg = resolve_retrieval(cfg, dec.cfg, capacity, dec.device, dec.dtype)
+    return RetrievalKV(cfg, geometry(dec.cfg, capacity, cfg.block_size, dec.device, dec.dtype), capacity, **kwargs)
+
+
+def kv_geometry(layers: int, heads: int, head_dim: int, block_size: int, max_blocks: int, device="cpu",
+                dtype=torch.float32):
+    from kvretrieve.config import KVGeometry
+
+    return KVGeometry(layers, heads, head_dim, block_size, max_blocks, torch.device(device), dtype)

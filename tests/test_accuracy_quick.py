@@ -14,8 +14,8 @@ import torch
 
 import kvretrieve
 from kvretrieve import RetrievalConfig
-from kvretrieve.api import make_backend
-from kvretrieve.runtime.engine import Engine
+from kvretrieve.api import backend_for
+from kvretrieve.engine.engine import Engine
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
@@ -28,17 +28,17 @@ def test_replay_and_batched_steps_equal_prefill_and_engine_steps(smol_dir):
     """The bench gives retrieval backends the dense prefill's K,V (replay) and decodes several of them
     as one batch; each must still produce what its own prefill and Engine.step produce. A budget
     covering the whole context must show recall 1 and no output error."""
-    llm = kvretrieve.load(smol_dir, device="cpu", dtype="float32", max_context=700)
+    llm = kvretrieve.load(smol_dir, device="cpu", dtype="float32", max_context=700, retrieval=None)
     model, P, steps = llm.engine.model, 600, 24
     ids = llm.tokenizer.encode(pydoc_text())[:P + steps]
     cfgs = [RetrievalConfig(index=k, block_size=16, budget_tokens=64, sink_tokens=32, window_tokens=64, rank=16)
             for k in KINDS] + [RetrievalConfig(index="exact", block_size=16, budget_tokens=1024)]
     llm.engine.forward(torch.tensor(ids[:P]))
-    batch = [make_backend(model, 700, c) for c in cfgs]
+    batch = [backend_for(model, 700, c)[0] for c in cfgs]
     for b in batch:
         replay(b, llm.engine.backend, P)
     probes = [Probe(b, active=True) for b in batch]
-    engines = [Engine(model, make_backend(model, 700, c), 4096) for c in cfgs]
+    engines = [Engine(model, backend_for(model, 700, c)[0], 4096) for c in cfgs]
     for e in engines:
         e.forward(torch.tensor(ids[:P]))
     for i in range(steps):

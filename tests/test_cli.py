@@ -62,6 +62,8 @@ def test_chat_over_document_with_piped_questions(smol_dir):
     assert result.exit_code == 0, result.output
     assert "Ellory" in result.stdout and "1871" in result.stdout
     assert "prefill:" in result.stderr and "reused" in result.stderr
+    # how attention runs, said once at load and again by /stats: the default, auto, is dense at this size
+    assert result.stderr.count("attention: dense: the KV cache of") == 2, result.stderr
 
 
 def test_installed_console_script(smol_dir):
@@ -146,7 +148,7 @@ def test_cuda_without_gpu(smol_dir):
 def test_bad_option_values(smol_dir):
     assert_user_error(run("generate", "hi", "--model", str(smol_dir), "--temperature", "-1"), "temperature")
     assert_user_error(run("generate", "hi", "--model", str(smol_dir), "--retrieval", "lowrank", "--budget", "8"),
-                      "budget_tokens")
+                      "--budget (8) must be at least one block")
     result = run("generate", "hi", "--max-context", "lots")
     assert result.exit_code == 2 and "not a token count" in result.output
 
@@ -157,12 +159,18 @@ def test_debug_shows_traceback(tmp_path):
 
 
 def test_profile_shape_and_model(smol_dir):
-    result = run("profile", "--shape", "smollm2-135m", "--context", "256,1K", "--decode-steps", "3", "--budget",
-                 "128", "--window", "64", "--sink", "16", "--device", "cpu", "--dtype", "float32", "--json")
+    common = ["profile", "--shape", "smollm2-135m", "--decode-steps", "3", "--device", "cpu", "--dtype", "float32",
+              "--json"]
+    result = run(*common, "--context", "256")  # the default, auto: dense while the KV fits, and it says so
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)
+    assert row["index"] == "dense" and "fits" in row["attention"] and row["cache_hit"] is None
+    result = run(*common, "--context", "256,1K", "--retrieval", "lowrank", "--budget", "128", "--window", "64",
+                 "--sink", "16")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert [r["context"] for r in rows] == [256, 1024] and all(r["decode_ms_p50"] > 0 for r in rows)
-    assert all(r["index"] == "lowrank" for r in rows)  # the default, auto, names the kind it chose
+    assert all(r["index"] == "lowrank" for r in rows)
     assert rows[1]["cache_hit"] is not None and rows[1]["h2d_mb_per_token"] is not None
     table = run("profile", "--model", str(smol_dir), "--context", "300", "--decode-steps", "2", "--retrieval", "off",
                 "--dtype", "float32")

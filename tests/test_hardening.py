@@ -26,7 +26,7 @@ import torch
 from helpers import save_with_tokenizer, tiny_hf_model
 import kvretrieve
 from kvretrieve.api import check_weights_fit
-from kvretrieve.chat import read_document
+from kvretrieve.cli.chat import read_document
 from kvretrieve.config import RetrievalConfig
 from kvretrieve.errors import ResourceError
 from kvretrieve.models.llama import ModelConfig
@@ -243,23 +243,23 @@ def test_prompt_or_turn_longer_than_context(tiny):
 # ---- options ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,fragments", [
-    (["--retrieval", "lowrank", "--window", "-1"], ("window_tokens must be >= 0",)),
-    (["--retrieval", "lowrank", "--sink", "-1"], ("sink_tokens must be >= 0",)),
-    (["--retrieval", "lowrank", "--budget", "0"], ("budget_tokens (0) must be at least one block",)),
-    (["--retrieval", "bounds", "--block-size", "12"], ("block_size must be a power of two",)),
-    (["--retrieval", "lowrank", "--rank", "0"], ("rank must be >= 1",)),
-    (["--retrieval", "lowrank", "--reselect-every", "0"], ("reselect_every must be >= 1",)),
-    (["--retrieval", "lowrank", "--rank", "64"], ("rank 64 is above the model's head_dim 16", "--rank <= 16")),
-    (["--max-context", "0"], ("max_context must be >= 16",)),
-    (["--max-new-tokens", "-1"], ("max_new_tokens must be >= 0",)),
-    (["--top-p", "0"], ("top_p must be in (0, 1]",)),
-    (["--top-k", "-1"], ("top_k must be >= 0",)),
-    (["--temperature", "inf"], ("temperature must be >= 0 (0 = greedy) and finite",)),
+    (["--retrieval", "lowrank", "--window", "-1"], ("--window must be >= 0",)),
+    (["--retrieval", "lowrank", "--sink", "-1"], ("--sink must be >= 0",)),
+    (["--retrieval", "lowrank", "--budget", "0"], ("--budget (0) must be at least one block",)),
+    (["--retrieval", "bounds", "--block-size", "12"], ("--block-size must be a power of two",)),
+    (["--retrieval", "lowrank", "--rank", "0"], ("--rank must be >= 1",)),
+    (["--retrieval", "lowrank", "--reselect-every", "0"], ("--reselect-every must be >= 1",)),
+    (["--retrieval", "lowrank", "--rank", "64"], ("--rank 64 is above the model's head_dim 16", "rank <= 16")),
+    (["--max-context", "0"], ("--max-context must be >= 16",)),
+    (["--max-new-tokens", "-1"], ("--max-new-tokens must be >= 0",)),
+    (["--top-p", "0"], ("--top-p must be in (0, 1]",)),
+    (["--top-k", "-1"], ("--top-k must be >= 0",)),
+    (["--temperature", "inf"], ("--temperature must be >= 0 (0 = greedy) and finite",)),
     (["--stop", ""], ("stop strings must be non-empty",)),
     (["--device", "tpu"], ("device must be auto, cpu, cuda or cuda:N",)),
     (["--device", "cuda:x"], ("device must be auto, cpu, cuda or cuda:N",)),
-    (["--gpu-mem-gb", "0"], ("gpu_mem_gb must be > 0",)),
-    (["--gpu-mem-gb", "-2"], ("gpu_mem_gb must be > 0",)),
+    (["--gpu-mem-gb", "0"], ("--gpu-mem-gb must be > 0",)),
+    (["--gpu-mem-gb", "-2"], ("--gpu-mem-gb must be > 0",)),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_invalid_option_values(tiny, args, fragments):
     assert_user_error(generate(tiny, *args), *fragments)
@@ -274,8 +274,8 @@ def test_usage_errors_exit_2_without_traceback(tiny):
 
 def test_profile_option_values(tiny):
     base = ["profile", "--model", str(tiny), "--context", "64", "--decode-steps", "1", "--rank", "8"]
-    assert_user_error(run(*base, "--prefill-chunk", "0"), "prefill_chunk must be >= 16")
-    assert_user_error(run(*base, "--gpu-mem-gb", "-1"), "gpu_mem_gb must be > 0")
+    assert_user_error(run(*base, "--prefill-chunk", "0"), "--prefill-chunk must be >= 16")
+    assert_user_error(run(*base, "--gpu-mem-gb", "-1"), "--gpu-mem-gb must be > 0")
     assert_user_error(run(*base, "--device", "tpu"), "device must be auto")
     assert_user_error(run(*base, "--shape", "llama3-1b"), "not both")
 
@@ -292,9 +292,9 @@ def test_gpu_cap_smaller_than_the_weights_is_refused_before_loading(smol_dir):
     so the GPU branch is exercised here without a GPU."""
     cfg = ModelConfig.from_hf(read_hf_config(smol_dir))  # 135M parameters: 0.25 GiB in bf16
     cuda = torch.device("cuda")
-    with pytest.raises(ResourceError, match=r"the weights alone need 0\.\d GiB, more than --gpu-mem-gb 0\.1"):
+    with pytest.raises(ResourceError, match=r"the weights alone need 0\.\d GiB, more than gpu_mem_gb=0\.1"):
         check_weights_fit(cfg, cuda, torch.bfloat16, 0.1)
-    with pytest.raises(ResourceError, match="dense KV cache of 1,000,000 tokens.*--retrieval"):
+    with pytest.raises(ResourceError, match="dense KV cache of 1,000,000 tokens.*use retrieval"):
         check_weights_fit(cfg, cuda, torch.bfloat16, 2.0, kv_tokens=1_000_000)
     check_weights_fit(cfg, cuda, torch.bfloat16, 2.0, kv_tokens=8192)  # fits
     check_weights_fit(cfg, cuda, torch.bfloat16, None, kv_tokens=10**9)  # no cap, no check
@@ -313,10 +313,12 @@ def test_not_enough_ram_for_the_context(tmp_path, tiny):
     store grows with the prompt and refuses a 57K-token one (4 segments of 8 MiB) before allocating."""
     env = {"KVRETRIEVE_FREE_RAM_GB": "0.03"}
     assert generate(tiny, env=env).exit_code == 0
-    assert_user_error(generate(tiny, "--max-context", "32K", env=env), "not enough CPU RAM",
-                      "KV cache of 32,768 tokens", "--max-context", "--retrieval")
+    assert_user_error(generate(tiny, "--max-context", "32K", "--retrieval", "off", env=env), "not enough CPU RAM",
+                      "KV cache of 32,768 tokens", "--max-context", "use retrieval")
     broken = variant(tmp_path, tiny, model__safetensors=b"\x00" * 64)
-    assert_user_error(generate(broken, "--max-context", "32K", env=env), "not enough CPU RAM")
+    assert_user_error(generate(broken, "--max-context", "32K", "--retrieval", "off", env=env), "not enough CPU RAM")
+    auto = generate(tiny, "--max-context", "32K", env=env)  # the default, auto: what does not fit dense is retrieved
+    assert auto.exit_code == 0 and "attention: retrieval" in auto.stderr and "does not fit" in auto.stderr, auto.stderr
     long_prompt = " ".join(f"w{i % 500}" for i in range(15_000))
     result = generate(tiny, "--raw", "--max-context", "64K", "--retrieval", "bounds", prompt="-", input=long_prompt,
                       env=env)
@@ -480,10 +482,13 @@ def _session(model: Path, retrieval, interrupt: bool, long_prompt: int, steps: i
             raise KeyboardInterrupt
 
     if long_prompt:
-        try:
-            llm.prefill(doc + torch.randint(0, 49152, (long_prompt,), generator=g).tolist(), stop_after_first_layer)
-        except KeyboardInterrupt:
-            pass
+        longer = doc + torch.randint(0, 49152, (long_prompt,), generator=g).tolist()
+        if interrupt:
+            with pytest.raises(KeyboardInterrupt):  # the staged Ctrl-C must really cut the prefill short
+                llm.prefill(longer, stop_after_first_layer)
+            assert llm.engine.length == len(doc)  # and the pass was rolled back
+        else:
+            llm.prefill(longer)
     out = [llm.prefill(doc + question)]
     for t in range(steps):
         out.append(llm.engine.step(torch.tensor(100 + t)))
@@ -492,7 +497,7 @@ def _session(model: Path, retrieval, interrupt: bool, long_prompt: int, steps: i
 
 @pytest.mark.parametrize("kind", ["off", "lowrank"])
 def test_prefill_cut_short_leaves_the_cache_as_it_was(tiny, kind):
-    """The engine's promise (runtime/engine.py): a forward pass that does not finish leaves the cache as
+    """The engine's promise (engine/engine.py): a forward pass that does not finish leaves the cache as
     it was before, so what follows matches a session where it never ran."""
     retrieval = None if kind == "off" else RetrievalConfig(index=kind, rank=8, budget_tokens=64, window_tokens=32)
     for a, b in zip(_session(tiny, retrieval, True, 1000), _session(tiny, retrieval, False, 0)):
@@ -603,7 +608,7 @@ def test_ctrl_c_at_any_line_of_a_streamed_answer_leaves_the_next_answer_as_fresh
 
 
 def test_interrupts_deferred_holds_ctrl_c_until_the_block_ends():
-    from kvretrieve.runtime.interrupts import interrupts_deferred
+    from kvretrieve.engine.interrupts import interrupts_deferred
 
     done = []
     with pytest.raises(KeyboardInterrupt):

@@ -4,22 +4,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvretrieve.models.llama import Decoder, ModelConfig
-from kvretrieve.models.loader import CheckpointTensors, build_weights, read_hf_config
-from kvretrieve.runtime.dense import DenseKV, causal_attention
-from kvretrieve.runtime.engine import Engine
+from kvretrieve.backends.prefill_attention import PrefillAttention, attention_lse_reference
+from kvretrieve.engine.engine import Engine
+from kvretrieve.models.llama import ModelConfig
 
-from helpers import ROPE_VARIANTS, tiny_hf_model
+from helpers import ROPE_VARIANTS, dense_backend, tiny_decoder, tiny_hf_model
 
 CPU = torch.device("cpu")
 
 
 def load_ours(model_dir, capacity=128, chunk=4096, dtype=torch.float32, device="cpu"):
-    cfg = ModelConfig.from_hf(read_hf_config(model_dir))
-    dev = torch.device(device)
-    dec = Decoder(cfg, build_weights(cfg, CheckpointTensors(model_dir), dev, dtype))
-    kv = DenseKV(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, dev, dtype)
-    return Engine(dec, kv, chunk)
+    dec = tiny_decoder(model_dir, device, dtype)
+    return Engine(dec, dense_backend(dec, capacity), chunk)
 
 
 def rel_err(a, b):
@@ -110,7 +106,7 @@ def test_causal_attention_matches_naive(q_start, T, S_extra, hq, hkv, piece):
     d = 16
     S = q_start + T
     q, k, v = (torch.randn(n, h, d, generator=g) for n, h in ((T, hq), (S, hkv), (S, hkv)))
-    out = causal_attention(q, k, v, q_start, d ** -0.5, piece)
+    out = PrefillAttention(d ** -0.5, piece)(q, k, v, q_start)
     q, k, v = q.double(), k.double(), v.double()
     kr, vr = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
     scores = torch.einsum("thd,shd->hts", q, kr) * d ** -0.5
@@ -122,14 +118,12 @@ def test_causal_attention_matches_naive(q_start, T, S_extra, hq, hkv, piece):
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [True, False])
 def test_cuda_fused_attention_with_lse_matches_reference(causal):
-    """attention_lse on CUDA in bf16 (cuDNN, or flash where cuDNN refuses), with token-major GQA
+    """PrefillAttention.lse on CUDA in bf16 (cuDNN, or flash where cuDNN refuses), with token-major GQA
     inputs as the prefill passes them, against the fp32 reference: output and log-sum-exp."""
-    from kvretrieve.runtime.dense import attention_lse, attention_lse_reference
-
     g = torch.Generator().manual_seed(9)
     T, S = (300, 300) if causal else (200, 700)
     q, k, v = (torch.randn(n, h, 128, generator=g).bfloat16().cuda() for n, h in ((T, 32), (S, 8), (S, 8)))
-    out, lse = attention_lse(q, k, v, causal, 128 ** -0.5)
+    out, lse = PrefillAttention(128 ** -0.5).lse(q, k, v, causal)
     ref, ref_lse = attention_lse_reference(q.float(), k.float(), v.float(), causal, 128 ** -0.5)
     assert out.shape == ref.shape and lse.shape == ref_lse.shape
     assert rel_err(out.float(), ref) < 2e-2 and (lse.float() - ref_lse).abs().max() < 1e-2

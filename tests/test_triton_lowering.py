@@ -30,6 +30,8 @@ DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "i8"
 def _launches(cuda, kv_store):
     """(label, "module.launcher", args) per launch: each float dtype, the two model shapes the runtime
     targets (SmolLM2-135M: Hkv 3, G 3, d 64; Llama-3-8B: Hkv 8, G 4, d 128) and every constexpr flag."""
+    from kvretrieve.config import KVGeometry
+
     import torch
 
     i32, i64 = torch.int32, torch.int64
@@ -55,7 +57,7 @@ def _launches(cuda, kv_store):
             out.append((lbl, "scoring.bounds_block_scores", (q, cuda(4, 256, 64, dt=dt), cuda(4, 256, 64, dt=dt),
                                                              200)))
         for quant in (False, True):  # a real (CPU) store; pools and tables are fake CUDA tensors
-            store = kv_store(2, 2, 64, 16, 64 * 16, dt, pin=False, segment_blocks=16, quantize=quant)
+            store = kv_store(KVGeometry(2, 2, 64, 16, 64, torch.device("cpu"), dt), quantize=quant, segment_blocks=16)
             store.ensure(64)
             pool, lbl = (2, 8, 16, 64), f"{n} quantize={quant}"
             out.append((lbl, "fetch.fetch_blocks", (store, 1, cuda(2, 5, dt=i64), cuda(2, 5, dt=torch.bool),
@@ -131,7 +133,7 @@ def main():
     except Exception as e:  # noqa: BLE001 - private Triton/torch APIs differ between versions: skip
         print(f"SKIP cannot lower Triton kernels offline with this triton/torch: {e!r}"[:500])
         return
-    from kvretrieve.runtime.kv_store import KVStore
+    from kvretrieve.store import KVStore
 
     res = {"kernels": [], "errors": []}
     pkg = importlib.import_module("kvretrieve.kernels")

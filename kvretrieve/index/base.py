@@ -16,6 +16,7 @@ from .. import kernels
 
 class BlockIndex(Protocol):
     kind: str
+    reorders: bool = False  # True: the backend stores segments in the order cluster_order() returns (ivf)
 
     def fit(self, layer: int, keys: torch.Tensor) -> None:
         """keys [T, Hkv, d] (post-RoPE) of the first prefill: a chance to learn a projection."""
@@ -38,14 +39,3 @@ def top_blocks(scores: torch.Tensor, k: int, ranked: bool = False) -> torch.Tens
     if ranked:
         return torch.topk(scores, k, dim=1, sorted=True).indices
     return kernels.topk_indices(scores, k)
-
-
-def select_blocks(scores: torch.Tensor, lo: int, hi: int, k: int, ranked: bool = False) -> torch.Tensor:
-    """Top-k block ids per KV head among candidate blocks [lo, hi) -> [Hkv, min(k, hi - lo)] int64,
-    best first when ranked."""
-    k = min(k, hi - lo)
-    if k <= 0:
-        return torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
-    if k == hi - lo and not ranked:  # everything fits the budget: no ranking needed
-        return torch.arange(lo, hi, device=scores.device).expand(scores.shape[0], -1)
-    return top_blocks(scores[:, lo:hi], k, ranked) + lo

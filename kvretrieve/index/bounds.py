@@ -8,22 +8,19 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from ..runtime.memory import check_allocation
+from ..config import KVGeometry
+from .base import BlockIndex
+from ..memory import check_allocation
 
 
-class BoundsIndex:
+class BoundsIndex(BlockIndex):
     kind = "bounds"
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, max_blocks: int,
-                 device: torch.device, dtype: torch.dtype):
-        shape = (num_layers, num_kv_heads, max_blocks, head_dim)
-        check_allocation(2 * torch.Size(shape).numel() * torch.finfo(dtype).bits // 8, device,
-                         "the block bounds", "lower --max-context")
-        self.kmin = torch.zeros(shape, device=device, dtype=dtype)
-        self.kmax = torch.zeros(shape, device=device, dtype=dtype)
-
-    def fit(self, layer: int, keys: torch.Tensor) -> None:
-        pass
+    def __init__(self, geo: KVGeometry):
+        shape = (geo.layers, geo.kv_heads, geo.max_blocks, geo.head_dim)
+        check_allocation(2 * geo.nbytes(*shape), geo.device, "the block bounds", "lower max_context")
+        self.kmin = torch.zeros(shape, device=geo.device, dtype=geo.dtype)
+        self.kmax = torch.zeros(shape, device=geo.device, dtype=geo.dtype)
 
     def add(self, layer: int | slice, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         nb = keys.shape[-3]

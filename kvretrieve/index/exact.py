@@ -10,23 +10,21 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from ..runtime.memory import check_allocation
+from ..config import KVGeometry
+from .base import BlockIndex
+from ..memory import check_allocation
 
 
-class ExactIndex:
+class ExactIndex(BlockIndex):
     kind = "exact"
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, max_blocks: int,
-                 device: torch.device, dtype: torch.dtype, mass: bool = False):
-        self.bs, self.mass = block_size, mass
+    def __init__(self, geo: KVGeometry, mass: bool = False):
+        self.bs, self.mass = geo.block_size, mass
         self.kind = "oracle" if mass else "exact"
-        shape = (num_layers, num_kv_heads, max_blocks * block_size, head_dim)
-        check_allocation(torch.Size(shape).numel() * torch.finfo(dtype).bits // 8, device,
-                         "the exact index (a full copy of the keys)", "use --retrieval lowrank or bounds")
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-
-    def fit(self, layer: int, keys: torch.Tensor) -> None:
-        pass
+        shape = (geo.layers, geo.kv_heads, geo.max_tokens, geo.head_dim)
+        check_allocation(geo.nbytes(*shape), geo.device, "the exact index (a full copy of the keys)",
+                         "use RetrievalConfig.index 'lowrank' or 'bounds'")
+        self.keys = torch.zeros(shape, device=geo.device, dtype=geo.dtype)
 
     def add(self, layer: int | slice, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         nb, bs = keys.shape[-3:-1]

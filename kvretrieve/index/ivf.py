@@ -12,12 +12,16 @@ block_size keys equal to its centroid, with the block's value sum, merged into t
 """
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import torch
 
 from .. import kernels
 from ..errors import ConfigError
-from ..runtime.memory import check_allocation
+from ..config import KVGeometry
+from .base import BlockIndex
+from ..memory import check_allocation
 
 KMEANS_KINDS = ("auto", "torch", "faiss", "faiss-gpu")
 
@@ -31,25 +35,30 @@ def _faiss():
 
 
 def resolve_kmeans(kind: str, device: torch.device) -> str:
-    """auto: faiss-gpu when installed on a GPU, else torch on the GPU; faiss-cpu on a CPU-only machine."""
+    """auto: faiss-gpu when installed on a GPU, else torch on the GPU; faiss-cpu on a CPU-only machine
+    (torch where faiss is missing)."""
     if kind not in KMEANS_KINDS:
-        raise ConfigError(f"kmeans must be one of {', '.join(KMEANS_KINDS)}, got {kind!r}")
+        raise ConfigError(f"RetrievalConfig.kmeans must be one of {', '.join(KMEANS_KINDS)}, got {kind!r}")
     gpu_faiss = device.type == "cuda" and _has_faiss_gpu()
     if kind == "faiss-gpu" and not gpu_faiss:
-        raise ConfigError("kmeans='faiss-gpu' needs a CUDA device and faiss built with GPU support: "
+        raise ConfigError("RetrievalConfig.kmeans 'faiss-gpu' needs a CUDA device and faiss built with GPU support: "
                           "`pip install kvretrieve[gpu]`, or use kmeans='torch'")
     if kind == "auto":
-        return "faiss-gpu" if gpu_faiss else "torch" if device.type == "cuda" else "faiss"
+        return "faiss-gpu" if gpu_faiss else "torch" if device.type == "cuda" or not _has_faiss() else "faiss"
     if kind == "faiss":
         _faiss()  # fail now, not halfway through a prefill
     return kind
 
 
+def _has_faiss() -> bool:
+    return importlib.util.find_spec("faiss") is not None
+
+
 def _has_faiss_gpu() -> bool:
-    try:
-        import faiss
-    except ImportError:
+    if not _has_faiss():
         return False
+    import faiss
+
     return hasattr(faiss, "StandardGpuResources")
 
 
@@ -92,24 +101,20 @@ def kmeans_faiss(x: torch.Tensor, clusters: int, iters: int, seed: int, gpu: boo
     return torch.stack(out).to(x.device)
 
 
-class IVFIndex:
+class IVFIndex(BlockIndex):
     kind = "ivf"
     reorders = True  # the backend stores clustered segments in the order cluster_order() returns
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, max_blocks: int,
-                 device: torch.device, dtype: torch.dtype, kmeans: str = "auto", estimate: bool = False,
-                 iters: int = 10, seed: int = 0):
-        self.bs, self.iters, self.seed = block_size, iters, seed
-        self.kmeans = resolve_kmeans(kmeans, device)
-        shape = (num_layers, num_kv_heads, max_blocks, head_dim)
+    def __init__(self, geo: KVGeometry, kmeans: str, estimate: bool = False, iters: int = 10, seed: int = 0):
+        """kmeans: a concrete kind (torch, faiss, faiss-gpu; resolve_kmeans makes 'auto' one)."""
+        if kmeans not in KMEANS_KINDS[1:]:
+            raise ConfigError(f"IVFIndex needs a resolved kmeans kind, got {kmeans!r} (see resolve_kmeans)")
+        self.bs, self.iters, self.seed, self.kmeans = geo.block_size, iters, seed, kmeans
+        shape = (geo.layers, geo.kv_heads, geo.max_blocks, geo.head_dim)
         n = 2 if estimate else 1
-        check_allocation(n * torch.Size(shape).numel() * torch.finfo(dtype).bits // 8, device,
-                         "the cluster centroids", "lower --max-context")
-        self.means = torch.zeros(shape, device=device, dtype=dtype)
-        self.vsums = torch.zeros(shape, device=device, dtype=dtype) if estimate else None
-
-    def fit(self, layer: int, keys: torch.Tensor) -> None:
-        pass
+        check_allocation(n * geo.nbytes(*shape), geo.device, "the cluster centroids", "lower max_context")
+        self.means = torch.zeros(shape, device=geo.device, dtype=geo.dtype)
+        self.vsums = torch.zeros(shape, device=geo.device, dtype=geo.dtype) if estimate else None
 
     def add(self, layer: int | slice, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         nb = keys.shape[-3]

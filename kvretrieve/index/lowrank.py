@@ -10,21 +10,27 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from ..runtime.memory import check_allocation
+from ..config import KVGeometry
+from .base import BlockIndex
+from ..errors import ConfigError
+from ..memory import check_allocation
 
 
-class LowRankIndex:
+class LowRankIndex(BlockIndex):
     kind = "lowrank"
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, max_blocks: int,
-                 rank: int, device: torch.device, dtype: torch.dtype):
-        self.bs, self.rank = block_size, rank
-        shape = (num_layers, num_kv_heads, max_blocks * block_size, rank)
-        check_allocation(torch.Size(shape).numel() * torch.finfo(dtype).bits // 8, device,
-                         "the low-rank key sketches", "lower --max-context or --rank")
-        self.sketch = torch.zeros(shape, device=device, dtype=dtype)
-        self.mean = torch.zeros(num_layers, num_kv_heads, head_dim, device=device, dtype=dtype)
-        self.proj = torch.zeros(num_layers, num_kv_heads, head_dim, rank, device=device, dtype=dtype)
+    def __init__(self, geo: KVGeometry, rank: int):
+        if rank > geo.head_dim:
+            raise ConfigError(f"RetrievalConfig.rank {rank} is above the model's head_dim {geo.head_dim}; "
+                              f"use a rank <= {geo.head_dim}")
+        self.bs, self.rank = geo.block_size, rank
+        shape = (geo.layers, geo.kv_heads, geo.max_tokens, rank)
+        check_allocation(geo.nbytes(*shape), geo.device, "the low-rank key sketches",
+                         "lower max_context or RetrievalConfig.rank")
+        like = dict(device=geo.device, dtype=geo.dtype)
+        self.sketch = torch.zeros(shape, **like)
+        self.mean = torch.zeros(geo.layers, geo.kv_heads, geo.head_dim, **like)
+        self.proj = torch.zeros(geo.layers, geo.kv_heads, geo.head_dim, rank, **like)
 
     def fit(self, layer: int, keys: torch.Tensor, chunk: int = 8192) -> None:
         """keys [T, Hkv, d]. Mean and covariance accumulate in fp32 over chunks, so a 128K prompt

@@ -1,20 +1,21 @@
 """Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM2) that owns no cache.
 
-Attention is whatever backend the engine passes in (the Attention protocol below): q, k, v arrive
+Attention is whatever backend the engine passes in (backends.base.AttentionBackend): q, k, v arrive
 already rotated. The dense backend writes k, v into a preallocated cache; the retrieval backend
 streams them to CPU memory. Batch size is 1: activations are [T, hidden].
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..backends.base import AttentionBackend
 from ..errors import ModelLoadError
-from ..kernels import rms_norm, silu_mul  # rms_norm is imported from here by other modules
-from .rope import Rope, RopeConfig, apply_rope
+from ..kernels import apply_rope, rms_norm, silu_mul
+from .rope import Rope, RopeConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
@@ -86,22 +87,6 @@ class DecoderWeights:
     lm_head: torch.Tensor        # the embedding itself when tied
 
 
-class Attention(Protocol):
-    """What the engine hands the model: storage and attention for one forward pass."""
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Decode: store the token's k, v [1, Hkv, d]; attention of q [1, Hq, d] -> [1, Hq, d]."""
-
-    def begin_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Segment: its k, v [T, Hkv, d] for this layer (positions start..start+T-1)."""
-
-    def attend(self, layer: int, q: torch.Tensor, offset: int) -> torch.Tensor:
-        """Segment rows offset..offset+n-1: causal attention of q [n, Hq, d] -> [n, Hq, d]."""
-
-    def end_layer(self, layer: int) -> None:
-        """The segment's attention for this layer is done (the backend may now move or reorder k, v)."""
-
-
 class Decoder:
     """The math of the model. `layer()` runs one decoder layer over a whole segment in place."""
 
@@ -135,11 +120,11 @@ class Decoder:
         out = F.linear(h, w.qkv[rows], bias).view(h.shape[0], heads, self.cfg.head_dim)
         return apply_rope(out, cos, sin) if rotate else out
 
-    def layer(self, layer: int, x: torch.Tensor, start: int, attn: Attention, chunk: int,
+    def layer(self, layer: int, x: torch.Tensor, start: int, attn: AttentionBackend, chunk: int,
               rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x [T, hidden] is updated in place.
 
-        Decode (T = 1): one fused q|k|v projection, attn(layer, q, k, v). A segment runs in two passes
+        Decode (T = 1): one fused q|k|v projection, attn.decode(layer, q, k, v). A segment runs in two passes
         so that only k, v of the whole segment ever exist: pass 1 projects k, v chunk by chunk and
         hands them to the backend (attn.begin_layer); pass 2 projects each chunk's q, attends
         (attn.attend), and applies o-proj and MLP to that chunk. A [T, Hq, d] q or attention output
@@ -149,12 +134,15 @@ class Decoder:
         c, w = self.cfg, self.w.layers[layer]
         T = x.shape[0]
         end = start + T
-        prepare = getattr(attn, "prepare_layer", None)  # lets a backend look ahead (speculative prefetch)
-        if prepare is not None:
-            prepare(layer, x)
         if T == 1:
-            q, k, v = self.project_qkv(layer, rms_norm(x, w.attn_norm, c.rms_eps), *(rope or self.rope_tables(start, 1)))
-            x += F.linear(attn(layer, q, k, v).reshape(1, -1), w.o, w.o_bias)
+            rope = rope or self.rope_tables(start, 1)
+            if attn.lookahead(layer):  # layer + 1's query from this layer's input, to prefetch its blocks
+                nxt = self.w.layers[layer + 1]
+                q_next = self._project(layer + 1, rms_norm(x, nxt.attn_norm, c.rms_eps), slice(0, c.num_heads * c.head_dim),
+                                       c.num_heads, *rope, True)
+                attn.prefetch(layer + 1, q_next)
+            q, k, v = self.project_qkv(layer, rms_norm(x, w.attn_norm, c.rms_eps), *rope)
+            x += F.linear(attn.decode(layer, q, k, v).reshape(1, -1), w.o, w.o_bias)
             x += self.mlp(layer, rms_norm(x, w.mlp_norm, c.rms_eps))
             return x
         nq, nkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
@@ -185,7 +173,7 @@ class Decoder:
         """Final norm + LM head for the given rows, returned in fp32."""
         return F.linear(rms_norm(x, self.w.final_norm, self.cfg.rms_eps), self.w.lm_head).float()
 
-    def forward(self, ids: torch.Tensor, start: int, attn: Attention, chunk: int = 4096,
+    def forward(self, ids: torch.Tensor, start: int, attn: AttentionBackend, chunk: int = 4096,
                 on_layer: Callable[[int], None] | None = None, position: torch.Tensor | None = None) -> torch.Tensor:
         """Run a segment of token ids at positions start.. through every layer (layer-major, so only one
         layer's K,V of the segment exist at a time); returns the hidden rows. A decode step may give

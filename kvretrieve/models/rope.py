@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModelLoadError
-from ..kernels import apply_rope  # applying the tables is a kernel (Triton on CUDA); re-exported here
 
-__all__ = ["ROPE_TYPES", "RopeConfig", "Rope", "apply_rope"]
+__all__ = ["ROPE_TYPES", "RopeConfig", "Rope"]
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 

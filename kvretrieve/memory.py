@@ -7,7 +7,7 @@ import os
 import psutil
 import torch
 
-from ..errors import ResourceError
+from .errors import ResourceError
 
 GiB = 1 << 30
 # Some hosts (VMs with memory ballooning) report far less free RAM than they will hand out. This
@@ -55,7 +55,7 @@ def apply_gpu_cap(device: torch.device, gib: float) -> None:
     total = torch.cuda.get_device_properties(index).total_memory
     cap = int(gib * GiB)
     if cap > total:
-        raise ResourceError(f"--gpu-mem-gb {gib} is more than the GPU has ({total / GiB:.1f} GiB); lower it")
+        raise ResourceError(f"gpu_mem_gb={gib} is more than the GPU has ({total / GiB:.1f} GiB); lower it")
     torch.cuda.set_per_process_memory_fraction(cap / total, index)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import RESULTS, provenance  # noqa: E402
 from decode import CAP_GIB, prompt, tokens  # noqa: E402
 
@@ -25,9 +25,8 @@ from kvretrieve.config import RetrievalConfig  # noqa: E402
 from kvretrieve.models.llama import Decoder  # noqa: E402
 from kvretrieve.models.loader import random_weights  # noqa: E402
 from kvretrieve.models.shapes import shape_config  # noqa: E402
-from kvretrieve.runtime.engine import Engine  # noqa: E402
-from kvretrieve.runtime.memory import apply_gpu_cap  # noqa: E402
-from kvretrieve.runtime.retrieval import RetrievalKV  # noqa: E402
+from kvretrieve.memory import apply_gpu_cap  # noqa: E402
+from kvretrieve.api import build_engine  # noqa: E402
 
 
 def seconds(fn, reps: int = 3) -> float:
@@ -52,9 +51,8 @@ def main() -> None:
     apply_gpu_cap(dev, CAP_GIB)
     cfg = shape_config("llama3-8b")
     decoder = Decoder(cfg, random_weights(cfg, dev, torch.bfloat16, 0))
-    backend = RetrievalKV(RetrievalConfig(), decoder, n + args.followup + 64)
-    engine = Engine(decoder, backend, 4096)
-    engine.warm_up()
+    engine, _ = build_engine(decoder, n + args.followup + 64, 4096, RetrievalConfig(index="lowrank"))
+    backend = engine.backend
     backend.store.join()
     ids = prompt(n + args.followup, cfg.vocab_size, dev)
     out = provenance("cuda") | {"context": n, "followup": args.followup, "index": backend.cfg.index,

@@ -1,9 +1,9 @@
 """The engine: runs token segments through the model against an attention backend.
 
-A backend stores K,V and computes attention (dense.DenseKV, or the retrieval backend). The engine
-tells it which positions a forward pass writes (begin), lets the model call it once per layer, and
-records the new length only when every layer has run (commit), so an interrupted pass leaves the
-cache as it was before.
+A backend (backends.base.AttentionBackend) stores K,V and computes attention. The engine tells it
+which positions a forward pass writes (begin), runs its prologue, lets the model call it once per
+layer, and records the new length only when every layer has run (commit), so an interrupted pass
+leaves the cache as it was before.
 
 On CUDA a decode step whose backend names a graph key (what the step's shapes depend on) runs as a
 CUDA graph: the first step with a new key runs eagerly (warm-up) and is then captured; later steps
@@ -13,28 +13,19 @@ state) lives in tensors written in place before the replay, so the graph never g
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
 import torch
 
+from ..backends.base import AttentionBackend
+from ..backends.prefill_attention import PREFIX_PIECE
 from ..errors import ResourceError
 from ..models.llama import Decoder
-from .dense import PREFIX_PIECE
 from .interrupts import interrupts_deferred
 
 
-class Backend(Protocol):
-    length: int
-    capacity: int
-
-    def begin(self, start: int, n: int) -> None: ...
-    def commit(self, length: int) -> None: ...
-    def truncate(self, length: int) -> None: ...
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
-
-
 class Engine:
-    def __init__(self, model: Decoder, backend: Backend, prefill_chunk: int, graphs: bool = True):
+    def __init__(self, model: Decoder, backend: AttentionBackend, prefill_chunk: int, graphs: bool = True):
         self.model, self.backend, self.chunk = model, backend, prefill_chunk
         dev = model.device
         # Dynamic-NTK RoPE changes its frequencies with the length, which a graph would freeze.
@@ -81,6 +72,7 @@ class Engine:
         with last_logits the logits [V] (fp32) that follow the last token."""
         try:
             with self._pass(ids.shape[0]) as start:
+                self.backend.prologue()
                 x = self.model.forward(ids, start, self.backend, self.chunk, on_layer)
                 out = self.model.logits(x[-1:])[0] if last_logits else x
         except torch.OutOfMemoryError:
@@ -89,8 +81,8 @@ class Engine:
             # rolled back, so the session goes on.
             raise ResourceError(
                 f"out of GPU memory while running {ids.shape[0]:,} tokens after {self.length:,} (the cache is "
-                "as it was before them); lower --max-context or the prompt, raise --gpu-mem-gb, or use "
-                "--retrieval auto, which picks an index that leaves room") from None
+                "as it was before them); lower max_context or the prompt, raise gpu_mem_gb, or use "
+                "retrieval (RetrievalConfig(index='auto') picks an index that leaves room)") from None
         return out
 
     @torch.inference_mode()
@@ -118,9 +110,7 @@ class Engine:
             self.graphs = graphs
         torch.cuda.synchronize(self.model.device)
         self.truncate(0)
-        drop = getattr(self.backend, "drop_decode_memory", None)  # what the steps added, not held through a prefill
-        if drop is not None:
-            drop()
+        self.backend.drop_decode_memory()  # what the steps added, not held through a prefill
 
     def prefill(self, ids: list[int], on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Append tokens; returns the logits [V] (fp32) that follow the last one."""
@@ -132,7 +122,7 @@ class Engine:
         with self._pass(1) as start:
             self._token.copy_(token.view(1))
             self._position.fill_(start)
-            key = getattr(self.backend, "graph_key", lambda: None)() if self.graphs else None
+            key = self.backend.graph_key() if self.graphs else None
             if key is not None and key in self._captured:
                 graph, out = self._captured[key]
                 graph.replay()
@@ -177,6 +167,7 @@ class Engine:
                 self.truncate(launched_at)
 
     def _decode(self, start: int) -> torch.Tensor:
+        self.backend.prologue()
         x = self.model.forward(self._token, start, self.backend, self.chunk, position=self._position)
         return self.model.logits(x)[0]
 

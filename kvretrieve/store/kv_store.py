@@ -23,50 +23,35 @@ import threading
 
 import torch
 
-from .memory import GiB, check_allocation
-
-
-def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., d] -> (int8 [..., d], fp32 scale [...]): symmetric per row, rounding half away from
-    zero (the store kernel rounds the same way)."""
-    amax = x.float().abs().amax(-1)
-    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    v = x.float() / scale[..., None]
-    return (v.sign() * (v.abs() + 0.5).floor()).clamp(-127, 127).to(torch.int8), scale
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * scale[..., None]).to(dtype)
-
-
-def _copy_per_head(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst[h] = src[h], one async copy per head (dim 0). Between the GPU and pinned host memory each
-    head's run is contiguous, so each copy is a plain cudaMemcpyAsync; torch sends one strided
-    CUDA <-> CPU copy through a pageable temporary instead, which blocks the host until the GPU has
-    caught up and copies again on the CPU (2.4 s of a 128K prefill of the 8B shape)."""
-    for h in range(dst.shape[0]):
-        dst[h].copy_(src[h], non_blocking=True)
+from ..config import KVGeometry
+from ..memory import GiB, check_allocation
+from .quant import copy_per_head, dequantize, quantize
 
 
 class KVStore:
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, max_tokens: int,
-                 dtype: torch.dtype, pin: bool, segment_blocks: int = 1024, device: torch.device | None = None,
-                 quantize: bool = False):
-        self.L, self.H, self.d, self.bs = num_layers, num_kv_heads, head_dim, block_size
-        self.max_blocks = -(-max_tokens // block_size)
+    def __init__(self, geo: KVGeometry, quantize: bool = False, segment_blocks: int = 1024):
+        """geo: the cache's shape; its device is the compute device (pinned segments, async copies and
+        kernels reading the store when it is CUDA). quantize: int8 with a scale per token and head."""
+        num_layers = geo.layers
+        self.L, self.H, self.d, self.bs = geo.layers, geo.kv_heads, geo.head_dim, geo.block_size
+        self.max_blocks = geo.max_blocks
         self.seg_blocks = min(segment_blocks, self.max_blocks)
-        self.dtype, self.pin, self.quantized = dtype, pin, quantize  # dtype: what reads give back
+        self.device, self.pin = geo.device, geo.device.type == "cuda"
+        self.dtype, self.quantized = geo.dtype, quantize  # dtype: what reads give back
         self.n_segments = -(-self.max_blocks // self.seg_blocks)
         self.segments: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.scales: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]   # quantized stores only
         self.reserved = 0             # segments per layer that exist or are being allocated
+        # Writes from the device run on their own stream (D2H overlaps compute); this event marks the last.
+        self.d2h = torch.cuda.Stream(geo.device) if self.pin else None
+        self._written: torch.cuda.Event | None = None
         self._layer_ready = [threading.Event() for _ in range(num_layers)]
         for e in self._layer_ready:
             e.set()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._host_offsets = torch.zeros(2, num_layers, self.n_segments, dtype=torch.int64)  # data, scales
-        self.offsets = torch.zeros(2, num_layers, self.n_segments, dtype=torch.int64, device=device or "cpu")
+        self.offsets = torch.zeros(2, num_layers, self.n_segments, dtype=torch.int64, device=geo.device)
         self._offsets_synced = 0      # segments per layer whose offsets device_offsets holds
 
     @property
@@ -112,7 +97,7 @@ class KVStore:
             need = -(-missing // self.seg_blocks) * self.seg_blocks * self.bytes_per_block
             check_allocation(need, torch.device("cpu"), f"the KV cache of {n_tokens:,} tokens in CPU memory "
                              f"({self.bytes_per_block * n_tokens / self.bs / GiB:.1f} GiB)",
-                             "lower --max-context, or set KVRETRIEVE_FREE_RAM_GB if this host reports less "
+                             "lower max_context, or set KVRETRIEVE_FREE_RAM_GB if this host reports less "
                              "free memory than it can hand out")
 
     def ensure(self, n_blocks: int, background: bool = False) -> None:
@@ -189,9 +174,40 @@ class KVStore:
             if self.quantized:
                 pairs.append((self.scales[layer][seg], k_scale, v_scale))
             for dst, ks, vs in pairs:
-                _copy_per_head(dst[0, :, off:off + n], ks[:, done:done + n])
-                _copy_per_head(dst[1, :, off:off + n], vs[:, done:done + n])
+                copy_per_head(dst[0, :, off:off + n], ks[:, done:done + n])
+                copy_per_head(dst[1, :, off:off + n], vs[:, done:done + n])
             done += n
+
+    def write_async(self, layer: int, first_block: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """write() from the compute stream's tensors without stalling it: on a CUDA device the copy
+        runs on the store's own stream once the compute stream has produced k, v, and keeps them alive
+        until it has read them."""
+        if self.d2h is None:
+            self.write(layer, first_block, k, v)
+            return
+        self.d2h.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.d2h):
+            self.write(layer, first_block, k, v)
+            k.record_stream(self.d2h)
+            v.record_stream(self.d2h)
+            self.mark_written()
+
+    def mark_written(self) -> None:
+        """The current stream has just queued writes to the store (write_async, kernels.store_blocks)."""
+        if self.d2h is not None:
+            self._written = torch.cuda.Event()
+            self._written.record(torch.cuda.current_stream(self.device))
+
+    def wait_host(self) -> None:
+        """The host is about to read the store: every queued write must have landed."""
+        if self._written is not None:
+            self._written.synchronize()
+
+    def wait_device(self) -> None:
+        """The compute stream waits for queued writes: before a kernel reads stored blocks, and before a
+        ring slot whose old block is still being copied out is overwritten."""
+        if self._written is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._written)
 
     def read(self, layer: int, first_block: int, n_blocks: int,
              device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,9 +243,9 @@ class KVStore:
         for s, r in runs:
             n = r.stop - r.start
             for kv in (0, 1):
-                _copy_per_head(raw[kv, :, done:done + n], self.segments[layer][s][kv, :, r])
+                copy_per_head(raw[kv, :, done:done + n], self.segments[layer][s][kv, :, r])
                 if scale is not None:
-                    _copy_per_head(scale[kv, :, done:done + n], self.scales[layer][s][kv, :, r])
+                    copy_per_head(scale[kv, :, done:done + n], self.scales[layer][s][kv, :, r])
             done += n
         if scale is None:
             return raw[0], raw[1]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import click
 
-from .cli_options import PrefillProgress, format_stats, load_from_options, model_options, sampling_from_options, \
-    sampling_options
-from .errors import InputError
+from ..errors import InputError
+from .options import (PrefillProgress, as_flags, format_stats, load_from_options, model_options, retrieval_options,
+                      sampling_from_options, sampling_options)
 
 _MARK = "\x00question\x00"  # stands for the first question while the documents are prefilled
 HELP = "commands: /reset (forget the conversation, keep the documents), /stats, /exit"
@@ -95,6 +95,7 @@ class Conversation:
               help="A UTF-8 text file to chat about (repeatable). Prefilled once, reused by every turn.")
 @click.option("--system", default=None, help="System message.")
 @model_options
+@retrieval_options
 @sampling_options
 def chat(documents, system, **opts):
     """Chat about documents. Questions come from the terminal, or one per line from piped stdin.
@@ -159,5 +160,5 @@ def chat(documents, system, **opts):
         except InputError as e:
             if not interactive:
                 raise
-            click.echo(f"error: {e}", err=True)  # in the terminal the conversation goes on
+            click.echo(f"error: {as_flags(str(e))}", err=True)  # in the terminal the conversation goes on
 

@@ -10,12 +10,13 @@ import traceback
 
 import click
 
-from . import __version__
+from .. import __version__
+from ..errors import InputError, KVRetrieveError
 from .chat import chat
-from .cli_options import (debug_enabled, format_stats, load_from_options, model_options, sampling_from_options,
-                          sampling_options, set_debug)
-from .errors import InputError, KVRetrieveError
-from .profile_cli import profile
+from .options import (as_flags, debug_enabled, format_stats, load_from_options, model_options, retrieval_options,
+                      sampling_from_options, sampling_options, set_debug)
+from .profile import profile
+
 
 class Cli(click.Group):
     """Turns exceptions into one-line messages and exit codes, for the console script and CliRunner alike."""
@@ -28,7 +29,7 @@ class Cli(click.Group):
         except KVRetrieveError as e:
             if debug_enabled(ctx):
                 traceback.print_exc()
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {as_flags(str(e))}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
@@ -58,6 +59,7 @@ def cli():
 @cli.command()
 @click.argument("prompt")
 @model_options
+@retrieval_options
 @sampling_options
 @click.option("--raw", is_flag=True, help="Send PROMPT as is, without the model's chat template.")
 @click.option("--system", default=None, help="System message (chat template only).")

@@ -17,24 +17,24 @@ import numpy as np
 import torch
 
 from .. import kernels
-from ..config import RetrievalConfig
-from .memory import check_allocation
+from ..config import KVGeometry, RetrievalConfig
+from ..memory import check_allocation
 
 
 class BlockPool:
-    def __init__(self, cfg: RetrievalConfig, num_layers: int, num_kv_heads: int, head_dim: int, max_blocks: int,
-                 device: torch.device, dtype: torch.dtype):
-        self.bs, self.H = cfg.block_size, num_kv_heads
+    def __init__(self, cfg: RetrievalConfig, geo: KVGeometry):
+        num_layers, num_kv_heads, max_blocks, device = geo.layers, geo.kv_heads, geo.max_blocks, geo.device
+        self.bs, self.H = geo.block_size, num_kv_heads
         self.n_sink, self.ring, self.n_lru = cfg.sink_blocks, cfg.window_blocks + 1, cfg.slot_blocks
         self.window_blocks, self.budget_blocks = cfg.window_blocks, cfg.budget_blocks
         self.lru0 = self.n_sink + self.ring
         self.slots = self.lru0 + self.n_lru
-        shape = (num_layers, num_kv_heads, self.slots, self.bs, head_dim)
-        check_allocation(2 * torch.Size(shape).numel() * torch.finfo(dtype).bits // 8, device,
-                         "the GPU block cache", "lower --budget or the cache size")
+        shape = (num_layers, num_kv_heads, self.slots, self.bs, geo.head_dim)
+        check_allocation(2 * geo.nbytes(*shape), device, "the GPU block cache",
+                         "lower RetrievalConfig.budget_tokens or RetrievalConfig.cache_blocks")
         # Only sinks and ring exist during prefill; the LRU region (most of the pool) is added at the
         # first decode step, when the prefill's activations are gone (ensure_lru).
-        self.k = torch.zeros(shape[:2] + (self.lru0,) + shape[3:], device=device, dtype=dtype)
+        self.k = torch.zeros(shape[:2] + (self.lru0,) + shape[3:], device=device, dtype=geo.dtype)
         self.v = torch.zeros_like(self.k)
         i32 = dict(dtype=torch.int32, device=device)
         self.slot_of_block = torch.full((num_layers, num_kv_heads, max_blocks + 1), -1, **i32)

@@ -32,35 +32,35 @@ def capacity_for(context: int, decode_steps: int, block_size: int) -> int:
     return context + decode_steps + 2 * block_size + 16
 
 
-def profile_context(engine, ids: torch.Tensor, decode_steps: int) -> dict:
+def profile_context(engine, ids: torch.Tensor, decode_steps: int, block_size: int = 16) -> dict:
     """Prefill ids, then decode greedily: 2 + block_size warm-up steps, then decode_steps timed ones."""
     device, backend = engine.model.device, engine.backend
     engine.truncate(0)
     sync(device)
-    build0 = backend.counters().get("cluster_s", 0.0) if hasattr(backend, "counters") else 0.0
+    build0 = backend.counters().get("cluster_s", 0.0)
     t0 = time.perf_counter()
     logits = engine.prefill(ids.tolist())
     # The engine's generation loop, as LLM.stream runs it (on CUDA one step ahead of the host).
     # Warm-up steps (kernel compilation, allocator growth) are not measured; they include a step
     # that completes a block (its kernels compile on first use).
-    warm = 2 + getattr(backend, "bs", 0)
+    warm = 2 + block_size
     with closing(engine.decode(logits.argmax(), torch.argmax, warm + 1 + decode_steps)) as tokens:
         next(tokens)
         ttft = time.perf_counter() - t0
-        build_s = (backend.counters().get("cluster_s", 0.0) - build0) if hasattr(backend, "counters") else 0.0
+        build_s = backend.counters().get("cluster_s", 0.0) - build0
         for _ in range(warm):
             next(tokens)
-        counters0 = backend.counters() if hasattr(backend, "counters") else {}
+        counters0 = backend.counters()
         next(tokens)  # reading the counters waited for the step launched ahead: that step is not timed
         step_ms = []
         for _ in range(decode_steps):
             t = time.perf_counter()
             next(tokens)
             step_ms.append(1e3 * (time.perf_counter() - t))
-    counters = backend.counters() if hasattr(backend, "counters") else {}
+    counters = backend.counters()
     delta = {k: counters.get(k, 0) - counters0.get(k, 0) for k in counters}
     lookups = delta.get("hits", 0) + delta.get("misses", 0)
-    memory = backend.memory() if hasattr(backend, "memory") else {}
+    memory = backend.memory()
     q = statistics.quantiles(step_ms, n=10) if len(step_ms) > 1 else step_ms * 9
     row = {
         "context": len(ids), "prefill_s": ttft, "prefill_tok_s": len(ids) / ttft, "ttft_s": ttft,

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from decode import tokens  # noqa: E402
 
 from kvretrieve.config import RetrievalConfig  # noqa: E402
 from kvretrieve.models.llama import Decoder  # noqa: E402
 from kvretrieve.models.loader import random_weights  # noqa: E402
 from kvretrieve.models.shapes import shape_config  # noqa: E402
-from kvretrieve.runtime.engine import Engine  # noqa: E402
-from kvretrieve.runtime.retrieval import RetrievalKV  # noqa: E402
+from kvretrieve.api import backend_for  # noqa: E402
+from kvretrieve.engine.engine import Engine  # noqa: E402
 
 
 def timed(fn, reps=3):
@@ -70,7 +70,7 @@ def stage_probe(out: dict, context: int) -> None:
     cfg = shape_config("llama3-8b")
     decoder = Decoder(cfg, random_weights(cfg, dev, torch.bfloat16, 0))
     t = time.perf_counter()
-    backend = RetrievalKV(RetrievalConfig(), decoder, context + 64)
+    backend, _ = backend_for(decoder, context + 64, RetrievalConfig(index="lowrank"))
     out["backend_init_s"] = time.perf_counter() - t
     backend.store.join()  # the store is pinned from backend creation on: not part of the prefill
     out["store_reserve_s"] = time.perf_counter() - t

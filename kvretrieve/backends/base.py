@@ -1,0 +1,73 @@
+"""The attention backend interface, declared once: what the engine and the model call.
+
+A backend stores K,V and computes attention; the model owns no cache (it gets its backend from the
+engine for each forward pass). The engine brackets every forward pass: begin(start, n), the model's
+layer calls, commit(start + n); a pass that fails is rolled back with truncate(start). Within a
+pass the model calls, per layer,
+  - a segment (prefill, n > 1, or any pass on the CPU dense path): begin_layer, attend (per chunk
+    of queries), end_layer;
+  - a decode step (n = 1): decode, after the engine has run prologue() once for the step.
+Members with a body are defaults that a backend overrides only when it has something to do.
+"""
+from __future__ import annotations
+
+from typing import Hashable, Protocol
+
+import torch
+
+
+class AttentionBackend(Protocol):
+    length: int      # tokens whose K,V every layer holds (the committed length)
+    capacity: int    # the most tokens it can hold
+
+    # ---- the engine's pass protocol ---------------------------------------------------------------
+    def begin(self, start: int, n: int) -> None:
+        """A forward pass of n tokens at positions start.. begins (host work between steps)."""
+
+    def commit(self, length: int) -> None:
+        """Every layer has run: the cache now holds `length` tokens."""
+
+    def truncate(self, length: int) -> None:
+        """Forget tokens from `length` on, and whatever an uncommitted pass wrote."""
+
+    def graph_key(self) -> Hashable | None:
+        """What a captured decode step depends on (equal keys may replay one CUDA graph), or None
+        when this step must run eagerly."""
+        return None
+
+    def prologue(self) -> None:
+        """A decode step's device work shared by all layers, before layer 0 (captured in the step's
+        graph): slot tables, masks, where the token goes."""
+
+    # ---- the model's calls ------------------------------------------------------------------------
+    def begin_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Segment: its k, v [T, Hkv, d] for this layer (positions start..start+T-1)."""
+
+    def attend(self, layer: int, q: torch.Tensor, offset: int) -> torch.Tensor:
+        """Segment rows offset..offset+n-1: causal attention of q [n, Hq, d] -> [n, Hq, d]."""
+
+    def end_layer(self, layer: int) -> None:
+        """The segment's attention for this layer is done (the backend may now move or reorder k, v)."""
+
+    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Decode: store the token's k, v [1, Hkv, d]; attention of q [1, Hq, d] -> [1, Hq, d]."""
+
+    def lookahead(self, layer: int) -> bool:
+        """Decode: whether the backend wants layer + 1's query, approximated from layer's input, to
+        prefetch its blocks while layer runs (then the model calls prefetch)."""
+        return False
+
+    def prefetch(self, layer: int, q: torch.Tensor) -> None:
+        """Decode: an approximate query q [1, Hq, d] of `layer`, ahead of its decode call."""
+
+    # ---- accounting -------------------------------------------------------------------------------
+    def drop_decode_memory(self) -> None:
+        """With an empty cache and no captured graph: give back what decode steps allocated."""
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held, by part."""
+        return {}
+
+    def counters(self) -> dict[str, float]:
+        """Running counts (cache hits, copies, build times) since the backend was made."""
+        return {}

@@ -1,0 +1,118 @@
+"""`kvretrieve profile`: prefill contexts and decode, for a real model or a named shape with random
+weights, and print a llama-bench-like table (or JSON)."""
+from __future__ import annotations
+
+import json
+
+import click
+import torch
+
+from ..config import RuntimeConfig
+from ..errors import InputError
+from .options import parse_tokens, retrieval_from_options, retrieval_options, runtime_options
+
+COLUMNS = [("model", "model"), ("context", "context"), ("index", "index"), ("budget", "budget"),
+           ("prefill_tok_s", "prefill tok/s"), ("ttft_s", "TTFT s"), ("build_share", "build %"), ("decode_ms_p50", "decode ms p50"),
+           ("decode_ms_p90", "p90"), ("h2d_mb_per_token", "H2D MB/tok"),
+           ("cache_hit", "hit %"), ("spec_hit", "spec hit %"), ("peak_gpu_gib", "peak GPU GiB"),
+           ("gpu_cap_gib", "cap GiB"), ("pinned_host_gib", "pinned GiB"), ("rss_gib", "RSS GiB")]
+
+
+def _fmt(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key in ("cache_hit", "spec_hit", "build_share"):
+        return f"{100 * value:.1f}"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}" if value < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    cells = [[h for _, h in COLUMNS]] + [[_fmt(k, r.get(k)) for k, _ in COLUMNS] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    lines = ["| " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def _contexts(value: str) -> list[int]:
+    out = [parse_tokens(part) for part in value.split(",") if part.strip()]
+    if not out or any(n < 16 for n in out):
+        raise click.BadParameter("give one or more contexts of at least 16 tokens, e.g. 4K,32K")
+    return out
+
+
+def prompt_ids(tokenizer, n: int, vocab: int, device: torch.device, seed: int) -> torch.Tensor:
+    """Real text (CPython's own docs) when a tokenizer exists, else random token ids."""
+    if tokenizer is not None:
+        import pydoc_data.topics as topics
+
+        ids = tokenizer.encode("\n\n".join(topics.topics.values()))
+        ids = (ids * (n // len(ids) + 1))[:n]
+        return torch.tensor(ids, device=device)
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+@click.command()
+@click.option("--model", "model_path", metavar="PATH", help="Real checkpoint (default: the default model).")
+@click.option("--shape", default=None,
+              help="Named shape with random weights instead of a checkpoint: llama3-8b, llama3-1b, smollm2-135m.")
+@click.option("--context", "contexts", default="4K", show_default=True, callback=lambda c, p, v: _contexts(v),
+              help="Comma-separated prompt lengths, e.g. 4K,32K,128K.")
+@click.option("--decode-steps", type=int, default=32, show_default=True, help="Tokens decoded per context.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random weights and random prompts (--shape).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of the table.")
+@runtime_options(context=False)
+@retrieval_options
+def profile(model_path, shape, contexts, decode_steps, seed, as_json, **opts):
+    """Measure prefill and decode speed and memory at several context lengths."""
+    from ..api import build
+    from ..memory import apply_gpu_cap
+    from ..models.llama import Decoder
+    from ..models.loader import load_model, random_weights
+    from ..models.shapes import shape_config
+    from ..profiling import capacity_for, profile_context, reset_memory
+    from ..resolve import check_weights_fit, resolve_device, resolve_dtype
+
+    if model_path and shape:
+        raise InputError("pass --model or --shape, not both")
+    if decode_steps < 1:
+        raise InputError("--decode-steps must be at least 1")
+    runtime = RuntimeConfig(device=opts["device"], dtype=opts["dtype"], prefill_chunk=opts["prefill_chunk"],
+                            gpu_mem_gb=opts["gpu_mem_gb"])
+    retrieval = retrieval_from_options(opts)
+    block_size = retrieval.block_size if retrieval else 16
+    dev = resolve_device(runtime.device)
+    dt = resolve_dtype(runtime.dtype, dev)
+    if runtime.gpu_mem_gb is not None and dev.type == "cuda":
+        apply_gpu_cap(dev, runtime.gpu_mem_gb)
+    kv_tokens = 0 if retrieval else capacity_for(max(contexts), decode_steps, block_size)  # the largest dense cache
+
+    def check(cfg):
+        check_weights_fit(cfg, dev, dt, runtime.gpu_mem_gb, kv_tokens)
+
+    if shape:
+        cfg = shape_config(shape)
+        check(cfg)
+        decoder, tokenizer, name = Decoder(cfg, random_weights(cfg, dev, dt, seed)), None, shape
+    else:
+        decoder, tokenizer, source = load_model(model_path, dev, dt, log=lambda m: click.echo(m, err=True), check=check)
+        name = source.name
+    rows = []
+    for n in contexts:
+        reset_memory(dev)
+        llm = build(decoder, tokenizer, name, capacity_for(n, decode_steps, block_size), runtime.prefill_chunk,
+                    retrieval)
+        row = profile_context(llm.engine, prompt_ids(tokenizer, n, decoder.cfg.vocab_size, dev, seed), decode_steps,
+                              block_size)
+        chosen = llm.retrieval
+        row.update(model=name, index=chosen.index if chosen else "dense",
+                   budget=chosen.plan(n)[1] * block_size if chosen else None, gpu_cap_gib=runtime.gpu_mem_gb,
+                   device=str(dev), dtype=str(dt).replace("torch.", ""), attention=llm.mode_reason)
+        rows.append(row)
+        if not as_json:
+            click.echo(f"measured {n:,} tokens ({llm.mode_reason})", err=True)
+        del llm
+    click.echo(json.dumps(rows, indent=1) if as_json else format_table(rows))

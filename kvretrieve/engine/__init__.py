@@ -1,0 +1,1 @@
+"""The loop: forward passes as transactions (Ctrl-C safe), decode steps as CUDA graphs, sampling."""

@@ -1,0 +1,157 @@
+"""Every "auto" made concrete, once, at the edge (kvretrieve.load and the commands call these); the
+data path below only ever sees concrete values: a torch device and dtype, dense attention or a
+RetrievalConfig whose index, store dtype and k-means kind are named, and the KV geometry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .config import KVGeometry, RetrievalConfig
+from .errors import ConfigError, ResourceError
+from .index.ivf import resolve_kmeans
+from .memory import GiB, check_allocation, free_bytes
+from .models.llama import ModelConfig
+from .models.shapes import weight_bytes
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Share of the free memory an allocation plan may take (the rest: allocator slack, the OS, cuBLAS).
+HEADROOM = 0.9
+# index="auto" takes lowrank while its sketches fit in this share of the memory left on the device:
+# the rest is for the block pool, the ring and prefill's activations (at 128K on a 24 GiB cap, 2 GiB
+# of sketches beside 15 GiB of weights peak at 19 GiB).
+AUTO_SKETCH_SHARE = 0.5
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={name!r}: kvretrieve runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ResourceError(f"device={name!r} asked for a GPU but torch sees none (torch {torch.__version__}, "
+                                f"CUDA build: {torch.version.cuda is not None}); use device='cpu'")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ResourceError(f"device={name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU does bf16 arithmetic natively (AVX512-BF16 or AMX); elsewhere torch emulates
+    it and bf16 matmuls run several times slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else torch.float32
+    return _DTYPES[name]
+
+
+def geometry(mc: ModelConfig, capacity: int, block_size: int, device: torch.device, dtype: torch.dtype) -> KVGeometry:
+    return KVGeometry.for_capacity(mc.num_layers, mc.num_kv_heads, mc.head_dim, block_size, capacity, device, dtype)
+
+
+def dense_kv_bytes(mc: ModelConfig, tokens: int, dtype: torch.dtype) -> int:
+    return 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * tokens * dtype.itemsize
+
+
+def prefill_workspace_bytes(mc: ModelConfig, tokens: int, chunk: int, dtype: torch.dtype) -> int:
+    """What a prefill of `tokens` holds besides weights and KV cache: the segment's hidden rows and one
+    layer's k, v of it, and one chunk's projections and MLP activations."""
+    kv_dim, q_dim = mc.num_kv_heads * mc.head_dim, mc.num_heads * mc.head_dim
+    per_token = mc.hidden_size + 2 * kv_dim
+    per_chunk_row = 2 * mc.hidden_size + q_dim + 2 * kv_dim + 3 * mc.intermediate_size
+    return dtype.itemsize * (tokens * per_token + min(chunk, tokens) * per_chunk_row)
+
+
+def check_weights_fit(mc: ModelConfig, device: torch.device, dtype: torch.dtype, gpu_mem_gb: float | None,
+                      kv_tokens: int = 0) -> None:
+    """Refuse before reading any weight when the weights (plus a dense KV cache of kv_tokens tokens on
+    the same device) cannot fit: over the GPU memory cap, or over the free CPU RAM."""
+    need, kv = weight_bytes(mc, dtype.itemsize), dense_kv_bytes(mc, kv_tokens, dtype)
+    if device.type == "cuda":
+        if gpu_mem_gb is None:
+            return
+        if need > gpu_mem_gb * GiB:
+            raise ResourceError(f"the weights alone need {need / GiB:.1f} GiB, more than gpu_mem_gb={gpu_mem_gb}; "
+                                "raise the cap or use a smaller model")
+        if need + kv > gpu_mem_gb * GiB:
+            raise ResourceError(f"the weights ({need / GiB:.1f} GiB) and the dense KV cache of {kv_tokens:,} tokens "
+                                f"({kv / GiB:.1f} GiB) need more than gpu_mem_gb={gpu_mem_gb}; lower max_context, "
+                                "or use retrieval to keep the KV cache in CPU memory")
+        return
+    what = f"the weights ({need / GiB:.2f} GiB)" + (f" and the KV cache of {kv_tokens:,} tokens ({kv / GiB:.2f} GiB)"
+                                                     if kv else "")
+    fixes = ["lower max_context or use retrieval"] if kv else []
+    fixes.append("use a smaller model" + (" or dtype='bfloat16'" if dtype.itemsize == 4 else ""))
+    fix = ", ".join(fixes) + (", or set KVRETRIEVE_FREE_RAM_GB if this host reports less free memory than it can "
+                              "hand out")
+    check_allocation(need + kv, device, what, fix)
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """How a model attends, decided once at load: dense (retrieval None) or a resolved RetrievalConfig,
+    and one line that says why (the CLI prints it, chat's /stats shows it, LLM.mode_reason holds it)."""
+
+    retrieval: RetrievalConfig | None
+    reason: str
+
+    @property
+    def mode(self) -> str:
+        return "dense" if self.retrieval is None else "retrieval"
+
+
+def resolve_attention(retrieval: RetrievalConfig | None, mc: ModelConfig, capacity: int, device: torch.device,
+                      dtype: torch.dtype, prefill_chunk: int) -> AttentionChoice:
+    """retrieval None forces dense; index "auto" means dense while the whole KV of `capacity` tokens
+    (and a prefill's working set) fits in the memory left on the device next to the weights, else
+    retrieval with auto's index (measured on the H200, Qwen2.5-Coder-1.5B at 30K: dense 2.1 ms/token,
+    retrieval 3.1 ms; the 8B shape at 128K under 24 GiB needs retrieval)."""
+    if retrieval is None:
+        return AttentionChoice(None, f"dense over {capacity:,} tokens (retrieval off)")
+    free = free_bytes(device)
+    kv = dense_kv_bytes(mc, capacity, dtype)
+    need = kv + prefill_workspace_bytes(mc, capacity, prefill_chunk, dtype)
+    where = f"{free / GiB:.1f} GiB free on {device.type}"
+    if retrieval.index == "auto" and need <= HEADROOM * free:
+        return AttentionChoice(None, f"dense: the KV cache of {capacity:,} tokens ({kv / GiB:.2f} GiB) fits ({where})")
+    cfg = resolve_retrieval(retrieval, mc, capacity, device, dtype, free)
+    window, budget = cfg.plan(capacity)
+    why = (f"the KV cache of {capacity:,} tokens ({kv / GiB:.1f} GiB) does not fit ({where})"
+           if retrieval.index == "auto" else f"RetrievalConfig(index={retrieval.index!r})")
+    attended = cfg.sink_tokens + (window + budget) * cfg.block_size
+    return AttentionChoice(cfg, f"retrieval ({cfg.index} index, {cfg.store_dtype} CPU store, {attended:,} tokens "
+                                f"attended per step at {capacity:,}): {why}")
+
+
+def resolve_retrieval(cfg: RetrievalConfig, mc: ModelConfig, capacity: int, device: torch.device,
+                      dtype: torch.dtype, free: int | None = None) -> RetrievalConfig:
+    """cfg with every retrieval "auto" concrete, for a context of `capacity` tokens:
+    index: lowrank (the most accurate kind, bench/results/accuracy.md) when its sketches, r/d of the
+      keys, fit in AUTO_SKETCH_SHARE of the free device memory; otherwise ivf, which keeps only
+      centroids on the device (an 8B model on a 24 GB card: lowrank to ~256K tokens, ivf at 512K);
+    store_dtype: int8 on CUDA, where every missed block crosses PCIe and int8 halves those bytes
+      (128K, 8B shape: 15.1 -> 12.7 ms/token); the model's dtype on the CPU, where the store is read
+      in place and dequantizing would only cost time;
+    kmeans: see index.ivf.resolve_kmeans."""
+    index = cfg.index
+    if index == "auto":
+        geo = geometry(mc, capacity, cfg.block_size, device, dtype)
+        sketch = geo.nbytes(geo.layers, geo.kv_heads, geo.max_tokens, cfg.rank)
+        free = free_bytes(device) if free is None else free
+        index = "lowrank" if sketch <= AUTO_SKETCH_SHARE * free else "ivf"
+    store = cfg.store_dtype if cfg.store_dtype != "auto" else "int8" if device.type == "cuda" else "model"
+    return replace(cfg, index=index, store_dtype=store, kmeans=resolve_kmeans(cfg.kmeans, device))

@@ -9,7 +9,8 @@ from .engine.engine import Engine
 from .llm import LLM
 from .memory import apply_gpu_cap
 from .models.llama import Decoder, ModelConfig
-from .models.loader import load_model
+from .models.loader import load_model, random_weights
+from .models.shapes import shape_config
 from .models.tokenizer import Tokenizer
 from .resolve import (AttentionChoice, check_weights_fit, geometry, resolve_attention, resolve_device,
                       resolve_dtype)
@@ -31,18 +32,32 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str = 
     """
     if runtime is None:
         runtime = RuntimeConfig(device=device, dtype=dtype, max_context=max_context, **runtime_fields)
+    # Retrieval may keep the KV cache off the device; forced dense, it must fit beside the weights.
+    decoder, tokenizer, source = load_decoder(model, runtime, dense_kv=retrieval is None, log=log)
+    return build(decoder, tokenizer, source, runtime.max_context or decoder.cfg.max_position, runtime.prefill_chunk,
+                 retrieval)
+
+
+def load_decoder(model: str | Path | None, runtime: RuntimeConfig, dense_kv: bool, log=None,
+                 shape: str | None = None, seed: int = 0, dense_tokens: int | None = None):
+    """Resolve device and dtype (and apply the GPU cap), then read the weights (or make random ones of
+    a named shape: kvretrieve profile --shape). Refuses before reading any weight what cannot fit: the
+    weights, and with dense_kv a dense KV cache of dense_tokens (default: max_context or the model's
+    maximum). -> (Decoder, Tokenizer or None, the checkpoint directory or the shape's name)."""
     dev = resolve_device(runtime.device)
     if runtime.gpu_mem_gb is not None and dev.type == "cuda":
         apply_gpu_cap(dev, runtime.gpu_mem_gb)
     dt = resolve_dtype(runtime.dtype, dev)
 
-    def check(cfg: ModelConfig) -> None:  # before any weight is read; retrieval may still keep the KV off the device
-        kv_tokens = 0 if retrieval is not None else runtime.max_context or cfg.max_position
+    def check(cfg: ModelConfig) -> None:
+        kv_tokens = (dense_tokens or runtime.max_context or cfg.max_position) if dense_kv else 0
         check_weights_fit(cfg, dev, dt, runtime.gpu_mem_gb, kv_tokens)
 
-    decoder, tokenizer, source = load_model(model, dev, dt, log, check=check)
-    return build(decoder, tokenizer, source, runtime.max_context or decoder.cfg.max_position, runtime.prefill_chunk,
-                 retrieval)
+    if shape is not None:
+        cfg = shape_config(shape)
+        check(cfg)
+        return Decoder(cfg, random_weights(cfg, dev, dt, seed)), None, shape
+    return load_model(model, dev, dt, log, check=check)
 
 
 def build(decoder: Decoder, tokenizer: Tokenizer | None, source: Path | str, capacity: int, prefill_chunk: int,

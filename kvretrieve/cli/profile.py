@@ -3,6 +3,7 @@ weights, and print a llama-bench-like table (or JSON)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 import torch
@@ -68,13 +69,8 @@ def prompt_ids(tokenizer, n: int, vocab: int, device: torch.device, seed: int) -
 @retrieval_options
 def profile(model_path, shape, contexts, decode_steps, seed, as_json, **opts):
     """Measure prefill and decode speed and memory at several context lengths."""
-    from ..api import build
-    from ..memory import apply_gpu_cap
-    from ..models.llama import Decoder
-    from ..models.loader import load_model, random_weights
-    from ..models.shapes import shape_config
+    from ..api import build, load_decoder
     from ..profiling import capacity_for, profile_context, reset_memory
-    from ..resolve import check_weights_fit, resolve_device, resolve_dtype
 
     if model_path and shape:
         raise InputError("pass --model or --shape, not both")
@@ -84,22 +80,10 @@ def profile(model_path, shape, contexts, decode_steps, seed, as_json, **opts):
                             gpu_mem_gb=opts["gpu_mem_gb"])
     retrieval = retrieval_from_options(opts)
     block_size = retrieval.block_size if retrieval else 16
-    dev = resolve_device(runtime.device)
-    dt = resolve_dtype(runtime.dtype, dev)
-    if runtime.gpu_mem_gb is not None and dev.type == "cuda":
-        apply_gpu_cap(dev, runtime.gpu_mem_gb)
-    kv_tokens = 0 if retrieval else capacity_for(max(contexts), decode_steps, block_size)  # the largest dense cache
-
-    def check(cfg):
-        check_weights_fit(cfg, dev, dt, runtime.gpu_mem_gb, kv_tokens)
-
-    if shape:
-        cfg = shape_config(shape)
-        check(cfg)
-        decoder, tokenizer, name = Decoder(cfg, random_weights(cfg, dev, dt, seed)), None, shape
-    else:
-        decoder, tokenizer, source = load_model(model_path, dev, dt, log=lambda m: click.echo(m, err=True), check=check)
-        name = source.name
+    decoder, tokenizer, source = load_decoder(model_path, runtime, dense_kv=retrieval is None,
+                                              log=lambda m: click.echo(m, err=True), shape=shape, seed=seed,
+                                              dense_tokens=capacity_for(max(contexts), decode_steps, block_size))
+    name, dev, dt = Path(source).name, decoder.device, decoder.dtype
     rows = []
     for n in contexts:
         reset_memory(dev)

@@ -174,7 +174,10 @@ def save(args, meta: dict, rows: list[dict], tf_rows: list[dict], answers: dict,
         answers = {**prev.get("answers", {}), **answers}
         meta = {**meta, "merged_runs": prev.get("merged_runs", []) + [{k: prev.get(k) for k in ("command", "commit",
                                                                                                     "date", "device")}]}
-    notes = (summary_tables(rows, tf_rows, configs) + "\n\nA sample is correct when every expected value is in the "
+    c = meta["corpus"]
+    head = (f"Model: {meta['model']} ({meta['dtype']}), sha256 {meta['model_sha256']}. Corpus: sha256 {c['sha256']}, "
+            f"{c['documents']} documents, characters by kind {c['chars_by_kind']}. Timings (s): {meta['timings']}.\n\n")
+    notes = (head + summary_tables(rows, tf_rows, configs) + "\n\nA sample is correct when every expected value is in the "
              "greedy answer as a whole word (QA: the fact's key words). same_as_dense: answers identical to dense, "
              "token for token. documents: distinct documents (prefills) behind the samples.")
     return write_results(args.name, {**meta, "teacher_forced": tf_rows, "answers": answers}, rows, COLUMNS, notes,

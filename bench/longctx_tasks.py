@@ -175,7 +175,8 @@ def _needle_doc(b: Builder, task: str, rng: random.Random, q: int) -> tuple[list
         keys, values = b.keys(rng, q), numbers(rng, q)
         return ([(rng.random(), f"The special magic number for {k} is: {v}.") for k, v in zip(keys, values)],
                 [(f"What is the special magic number for {k} mentioned in the text above?",
-                  f"The special magic number for {k} mentioned in the text above is", (v,)) for k, v in zip(keys, values)],
+                  f"The special magic number for {k} mentioned in the text above is", (v,))
+                 for k, v in zip(keys, values)],
                 NEEDLES)
     if task == "niah_multivalue":
         keys, values = b.keys(rng, q), numbers(rng, 4 * q)
@@ -183,7 +184,8 @@ def _needle_doc(b: Builder, task: str, rng: random.Random, q: int) -> tuple[list
         return ([(rng.random(), f"One of the special magic numbers for {k} is: {v}.") for k, g in zip(keys, groups)
                  for v in g],
                 [(f"What are all the special magic numbers for {k} mentioned in the text above?",
-                  f"The special magic numbers for {k} mentioned in the text above are", g) for k, g in zip(keys, groups)],
+                  f"The special magic numbers for {k} mentioned in the text above are", g)
+                 for k, g in zip(keys, groups)],
                 NEEDLES)
     if task == "niah_multiquery":
         keys, values = b.keys(rng, 4 * q), numbers(rng, 4 * q)
@@ -193,7 +195,8 @@ def _needle_doc(b: Builder, task: str, rng: random.Random, q: int) -> tuple[list
             names = f"{', '.join(ks[:3])} and {ks[3]}"
             asks.append((f"What are all the special magic numbers for {names} mentioned in the text above?",
                          f"The special magic numbers for {names} mentioned in the text above are", vs))
-        return [(rng.random(), f"The special magic number for {k} is: {v}.") for k, v in zip(keys, values)], asks, NEEDLES
+        inserts = [(rng.random(), f"The special magic number for {k} is: {v}.") for k, v in zip(keys, values)]
+        return inserts, asks, NEEDLES
     if task == "vt":  # q chains of 4 hops: VAR A = value, VAR B = VAR A, ...; each chain's statements in order
         names = list(dict.fromkeys("".join(rng.choices(string.ascii_uppercase, k=5)) for _ in range(10 * q)))[:5 * q]
         values, inserts, asks = numbers(rng, q, 5), [], []
@@ -247,8 +250,8 @@ def qa_docs(b: Builder, length: int, n: int, per_doc: int, seed: int) -> list[Qu
 
 def word_docs(b: Builder, task: str, length: int, n: int, seed: int) -> list[Question]:
     """One document per sample. cwe: a numbered list where 10 real words appear 30 times and the
-    others 3 times (RULER's counts; below ~12K entries the 10 appear fewer times, at least 6). fwe: coded text of random 5-letter words with Zipf (a = 2) counts,
-    asking the 3 most frequent."""
+    others 3 times (RULER's counts; below ~12K entries the 10 appear fewer times, at least 6). fwe:
+    coded text of random 5-letter words with Zipf (a = 2) counts, asking the 3 most frequent."""
     out = []
     for d in range(n):
         rng = doc_rng(seed, task, length, d)

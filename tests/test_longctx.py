@@ -101,7 +101,8 @@ def test_scorer_accepts_the_answer_and_rejects_wrong_or_partial_ones():
 
 
 def test_man_page_text_and_corpus_file_round_trip(tmp_path):
-    src = '.TH LS 1\n.SH NAME\nls \\- list files\n.SH DESCRIPTION\n.B ls\nlists \\fBfiles\\fR.\n.BR dir (1)\n.\\" note\n'
+    src = ('.TH LS 1\n.SH NAME\nls \\- list files\n.SH DESCRIPTION\n.B ls\nlists \\fBfiles\\fR.\n.BR dir (1)\n'
+           '.\\" note\n')
     assert longctx_corpus.paragraphs(longctx_corpus.man_text(src)) == ["NAME ls - list files",
                                                                       "DESCRIPTION ls lists files. dir(1)"]
     path = tmp_path / "corpus.json"

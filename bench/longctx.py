@@ -19,9 +19,11 @@ length, so a run that is stopped keeps what it finished; progress lines say task
 
 Cost of the default run, per configuration: ~70 document prefills per length (single needle: 20 prompts
 that each prefill from their needle on; cwe and fwe: 20 documents each; the other tasks: 2 documents
-of 10 questions), 540 answers of at most 12-64 tokens, 3 x 256 teacher-forced steps. On an H200 with
-the 1.5B (32K prefill 1-2 s, decode ~3 ms dense) that is an estimated 11-18 minutes for dense + 2
-configurations, so a GPU call of 10 minutes takes `--lengths 8K,16K`, then `--lengths 32K --merge`.
+of 10 questions), 540 answers of at most 12-96 tokens, 3 x 256 teacher-forced steps. On an H200 with
+the 1.5B (assumed: 32K prefill 1-2 s, retrieval prefill 1.2x that, decode 3 ms dense and ~6 ms sparse)
+dense + 2 configurations are an estimated 12-21 minutes, so a GPU call of 10 minutes takes
+`--lengths 8K,16K` (6-8 min), then `--lengths 32K --configs default --merge` and
+`--lengths 32K --configs oracle --merge` (5-8 min each; dense is rerun in each call).
 """
 from __future__ import annotations
 

@@ -18,8 +18,9 @@ The exact sequence, for the 1.5B (18 parts; the 0.5B has 8), all calls on one wa
                carry=[".eval_models/1.5b/part-17", ".eval_models/corpus.json"])   # -> verified, converted once
            run(command="KVRETRIEVE_CACHE=$PWD/.eval_models/cache KVRETRIEVE_COMMIT=<commit> "
                        "python bench/longctx.py --corpus .eval_models/corpus.json --lengths 8K,16K")
-           run(command="... the same ... --lengths 32K --configs default --merge")   # then --configs oracle
-           # results under $OUT: fetch them into bench/results/ between calls, --merge reads them there
+           # the results come back from $OUT: copy longctx.json/.md into bench/results/ here, then
+           run(command="... the same ... --lengths 32K --configs default --merge bench/results/longctx.json")
+           ... and the same with --configs oracle
 
 A machine that went cold in between has lost the parts: `join` lists what is missing.
 """

@@ -10,7 +10,7 @@ every expected value is in the greedy answer (longctx_tasks.score).
 
     python bench/eval_models.py 1.5b && python bench/longctx.py            # GPU: 1.5B, 8K-32K, dense+default+oracle
     python bench/longctx.py --quick                                       # CPU smoke run: 0.5B, see QUICK
-    python bench/longctx.py --configs default,lowrank:budget=4096:window=1024 --lengths 32K --merge
+    python bench/longctx.py --configs lowrank:budget=4096:window=1024 --lengths 32K --merge bench/results/longctx.json
 
 --configs: `default` (RetrievalConfig(index="lowrank"): the budget follows the context) and
 `KIND[:budget=N][:window=N][:sink=N][:block=N][:rank=N]` (KIND: lowrank, ivf, bounds, oracle, exact).
@@ -22,8 +22,9 @@ that each prefill from their needle on; cwe and fwe: 20 documents each; the othe
 of 10 questions), 540 answers of at most 12-96 tokens, 3 x 256 teacher-forced steps. On an H200 with
 the 1.5B (assumed: 32K prefill 1-2 s, retrieval prefill 1.2x that, decode 3 ms dense and ~6 ms sparse)
 dense + 2 configurations are an estimated 12-21 minutes, so a GPU call of 10 minutes takes
-`--lengths 8K,16K` (6-8 min), then `--lengths 32K --configs default --merge` and
-`--lengths 32K --configs oracle --merge` (5-8 min each; dense is rerun in each call).
+`--lengths 8K,16K` (6-8 min), then `--lengths 32K --configs default` and `--lengths 32K --configs oracle`
+(5-8 min each; dense is rerun in each), each with `--merge bench/results/longctx.json` holding the
+results so far (the GPU machine's $OUT starts empty).
 """
 from __future__ import annotations
 
@@ -170,18 +171,31 @@ def summary_tables(rows: list[dict], tf_rows: list[dict], configs: list[str]) ->
     return "\n".join(out)
 
 
-def save(args, meta: dict, rows: list[dict], tf_rows: list[dict], answers: dict, configs: list[str]) -> Path:
-    out_dir = Path(args.out or os.environ.get("OUT") or RESULTS)
-    old = out_dir / f"{args.name}.json"
-    if args.merge and old.is_file():  # rows of this run replace the same (task, length, config) rows
-        prev = json.loads(old.read_text())
+def out_dir(args) -> Path:
+    return Path(args.out or os.environ.get("OUT") or RESULTS)
+
+
+def previous(args) -> dict | None:
+    """The results that --merge adds to (read once, before this run writes anything)."""
+    if args.merge is None:
+        return None
+    path = Path(args.merge) if args.merge else out_dir(args) / f"{args.name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def save(args, meta: dict, rows: list[dict], tf_rows: list[dict], answers: dict, configs: list[str],
+         prev: dict | None = None) -> Path:
+    if prev is not None:  # rows of this run replace the same (task, length, config) rows of prev
         key = lambda r: (r["task"], r["length"], r["config"])  # noqa: E731
         new = {key(r) for r in rows + tf_rows}
         rows = [r for r in prev.get("rows", []) if key(r) not in new] + rows
         tf_rows = [r for r in prev.get("teacher_forced", []) if key(r) not in new] + tf_rows
-        answers = {**prev.get("answers", {}), **answers}
-        meta = {**meta, "merged_runs": prev.get("merged_runs", []) + [{k: prev.get(k) for k in ("command", "commit",
-                                                                                                    "date", "device")}]}
+        old = prev.get("answers", {})
+        answers = {**old, **{k: [{**a, **b} for a, b in zip(old[k], v)] if len(old.get(k, [])) == len(v) else v
+                             for k, v in answers.items()}}
+        configs = list(dict.fromkeys(["dense"] + [r["config"] for r in rows]))
+        runs = prev.get("merged_runs", []) + [{k: prev.get(k) for k in ("command", "commit", "date", "device")}]
+        meta = {**meta, "merged_runs": runs}
     c = meta["corpus"]
     head = (f"Model: {meta['model']} ({meta['dtype']}), sha256 {meta['model_sha256']}. Corpus: sha256 {c['sha256']}, "
             f"{c['documents']} documents, characters by kind {c['chars_by_kind']}. Timings (s): {meta['timings']}.\n\n")
@@ -189,7 +203,7 @@ def save(args, meta: dict, rows: list[dict], tf_rows: list[dict], answers: dict,
              "is in the greedy answer as a whole word (QA: the fact's key words). same_as_dense: answers identical "
              "to dense, token for token. documents: distinct documents (prefills) behind the samples.")
     return write_results(args.name, {**meta, "teacher_forced": tf_rows, "answers": answers}, rows, COLUMNS, notes,
-                         out_dir)
+                         out_dir(args))
 
 
 def load_all(path: Path, args, configs: dict, max_context: int) -> dict:
@@ -221,7 +235,7 @@ def run(args) -> Path:
         "corpus": corpus.summary(docs), "configs": {"dense": None} | {k: asdict(c) for k, c in configs.items()},
         "lengths": lengths, "tasks": tasks, "samples": args.samples, "questions_per_document": args.per_doc,
         "teacher_forced_tokens": args.tf_tokens, "seed": args.seed, "quick": args.quick, "timings": timings}
-    rows, tf_rows, answers, out = [], [], {}, None
+    rows, tf_rows, answers, out, prev = [], [], {}, None, previous(args)
     names = list(llms)
 
     def log(what: str) -> None:
@@ -236,7 +250,7 @@ def run(args) -> Path:
             mine = tf_rows[len(tf_rows) - len(names):]
             log(f"teacher_forced {length}: dense ppl {mine[0]['ppl']:.3f}" + "".join(
                 f", {r['config']} top1 {r['top1_agree']:.3f} kl {r['kl']:.4f}" for r in mine[1:]))
-            out = save(args, meta, rows, tf_rows, answers, names)
+            out = save(args, meta, rows, tf_rows, answers, names, prev)
         for task in tasks:
             t = time.perf_counter()
             questions = generate(builder, task, length, args.samples, args.per_doc, args.seed)
@@ -247,9 +261,9 @@ def run(args) -> Path:
             timings[f"{task}@{length}_s"] = round(time.perf_counter() - t, 1)
             log(f"{task} {length}: " + ", ".join(f"{r['config']} {r['correct']}/{r['samples']}" for r in new)
                 + f" ({timings[f'{task}@{length}_s']:.0f}s)")
-            out = save(args, meta, rows, tf_rows, answers, names)
+            out = save(args, meta, rows, tf_rows, answers, names, prev)
     timings["total_s"] = round(time.perf_counter() - t0, 1)
-    out = save(args, meta, rows, tf_rows, answers, names)
+    out = save(args, meta, rows, tf_rows, answers, names, prev)
     log(f"wrote {out}")
     return out
 
@@ -271,7 +285,8 @@ def parse(argv=None):
     ap.add_argument("--corpus", help="corpus file: read when it exists, else built here and written there")
     ap.add_argument("--out", help="results directory (default $OUT, else bench/results)")
     ap.add_argument("--name", help="results file stem (default longctx; --quick: longctx_quick_<device type>)")
-    ap.add_argument("--merge", action="store_true", help="keep the rows of other tasks/lengths/configs in the file")
+    ap.add_argument("--merge", nargs="?", const="", metavar="FILE",
+                    help="keep the rows of other tasks/lengths/configs of FILE (default: the output file)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():

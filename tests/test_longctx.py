@@ -168,3 +168,23 @@ def test_quick_run_scores_every_task_for_dense_and_default(tmp_path):
     rows = json.loads(next(tmp_path.glob("longctx_quick_*.json")).read_text())["rows"]
     scored = {(r["task"], r["config"]) for r in rows if r["samples"] > 0}
     assert {(t, c) for t in TASKS for c in ("dense", "default")} <= scored
+
+
+def test_merge_keeps_other_rows_and_answers(tmp_path):
+    from common import provenance
+    meta = provenance() | {"model": "m", "dtype": "float32", "model_sha256": None, "timings": {},
+                           "corpus": {"sha256": "0" * 64, "documents": 1, "chars_by_kind": {}}}
+
+    def rows(length, config):
+        return [{"task": "cwe", "length": length, "config": c, "correct": 1, "samples": 1} for c in ("dense", config)]
+    first = longctx.parse(["--out", str(tmp_path / "a"), "--name", "r"])
+    path = longctx.save(first, meta, rows(8192, "default"), [], {"cwe@8192": [{"dense": "x", "default": "y"}]},
+                        ["dense", "default"])
+    second = longctx.parse(["--out", str(tmp_path / "b"), "--name", "r", "--merge", str(path)])
+    out = longctx.save(second, meta, rows(8192, "oracle"), [], {"cwe@8192": [{"dense": "x", "oracle": "z"}]},
+                       ["dense", "oracle"], longctx.previous(second))
+    merged = json.loads(out.read_text())
+    assert {(r["length"], r["config"]) for r in merged["rows"]} == {(8192, "dense"), (8192, "default"),
+                                                                   (8192, "oracle")}
+    assert merged["answers"]["cwe@8192"] == [{"dense": "x", "default": "y", "oracle": "z"}]
+    assert len(merged["merged_runs"]) == 1 and "| default | oracle |" in out.with_suffix(".md").read_text()

@@ -43,7 +43,7 @@ import eval_models  # noqa: E402
 import longctx_corpus as corpus  # noqa: E402
 from accuracy_metrics import token_metrics  # noqa: E402
 from common import RESULTS, markdown_table, provenance, write_results  # noqa: E402
-from longctx_tasks import TASKS, Builder, Question, generate, score  # noqa: E402
+from longctx_tasks import TASKS, Builder, Question, generate, recall, score  # noqa: E402
 
 import kvretrieve  # noqa: E402
 from kvretrieve import RetrievalConfig  # noqa: E402
@@ -135,35 +135,39 @@ def run_task(llms: dict, questions: list[Question], tok) -> tuple[list[dict], li
     rows, answers = [], [{"expected": list(q.expected), "doc": q.doc, "depth": q.depth} for q in questions]
     dense_ids = []
     for name, llm in llms.items():
-        t, correct, same = time.perf_counter(), 0, 0
+        t, correct, same, partial = time.perf_counter(), 0, 0, 0.0
         for i, q in enumerate(questions):
             ids = answer(llm, q)
             text = tok.decode(ids)
             answers[i][name] = text
             correct += score(text, q)
+            partial += recall(text, q.expected)
             if name == "dense":
                 dense_ids.append(ids)
             same += ids == dense_ids[i]
         q0 = questions[0]
         rows.append({"task": q0.task, "length": None, "config": name, "correct": correct, "samples": len(questions),
-                     "score": correct / len(questions), "same_as_dense": same / len(questions),
+                     "score": correct / len(questions), "recall": partial / len(questions),
+                     "same_as_dense": same / len(questions),
                      "prompt_tokens": round(sum(len(q.ids) for q in questions) / len(questions)),
                      "documents": len({q.doc for q in questions}), "seconds": round(time.perf_counter() - t, 1)})
         llm.reset()
     return rows, answers
 
 
-COLUMNS = ["task", "length", "config", "correct", "samples", "score", "same_as_dense", "prompt_tokens", "documents",
-           "seconds"]
+COLUMNS = ["task", "length", "config", "correct", "samples", "score", "recall", "same_as_dense", "prompt_tokens",
+           "documents", "seconds"]
 
 
 def summary_tables(rows: list[dict], tf_rows: list[dict], configs: list[str]) -> str:
     """Markdown: correct/samples per task and length, one column per configuration; then the
     teacher-forced metrics."""
-    cells = {(r["task"], r["length"], r["config"]): f"{r['correct']}/{r['samples']}" for r in rows}
+    cells = {(r["task"], r["length"], r["config"]): f"{r['correct']}/{r['samples']}"
+             + (f" ({r['recall']:.2f})" if r.get("recall") is not None else "") for r in rows}
     keys = list(dict.fromkeys((r["task"], r["length"]) for r in rows))
     pivot = [{"task": t, "length": n, **{c: cells.get((t, n, c)) for c in configs}} for t, n in keys]
-    out = ["## Correct answers per task and length", "", markdown_table(pivot, ["task", "length"] + configs)]
+    out = ["## Correct answers per task and length (in brackets: the share of expected values found)", "",
+           markdown_table(pivot, ["task", "length"] + configs)]
     if tf_rows:
         out += ["", "## Teacher-forced over real text (tokens ending at `length`)", "",
                 markdown_table(tf_rows, ["length", "config", "top1_agree", "kl", "kl_max", "ppl_dense", "ppl",
@@ -196,14 +200,34 @@ def save(args, meta: dict, rows: list[dict], tf_rows: list[dict], answers: dict,
         configs = list(dict.fromkeys(["dense"] + [r["config"] for r in rows]))
         runs = prev.get("merged_runs", []) + [{k: prev.get(k) for k in ("command", "commit", "date", "device")}]
         meta = {**meta, "merged_runs": runs}
+    return write(args.name, meta, rows, tf_rows, answers, configs, out_dir(args))
+
+
+def write(name: str, meta: dict, rows: list[dict], tf_rows: list[dict], answers: dict, configs: list[str],
+          out: Path) -> Path:
     c = meta["corpus"]
     head = (f"Model: {meta['model']} ({meta['dtype']}), sha256 {meta['model_sha256']}. Corpus: sha256 {c['sha256']}, "
             f"{c['documents']} documents, characters by kind {c['chars_by_kind']}. Timings (s): {meta['timings']}.\n\n")
     notes = (head + summary_tables(rows, tf_rows, configs) + "\n\nA sample is correct when every expected value "
-             "is in the greedy answer as a whole word (QA: the fact's key words). same_as_dense: answers identical "
-             "to dense, token for token. documents: distinct documents (prefills) behind the samples.")
-    return write_results(args.name, {**meta, "teacher_forced": tf_rows, "answers": answers}, rows, COLUMNS, notes,
-                         out_dir(args))
+             "is in the greedy answer as a whole word (QA: the fact's key words). recall: the share of the expected "
+             "values found, over the samples. same_as_dense: answers identical to dense, token for token. "
+             "documents: distinct documents (prefills) behind the samples.")
+    return write_results(name, {**meta, "teacher_forced": tf_rows, "answers": answers}, rows, COLUMNS, notes, out)
+
+
+def rescore(path: Path) -> Path:
+    """Recompute each row's recall from the answers a results file stores (no model needed), and
+    rewrite its JSON and markdown in place; the runs that made them stay as recorded."""
+    data = json.loads(path.read_text())
+    rows, tf_rows, answers = data.pop("rows"), data.pop("teacher_forced"), data.pop("answers")
+    for r in rows:
+        samples = answers.get(f"{r['task']}@{r['length']}", [])
+        if samples and all(r["config"] in a for a in samples):
+            r["recall"] = sum(recall(a[r["config"]], a["expected"]) for a in samples) / len(samples)
+    configs = list(dict.fromkeys(["dense"] + [r["config"] for r in rows]))
+    stamp = provenance()
+    data["rescored"] = {k: stamp[k] for k in ("command", "commit", "date")}  # a derived column, said so
+    return write(path.stem, data, rows, tf_rows, answers, configs, path.parent)
 
 
 def load_all(path: Path, args, configs: dict, max_context: int) -> dict:
@@ -288,6 +312,7 @@ def parse(argv=None):
     ap.add_argument("--merge", nargs="?", const="", metavar="FILE",
                     help="keep the rows of other tasks/lengths/configs of FILE (default: the output file)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--rescore", metavar="FILE", help="only recompute the recall column of FILE from its stored answers")
     args = ap.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -301,4 +326,5 @@ def parse(argv=None):
 
 
 if __name__ == "__main__":
-    run(parse())
+    options = parse()
+    print(rescore(Path(options.rescore)) if options.rescore else run(options))

@@ -48,12 +48,25 @@ class Question:
     fact: Fact | None = None    # QA: scored by accuracy_metrics.is_correct instead
 
 
+def found(answer: str, expected) -> list[bool]:
+    """Per expected value: whether it appears in the answer as a whole word (digits not part of a
+    longer number, names not part of a longer name), in any case."""
+    return [bool(re.search(rf"(?<![A-Za-z0-9]){re.escape(v)}(?![A-Za-z0-9])", answer, re.I)) for v in expected]
+
+
 def score(answer: str, q: Question) -> bool:
-    """Strict but fair: each expected value appears in the answer as a whole word (digits not part of
-    a longer number, names not part of a longer name); case and surrounding words do not matter."""
+    """Strict but fair: every expected value is found (QA: accuracy_metrics.is_correct)."""
     if q.fact is not None:
         return is_correct(answer, q.fact)
-    return all(re.search(rf"(?<![A-Za-z0-9]){re.escape(v)}(?![A-Za-z0-9])", answer, re.I) for v in q.expected)
+    return all(found(answer, q.expected))
+
+
+def recall(answer: str, expected) -> float:
+    """Partial credit, as RULER reports it for multi-value tasks: the share of the expected values
+    found. Where few samples are fully right for any configuration (variable tracking, word
+    extraction with this model), it still tells configurations apart."""
+    hits = found(answer, expected)
+    return sum(hits) / len(hits) if hits else 0.0
 
 
 class Builder:

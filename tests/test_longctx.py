@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import eval_models  # noqa: E402
 import longctx  # noqa: E402
 import longctx_corpus  # noqa: E402
-from longctx_tasks import TASKS, Builder, Question, generate, score  # noqa: E402
+from longctx_tasks import TASKS, Builder, Question, generate, recall, score  # noqa: E402
 
 
 class WordTokenizer:
@@ -98,6 +98,23 @@ def test_scorer_accepts_the_answer_and_rejects_wrong_or_partial_ones():
     from accuracy_metrics import FACTS
     qa = Question("qa", [], FACTS[0].keys, 24, 0, fact=FACTS[0])
     assert score(" Amber Falcon", qa) and not score(" amber eagle", qa)
+    assert recall("VAR abcde, VAR FGHIJ", many.expected) == 1 and recall("VAR ABCDE, KLMNO", many.expected) == 0.5
+    assert recall("ABCDEF", many.expected) == 0 and recall("anything", ()) == 0
+
+
+def test_rescore_fills_recall_from_the_stored_answers_and_keeps_provenance(tmp_path):
+    from common import provenance
+    meta = provenance() | {"command": "the original run", "model": "m", "dtype": "float32", "model_sha256": None,
+                           "timings": {}, "corpus": {"sha256": "0" * 64, "documents": 1, "chars_by_kind": {}}}
+    rows = [{"task": "vt", "length": 8192, "config": c, "correct": 0, "samples": 2} for c in ("dense", "oracle")]
+    answers = {"vt@8192": [{"expected": ["AAAAA", "BBBBB"], "dense": "AAAAA BBBBB", "oracle": "AAAAA"},
+                           {"expected": ["CCCCC", "DDDDD"], "dense": "CCCCC", "oracle": "none"}]}
+    path = longctx.save(longctx.parse(["--out", str(tmp_path), "--name", "r"]), meta, rows, [], answers,
+                        ["dense", "oracle"])
+    out = json.loads(longctx.rescore(path).read_text())
+    assert [r["recall"] for r in out["rows"]] == [0.75, 0.25]
+    assert out["command"] == "the original run" and "rescored" in out and out["answers"] == answers
+    assert "0/2 (0.75)" in path.with_suffix(".md").read_text()
 
 
 def test_man_page_text_and_corpus_file_round_trip(tmp_path):

@@ -13,7 +13,7 @@ every expected value is in the greedy answer (longctx_tasks.score).
     python bench/longctx.py --configs lowrank:budget=4096:window=1024 --lengths 32K --merge bench/results/longctx.json
 
 --configs: `default` (RetrievalConfig(index="lowrank"): the budget follows the context) and
-`KIND[:budget=N][:window=N][:sink=N][:block=N][:rank=N]` (KIND: lowrank, ivf, bounds, oracle, exact).
+`KIND[:budget=N][:window=N][:sink=N][:block=N][:rank=N][:zone=N][:rest=1]` (KIND: lowrank, ivf, bounds, oracle, exact).
 Results go to bench/results/longctx.json and .md ($OUT or --out DIR), rewritten after every task and
 length, so a run that is stopped keeps what it finished; progress lines say task, length and time.
 
@@ -55,7 +55,7 @@ QUICK = {"model": "0.5b", "lengths": "2K", "samples": 1, "per_doc": 1, "configs"
 FULL = {"model": "1.5b", "lengths": "8K,16K,32K", "samples": 20, "per_doc": 10, "configs": "default,oracle",
         "tf_tokens": 256}
 OPTIONS = {"budget": "budget_tokens", "window": "window_tokens", "sink": "sink_tokens", "block": "block_size",
-           "rank": "rank"}
+           "rank": "rank", "zone": "estimate_tokens", "rest": "estimate_rest"}  # rest=1: estimate what is left out
 
 
 def parse_config(spec: str) -> RetrievalConfig:
@@ -69,7 +69,7 @@ def parse_config(spec: str) -> RetrievalConfig:
         key, _, value = o.partition("=")
         if key not in OPTIONS or not value.isdigit():
             raise SystemExit(f"error: bad option {o!r} in --configs {spec!r}; use {'|'.join(OPTIONS)}=N")
-        fields[OPTIONS[key]] = int(value)
+        fields[OPTIONS[key]] = bool(int(value)) if key == "rest" else int(value)
     return RetrievalConfig(index=kind, **fields)
 
 

@@ -102,7 +102,8 @@ class RetrievalConfig:
     speculative: bool = False
     reselect_every: int = 1       # decode steps one selection serves (LServe-style reuse, a speed knob)
     kmeans: str = "auto"          # ivf: auto, torch, faiss, faiss-gpu
-    estimate_tokens: int = 0      # ivf: next-ranked tokens that count through centroids (RetroInfer)
+    estimate_tokens: int = 0      # next-ranked tokens that count through block summaries (RetroInfer's zone)
+    estimate_rest: bool = False   # every candidate block not attended counts through its summary
     cluster_tokens: int = 8192    # ivf: tokens per clustered prefill segment
     store_dtype: str = "auto"     # the CPU store: model (its dtype), int8 (a scale per token and head), auto
 
@@ -119,7 +120,8 @@ class RetrievalConfig:
         _check(self.rank >= 1, f"RetrievalConfig.rank must be >= 1, got {self.rank}")
         _check(self.reselect_every >= 1, f"reselect_every must be >= 1 (1 = select every step), got {self.reselect_every}")
         _check(self.estimate_tokens >= 0, f"estimate_tokens must be >= 0, got {self.estimate_tokens}")
-        _check(self.estimate_tokens == 0 or self.index == "ivf", "estimate_tokens needs index='ivf'")
+        _check(not (self.estimate_tokens and self.estimate_rest),
+               "estimate_tokens and estimate_rest both estimate left-out blocks; choose one")
         _check(self.cluster_tokens >= 64 * self.block_size,
                f"cluster_tokens must be at least 64 blocks ({64 * self.block_size} tokens), got {self.cluster_tokens}")
         _check(self.store_dtype in ("auto", "model", "int8"),

@@ -444,21 +444,26 @@ def test_ivf_finds_planted_clusters():
         assert members[sorted(got)].sum() >= 0.85 * members.sum()             # and hold the cluster
 
 
-def test_ivf_estimation_zone_math():
-    from kvretrieve.index import IVFIndex
+def test_block_summary_estimates_match_their_formula():
+    """A block counts as block_size keys at its mean key, each with the block's mean value: the zone
+    (given blocks) and the rest (a mask of blocks) against that formula written out."""
+    from kvretrieve.index import BlockSummary
 
     g = torch.Generator().manual_seed(10)
-    idx = IVFIndex(kv_geometry(1, 2, 16, 4, 10), kmeans="torch", estimate=True)
+    summary = BlockSummary(kv_geometry(1, 2, 16, 4, 10))
     k, v = torch.randn(2, 10, 4, 16, generator=g), torch.randn(2, 10, 4, 16, generator=g)
-    idx.add(0, 0, k, v)
+    summary.add(0, 0, k, v)
     q, blocks = torch.randn(6, 16, generator=g), torch.tensor([[1, 4, 7], [0, 2, 9]])
-    out, lse = idx.estimate(0, q, blocks, 0.25)
-    for h in range(6):
-        kv = h // 3
-        mean, vs = k[kv, blocks[kv]].mean(1), v[kv, blocks[kv]]                 # [3, d], [3, 4, d]
-        w = 4 * torch.exp(0.25 * mean @ q[h])                                   # 4 keys at each centroid
-        assert torch.allclose(lse[h], torch.log(w.sum()), atol=1e-5)
-        assert torch.allclose(out[h], (w[:, None] * vs.mean(1)).sum(0) / w.sum(), atol=1e-5)
+    mask = torch.zeros(2, 10, dtype=torch.bool).scatter(1, blocks, True)
+    for out, lse in (summary.estimate(0, q, blocks, 0.25), summary.estimate_rest(0, q, mask, 0.25)):
+        for h in range(6):
+            kv = h // 3
+            mean, vs = k[kv, blocks[kv]].mean(1), v[kv, blocks[kv]]             # [3, d], [3, 4, d]
+            w = 4 * torch.exp(0.25 * mean @ q[h])                               # 4 keys at each mean key
+            assert torch.allclose(lse[h], torch.log(w.sum()), atol=1e-5)
+            assert torch.allclose(out[h], (w[:, None] * vs.mean(1)).sum(0) / w.sum(), atol=1e-5)
+    out, lse = summary.estimate_rest(0, q, torch.zeros(2, 10, dtype=torch.bool), 0.25)  # nothing left out
+    assert torch.all(lse == float("-inf")) and torch.all(out == 0)
 
 
 def test_ivf_errors():
@@ -466,32 +471,36 @@ def test_ivf_errors():
 
     with pytest.raises(ConfigError, match="faiss-gpu"):
         resolve_kmeans("faiss-gpu", torch.device("cpu"))
-    with pytest.raises(ConfigError, match="estimate_tokens needs index='ivf'"):
-        RetrievalConfig(index="lowrank", estimate_tokens=64)
+    with pytest.raises(ConfigError, match="choose one"):
+        RetrievalConfig(index="lowrank", estimate_tokens=64, estimate_rest=True)
     assert resolve_kmeans("auto", torch.device("cpu")) == "faiss"
 
 
-def test_ivf_estimation_zone_in_decode(tiny_dir):
-    """With an estimation zone the next-ranked blocks add their centroid-estimated mass: the output
-    changes, stays finite, and with a zone covering every non-selected block it moves toward dense."""
-    base = RetrievalConfig(index="ivf", block_size=4, budget_tokens=32, sink_tokens=4, window_tokens=8,
+@pytest.mark.parametrize("kind", ["ivf", "lowrank"])
+def test_estimating_the_left_out_blocks_in_decode(tiny_dir, kind):
+    """The zone (the next-ranked blocks) and the rest (every candidate not attended) add their
+    summary-estimated mass: the output stays finite, a zone that covers every candidate gives what
+    the rest gives, and both move toward dense."""
+    base = RetrievalConfig(index=kind, block_size=4, budget_tokens=32, sink_tokens=4, window_tokens=8, rank=8,
                            cluster_tokens=256, kmeans="torch")
     dense, plain = engines(tiny_dir, base)
     _, zoned = engines(tiny_dir, dataclasses.replace(base, estimate_tokens=1024))
+    _, rest = engines(tiny_dir, dataclasses.replace(base, estimate_rest=True))
     g = torch.Generator().manual_seed(11)
     prompt, steps = torch.randint(0, 256, (500,), generator=g), torch.randint(0, 256, (6,), generator=g)
-    errs = {"plain": [], "zoned": []}
-    for e in (dense, plain, zoned):
+    errs = {"plain": [], "zoned": [], "rest": []}
+    for e in (dense, plain, zoned, rest):
         e.forward(prompt)
     for t in steps:
         ref = dense.model.logits(dense.forward(t.view(1)))
-        for name, e in (("plain", plain), ("zoned", zoned)):
-            out = e.model.logits(e.forward(t.view(1)))
+        outs = {name: e.model.logits(e.forward(t.view(1))) for name, e in (("plain", plain), ("zoned", zoned),
+                                                                            ("rest", rest))}
+        assert torch.allclose(outs["zoned"], outs["rest"], atol=1e-4)
+        for name, out in outs.items():
             assert torch.isfinite(out).all()
             errs[name].append(torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
                                                          reduction="sum").item())
-    assert errs["plain"] != errs["zoned"]
-    assert sum(errs["zoned"]) < sum(errs["plain"])
+    assert sum(errs["zoned"]) < sum(errs["plain"]) and sum(errs["rest"]) < sum(errs["plain"])
 
 
 def test_auto_budget_is_the_measured_default():

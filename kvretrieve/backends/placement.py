@@ -14,7 +14,7 @@ import torch
 from .. import kernels
 from ..cache import BlockPool
 from ..config import KVGeometry, RetrievalConfig
-from ..index import BlockIndex
+from ..index import BlockIndex, BlockSummary
 from ..store import ClusterLayout, KVStore
 
 
@@ -32,9 +32,11 @@ def pieces(full: int, b0: int, clustered: list, chunk_blocks: int):
 
 class BlockPlacement:
     def __init__(self, cfg: RetrievalConfig, geo: KVGeometry, store: KVStore, index: BlockIndex, pool: BlockPool,
-                 chunk_blocks: int = 512):
-        """chunk_blocks bounds the temporaries when a long segment is stored."""
+                 summary: BlockSummary | None = None, chunk_blocks: int = 512):
+        """summary: block summaries to keep beside the index (estimation); chunk_blocks bounds the
+        temporaries when a long segment is stored."""
         self.geo, self.store, self.index, self.pool, self.chunk_blocks = geo, store, index, pool, chunk_blocks
+        self.summary = summary
         self.bs, self.H = geo.block_size, geo.kv_heads
         self.clusters = ClusterLayout(geo, store, index.cluster_order, self.replace, cfg.cluster_tokens,
                                       pool.n_sink, pool.window_blocks) if index.reorders else None
@@ -46,8 +48,13 @@ class BlockPlacement:
 
     def write(self, layer: int, first: int, kb: torch.Tensor, vb: torch.Tensor) -> None:
         """Full blocks kb, vb [Hkv, nb, bs, d] -> index (on the device) and CPU store (async D2H)."""
-        self.index.add(layer, first, kb, vb)
+        self._index(layer, first, kb, vb)
         self.store.write_async(layer, first, kb, vb)
+
+    def _index(self, layer: int | slice, first: int, kb: torch.Tensor, vb: torch.Tensor) -> None:
+        self.index.add(layer, first, kb, vb)
+        if self.summary is not None:
+            self.summary.add(layer, first, kb, vb)
 
     def replace(self, layer: int, first: int, kb: torch.Tensor, vb: torch.Tensor) -> None:
         """write() over blocks whose contents change (clustering): their cached copies go stale."""
@@ -104,7 +111,7 @@ class BlockPlacement:
         pool = self.pool
         slot = pool.ring_slot(b)
         kb, vb = pool.k[:, :, slot, None], pool.v[:, :, slot, None]      # [L, Hkv, 1, bs, d]
-        self.index.add(slice(None), b, kb, vb)
+        self._index(slice(None), b, kb, vb)
         kernels.store_blocks(self.store, b, slot, pool.k, pool.v)
         self.store.mark_written()  # the writes run on this stream; host readers of the store wait for them
         if b < pool.n_sink:

@@ -21,7 +21,7 @@ from .. import kernels
 from ..cache import BlockPool
 from ..config import KVGeometry, RetrievalConfig
 from ..errors import ConfigError
-from ..index import make_index
+from ..index import BlockSummary, make_index
 from ..store import KVStore
 from .base import AttentionBackend
 from .decode_plan import DecodePlan
@@ -48,7 +48,8 @@ class RetrievalKV(AttentionBackend):
             # that cannot fit in RAM is refused here, before any prefill; one whose index or pool
             # cannot fit on the device was refused just above, before any pinning.
             self.store.ensure(self.store.max_blocks, background=True)
-        self.placement = BlockPlacement(cfg, geo, self.store, self.index, self.pool, append_chunk_blocks)
+        self.summary = BlockSummary(geo) if cfg.estimate_tokens or cfg.estimate_rest else None
+        self.placement = BlockPlacement(cfg, geo, self.store, self.index, self.pool, self.summary, append_chunk_blocks)
         self.plan = DecodePlan(cfg, geo, self.pool)
         self.selector = Selector(cfg, self.index, self.pool, self.store, self.plan)
         self.prefill = PrefillAttention(self.scale)
@@ -164,14 +165,19 @@ class RetrievalKV(AttentionBackend):
         pool.k[layer].view(shape).index_copy_(1, plan.ring_row, k.transpose(0, 1))
         pool.v[layer].view(shape).index_copy_(1, plan.ring_row, v.transpose(0, 1))
         if plan.reselect:
-            ids, estimated = self.selector.select(layer, q[0])
+            ids, zone = self.selector.select(layer, q[0])
         else:
-            ids, estimated = plan.sel_ids[layer, :, :plan.sel_k], None
+            ids, zone = plan.sel_ids[layer, :, :plan.sel_k], None
         out, lse = kernels.sparse_decode(q[0], pool.k[layer], pool.v[layer], plan.tables[layer], plan.tail_len,
                                          self.scale)
-        if estimated is not None:  # RetroInfer's estimation zone: more mass, no KV moved
-            out_e, lse_e = self.index.estimate(layer, q[0], estimated, self.scale)
-            out, _ = kernels.merge_attention(out, lse, out_e.to(out.dtype), lse_e)
+        estimate = None  # attention over blocks left out, from their summaries: more mass, no KV moved
+        if zone is not None:
+            estimate = self.summary.estimate(layer, q[0], zone, self.scale)
+        elif self.cfg.estimate_rest:
+            left_out = (~plan.outside).expand(self.H, -1).scatter(1, ids, False)  # candidates not attended
+            estimate = self.summary.estimate_rest(layer, q[0], left_out, self.scale)
+        if estimate is not None:
+            out, _ = kernels.merge_attention(out, lse, estimate[0].to(out.dtype), estimate[1])
         if self.observer is not None:
             _, lo, hi = plan.candidates()
             self.observer(layer, q[0], ids, lo, hi, self._start + 1, out)
@@ -185,7 +191,8 @@ class RetrievalKV(AttentionBackend):
 
     # ---- accounting ------------------------------------------------------------------------------
     def memory(self) -> dict[str, int]:
-        return {"store": self.store.nbytes(), "pool": self.pool.nbytes(), "index": self.index.nbytes()}
+        summary = self.summary.nbytes() if self.summary else 0
+        return {"store": self.store.nbytes(), "pool": self.pool.nbytes(), "index": self.index.nbytes() + summary}
 
     def counters(self) -> dict[str, float]:
         hits, misses = self.pool.counts.tolist()

@@ -9,6 +9,7 @@ from .bounds import BoundsIndex
 from .exact import ExactIndex
 from .ivf import IVFIndex
 from .lowrank import LowRankIndex
+from .summary import BlockSummary
 
 
 def make_index(cfg: RetrievalConfig, geo: KVGeometry) -> BlockIndex:
@@ -20,8 +21,8 @@ def make_index(cfg: RetrievalConfig, geo: KVGeometry) -> BlockIndex:
     if cfg.index in ("exact", "oracle"):
         return ExactIndex(geo, mass=cfg.index == "oracle")
     if cfg.index == "ivf":
-        return IVFIndex(geo, cfg.kmeans, estimate=cfg.estimate_tokens > 0)
+        return IVFIndex(geo, cfg.kmeans)
     raise ConfigError(f"RetrievalConfig.index {cfg.index!r} is not an index kind (resolve 'auto' first)")
 
 
-__all__ = ["BlockIndex", "make_index", "top_blocks", "LowRankIndex", "BoundsIndex", "ExactIndex", "IVFIndex"]
+__all__ = ["BlockIndex", "BlockSummary", "make_index", "top_blocks", "LowRankIndex", "BoundsIndex", "ExactIndex", "IVFIndex"]

@@ -7,8 +7,8 @@ A block is then ~one cluster of block_size keys, fetched as one contiguous copy,
 mean key is its centroid. Scoring a block = q . centroid (max over the GQA group), the ranking of
 the estimated attention mass size * exp(q . centroid) since every block has the same size.
 
-With an estimation zone, the next-ranked blocks contribute without moving any KV: each counts as
-block_size keys equal to its centroid, with the block's value sum, merged into the exact part by LSE.
+Estimates of blocks left out of a selection (index.summary) are tighter on these blocks than on
+natural-order ones: a block's keys are alike.
 """
 from __future__ import annotations
 
@@ -105,22 +105,18 @@ class IVFIndex(BlockIndex):
     kind = "ivf"
     reorders = True  # the backend stores clustered segments in the order cluster_order() returns
 
-    def __init__(self, geo: KVGeometry, kmeans: str, estimate: bool = False, iters: int = 10, seed: int = 0):
+    def __init__(self, geo: KVGeometry, kmeans: str, iters: int = 10, seed: int = 0):
         """kmeans: a concrete kind (torch, faiss, faiss-gpu; resolve_kmeans makes 'auto' one)."""
         if kmeans not in KMEANS_KINDS[1:]:
             raise ConfigError(f"IVFIndex needs a resolved kmeans kind, got {kmeans!r} (see resolve_kmeans)")
         self.bs, self.iters, self.seed, self.kmeans = geo.block_size, iters, seed, kmeans
         shape = (geo.layers, geo.kv_heads, geo.max_blocks, geo.head_dim)
-        n = 2 if estimate else 1
-        check_allocation(n * geo.nbytes(*shape), geo.device, "the cluster centroids", "lower max_context")
+        check_allocation(geo.nbytes(*shape), geo.device, "the cluster centroids", "lower max_context")
         self.means = torch.zeros(shape, device=geo.device, dtype=geo.dtype)
-        self.vsums = torch.zeros(shape, device=geo.device, dtype=geo.dtype) if estimate else None
 
     def add(self, layer: int | slice, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         nb = keys.shape[-3]
         self.means[layer, :, first_block:first_block + nb] = keys.float().mean(-2).to(self.means.dtype)
-        if self.vsums is not None:
-            self.vsums[layer, :, first_block:first_block + nb] = values.float().sum(-2).to(self.vsums.dtype)
 
     def scores(self, layer: int, q: torch.Tensor, n_blocks: int) -> torch.Tensor:
         return kernels.max_dot_block_scores(q, self.means[layer], n_blocks, 1)  # a centroid per block
@@ -144,19 +140,6 @@ class IVFIndex(BlockIndex):
         key = torch.gather(rank, 1, assign) * n + torch.arange(n, device=x.device)
         return key.argsort(1)
 
-    def estimate(self, layer: int, q: torch.Tensor, blocks: torch.Tensor, scale: float):
-        """Attention of q [Hq, d] over blocks [Hkv, z] approximated by their centroids and value sums
-        -> (out [Hq, d] fp32, lse [Hq])."""
-        hkv = self.means.shape[1]
-        g = q.shape[0] // hkv
-        idx = blocks[..., None].expand(-1, -1, self.means.shape[-1])
-        means = torch.gather(self.means[layer], 1, idx).float()                  # [Hkv, z, d]
-        vsums = torch.gather(self.vsums[layer], 1, idx).float()
-        s = (q.float().view(hkv, g, -1) @ means.transpose(1, 2)) * scale          # [Hkv, G, z]
-        lse = torch.logsumexp(s, -1) + np.log(self.bs)                           # each block = bs keys
-        w = torch.softmax(s, -1)                                                  # mass share per block
-        out = (w @ vsums) / self.bs                                               # mean value of a block
-        return out.view(-1, q.shape[-1]), lse.view(-1)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.means, self.vsums) if t is not None)

@@ -192,3 +192,16 @@ def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     command = next(line for line in ci.splitlines() if "pytest" in line)
     assert command in readme
+
+
+def test_library_parameter_names_become_flags():
+    """The library names Python parameters; the CLI prints them as flags (values unquoted), leaving
+    plain words and parameters without a flag alone."""
+    from kvretrieve.cli.options import as_flags
+
+    assert as_flags("lower max_context or RetrievalConfig.rank") == "lower --max-context or --rank"
+    assert as_flags("more than gpu_mem_gb=0.1; raise") == "more than --gpu-mem-gb 0.1; raise"
+    assert as_flags("use device='cpu'") == "use --device cpu"
+    assert as_flags("the model's dtype on this device") == "the model's dtype on this device"
+    assert as_flags("budget_tokens (8) must be") == "--budget (8) must be"
+    assert as_flags("lower RetrievalConfig.cache_blocks") == "lower RetrievalConfig.cache_blocks"

@@ -147,30 +147,29 @@ def sampling_from_options(opts: dict):
                           top_k=opts["top_k"], top_p=opts["top_p"], seed=opts["seed"], stop=tuple(opts["stop"]))
 
 
-# Library messages name Python parameters (kvretrieve.load's and RetrievalConfig's); the CLI says flags.
-# Names that are also plain words (device, dtype) are flags only where a value follows: device='cpu'.
+# Library messages name Python parameters (kvretrieve.load's, SamplingParams' and RetrievalConfig's,
+# the latter also qualified: RetrievalConfig.rank); the CLI says flags. Names that are plain words
+# (device, dtype) are parameters only where a value follows: device='cpu'.
+_RETRIEVAL_FLAGS = {"index": "--retrieval", "budget_tokens": "--budget", "window_tokens": "--window",
+                    "sink_tokens": "--sink", "block_size": "--block-size", "rank": "--rank",
+                    "reselect_every": "--reselect-every", "store_dtype": "--store-dtype"}
 PARAM_FLAGS = {
     "max_context": "--max-context", "gpu_mem_gb": "--gpu-mem-gb", "prefill_chunk": "--prefill-chunk",
-    "budget_tokens": "--budget", "window_tokens": "--window", "sink_tokens": "--sink", "block_size": "--block-size",
-    "reselect_every": "--reselect-every", "store_dtype": "--store-dtype", "RetrievalConfig.index": "--retrieval",
-    "RetrievalConfig.rank": "--rank", "device": "--device", "dtype": "--dtype", "max_new_tokens": "--max-new-tokens",
-    "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+    "device": "--device", "dtype": "--dtype", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
+    "top_k": "--top-k", "top_p": "--top-p",
+    **{f"RetrievalConfig.{k}": v for k, v in _RETRIEVAL_FLAGS.items()},
+    **{k: v for k, v in _RETRIEVAL_FLAGS.items() if "_" in k},
 }
-_VALUE_ONLY = ("device", "dtype")
-_PARAM_RE = re.compile(r"(?<![\w.-])(?:RetrievalConfig\.)?(" + "|".join(
-    re.escape(p.removeprefix("RetrievalConfig.")) for p in sorted(PARAM_FLAGS, key=len, reverse=True))
-    + r")(?!\w)(?:=('([^']*)'|[^\s,;)]+))?")
+_PARAM_RE = re.compile(r"(?<![\w.-])(" + "|".join(
+    re.escape(p) + ("(?==)" if p in ("device", "dtype") else "") for p in sorted(PARAM_FLAGS, key=len, reverse=True))
+    + r")(?![\w.])(?:=(?:'([^']*)'|([^\s,;)]+)))?")
 
 
 def as_flags(message: str) -> str:
     """A library message with its Python parameter names (and name=value pairs) written as flags."""
     def flag(m: re.Match) -> str:
-        name, value = m.group(1), m.group(3) if m.group(3) is not None else m.group(2)
-        key = name if name in PARAM_FLAGS else f"RetrievalConfig.{name}"
-        if key not in PARAM_FLAGS or (name in _VALUE_ONLY and value is None) \
-                or (key.startswith("RetrievalConfig.") and not m.group(0).startswith("RetrievalConfig.")):
-            return m.group(0)
-        return PARAM_FLAGS[key] + ("" if value is None else f" {value}")
+        value = m.group(2) if m.group(2) is not None else m.group(3)
+        return PARAM_FLAGS[m.group(1)] + ("" if value is None else f" {value}")
 
     return _PARAM_RE.sub(flag, message)
 

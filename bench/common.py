@@ -12,6 +12,20 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# KIND:key=N options of a configuration spec (bench/longctx.py --configs, bench/decode.py --kinds)
+CONFIG_OPTIONS = {"budget": "budget_tokens", "window": "window_tokens", "sink": "sink_tokens", "block": "block_size",
+                  "rank": "rank", "zone": "estimate_tokens", "rest": "estimate_rest"}  # rest=1: estimate what is left out
+
+
+def config_fields(options: list[str], spec: str) -> dict:
+    """["block=8", "rest=1"] -> RetrievalConfig fields {"block_size": 8, "estimate_rest": True}."""
+    fields = {}
+    for o in options:
+        key, _, value = o.partition("=")
+        if key not in CONFIG_OPTIONS or not value.isdigit():
+            raise SystemExit(f"error: bad option {o!r} in {spec!r}; use {'|'.join(CONFIG_OPTIONS)}=N")
+        fields[CONFIG_OPTIONS[key]] = bool(int(value)) if key == "rest" else int(value)
+    return fields
 
 
 def device_name(device: str = "cpu") -> str:

@@ -32,7 +32,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, provenance, write_results  # noqa: E402
+from common import RESULTS, config_fields, markdown_table, provenance, write_results  # noqa: E402
 
 from kvretrieve.api import build_engine  # noqa: E402
 from kvretrieve.config import RetrievalConfig  # noqa: E402
@@ -43,7 +43,7 @@ from kvretrieve.models.loader import random_weights  # noqa: E402
 from kvretrieve.models.shapes import shape_config  # noqa: E402
 from kvretrieve.profiling import capacity_for, profile_context, reset_memory  # noqa: E402
 
-COLUMNS = ["system", "index", "default", "reselect_every", "speculative", "store_dtype", "context", "ready_s", "prefill_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_mean",
+COLUMNS = ["system", "index", "options", "default", "reselect_every", "speculative", "store_dtype", "context", "ready_s", "prefill_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_mean",
            "peak_gpu_gib",
            "gpu_cap_gib", "pinned_host_gib", "h2d_mb_per_token", "cache_hit", "x_hf_dense", "x_hf_offload",
            "commit", "error"]
@@ -85,15 +85,17 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
     store (default: auto, int8 on the GPU). kernels > 0: that many more steps under the profiler."""
     kind, *flags = (kind or "").split("+")
     kind, _, every = kind.partition("@")
+    kind, *options = kind.split(":")  # KIND:key=N (bench/common.py CONFIG_OPTIONS)
     kind = kind or None
     dev = decoder.device
     torch.cuda.set_per_process_memory_fraction(1.0 if kind is None else
                                                CAP_GIB * 2**30 / torch.cuda.get_device_properties(dev).total_memory)
     reset_memory(dev)
     row = {"system": "kvretrieve" if kind else "kvretrieve-dense", "index": kind, "default": kind == "auto" or None,
-           "context": context, "gpu_cap_gib": CAP_GIB if kind else None}
+           "options": ":".join(options) or None, "context": context, "gpu_cap_gib": CAP_GIB if kind else None}
     extra = ({"reselect_every": int(every)} if every else {}) | ({"speculative": True} if "spec" in flags else {}) \
-        | ({"store_dtype": "int8"} if "int8" in flags else {}) | ({"store_dtype": "model"} if "model" in flags else {})
+        | ({"store_dtype": "int8"} if "int8" in flags else {}) | ({"store_dtype": "model"} if "model" in flags else {}) \
+        | config_fields(options, f"--kinds {kind}")
     engine = None
     try:
         cfg = RetrievalConfig(index=kind, **extra) if kind else None
@@ -147,7 +149,8 @@ def main() -> None:
     ap.add_argument("--kinds", default="auto,lowrank,bounds,exact,ivf",
                     help="kvretrieve index kinds (auto = the default: dense while the whole KV fits under the cap, "
                          "else lowrank, or ivf where lowrank's sketches do not fit); kind@N sets reselect_every=N, "
-                         "kind+spec speculative prefetch, kind+int8 the int8 CPU store")
+                         "kind+spec speculative prefetch, kind+int8 the int8 CPU store, kind:block=8:rest=1 "
+                         "RetrievalConfig fields (bench/common.py CONFIG_OPTIONS)")
     ap.add_argument("--long", default="512K:auto:lowrank:bounds:exact",
                     help="a longer context for kvretrieve rows only, with kinds (at 512K only auto's choice, ivf, fits "
                          "24 GiB; the other kinds' rows say why they do not)")
@@ -183,7 +186,7 @@ def main() -> None:
 
     def save():
         def key(r):
-            return (r["system"], r["index"] or "", bool(r.get("default")), r.get("reselect_every") or 0,
+            return (r["system"], r["index"] or "", r.get("options") or "", bool(r.get("default")), r.get("reselect_every") or 0,
                     bool(r.get("speculative")),
                     r.get("store_dtype") or "model", r["context"])
 

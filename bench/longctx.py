@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval_models  # noqa: E402
 import longctx_corpus as corpus  # noqa: E402
 from accuracy_metrics import token_metrics  # noqa: E402
-from common import RESULTS, markdown_table, provenance, write_results  # noqa: E402
+from common import RESULTS, config_fields, markdown_table, provenance, write_results  # noqa: E402
 from longctx_tasks import TASKS, Builder, Question, generate, recall, score  # noqa: E402
 
 import kvretrieve  # noqa: E402
@@ -51,11 +52,10 @@ from kvretrieve import RetrievalConfig  # noqa: E402
 # The CPU smoke run (tests/test_longctx.py runs it where the 0.5B is fetched). On 2 cores the 0.5B
 # (fp32) prefills 2K tokens in ~11 s dense and ~25 s with retrieval, 8K in 60-120 s, and decodes at
 # 0.2-0.4 s a token: 8K prompts would take over 30 minutes, so it asks one question per task at 2K.
-QUICK = {"model": "0.5b", "lengths": "2K", "samples": 1, "per_doc": 1, "configs": "default", "tf_tokens": 32}
+QUICK = {"model": "0.5b", "lengths": "2K", "samples": 1, "per_doc": 1, "configs": "default", "tf_tokens": 32,
+         "tf_windows": 1}
 FULL = {"model": "1.5b", "lengths": "8K,16K,32K", "samples": 20, "per_doc": 10, "configs": "default,oracle",
-        "tf_tokens": 256}
-OPTIONS = {"budget": "budget_tokens", "window": "window_tokens", "sink": "sink_tokens", "block": "block_size",
-           "rank": "rank", "zone": "estimate_tokens", "rest": "estimate_rest"}  # rest=1: estimate what is left out
+        "tf_tokens": 256, "tf_windows": 4}
 
 
 def parse_config(spec: str) -> RetrievalConfig:
@@ -64,12 +64,7 @@ def parse_config(spec: str) -> RetrievalConfig:
     if spec == "default":
         return RetrievalConfig(index="lowrank")
     kind, *opts = spec.split(":")
-    fields = {}
-    for o in opts:
-        key, _, value = o.partition("=")
-        if key not in OPTIONS or not value.isdigit():
-            raise SystemExit(f"error: bad option {o!r} in --configs {spec!r}; use {'|'.join(OPTIONS)}=N")
-        fields[OPTIONS[key]] = bool(int(value)) if key == "rest" else int(value)
+    fields = config_fields(opts, f"--configs {spec}")
     return RetrievalConfig(index=kind, **fields)
 
 
@@ -117,16 +112,39 @@ def forced_logits(llm, ids: list[int], start: int, n: int) -> torch.Tensor:
     return torch.stack(out).float()
 
 
-def teacher_forced(llms: dict, ids: list[int], length: int, n: int) -> list[dict]:
-    """top-1 agreement, KL(dense || config) and perplexities over the n real tokens ending at length."""
-    dense = forced_logits(llms["dense"], ids, length - n, n)
-    targets = torch.tensor(ids[length - n:length], device=dense.device)
-    ppl = token_metrics(dense, dense, targets)["ppl"]
-    rows = [{"task": "teacher_forced", "length": length, "config": "dense", "ppl_dense": ppl, "ppl": ppl}]
-    for name, llm in llms.items():
+def attended(cfg: RetrievalConfig, context: int) -> float:
+    """The share of a context's tokens a decode step attends per KV head: sinks, window, retrieved
+    blocks and the partly filled tail block."""
+    window, budget = cfg.plan(context)
+    return min(1.0, (cfg.sink_blocks + window + budget + 1) * cfg.block_size / context)
+
+
+def teacher_forced(llms: dict, ids: list[int], length: int, n: int, windows: int = 1) -> list[dict]:
+    """top-1 agreement, KL(dense || config) and perplexities over the n real tokens ending at length,
+    in each of `windows` documents cut from the text at evenly spaced offsets (the first at 0): one
+    window of 256 tokens moves top-1 in steps of 0.004 and hangs on a few near-tied positions."""
+    stride = (len(ids) - length) // windows
+    if stride < 0:
+        raise SystemExit(f"error: the corpus has {len(ids)} tokens, fewer than one {length}-token window")
+    per = {}  # config -> the metrics of each window
+    for w in range(windows):
+        doc = ids[w * stride:w * stride + length]
+        dense = forced_logits(llms["dense"], doc, length - n, n)
+        targets = torch.tensor(doc[length - n:], device=dense.device)
+        for name, llm in llms.items():
+            logits = dense if name == "dense" else forced_logits(llm, doc, length - n, n)
+            per.setdefault(name, []).append(token_metrics(dense, logits, targets))
+    rows = []
+    for name, ms in per.items():
+        mean = lambda k: sum(m[k] for m in ms) / len(ms)  # noqa: E731 (windows have equal positions)
+        gmean = lambda k: math.exp(sum(math.log(m[k]) for m in ms) / len(ms))  # noqa: E731 (ppl: mean NLL)
+        row = {"task": "teacher_forced", "length": length, "config": name, "ppl_dense": gmean("ppl_dense"),
+               "ppl": gmean("ppl")}
         if name != "dense":
-            m = token_metrics(dense, forced_logits(llm, ids, length - n, n), targets)
-            rows.append({"task": "teacher_forced", "length": length, "config": name, **m})
+            row |= {"attended": attended(llms[name].retrieval, length), "top1_agree": mean("top1_agree"), "kl": mean("kl"), "kl_max": max(m["kl_max"] for m in ms),
+                    "positions": sum(m["positions"] for m in ms), "windows": len(ms),
+                    "top1_by_window": [round(m["top1_agree"], 4) for m in ms]}
+        rows.append(row)
     return rows
 
 
@@ -170,8 +188,8 @@ def summary_tables(rows: list[dict], tf_rows: list[dict], configs: list[str]) ->
            markdown_table(pivot, ["task", "length"] + configs)]
     if tf_rows:
         out += ["", "## Teacher-forced over real text (tokens ending at `length`)", "",
-                markdown_table(tf_rows, ["length", "config", "top1_agree", "kl", "kl_max", "ppl_dense", "ppl",
-                                         "positions"])]
+                markdown_table(tf_rows, ["length", "config", "attended", "top1_agree", "kl", "kl_max", "ppl_dense", "ppl",
+                                         "positions", "top1_by_window"])]
     return "\n".join(out)
 
 
@@ -242,7 +260,7 @@ def load_all(path: Path, args, configs: dict, max_context: int) -> dict:
 def run(args) -> Path:
     t0 = time.perf_counter()
     configs = {spec: parse_config(spec) for spec in args.configs.split(",") if spec}
-    lengths, tasks = [tokens_of(s) for s in args.lengths.split(",")], args.tasks.split(",")
+    lengths, tasks = [tokens_of(s) for s in args.lengths.split(",")], [t for t in args.tasks.split(",") if t]
     if unknown := set(tasks) - set(TASKS):
         raise SystemExit(f"error: unknown task(s) {', '.join(sorted(unknown))}; tasks: {', '.join(TASKS)}")
     path, sha, description = resolve_model(args.model)
@@ -258,7 +276,8 @@ def run(args) -> Path:
         "model": description, "model_path": str(path), "model_sha256": sha, "dtype": str(llm0.model.dtype),
         "corpus": corpus.summary(docs), "configs": {"dense": None} | {k: asdict(c) for k, c in configs.items()},
         "lengths": lengths, "tasks": tasks, "samples": args.samples, "questions_per_document": args.per_doc,
-        "teacher_forced_tokens": args.tf_tokens, "seed": args.seed, "quick": args.quick, "timings": timings}
+        "teacher_forced_tokens": args.tf_tokens, "teacher_forced_windows": args.tf_windows, "seed": args.seed,
+        "quick": args.quick, "timings": timings}
     rows, tf_rows, answers, out, prev = [], [], {}, None, previous(args)
     names = list(llms)
 
@@ -269,7 +288,7 @@ def run(args) -> Path:
     for length in lengths:
         if args.tf_tokens:
             t = time.perf_counter()
-            tf_rows += teacher_forced(llms, text_ids, length, args.tf_tokens)
+            tf_rows += teacher_forced(llms, text_ids, length, args.tf_tokens, args.tf_windows)
             timings[f"teacher_forced@{length}_s"] = round(time.perf_counter() - t, 1)
             mine = tf_rows[len(tf_rows) - len(names):]
             log(f"teacher_forced {length}: dense ppl {mine[0]['ppl']:.3f}" + "".join(
@@ -300,11 +319,12 @@ def parse(argv=None):
     ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU (its bf16 "
                                                     "attention was slower at 8K on the 2-core development machine)")
     ap.add_argument("--lengths", help="prompt lengths in tokens, e.g. 8K,16K,32K")
-    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS) + " ('': teacher forcing only)")
     ap.add_argument("--samples", type=int, help="samples per task and length")
     ap.add_argument("--per-doc", type=int, help="questions per document for the multi-needle, vt and qa tasks")
     ap.add_argument("--configs", help="retrieval configurations besides dense, e.g. default,oracle,lowrank:budget=4096")
     ap.add_argument("--tf-tokens", type=int, help="teacher-forced tokens at each length (0: none)")
+    ap.add_argument("--tf-windows", type=int, help="documents (text offsets) the teacher-forced tokens are taken from")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corpus", help="corpus file: read when it exists, else built here and written there")
     ap.add_argument("--out", help="results directory (default $OUT, else bench/results)")

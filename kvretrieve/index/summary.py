@@ -51,11 +51,14 @@ class BlockSummary:
         return self._attend(q, self.means[layer, :, :n], self.vsums[layer, :, :n], left_out, scale)
 
     def _attend(self, q, means, vsums, mask, scale: float):
+        # The two matmuls read the summaries in their own dtype (fp32 accumulation inside): an fp32
+        # copy of every block's summary per layer and step would triple the traffic (8B shape at
+        # 128K: ~6 GB a step). Only the [Hkv, G, n] scores and weights are fp32.
         hkv, d = means.shape[0], q.shape[-1]
-        s = (q.float().view(hkv, -1, d) @ means.float().transpose(1, 2)) * scale      # [Hkv, G, z]
+        s = (q.to(means.dtype).view(hkv, -1, d) @ means.transpose(1, 2)).float() * scale  # [Hkv, G, n]
         if mask is not None:
             s = s.masked_fill(~mask[:, None], float("-inf"))
         lse = torch.logsumexp(s, -1) + math.log(self.bs)                              # each block = bs keys
         w = torch.softmax(s, -1).nan_to_num()                                          # mass share per block
-        out = (w @ vsums.float()) / self.bs                                            # a block's mean value
+        out = (w.to(vsums.dtype) @ vsums).float() / self.bs                            # a block's mean value
         return out.view(-1, d), lse.view(-1)

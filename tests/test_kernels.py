@@ -211,6 +211,9 @@ def _interp_cases(device="cpu", big=False):
     cases["decode-empty-selection"] = lambda a=[q, kp, vp, empty, tail, scale]: _decode_checks(a)
     one_col = decode_case(4, torch.float32, 5, bs=16, device=device)
     cases["decode-one-column-per-split"] = lambda a=one_col: _decode_checks(a, 10, 1e-5, 16)
+    # Blocks of one token with a slot per column, as index.BlockSummary attends its summaries.
+    rows = decode_case(4, torch.float32, 1, Hkv=2, S=300, bs=1, n=300 if big else 100, device=device)
+    cases["decode-one-token-blocks"] = lambda a=rows: _decode_checks(a, None, 1e-5)
 
     def fp32_accumulation():
         # 2048 tokens in one split, 8 per step: a bf16 running sum (8 mantissa bits) would drift

@@ -444,26 +444,30 @@ def test_ivf_finds_planted_clusters():
         assert members[sorted(got)].sum() >= 0.85 * members.sum()             # and hold the cluster
 
 
-def test_block_summary_estimates_match_their_formula():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_block_summary_estimates_match_their_formula(device):
     """A block counts as block_size keys at its mean key, each with the block's mean value: the zone
-    (given blocks) and the rest (a mask of blocks) against that formula written out."""
+    (given blocks) and the rest (a mask of blocks) against that formula written out (on CUDA through
+    the Triton sparse decode kernel, fp32 with tf32-free dots)."""
     from kvretrieve.index import BlockSummary
 
     g = torch.Generator().manual_seed(10)
-    summary = BlockSummary(kv_geometry(1, 2, 16, 4, 10))
+    summary = BlockSummary(kv_geometry(1, 2, 16, 4, 10, device=device))
     k, v = torch.randn(2, 10, 4, 16, generator=g), torch.randn(2, 10, 4, 16, generator=g)
-    summary.add(0, 0, k, v)
+    summary.add(0, 0, k.to(device), v.to(device))
     q, blocks = torch.randn(6, 16, generator=g), torch.tensor([[1, 4, 7], [0, 2, 9]])
     mask = torch.zeros(2, 10, dtype=torch.bool).scatter(1, blocks, True)
-    for out, lse in (summary.estimate(0, q, blocks, 0.25), summary.estimate_rest(0, q, mask, 0.25)):
+    for out, lse in (summary.estimate(0, q.to(device), blocks.to(device), 0.25),
+                     summary.estimate_rest(0, q.to(device), mask.to(device), 0.25)):
+        out, lse = out.cpu(), lse.cpu()
         for h in range(6):
             kv = h // 3
             mean, vs = k[kv, blocks[kv]].mean(1), v[kv, blocks[kv]]             # [3, d], [3, 4, d]
             w = 4 * torch.exp(0.25 * mean @ q[h])                               # 4 keys at each mean key
             assert torch.allclose(lse[h], torch.log(w.sum()), atol=1e-5)
             assert torch.allclose(out[h], (w[:, None] * vs.mean(1)).sum(0) / w.sum(), atol=1e-5)
-    out, lse = summary.estimate_rest(0, q, torch.zeros(2, 10, dtype=torch.bool), 0.25)  # nothing left out
-    assert torch.all(lse == float("-inf")) and torch.all(out == 0)
+    out, lse = summary.estimate_rest(0, q.to(device), torch.zeros(2, 10, dtype=torch.bool, device=device), 0.25)
+    assert torch.all(lse == float("-inf")) and torch.all(out == 0)  # nothing left out
 
 
 def test_ivf_errors():

@@ -177,7 +177,7 @@ class RetrievalKV(AttentionBackend):
             left_out = (~plan.outside).expand(self.H, -1).scatter(1, ids, False)  # candidates not attended
             estimate = self.summary.estimate_rest(layer, q[0], left_out, self.scale)
         if estimate is not None:
-            out, _ = kernels.merge_attention(out, lse, estimate[0].to(out.dtype), estimate[1])
+            out, _ = kernels.merge_attention(out, lse, *estimate)
         if self.observer is not None:
             _, lo, hi = plan.candidates()
             self.observer(layer, q[0], ids, lo, hi, self._start + 1, out)

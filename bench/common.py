@@ -14,7 +14,8 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 # KIND:key=N options of a configuration spec (bench/longctx.py --configs, bench/decode.py --kinds)
 CONFIG_OPTIONS = {"budget": "budget_tokens", "window": "window_tokens", "sink": "sink_tokens", "block": "block_size",
-                  "rank": "rank", "zone": "estimate_tokens", "rest": "estimate_rest"}  # rest=1: estimate what is left out
+                  "rank": "rank", "zone": "estimate_tokens", "rest": "estimate_rest",  # rest=1: estimate what is left out
+                  "int8": "store_dtype"}  # int8=0: the CPU store in the model's dtype
 
 
 def config_fields(options: list[str], spec: str) -> dict:
@@ -24,7 +25,8 @@ def config_fields(options: list[str], spec: str) -> dict:
         key, _, value = o.partition("=")
         if key not in CONFIG_OPTIONS or not value.isdigit():
             raise SystemExit(f"error: bad option {o!r} in {spec!r}; use {'|'.join(CONFIG_OPTIONS)}=N")
-        fields[CONFIG_OPTIONS[key]] = bool(int(value)) if key == "rest" else int(value)
+        n = int(value)
+        fields[CONFIG_OPTIONS[key]] = bool(n) if key == "rest" else ("int8" if n else "model") if key == "int8" else n
     return fields
 
 

@@ -103,7 +103,8 @@ class RetrievalConfig:
     reselect_every: int = 1       # decode steps one selection serves (LServe-style reuse, a speed knob)
     kmeans: str = "auto"          # ivf: auto, torch, faiss, faiss-gpu
     estimate_tokens: int = 0      # next-ranked tokens that count through block summaries (RetroInfer's zone)
-    estimate_rest: bool = False   # every candidate block not attended counts through its summary
+    estimate_rest: bool | None = None  # every candidate block not attended counts through its summary;
+                                       # None: on, except for ivf and beside estimate_tokens (kvretrieve.resolve)
     cluster_tokens: int = 8192    # ivf: tokens per clustered prefill segment
     store_dtype: str = "auto"     # the CPU store: model (its dtype), int8 (a scale per token and head), auto
 

@@ -133,8 +133,9 @@ def resolve_attention(retrieval: RetrievalConfig | None, mc: ModelConfig, capaci
     why = (f"the KV cache of {capacity:,} tokens ({kv / GiB:.1f} GiB) does not fit ({where})"
            if retrieval.index == "auto" else f"RetrievalConfig(index={retrieval.index!r})")
     attended = cfg.sink_tokens + (window + budget) * cfg.block_size
+    rest = ", the rest estimated" if cfg.estimate_rest else ""
     return AttentionChoice(cfg, f"retrieval ({cfg.index} index, {cfg.store_dtype} CPU store, {attended:,} tokens "
-                                f"attended per step at {capacity:,}): {why}")
+                                f"attended per step at {capacity:,}{rest}): {why}")
 
 
 def resolve_retrieval(cfg: RetrievalConfig, mc: ModelConfig, capacity: int, device: torch.device,
@@ -146,12 +147,19 @@ def resolve_retrieval(cfg: RetrievalConfig, mc: ModelConfig, capacity: int, devi
     store_dtype: int8 on CUDA, where every missed block crosses PCIe and int8 halves those bytes
       (128K, 8B shape: 15.1 -> 12.7 ms/token); the model's dtype on the CPU, where the store is read
       in place and dequantizing would only cost time;
+    estimate_rest: on for every kind but ivf (Qwen2.5-Coder-1.5B at 32K, lowrank: KL 0.032 -> 0.018,
+      top-1 0.927 -> 0.951, bench/results/longctx_levers.md; ivf gained nothing on the 0.5B at 8K,
+      its centroids already rank mixed clusters) and unless estimate_tokens is set; its summaries
+      (2 x head_dim values per block and KV head) count in index auto's choice;
     kmeans: see index.ivf.resolve_kmeans."""
     index = cfg.index
     if index == "auto":
         geo = geometry(mc, capacity, cfg.block_size, device, dtype)
         sketch = geo.nbytes(geo.layers, geo.kv_heads, geo.max_tokens, cfg.rank)
+        if cfg.estimate_rest is not False and not cfg.estimate_tokens:
+            sketch += 2 * geo.nbytes(geo.layers, geo.kv_heads, geo.max_blocks, geo.head_dim)
         free = free_bytes(device) if free is None else free
         index = "lowrank" if sketch <= AUTO_SKETCH_SHARE * free else "ivf"
     store = cfg.store_dtype if cfg.store_dtype != "auto" else "int8" if device.type == "cuda" else "model"
-    return replace(cfg, index=index, store_dtype=store, kmeans=resolve_kmeans(cfg.kmeans, device))
+    rest = cfg.estimate_rest if cfg.estimate_rest is not None else index != "ivf" and not cfg.estimate_tokens
+    return replace(cfg, index=index, store_dtype=store, estimate_rest=rest, kmeans=resolve_kmeans(cfg.kmeans, device))

@@ -368,7 +368,8 @@ def test_cuda_graph_steps_equal_eager_steps(tiny_dir, kind, store):
 def test_observer_sees_what_decode_attended(tiny_dir):
     """The observer hook reports the attended set; attention restricted to it, recomputed from the
     layer's full K,V, equals the sparse kernel's output."""
-    cfg = RetrievalConfig(index="bounds", block_size=8, budget_tokens=32, sink_tokens=8, window_tokens=16)
+    cfg = RetrievalConfig(index="bounds", block_size=8, budget_tokens=32, sink_tokens=8, window_tokens=16,
+                          estimate_rest=False)  # the output is then the attended set's alone
     _, sparse = engines(tiny_dir, cfg)
     backend, seen = sparse.backend, []
 
@@ -486,7 +487,7 @@ def test_estimating_the_left_out_blocks_in_decode(tiny_dir, kind):
     summary-estimated mass: the output stays finite, a zone that covers every candidate gives what
     the rest gives, and both move toward dense."""
     base = RetrievalConfig(index=kind, block_size=4, budget_tokens=32, sink_tokens=4, window_tokens=8, rank=8,
-                           cluster_tokens=256, kmeans="torch")
+                           cluster_tokens=256, kmeans="torch", estimate_rest=False)
     dense, plain = engines(tiny_dir, base)
     _, zoned = engines(tiny_dir, dataclasses.replace(base, estimate_tokens=1024))
     _, rest = engines(tiny_dir, dataclasses.replace(base, estimate_rest=True))
@@ -674,11 +675,14 @@ def test_auto_index_takes_lowrank_while_its_sketches_fit_and_ivf_beyond(tiny_dir
     mc, cpu = decoder(tiny_dir).cfg, torch.device("cpu")
     capacity = 1000 * cfg.block_size - 16             # 1,000 blocks with the tail block
     sketch = mc.num_layers * mc.num_kv_heads * 1000 * cfg.block_size * cfg.rank * 4  # fp32
-    for free, kind in [(2 * sketch, "lowrank"), (2 * sketch - 4096, "ivf")]:
-        monkeypatch.setenv("KVRETRIEVE_FREE_RAM_GB", str(free / 2**30))
-        assert resolve_retrieval(cfg, mc, capacity, cpu, torch.float32).index == kind
-        assert resolve_retrieval(dataclasses.replace(cfg, index="bounds"), mc, capacity, cpu, torch.float32).index \
-            == "bounds"
+    summary = 2 * mc.num_layers * mc.num_kv_heads * 1000 * mc.head_dim * 4  # mean keys and value sums (the rest)
+    for rest, need in ((None, sketch + summary), (False, sketch)):
+        for free, kind in [(2 * need, "lowrank"), (2 * need - 4096, "ivf")]:
+            monkeypatch.setenv("KVRETRIEVE_FREE_RAM_GB", str(free / 2**30))
+            got = resolve_retrieval(dataclasses.replace(cfg, estimate_rest=rest), mc, capacity, cpu, torch.float32)
+            assert (got.index, got.estimate_rest) == (kind, rest is None and kind == "lowrank")
+            assert resolve_retrieval(dataclasses.replace(cfg, index="bounds"), mc, capacity, cpu,
+                                     torch.float32).index == "bounds"
     monkeypatch.delenv("KVRETRIEVE_FREE_RAM_GB")
     dense, auto = engines(tiny_dir, dataclasses.replace(cfg, budget_tokens=64, window_tokens=16))
     _, lowrank = engines(tiny_dir, RetrievalConfig(index="lowrank", rank=8, budget_tokens=64, window_tokens=16))

@@ -102,6 +102,9 @@ def retrieval_options(f):
                      help="CPU KV store: the model's dtype, or int8 with a scale per token (half the RAM and "
                           "half the copies; accuracy in the README); auto: int8 on a GPU, the model's dtype "
                           "on the CPU."),
+        click.option("--estimate-rest/--no-estimate-rest", default=None,
+                     help="Count the blocks a step does not attend through a summary of each (mean key, value "
+                          "sum) merged into the attention (default: on, except for ivf; accuracy in the README)."),
         click.option("--speculative", is_flag=True,
                      help="Prefetch the next layer's blocks from an approximate query (slower with random "
                           "weights; see bench/NOTES.md)."),
@@ -114,7 +117,7 @@ def retrieval_from_options(opts: dict) -> RetrievalConfig | None:
     return RetrievalConfig(index=opts["retrieval"], budget_tokens=opts["budget"], block_size=opts["block_size"],
                            sink_tokens=opts["sink"], window_tokens=opts["window"], rank=opts["rank"],
                            reselect_every=opts["reselect_every"], store_dtype=opts["store_dtype"],
-                           speculative=opts["speculative"])
+                           speculative=opts["speculative"], estimate_rest=opts["estimate_rest"])
 
 
 def sampling_options(f):
@@ -152,7 +155,8 @@ def sampling_from_options(opts: dict):
 # (device, dtype) are parameters only where a value follows: device='cpu'.
 _RETRIEVAL_FLAGS = {"index": "--retrieval", "budget_tokens": "--budget", "window_tokens": "--window",
                     "sink_tokens": "--sink", "block_size": "--block-size", "rank": "--rank",
-                    "reselect_every": "--reselect-every", "store_dtype": "--store-dtype"}
+                    "reselect_every": "--reselect-every", "store_dtype": "--store-dtype",
+                    "estimate_rest": "--estimate-rest"}
 PARAM_FLAGS = {
     "max_context": "--max-context", "gpu_mem_gb": "--gpu-mem-gb", "prefill_chunk": "--prefill-chunk",
     "device": "--device", "dtype": "--dtype", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",

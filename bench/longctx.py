@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval_models  # noqa: E402
 import longctx_corpus as corpus  # noqa: E402
 from accuracy_metrics import token_metrics  # noqa: E402
-from common import RESULTS, config_fields, markdown_table, provenance, write_results  # noqa: E402
+from common import (RESULTS, add_provenance_args, config_fields, keep_runs, markdown_table,  # noqa: E402
+                    provenance, source_commit, stamp, write_results)
 from longctx_tasks import TASKS, Builder, Question, generate, recall, score  # noqa: E402
 
 import kvretrieve  # noqa: E402
@@ -209,6 +210,7 @@ def previous(args) -> dict | None:
 
 def save(args, meta: dict, rows: list[dict], tf_rows: list[dict], answers: dict, configs: list[str],
          prev: dict | None = None) -> Path:
+    stamp(rows + tf_rows, meta)
     if prev is not None:  # rows of this run replace the same (task, length, config) rows of prev
         key = lambda r: (r["task"], r["length"], r["config"])  # noqa: E731
         new = {key(r) for r in rows + tf_rows}
@@ -218,8 +220,7 @@ def save(args, meta: dict, rows: list[dict], tf_rows: list[dict], answers: dict,
         answers = {**old, **{k: [{**a, **b} for a, b in zip(old[k], v)] if len(old.get(k, [])) == len(v) else v
                              for k, v in answers.items()}}
         configs = list(dict.fromkeys(["dense"] + [r["config"] for r in rows]))
-        runs = prev.get("merged_runs", []) + [{k: prev.get(k) for k in ("command", "commit", "date", "device")}]
-        meta = {**meta, "merged_runs": runs}
+    meta = keep_runs(prev, meta, rows + tf_rows)
     return write(args.name, meta, rows, tf_rows, answers, configs, out_dir(args))
 
 
@@ -235,7 +236,7 @@ def write(name: str, meta: dict, rows: list[dict], tf_rows: list[dict], answers:
     return write_results(name, {**meta, "teacher_forced": tf_rows, "answers": answers}, rows, COLUMNS, notes, out)
 
 
-def rescore(path: Path) -> Path:
+def rescore(path: Path, allow_dirty: bool = False) -> Path:
     """Recompute each row's recall from the answers a results file stores (no model needed), and
     rewrite its JSON and markdown in place; the runs that made them stay as recorded."""
     data = json.loads(path.read_text())
@@ -245,8 +246,8 @@ def rescore(path: Path) -> Path:
         if samples and all(r["config"] in a for a in samples):
             r["recall"] = sum(recall(a[r["config"]], a["expected"]) for a in samples) / len(samples)
     configs = list(dict.fromkeys(["dense"] + [r["config"] for r in rows]))
-    stamp = provenance()
-    data["rescored"] = {k: stamp[k] for k in ("command", "commit", "date")}  # a derived column, said so
+    data["rescored"] = {"command": " ".join(sys.argv), "commit": source_commit(allow_dirty),
+                        "note": "the recall column, derived from the stored answers"}
     return write(path.stem, data, rows, tf_rows, answers, configs, path.parent)
 
 
@@ -277,7 +278,7 @@ def run(args) -> Path:
     tok, device = llm0.tokenizer, str(llm0.device)
     builder = Builder(tok, corpus.corpus_paragraphs(docs), corpus.vocabulary(docs))
     text_ids = tok.encode("\n\n".join(d["text"] for d in docs))
-    meta = provenance(device) | {
+    meta = provenance(device, args.allow_dirty) | {
         "model": description, "model_path": str(path), "model_sha256": sha, "dtype": str(llm0.model.dtype),
         "corpus": corpus.summary(docs), "configs": {"dense": None} | {k: asdict(c) for k, c in configs.items()},
         "lengths": lengths, "tasks": tasks, "samples": args.samples, "questions_per_document": args.per_doc,
@@ -338,6 +339,7 @@ def parse(argv=None):
                     help="keep the rows of other tasks/lengths/configs of FILE (default: the output file)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--rescore", metavar="FILE", help="only recompute the recall column of FILE from its stored answers")
+    add_provenance_args(ap)
     args = ap.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -352,4 +354,4 @@ def parse(argv=None):
 
 if __name__ == "__main__":
     options = parse()
-    print(rescore(Path(options.rescore)) if options.rescore else run(options))
+    print(rescore(Path(options.rescore), options.allow_dirty) if options.rescore else run(options))

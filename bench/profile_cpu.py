@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, provenance, write_results  # noqa: E402
+from common import RESULTS, add_provenance_args, keep_runs, provenance, stamp, write_results  # noqa: E402
 
 from click.testing import CliRunner  # noqa: E402
 
@@ -28,7 +28,9 @@ def main() -> None:
     ap.add_argument("--sink", default="32")
     ap.add_argument("--decode-steps", default="48")
     ap.add_argument("--kinds", default="lowrank,bounds")
+    add_provenance_args(ap)
     args = ap.parse_args()
+    run = provenance("cpu", args.allow_dirty)  # refused now, not after the work
     rows = []
     for kind in args.kinds.split(","):
         for spec in (False, True):
@@ -47,7 +49,7 @@ def main() -> None:
     notes = ("SmolLM2-135M-Instruct, real weights, prompt = CPython's pydoc topics, greedy decode. cache_hit: share "
              "of selected blocks already in the GPU block pool (LRU, 2x budget); spec_hit: share of the exact "
              "selection that the speculative next-layer prediction had already picked.")
-    write_results("profile_cpu_real_weights", provenance("cpu"), rows, cols, notes, RESULTS)
+    write_results("profile_cpu_real_weights", keep_runs(None, run, stamp(rows, run)), rows, cols, notes, RESULTS)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def test_replay_and_batched_steps_equal_prefill_and_engine_steps(smol_dir):
 
 def test_quick_grid_default_keeps_top1_agreement(tmp_path):
     out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, str(BENCH / "accuracy.py"), "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(BENCH / "accuracy.py"), "--quick", "--out", str(out), "--allow-dirty"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "accuracy.json").read_text())

@@ -104,14 +104,14 @@ def test_scorer_accepts_the_answer_and_rejects_wrong_or_partial_ones():
 
 def test_rescore_fills_recall_from_the_stored_answers_and_keeps_provenance(tmp_path):
     from common import provenance
-    meta = provenance() | {"command": "the original run", "model": "m", "dtype": "float32", "model_sha256": None,
+    meta = provenance(allow_dirty=True) | {"command": "the original run", "model": "m", "dtype": "float32", "model_sha256": None,
                            "timings": {}, "corpus": {"sha256": "0" * 64, "documents": 1, "chars_by_kind": {}}}
     rows = [{"task": "vt", "length": 8192, "config": c, "correct": 0, "samples": 2} for c in ("dense", "oracle")]
     answers = {"vt@8192": [{"expected": ["AAAAA", "BBBBB"], "dense": "AAAAA BBBBB", "oracle": "AAAAA"},
                            {"expected": ["CCCCC", "DDDDD"], "dense": "CCCCC", "oracle": "none"}]}
     path = longctx.save(longctx.parse(["--out", str(tmp_path), "--name", "r"]), meta, rows, [], answers,
                         ["dense", "oracle"])
-    out = json.loads(longctx.rescore(path).read_text())
+    out = json.loads(longctx.rescore(path, allow_dirty=True).read_text())
     assert [r["recall"] for r in out["rows"]] == [0.75, 0.25]
     assert out["command"] == "the original run" and "rescored" in out and out["answers"] == answers
     assert "0/2 (0.75)" in path.with_suffix(".md").read_text()
@@ -180,7 +180,8 @@ def test_prefill_after_answer_steps_reuses_the_prefix_correctly(smol_dir):
                     "(python bench/eval_models.py 0.5b)")
 def test_quick_run_scores_every_task_for_dense_and_default(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, str(REPO / "bench" / "longctx.py"), "--quick", "--out", str(tmp_path)],
+    subprocess.run([sys.executable, str(REPO / "bench" / "longctx.py"), "--quick", "--out", str(tmp_path),
+                    "--allow-dirty"],
                    check=True, env=env, cwd=REPO, timeout=3600)
     rows = json.loads(next(tmp_path.glob("longctx_quick_*.json")).read_text())["rows"]
     scored = {(r["task"], r["config"]) for r in rows if r["samples"] > 0}
@@ -188,8 +189,8 @@ def test_quick_run_scores_every_task_for_dense_and_default(tmp_path):
 
 
 def test_merge_keeps_other_rows_and_answers(tmp_path):
-    from common import provenance
-    meta = provenance() | {"model": "m", "dtype": "float32", "model_sha256": None, "timings": {},
+    from common import provenance, run_id
+    meta = provenance(allow_dirty=True) | {"model": "m", "dtype": "float32", "model_sha256": None, "timings": {},
                            "corpus": {"sha256": "0" * 64, "documents": 1, "chars_by_kind": {}}}
 
     def rows(length, config):
@@ -198,10 +199,15 @@ def test_merge_keeps_other_rows_and_answers(tmp_path):
     path = longctx.save(first, meta, rows(8192, "default"), [], {"cwe@8192": [{"dense": "x", "default": "y"}]},
                         ["dense", "default"])
     second = longctx.parse(["--out", str(tmp_path / "b"), "--name", "r", "--merge", str(path)])
-    out = longctx.save(second, meta, rows(8192, "oracle"), [], {"cwe@8192": [{"dense": "x", "oracle": "z"}]},
+    later = meta | {"date": "2099-01-01 00:00 UTC"}
+    out = longctx.save(second, later, rows(8192, "oracle"), [], {"cwe@8192": [{"dense": "x", "oracle": "z"}]},
                        ["dense", "oracle"], longctx.previous(second))
     merged = json.loads(out.read_text())
     assert {(r["length"], r["config"]) for r in merged["rows"]} == {(8192, "dense"), (8192, "default"),
                                                                    (8192, "oracle")}
     assert merged["answers"]["cwe@8192"] == [{"dense": "x", "default": "y", "oracle": "z"}]
-    assert len(merged["merged_runs"]) == 1 and "| default | oracle |" in out.with_suffix(".md").read_text()
+    assert "| default | oracle |" in out.with_suffix(".md").read_text()
+    # each row names the run that made it (dense: the later one, which re-ran it), and both runs are kept
+    assert {(r["config"], r["run"]) for r in merged["rows"]} == {("default", run_id(meta)), ("dense", run_id(later)),
+                                                                 ("oracle", run_id(later))}
+    assert [run_id(r) for r in merged["runs"]] == [run_id(meta), run_id(later)]

@@ -16,6 +16,23 @@ def _check(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_types(obj, prefix: str = "") -> None:
+    """Every field of a config dataclass holds its annotated type (None where the annotation allows
+    it; an int where a float is asked; never a bool for a number): a string where a number belongs
+    would otherwise fail later inside a comparison, far from the value that caused it."""
+    for name in obj.__dataclass_fields__:
+        kinds = [k.strip() for k in obj.__dataclass_fields__[name].type.split("|")]
+        value = getattr(obj, name)
+        if value is None and "None" in kinds:
+            continue
+        allowed = tuple(t for k in kinds if k != "None" for t in _TYPES.get(k, (object,)))
+        _check(isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool)),
+               f"{prefix}{name} must be {' or '.join(kinds)}, got {value!r}")
+
+
 def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -58,6 +75,7 @@ class RuntimeConfig:
     gpu_mem_gb: float | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         kind, colon, index = str(self.device).partition(":")
         _check(self.device == "auto" or (kind in ("cpu", "cuda") and (not colon or index.isdigit())),
@@ -109,6 +127,7 @@ class RetrievalConfig:
     store_dtype: str = "auto"     # the CPU store: model (its dtype), int8 (a scale per token and head), auto
 
     def __post_init__(self) -> None:
+        _check_types(self, "RetrievalConfig.")
         _check(self.index in INDEX_KINDS,
                f"unknown RetrievalConfig.index {self.index!r}; choose one of {', '.join(INDEX_KINDS)}")
         _check(_power_of_two(self.block_size) and 4 <= self.block_size <= 256,

@@ -95,7 +95,16 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=False)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # the Rust tokenizer takes only valid Unicode: lone surrogates (undecodable bytes)
+            bad = next((i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF), None) if isinstance(text, str) \
+                else None
+            if bad is None:
+                raise
+            raise InputError(f"the text holds a character that is not valid Unicode at index {bad:,} (a lone "
+                             "surrogate, as bytes that are not UTF-8 become with errors='surrogateescape'); decode "
+                             "it with errors='replace' or fix its encoding") from None
         if self._model_vocab is not None and ids and max(ids) >= self._model_vocab:
             raise ModelLoadError(f"the tokenizer gave token id {max(ids)} but the model embeds only "
                                  f"{self._model_vocab:,} tokens: tokenizer.json belongs to another model; use the "

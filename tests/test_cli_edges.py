@@ -91,8 +91,8 @@ def test_tiny_temperature_answers_like_greedy(smol, smol_dir):
     assert "Paris" in greedy
     for temperature in (1e-40, 1e-300):
         assert smol.generate(question, max_new_tokens=8, temperature=temperature) == greedy
-    result = run("generate", question[0]["content"], "--model", str(smol_dir), "--max-new-tokens", "20", "--temperature", "1e-300",
-                 *FAST)
+    result = run("generate", question[0]["content"], "--model", str(smol_dir), "--max-new-tokens", "8",
+                 "--temperature", "1e-300", *FAST)
     assert result.exit_code == 0 and "Paris" in result.stdout, result.output
 
 

@@ -37,9 +37,19 @@ def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+# Below this temperature sampling is greedy (argmax, as at 0), as in vLLM (its _SAMPLING_EPS): the
+# limit of softmax(logits / T) as T -> 0 is the argmax, while dividing by such a T in float32
+# overflows (1e-300 is 0 in float32) and turns every probability into NaN.
+GREEDY_BELOW = 1e-5
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+
+
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
-    """How tokens are drawn. temperature 0 means greedy; top_k 0 and top_p 1.0 mean no cut."""
+    """How tokens are drawn. temperature 0 (or below GREEDY_BELOW) means greedy; top_k 0 and
+    top_p 1.0 mean no cut. repeat_penalty (1.0 = off) divides the positive logits and multiplies
+    the negative ones of every token among the last repeat_last_n of the context (prompt included),
+    as llama.cpp's repeat_penalty and transformers' repetition_penalty do."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -47,6 +57,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
@@ -54,9 +66,22 @@ class SamplingParams:
                f"temperature must be >= 0 (0 = greedy) and finite, got {self.temperature}")
         _check(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed <= SEED_MAX),
+               f"seed must be an integer from 0 to 2**64 - 1 ({SEED_MAX}), got {self.seed}")
+        _check(0 < self.repeat_penalty < float("inf"),
+               f"repeat_penalty must be > 0 and finite (1.0 = off, 1.1 is usual), got {self.repeat_penalty}")
+        _check(self.repeat_last_n >= 0, f"repeat_last_n must be >= 0 tokens (0 = off), got {self.repeat_last_n}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def penalized(self) -> bool:
+        return self.repeat_penalty != 1.0 and self.repeat_last_n > 0
 
 
 @dataclass(slots=True, frozen=True)

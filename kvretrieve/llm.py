@@ -15,7 +15,7 @@ import torch
 
 from .config import RetrievalConfig, SamplingParams
 from .engine.engine import Engine
-from .engine.sampling import make_generator, sample
+from .engine.sampling import Sampler
 from .errors import InputError
 from .models.llama import Decoder
 from .models.tokenizer import StreamDecoder, Tokenizer
@@ -125,7 +125,8 @@ class LLM:
     def stream(self, prompt: Prompt, max_new_tokens: int | None = None, *, sampling: SamplingParams | None = None,
                on_layer: Callable[[int], None] | None = None, **kwargs) -> Iterator[str]:
         """Yield the answer as text pieces while it is generated. Keyword arguments are SamplingParams
-        fields (temperature, top_k, top_p, seed, stop). The full result lands in `self.last`."""
+        fields (temperature, top_k, top_p, seed, stop, repeat_penalty, repeat_last_n). The full result
+        lands in `self.last`."""
         if max_new_tokens is not None:
             kwargs["max_new_tokens"] = max_new_tokens
         params = sampling if sampling is not None else SamplingParams(**kwargs)
@@ -133,7 +134,7 @@ class LLM:
         reused = min(_shared_prefix(self._ids, ids), len(ids) - 1, self.engine.length)
         t0 = time.perf_counter()
         logits = self.prefill(ids, on_layer)
-        gen = make_generator(params, self.device)
+        sampler = Sampler(params, self.device, ids)  # the penalty counts the prompt's tail, as in llama.cpp
         room = self.max_context - self.engine.length  # decode steps the cache can still take
         steps = max(0, min(params.max_new_tokens - 1, room))
         decoder, out, sent, new_ids, step_ms = StreamDecoder(self.tokenizer), "", 0, [], []
@@ -141,7 +142,7 @@ class LLM:
         if params.max_new_tokens == 0:
             finish, tokens = "length", (t for t in ())
         else:
-            tokens = self.engine.decode(sample(logits, params, gen), lambda x: sample(x, params, gen), steps)
+            tokens = self.engine.decode(sampler(logits), sampler, steps)
         with closing(tokens):
             while True:
                 t = time.perf_counter()

@@ -37,7 +37,7 @@ def assert_user_error(result, *fragments):
 
 def test_version_and_help():
     assert run("--version").output.strip().endswith(__version__)
-    for cmd in ([], ["generate"], ["chat"]):
+    for cmd in ([], ["generate"], ["chat"], ["profile"]):
         result = run(*cmd, "--help")
         assert result.exit_code == 0 and "Usage:" in result.output
 

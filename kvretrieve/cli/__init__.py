@@ -1,10 +1,13 @@
 """Command line: `kvretrieve generate`, `kvretrieve chat` (and `kvretrieve profile`).
 
-User errors (KVRetrieveError) print one line and exit 1; usage errors exit 2; Ctrl-C exits 130.
-Anything else is a bug: one line asking for --debug, which shows the traceback.
+User errors (KVRetrieveError) print one line and exit 1; usage errors exit 2; Ctrl-C exits 130; a
+reader that goes away (`| head`) ends the run quietly with exit 0. Anything else is a bug: one line
+asking for --debug, which shows the traceback. Nothing imported here imports torch: --help answers
+at once, and a command pays for torch only when it runs.
 """
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -13,8 +16,9 @@ import click
 from .. import __version__
 from ..errors import InputError, KVRetrieveError
 from .chat import chat
-from .options import (as_flags, debug_enabled, format_stats, load_from_options, model_options, retrieval_options,
-                      sampling_from_options, sampling_options, set_debug)
+from .options import (as_flags, check_utf8, debug_enabled, format_stats, load_from_options, model_options,
+                      require_stdin, require_stdout, retrieval_options, sampling_from_options, sampling_options,
+                      set_debug)
 from .profile import profile
 
 
@@ -34,6 +38,11 @@ class Cli(click.Group):
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             ctx.exit(130)
+        except BrokenPipeError:
+            # The reader took what it wanted (`| head -c 20`): no error, as for cat or grep. stdout goes
+            # to /dev/null so that Python's flush of it at exit does not fail again ("Exception ignored").
+            _stdout_to_devnull()
+            ctx.exit(0)
         except Exception as e:  # a bug, not a user error
             if debug_enabled(ctx):
                 traceback.print_exc()
@@ -41,6 +50,16 @@ class Cli(click.Group):
                 click.echo(f"internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)",
                            err=True)
             ctx.exit(1)
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no stdout, or one without a descriptor (CliRunner's)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,24 +79,31 @@ def cli():
 @click.argument("prompt")
 @model_options
 @retrieval_options
-@sampling_options
+@sampling_options(1.0, "Off by default here: a greedy answer stays the model's own (exact, reproducible, the "
+                       "same as transformers' and llama.cpp's); chat turns it on.")
 @click.option("--raw", is_flag=True, help="Send PROMPT as is, without the model's chat template.")
 @click.option("--system", default=None, help="System message (chat template only).")
 @click.option("--stats", is_flag=True, help="Print timings to stderr at the end.")
 def generate(prompt, raw, system, stats, **opts):
     """Answer PROMPT (or '-' to read it from stdin), streaming the text."""
+    require_stdout()
     if prompt == "-":
+        require_stdin("prompt", "pipe one in (`echo Why? | kvretrieve generate -`) or pass it as the argument")
         try:
             prompt = sys.stdin.read()
         except UnicodeDecodeError as e:
             raise InputError(f"the prompt on stdin is not UTF-8 text (invalid byte {e.object[e.start:e.start + 1]!r}); "
                              "convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+    check_utf8(prompt, "the prompt")
+    if system is not None:
+        check_utf8(system, "the --system message")
     if not prompt.strip():
         raise InputError("the prompt is empty; pass some text, or '-' to read it from stdin")
+    sampling = sampling_from_options(opts)
     llm = load_from_options(opts)
     if not raw and llm.tokenizer.chat_template:
         prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    for piece in llm.stream(prompt, sampling=sampling_from_options(opts)):
+    for piece in llm.stream(prompt, sampling=sampling):
         click.echo(piece, nl=False)
         sys.stdout.flush()
     click.echo()

@@ -13,8 +13,8 @@ from pathlib import Path
 import click
 
 from ..errors import InputError
-from .options import (PrefillProgress, as_flags, format_stats, load_from_options, model_options, retrieval_options,
-                      sampling_from_options, sampling_options)
+from .options import (PrefillProgress, as_flags, check_utf8, format_stats, load_from_options, model_options,
+                      require_stdin, require_stdout, retrieval_options, sampling_from_options, sampling_options)
 
 _MARK = "\x00question\x00"  # stands for the first question while the documents are prefilled
 HELP = "commands: /reset (forget the conversation, keep the documents), /stats, /exit"
@@ -96,7 +96,8 @@ class Conversation:
 @click.option("--system", default=None, help="System message.")
 @model_options
 @retrieval_options
-@sampling_options
+@sampling_options(1.1, "On by default here (1.1 over 64 tokens, llama.cpp's long-time default): without it "
+                       "small models fall into loops, repeating a line until --max-new-tokens.")
 def chat(documents, system, **opts):
     """Chat about documents. Questions come from the terminal, or one per line from piped stdin.
 
@@ -104,6 +105,11 @@ def chat(documents, system, **opts):
     In the terminal: /reset forgets the conversation (the documents stay), /stats shows timings,
     /exit or Ctrl-D quits, Ctrl-C stops an answer.
     """
+    require_stdout()
+    require_stdin("question", "run chat in a terminal, or pipe questions in, one per line")
+    if system is not None:
+        check_utf8(system, "the --system message")
+    sampling = sampling_from_options(opts)
     block = documents_block(list(documents)) if documents else ""
     llm = load_from_options(opts)
     if not llm.tokenizer.chat_template:
@@ -113,52 +119,60 @@ def chat(documents, system, **opts):
     conv = Conversation(llm, block, system)
     if block:
         conv.prefill_documents(progress)
-    sampling = sampling_from_options(opts)
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo(HELP, err=True)
-    while True:
+    while (line := _read_line(interactive)) is not None:
         try:
-            line = input(">>> ") if interactive else sys.stdin.readline()
-        except (EOFError, KeyboardInterrupt):
-            click.echo(err=True)
-            return
-        except UnicodeDecodeError as e:
-            raise InputError(f"a question on stdin is not UTF-8 text (invalid byte {e.object[e.start:e.start + 1]!r});"
-                             " send UTF-8, e.g. through `iconv -t utf-8`") from None
-        if not interactive and line == "":
-            return
-        question = line.strip()
-        if not question:
-            continue
-        if question in ("/exit", "/quit"):
-            return
-        if question == "/reset":
-            conv.turns = []
-            click.echo("conversation cleared (documents kept)", err=True)
-            continue
-        if question == "/stats":
-            click.echo(format_stats(llm), err=True)
-            continue
-        if question.startswith("/"):
-            click.echo(f"unknown command {question}; {HELP}", err=True)
-            continue
-        pieces = conv.ask(question, sampling, progress)
-        try:
-            for piece in pieces:
-                click.echo(piece, nl=False)
-                sys.stdout.flush()
-            click.echo()
-        except KeyboardInterrupt:
-            # The turn is not recorded; a forward pass cut short is rolled back by the engine and LLM
-            # keeps its token list in step with the KV cache, so the next question reuses what is
-            # valid and prefills the rest.
-            pieces.close()
-            click.echo("\n[answer interrupted]", err=True)
-            if not interactive:  # piped questions: Ctrl-C stops the whole run (exit 130)
-                raise
+            question = check_utf8(line, "a question").strip()
+            if question in ("/exit", "/quit"):
+                return
+            if question and not _run_command(question, conv):
+                _answer(conv.ask(question, sampling, progress), interactive)
         except InputError as e:
             if not interactive:
                 raise
             click.echo(f"error: {as_flags(str(e))}", err=True)  # in the terminal the conversation goes on
 
+
+def _read_line(interactive: bool) -> str | None:
+    """The next line of questions; None at the end (Ctrl-D or Ctrl-C at the prompt, the end of piped input)."""
+    try:
+        line = input(">>> ") if interactive else sys.stdin.readline()
+    except (EOFError, KeyboardInterrupt):
+        click.echo(err=True)
+        return None
+    except UnicodeDecodeError as e:
+        raise InputError(f"a question on stdin is not UTF-8 text (invalid byte {e.object[e.start:e.start + 1]!r});"
+                         " send UTF-8, e.g. through `iconv -t utf-8`") from None
+    return None if not interactive and line == "" else line
+
+
+def _run_command(question: str, conv: Conversation) -> bool:
+    """Runs a /command (but /exit) and returns True; False when `question` is a question."""
+    if question == "/reset":
+        conv.turns = []
+        click.echo("conversation cleared (documents kept)", err=True)
+    elif question == "/stats":
+        click.echo(format_stats(conv.llm), err=True)
+    elif question.startswith("/"):
+        click.echo(f"unknown command {question}; {HELP}", err=True)
+    else:
+        return False
+    return True
+
+
+def _answer(pieces, interactive: bool) -> None:
+    try:
+        for piece in pieces:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+    except KeyboardInterrupt:
+        # The turn is not recorded; a forward pass cut short is rolled back by the engine and LLM
+        # keeps its token list in step with the KV cache, so the next question reuses what is
+        # valid and prefills the rest.
+        pieces.close()
+        click.echo("\n[answer interrupted]", err=True)
+        if not interactive:  # piped questions: Ctrl-C stops the whole run (exit 130)
+            raise

@@ -1,13 +1,21 @@
-"""Options and helpers shared by the CLI commands."""
+"""Options and helpers shared by the CLI commands.
+
+Nothing here imports torch (nor kvretrieve.config, which does) at import time: `--help` must not
+pay torch's import (seconds).
+"""
 from __future__ import annotations
 
 import re
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
 
-from ..config import RetrievalConfig
+from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..config import RetrievalConfig, SamplingParams
 
 # --retrieval: off (a dense cache on the device) or an index kind (oracle is for measurement only).
 RETRIEVAL_CHOICES = ["off", "auto", "lowrank", "bounds", "ivf", "exact"]
@@ -112,6 +120,8 @@ def retrieval_options(f):
 
 
 def retrieval_from_options(opts: dict) -> RetrievalConfig | None:
+    from ..config import RetrievalConfig
+
     if opts["retrieval"] == "off":
         return None
     return RetrievalConfig(index=opts["retrieval"], budget_tokens=opts["budget"], block_size=opts["block_size"],
@@ -120,16 +130,24 @@ def retrieval_from_options(opts: dict) -> RetrievalConfig | None:
                            speculative=opts["speculative"], estimate_rest=opts["estimate_rest"])
 
 
-def sampling_options(f):
+def sampling_options(repeat_penalty: float, why: str):
+    """The SamplingParams options; repeat_penalty is the command's default, `why` says why in --help."""
     opts = [
         click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Longest answer."),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--temperature", type=float, default=0.0, show_default=True,
+                     help="0 = greedy (so is anything below 1e-5, the limit of sampling as it goes to 0)."),
         click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k best (0 = off)."),
         click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass."),
-        click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible answers)."),
+        click.option("--seed", type=int, default=None,
+                     help="Seed for sampling, 0 to 2**64-1 (reproducible answers; default: a random one)."),
         click.option("--stop", multiple=True, help="Stop when this string appears (repeatable)."),
+        click.option("--repeat-penalty", type=float, default=repeat_penalty, show_default=True,
+                     help="Make the tokens of the last --repeat-last-n less likely: positive logits are divided "
+                          f"by it, negative ones multiplied (1.0 = off, as llama.cpp's repeat_penalty). {why}"),
+        click.option("--repeat-last-n", type=int, default=64, show_default=True, metavar="TOKENS",
+                     help="How many of the latest tokens (prompt included) --repeat-penalty looks at (0 = off)."),
     ]
-    return _apply(f, opts)
+    return lambda f: _apply(f, opts)
 
 
 def load_from_options(opts: dict):
@@ -143,11 +161,42 @@ def load_from_options(opts: dict):
     return llm
 
 
-def sampling_from_options(opts: dict):
+def sampling_from_options(opts: dict) -> SamplingParams:
+    """SamplingParams from the options: commands build it before loading the model, so that a bad
+    value costs no model load."""
     from ..config import SamplingParams
 
+    stop = tuple(check_utf8(s, "a --stop string") for s in opts["stop"])
     return SamplingParams(max_new_tokens=opts["max_new_tokens"], temperature=opts["temperature"],
-                          top_k=opts["top_k"], top_p=opts["top_p"], seed=opts["seed"], stop=tuple(opts["stop"]))
+                          top_k=opts["top_k"], top_p=opts["top_p"], seed=opts["seed"], stop=stop,
+                          repeat_penalty=opts["repeat_penalty"], repeat_last_n=opts["repeat_last_n"])
+
+
+def check_utf8(text: str, what: str) -> str:
+    """Python decodes argv and stdin with surrogateescape, so bytes that are not UTF-8 arrive as lone
+    surrogates, which the tokenizer rejects. They are refused, not replaced with U+FFFD: the documents
+    and a strictly decoded stdin are refused too, and a prompt silently changed gives a worse answer
+    with no hint why (a Latin-1 'café' would lose its 'é')."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        bad = f"byte {bytes([code - 0xDC00])!r}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        raise InputError(f"{what} is not UTF-8 text (invalid {bad} at character {e.start}); convert it to UTF-8, "
+                         "e.g. with `iconv -f latin1 -t utf-8`") from None
+    return text
+
+
+def require_stdout() -> None:
+    """With fd 1 closed (`>&-`) Python sets sys.stdout to None and click.echo drops the answer silently."""
+    if sys.stdout is None:
+        raise InputError("stdout is closed (>&-), so the output has nowhere to go; redirect it instead, "
+                         "e.g. `> answer.txt` or `> /dev/null`")
+
+
+def require_stdin(what: str, fix: str) -> None:
+    if sys.stdin is None:
+        raise InputError(f"stdin is closed (<&-), so there is no {what} to read; {fix}")
 
 
 # Library messages name Python parameters (kvretrieve.load's, SamplingParams' and RetrievalConfig's,
@@ -160,7 +209,8 @@ _RETRIEVAL_FLAGS = {"index": "--retrieval", "budget_tokens": "--budget", "window
 PARAM_FLAGS = {
     "max_context": "--max-context", "gpu_mem_gb": "--gpu-mem-gb", "prefill_chunk": "--prefill-chunk",
     "device": "--device", "dtype": "--dtype", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
-    "top_k": "--top-k", "top_p": "--top-p",
+    "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed", "repeat_penalty": "--repeat-penalty",
+    "repeat_last_n": "--repeat-last-n",
     **{f"RetrievalConfig.{k}": v for k, v in _RETRIEVAL_FLAGS.items()},
     **{k: v for k, v in _RETRIEVAL_FLAGS.items() if "_" in k},
 }

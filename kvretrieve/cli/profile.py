@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
 
-from ..config import RuntimeConfig
 from ..errors import InputError
-from .options import parse_tokens, retrieval_from_options, retrieval_options, runtime_options
+from .options import parse_tokens, require_stdout, retrieval_from_options, retrieval_options, runtime_options
+
+if TYPE_CHECKING:  # imported when the command runs, so that --help does not wait for torch
+    import torch
 
 COLUMNS = [("model", "model"), ("context", "context"), ("index", "index"), ("budget", "budget"),
            ("prefill_tok_s", "prefill tok/s"), ("ttft_s", "TTFT s"), ("build_share", "build %"), ("decode_ms_p50", "decode ms p50"),
@@ -46,6 +48,8 @@ def _contexts(value: str) -> list[int]:
 
 def prompt_ids(tokenizer, n: int, vocab: int, device: torch.device, seed: int) -> torch.Tensor:
     """Real text (CPython's own docs) when a tokenizer exists, else random token ids."""
+    import torch
+
     if tokenizer is not None:
         import pydoc_data.topics as topics
 
@@ -62,14 +66,16 @@ def prompt_ids(tokenizer, n: int, vocab: int, device: torch.device, seed: int) -
 @click.option("--context", "contexts", default="4K", show_default=True, callback=lambda c, p, v: _contexts(v),
               help="Comma-separated prompt lengths, e.g. 4K,32K,128K.")
 @click.option("--decode-steps", type=int, default=32, show_default=True, help="Tokens decoded per context.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
               help="Seed of the random weights and random prompts (--shape).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of the table.")
 @runtime_options(context=False)
 @retrieval_options
 def profile(model_path, shape, contexts, decode_steps, seed, as_json, **opts):
     """Measure prefill and decode speed and memory at several context lengths."""
+    require_stdout()
     from ..api import build, load_decoder
+    from ..config import RuntimeConfig
     from ..profiling import capacity_for, profile_context, reset_memory
 
     if model_path and shape:

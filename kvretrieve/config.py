@@ -61,6 +61,7 @@ class SamplingParams:
     repeat_last_n: int = 64
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         _check(0 <= self.temperature < float("inf"),
                f"temperature must be >= 0 (0 = greedy) and finite, got {self.temperature}")

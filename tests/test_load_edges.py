@@ -207,8 +207,11 @@ def test_float16_overflow_names_the_dtype(tmp_path, tiny):
     norm = "model.layers.0.post_attention_layernorm.weight"  # scales the MLP's inputs: gate x up overflows
     big = edited_checkpoint(tiny, tmp_path / "m", edit_tensors=set_tensor(norm, lambda t: t * 0 + 60000.0))
     llm = load(big, dtype="float16")
+    got = []
     with pytest.raises(NumericsError, match="overflowed float16: use dtype='bfloat16' or dtype='float32'"):
-        llm.generate("hi there", max_new_tokens=4)
+        for piece in llm.stream("hi there", max_new_tokens=4):
+            got.append(piece)
+    assert got == []  # the prompt's logits are checked: not even a first token
     assert len(load(big, dtype="float32").generate("hi there", max_new_tokens=4, return_details=True).token_ids) == 4
 
 

@@ -159,9 +159,12 @@ class _TensorReader:
     Finiteness: the sum of each tensor is taken as it is read (a NaN or inf anywhere makes the sum NaN
     or inf; a finite sum can only overflow, which the exact check then clears), and all sums come to
     the host at once, so on CUDA the check adds no sync per tensor. Measured on SmolLM2-135M (134.5M
-    values) on 2 shared CPU cores, best of 8: load 0.93 s (float32), 1.23 s (bfloat16), 0.59 s
-    (float16); the sums 30 / 17 / 5 ms (3.2% / 1.4% / 0.9%). torch.isfinite(t).all() per tensor took
-    1.5 / 1.2 / 1.1 s, 1-2x the load itself, which is why it runs only on a suspect tensor."""
+    values, 272 tensors), kvretrieve.load on the CPU, time inside the sums and check_finite, best of 5:
+    1 thread: load 0.35 / 0.39 / 0.37 s (float32 / bfloat16 / float16), check 12 / 10 / 10 ms
+    (3.3% / 2.7% / 2.7%). With 2 threads on 2 cores that other jobs kept busy (load average 5) every
+    load was 4x slower and the 272 small parallel sums suffered most: check 12-23% of a 1.6 s load.
+    torch.isfinite(t).all() per tensor took 170-230 ms alone, about half the load, which is why it
+    runs only on a suspect tensor."""
 
     def __init__(self, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], device: torch.device,
                  dtype: torch.dtype):

@@ -63,7 +63,7 @@ def v4_rope(scaling: dict) -> dict:
 
 
 # 1. Integer and bool tensors: cast to float they would run and answer garbage.
-@pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.float8_e4m3fn])
 def test_non_float_tensor_is_named(tmp_path, tiny, dtype):
     bad = edited_checkpoint(tiny, tmp_path / "m", edit_tensors=set_tensor(WEIGHT, lambda t: t.to(dtype)))
     refused(bad, WEIGHT, str(dtype).removeprefix("torch."), "unquantized checkpoint")

@@ -177,9 +177,9 @@ class _TensorReader:
             raise ModelLoadError(f"checkpoint lacks tensor {name}; the checkpoint is incomplete or not a "
                                  f"{self.cfg.arch} model")
         if t.dtype not in _FLOAT_DTYPES:
-            raise ModelLoadError(f"tensor {name} is stored as {str(t.dtype).removeprefix('torch.')}, not as floating "
-                                 "point; kvretrieve reads float32, float16 or bfloat16 weights (no quantized "
-                                 "checkpoints): use the unquantized checkpoint, or re-download a damaged one")
+            raise ModelLoadError(f"tensor {name} is stored as {str(t.dtype).removeprefix('torch.')}; kvretrieve reads "
+                                 "float32, float16 or bfloat16 weights (no quantized checkpoints): use the "
+                                 "unquantized checkpoint, or re-download a damaged one")
         if tuple(t.shape) != shape:
             raise ModelLoadError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape} from config.json; "
                                  "config.json does not belong to these weights: use the one from the same checkpoint")

@@ -116,7 +116,7 @@ def test_missing_max_position_uses_the_default_and_says_so(tmp_path, tiny, arch,
         cfg["attention_bias"] = False  # qwen2 always has q/k/v biases: the llama weights lack them
     m = edited_checkpoint(tiny, tmp_path / "m", config=cfg)
     if arch == "Qwen2ForCausalLM":
-        with pytest.warns(LoadWarning, match="max_position_embeddings"):
+        with pytest.warns(LoadWarning, match=f"assuming {default:,} tokens, transformers' default for qwen2"):
             refused(m, "lacks tensor model.layers.0.self_attn.q_proj.bias")  # the notice came first
         return
     with pytest.warns(LoadWarning) as caught:

@@ -1,6 +1,7 @@
 """kvretrieve.load(): resolve every "auto" once, load weights and tokenizer, build backend and engine."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .backends import AttentionBackend, make_backend
@@ -9,7 +10,7 @@ from .engine.engine import Engine
 from .llm import LLM
 from .memory import apply_gpu_cap
 from .models.llama import Decoder, ModelConfig
-from .models.loader import load_model, random_weights
+from .models.loader import load_model, notice, random_weights
 from .models.shapes import shape_config
 from .models.tokenizer import Tokenizer
 from .resolve import (AttentionChoice, check_weights_fit, geometry, resolve_attention, resolve_device,
@@ -34,6 +35,8 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str = 
         runtime = RuntimeConfig(device=device, dtype=dtype, max_context=max_context, **runtime_fields)
     # Retrieval may keep the KV cache off the device; forced dense, it must fit beside the weights.
     decoder, tokenizer, source = load_decoder(model, runtime, dense_kv=retrieval is None, log=log)
+    if runtime.max_context:
+        check_trained_length(decoder.cfg, runtime.max_context, log)
     return build(decoder, tokenizer, source, runtime.max_context or decoder.cfg.max_position, runtime.prefill_chunk,
                  retrieval)
 
@@ -58,6 +61,35 @@ def load_decoder(model: str | Path | None, runtime: RuntimeConfig, dense_kv: boo
         check(cfg)
         return Decoder(cfg, random_weights(cfg, dev, dt, seed)), None, shape
     return load_model(model, dev, dt, log, check=check)
+
+
+def trained_length(cfg: ModelConfig) -> int | None:
+    """The context the checkpoint's RoPE is meant for: max_position_embeddings, or the length its
+    scaling extends it to; None for dynamic NTK, which adapts to any length."""
+    rope = cfg.rope
+    if rope.kind == "dynamic":
+        return None
+    if rope.kind in ("linear", "yarn", "llama3"):
+        return max(cfg.max_position, int(rope.original_max_position * rope.factor))
+    return cfg.max_position
+
+
+def check_trained_length(cfg: ModelConfig, max_context: int, log=None) -> None:
+    """A context past the trained length runs, but rotations the model never saw degrade its answers
+    the further a token is from the start; say so once, with the config.json change that extends it."""
+    trained = trained_length(cfg)
+    if trained is None or max_context <= trained:
+        return
+    rope = cfg.rope
+    if rope.kind == "default":
+        extend = ('"rope_scaling": {"rope_type": "yarn", "factor": '
+                  f'{float(math.ceil(max_context / trained))}, "original_max_position_embeddings": {trained}}}'
+                  ' (or rope_type "linear" or "dynamic")')
+    else:
+        extend = (f"a {rope.kind} rope_scaling factor of {float(math.ceil(max_context / rope.original_max_position))}"
+                  f" instead of {rope.factor:g}")
+    notice(log, f"max_context={max_context:,} is more than the {trained:,} tokens this model was trained for; "
+                f"answers degrade past them unless config.json extends the context through RoPE scaling: {extend}")
 
 
 def build(decoder: Decoder, tokenizer: Tokenizer | None, source: Path | str, capacity: int, prefill_chunk: int,

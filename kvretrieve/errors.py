@@ -23,3 +23,13 @@ class InputError(KVRetrieveError, ValueError):
 
 class ResourceError(KVRetrieveError):
     """Not enough memory (CPU RAM, GPU) or a missing device for what was asked."""
+
+
+class NumericsError(KVRetrieveError):
+    """A forward pass produced NaN or infinite values: damaged weights, or activations that overflow
+    the dtype's range (float16)."""
+
+
+class LoadWarning(UserWarning):
+    """A doubtful but usable model setting (a value assumed, a context past the trained length). Given
+    a log callback, kvretrieve.load sends these to it instead."""

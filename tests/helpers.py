@@ -109,3 +109,27 @@ def kv_geometry(layers: int, heads: int, head_dim: int, block_size: int, max_blo
     from kvretrieve.config import KVGeometry
 
     return KVGeometry(layers, heads, head_dim, block_size, max_blocks, torch.device(device), dtype)
+
+
+def edited_checkpoint(src: Path, out: Path, config: dict | None = None, edit_tensors=None) -> Path:
+    """A copy of the single-file HF checkpoint src in out: config maps config.json fields to new values
+    (... deletes the field); edit_tensors(tensors) changes the name -> tensor dict before it is saved.
+    Unchanged files are symlinks."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name != "config.json" and not (edit_tensors and f.name == "model.safetensors"):
+            (out / f.name).symlink_to(f.resolve())
+    cfg = json.loads((src / "config.json").read_text())
+    for key, value in (config or {}).items():
+        if value is ...:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    write_json(out / "config.json", cfg)
+    if edit_tensors:
+        tensors = load_file(str(src / "model.safetensors"))
+        edit_tensors(tensors)
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

@@ -19,7 +19,7 @@ import torch
 
 from ..backends.base import AttentionBackend
 from ..backends.prefill_attention import PREFIX_PIECE
-from ..errors import ResourceError
+from ..errors import NumericsError, ResourceError
 from ..models.llama import Decoder
 from .interrupts import interrupts_deferred
 
@@ -75,6 +75,9 @@ class Engine:
                 self.backend.prologue()
                 x = self.model.forward(ids, start, self.backend, self.chunk, on_layer)
                 out = self.model.logits(x[-1:])[0] if last_logits else x
+                # One sync a prompt, where the caller waits for the first token next anyway.
+                if last_logits and not torch.isfinite(out.sum()):
+                    raise NumericsError(self._nonfinite(start + ids.shape[0]))
         except torch.OutOfMemoryError:
             # Activations grow with the context (a layer's keys and values so far come back for
             # attention): a capacity whose caches fit at load may still not prefill. The pass was
@@ -153,18 +156,38 @@ class Engine:
                 early, nxt = ahead and 0 < i < steps, None
                 if early:
                     launched_at = self.length
-                    token = next_token(self.step(token))
-                    nxt = reader.send(token)
+                    token, nxt = self._next(token, next_token, reader)
                 token_id = reader.read(pending)
+                if token_id < 0:
+                    # The step that gave non-finite logits appended the id read last: roll it back
+                    # too, so the cache keeps only what ran clean and its NaN never reaches a later turn.
+                    bad = (launched_at if launched_at is not None else self.length) - 1
+                    launched_at = None
+                    self.truncate(bad)
+                    raise NumericsError(self._nonfinite(bad + 1))
                 yield token_id
                 launched_at = None  # the consumer goes on: the launched step stands
                 if not early and i < steps:
-                    token = next_token(self.step(token))
-                    nxt = reader.send(token)
+                    token, nxt = self._next(token, next_token, reader)
                 pending = nxt
         finally:
             if launched_at is not None:
                 self.truncate(launched_at)
+
+    def _next(self, token: torch.Tensor, next_token, reader: "_HostTokens"):
+        """One decode step and its token; the host gets -1 instead of the id when the logits are not all
+        finite. The host reads every id anyway, so the check costs two small kernels a step and no sync
+        (checking the logits on the host would add one, and every N tokens would let garbage through)."""
+        logits = self.step(token)
+        token = next_token(logits)
+        return token, reader.send(torch.where(torch.isfinite(logits.sum()), token, -1))
+
+    def _nonfinite(self, position: int) -> str:
+        dtype = str(self.model.dtype).removeprefix("torch.")
+        cause = (f"activations likely overflowed {dtype}: use dtype='bfloat16' or dtype='float32'"
+                 if dtype == "float16" else "the weights are likely damaged (re-download the checkpoint), or "
+                 "activations overflowed: try dtype='float32'")
+        return f"the model produced NaN or infinite logits at position {position:,} (dtype {dtype}); {cause}"
 
     def _decode(self, start: int) -> torch.Tensor:
         self.backend.prologue()

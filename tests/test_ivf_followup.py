@@ -63,7 +63,7 @@ def test_ivf_follow_up_costs_about_what_lowrank_does_and_equals_a_fresh_prefill(
     logits = e.model.logits(e.forward(torch.cat([doc[-1:], question])))
     assert clusters.build_s == built  # no k-means: the segment gave back its last block instead
     for layer, segments in enumerate(clusters.segments):
-        (first, nb, perm), = segments
+        (first, nb, perm, _), = segments
         assert first == before[layer][0][0] and nb == before[layer][0][1] - 1
         assert sorted(perm[0].tolist()) == list(range(nb * 16))
 
@@ -90,5 +90,30 @@ def test_truncations_one_after_another_into_clustered_segments_stay_exact(model_
             outs.append([engine.model.logits(engine.forward(t.view(1))) for t in steps])
         for a, b in zip(*outs):
             assert torch.allclose(a, b, atol=2e-5, rtol=1e-5), (length, (a - b).abs().max())
-        ends.append([(first, nb) for first, nb, _ in sparse.backend.placement.clusters.segments[0]])
+        ends.append([(first, nb) for first, nb, *_ in sparse.backend.placement.clusters.segments[0]])
     assert ends == [[(2, 64), (66, 64), (130, 41)], [(2, 64), (66, 55)], [(2, 64), (66, 2)]]
+
+
+def layout(clusters) -> tuple[list, list[int]]:
+    return [[(first, nb, perm.tolist()) for first, nb, perm, _ in s] for s in clusters.segments], clusters.natural_from[:]
+
+
+def test_undoing_a_pass_restores_the_layout_from_before_it(model_dir):
+    """A truncation back to where a pass began puts the segments that pass clustered back whole: the
+    layout is the one from before it, so the pass run again gives exactly what it gave."""
+    cfg = RetrievalConfig(index="ivf", block_size=4, budget_tokens=64, sink_tokens=8, window_tokens=16,
+                          cluster_tokens=256, kmeans="torch")
+    _, e = engines(model_dir, cfg)
+    g = torch.Generator().manual_seed(12)
+    doc, more = torch.randint(0, 256, (400,), generator=g), torch.randint(0, 256, (400,), generator=g)
+    e.forward(doc)
+    clusters = e.backend.placement.clusters
+    before = layout(clusters)
+    runs = []
+    for _ in range(2):
+        runs.append([e.model.logits(e.forward(more))] + [e.model.logits(e.forward(t.view(1))) for t in doc[:4]])
+        assert [(first, nb) for first, nb, *_ in clusters.segments[0]] == [(2, 64), (66, 64), (130, 64)]
+        e.truncate(400)
+        assert layout(clusters) == before
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

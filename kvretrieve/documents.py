@@ -1,9 +1,10 @@
 """Documents for a prompt, measured as they are read.
 
 A file is read in chunks and tokenized as it comes, with a running count that stops at the context:
-read whole and then tokenized, a 30 MB text file took 108 s and 5.4 GiB before it was refused, and a
-40 GB sparse file ran out of memory. Chunks are 8 bytes per token still free (English runs ~4 bytes
-a token with SmolLM2's tokenizer, so one chunk usually settles an oversized file), 64 KiB to 1 MiB.
+read whole and then tokenized, a 30 MB text file took 108 s and 5.4 GiB before it was refused (now:
+0.06 s, after its first 64 KiB), and a 40 GB sparse file ran out of memory. Chunks are 8 bytes per
+token still free (English runs ~4 bytes a token with SmolLM2's tokenizer, so one chunk usually
+settles an oversized file), 64 KiB to 1 MiB.
 
 The ids are exactly those of the whole text. Chunks end at cuts where the token boundary does not
 depend on the text around it, and each cut is checked with the tokenizer itself (the text on both
@@ -93,8 +94,9 @@ def _text_chunks(f, p: Path, chunk_size):
         try:
             text = decoder.decode(raw[skip:], final=at_end)
         except UnicodeDecodeError as e:
-            raise InputError(f"document {p} is not UTF-8 text (invalid byte at offset {done + skip - held + e.start:,});"
-                             f" convert it, e.g. `iconv -f latin1 -t utf-8 {p.name}`") from None
+            at = done + skip - held + e.start
+            raise InputError(f"document {p} is not UTF-8 text (invalid byte at offset {at:,}); convert it, e.g. "
+                             f"`iconv -f latin1 -t utf-8 {p.name}`") from None
         done += len(raw)
         yield text, done, at_end
         if at_end:
@@ -108,8 +110,10 @@ class _Tokens:
         self.tok = tokenizer
         self.ids: list[int] = []
         self.parts: list[str] = []  # text whose ids are final
-        self.context = ""           # the end of that text: tokenized again in front of the next piece and dropped,
-        self.pending = ""           # for tokenizers whose ids for a text's start differ from those mid-text
+        # The end of that text, tokenized again in front of the next piece and dropped: some tokenizers
+        # give the start of a text other ids than the same words mid-text (a SentencePiece prefix space).
+        self.context = ""
+        self.pending = ""           # text read, its ids not final yet
 
     @property
     def n(self) -> int:
@@ -179,8 +183,8 @@ def _over_message(p: Path, count: _Tokens, done: int, size: int, at_end: bool, m
         whole = count.lower_bound() * size / max(1, done)
         how = (f"after its first {_size(done)} (at least {count.lower_bound():,} tokens; about {_tokens(whole)} for "
                f"all {_size(size)})")
-    return (f"document {p} is over {room} {how}; pass a smaller file, raise max_context, or load a model with a "
-            "longer context")
+    files = "fewer or smaller documents" if used else "a smaller file"
+    return f"document {p} is over {room} {how}; pass {files}, raise max_context, or load a model with a longer context"
 
 
 def _size(n: float) -> str:

@@ -95,7 +95,8 @@ def test_truncations_one_after_another_into_clustered_segments_stay_exact(model_
 
 
 def layout(clusters) -> tuple[list, list[int]]:
-    return [[(first, nb, perm.tolist()) for first, nb, perm, _ in s] for s in clusters.segments], clusters.natural_from[:]
+    segments = [[(first, nb, perm.tolist()) for first, nb, perm, _ in s] for s in clusters.segments]
+    return segments, clusters.natural_from[:]
 
 
 def test_undoing_a_pass_restores_the_layout_from_before_it(model_dir):

@@ -175,16 +175,16 @@ class _Tokens:
 
 
 def _over_message(p: Path, count: _Tokens, done: int, size: int, at_end: bool, max_context: int, used: int) -> str:
-    room = (f"the {max_context:,}-token context" if not used else
-            f"the {max_context - used:,} tokens that earlier documents leave of the {max_context:,}-token context")
+    notes = [f"{used:,} of them earlier documents"] if used else []
     if at_end:
-        how = f"(it takes {count.n:,} tokens)"
+        how = f": the documents take {used + count.n:,} tokens"
     else:
-        whole = count.lower_bound() * size / max(1, done)
-        how = (f"after its first {_size(done)} (at least {count.lower_bound():,} tokens; about {_tokens(whole)} for "
-               f"all {_size(size)})")
+        how = f" after its first {_size(done)}: the documents take at least {used + count.lower_bound():,} tokens"
+        notes.append(f"all {_size(size)} of this file: about {_tokens(count.lower_bound() * size / max(1, done))}")
+    how += f" ({'; '.join(notes)})" if notes else ""
     files = "fewer or smaller documents" if used else "a smaller file"
-    return f"document {p} is over {room} {how}; pass {files}, raise max_context, or load a model with a longer context"
+    return (f"document {p} is over the {max_context:,}-token context{how}; pass {files}, raise max_context, or "
+            "load a model with a longer context")
 
 
 def _size(n: float) -> str:

@@ -87,8 +87,10 @@ def test_oversized_files_are_refused_after_their_first_chunk(tmp_path, tok):
         f.truncate(BIG)  # 1 GB whose first 465 KB are text: refused before it reaches the holes
     _write_repeated(text, 30_000_000)
     cases = {sparse: ["binary", "offset 0"],
-             text_then_holes: ["over the 8,192-token context after its first", "for all 1.1 GB", "max_context"],
-             text: ["over the 8,192-token context after its first", "about 7.", "M tokens for all 30.", "max_context"]}
+             text_then_holes: ["over the 8,192-token context after its first", "all 1.1 GB of this file: about ",
+                               "max_context"],
+             text: ["over the 8,192-token context after its first", "MB of this file: about 7.", "M tokens",
+                    "max_context"]}
     for path, fragments in cases.items():
         tracemalloc.start()
         t0 = time.perf_counter()
@@ -109,8 +111,8 @@ def test_earlier_documents_count_and_a_file_read_whole_is_counted_exactly(tmp_pa
     path.write_text(TEXT[:20_000])
     n = len(tok.encode(TEXT[:20_000], add_special_tokens=False))
     assert len(read_document(path, tok, n + 100, used=100).ids) == n
-    with pytest.raises(InputError, match=f"over the {n - 1:,} tokens that earlier documents leave of the "
-                                         f"{n + 99:,}-token context \\(it takes {n:,} tokens\\)"):
+    with pytest.raises(InputError, match=f"over the {n + 99:,}-token context: the documents take {n + 100:,} "
+                                         "tokens \\(100 of them earlier documents\\); pass fewer or smaller"):
         read_document(path, tok, n + 99, used=100)
 
 
@@ -159,6 +161,6 @@ def test_cli_refuses_an_oversized_document_in_one_line(tmp_path, smol_dir):
     big = tmp_path / "big.txt"
     _write_repeated(big, 30_000_000)
     result = run("chat", "-d", str(big), "--model", str(smol_dir), *FAST, input="hi\n")
-    assert_user_error(result, str(big), "over the 8,192-token context after its first", "--max-context",
-                      "longer context")
+    assert_user_error(result, str(big), "over the 8,192-token context after its first", "documents take at least",
+                      "--max-context", "longer context")
     assert "reading" not in result.stderr  # refused before a progress line was due

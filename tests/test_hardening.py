@@ -26,7 +26,6 @@ import torch
 from helpers import save_with_tokenizer, tiny_hf_model
 import kvretrieve
 from kvretrieve.api import check_weights_fit
-from kvretrieve.cli.chat import read_document
 from kvretrieve.config import RetrievalConfig
 from kvretrieve.errors import ResourceError
 from kvretrieve.models.llama import ModelConfig
@@ -223,8 +222,6 @@ def test_more_document_problems(tmp_path, tiny):
     for path, fragments in cases.items():
         assert_user_error(run("chat", "-d", str(path), "--model", str(tiny), *TINY_OPTS, input="hi\n"),
                           str(path), *fragments)
-    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfThe keeper lit the lamp.")
-    assert read_document(str(tmp_path / "bom.txt")) == "The keeper lit the lamp."  # the BOM is not text
 
 
 def test_stdin_not_utf8(tiny):

@@ -69,6 +69,8 @@ class RetrievalKV(AttentionBackend):
         if self._open:  # a rollback was itself cut short: finish it first
             self.truncate(start)
         self._start, self._n, self._open = start, n, True
+        if self.placement.clusters:
+            self.placement.clusters.begin_pass(start)
         # Refuses with a clear error before the RAM runs out; a long prefill pins memory in the background.
         self.store.ensure(-(-(start + n) // self.bs), background=n > 1)
         if self.decoding:
@@ -104,7 +106,7 @@ class RetrievalKV(AttentionBackend):
         self.length = length = min(length, self.length)
         self.plan.forget_selection()
         if self.placement.clusters:
-            self.placement.clusters.truncate(length // self.bs)
+            self.placement.clusters.truncate(length)
         self.pool.forget_from(length // self.bs)
         if length:
             self.placement.repair_ring(length)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from ..documents import ReadProgress, read_document as read_measured
 from ..errors import InputError
 from .options import (PrefillProgress, as_flags, check_utf8, format_stats, load_from_options, model_options,
                       require_stdin, require_stdout, retrieval_options, sampling_from_options, sampling_options)
@@ -20,33 +21,19 @@ _MARK = "\x00question\x00"  # stands for the first question while the documents 
 HELP = "commands: /reset (forget the conversation, keep the documents), /stats, /exit"
 
 
-def read_document(path: str) -> str:
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"document {p} does not exist; check the path")
-    if not p.is_file():
-        raise InputError(f"document {p} is not a regular file; pass a text file")
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise InputError(f"cannot read document {p} ({e.strerror}); check its permissions") from None
-    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        raise InputError(f"document {p} is UTF-16 text, not UTF-8; convert it, e.g. "
-                         f"`iconv -f utf-16 -t utf-8 {p.name}`")
-    if b"\x00" in data[:8192]:
-        raise InputError(f"document {p} is binary, not text; pass a UTF-8 text file (convert PDFs etc. to text first)")
-    try:
-        text = data.decode("utf-8-sig")  # a leading byte-order mark is not part of the text
-    except UnicodeDecodeError as e:
-        raise InputError(f"document {p} is not UTF-8 text (invalid byte at offset {e.start}); convert it, e.g. "
-                         f"`iconv -f latin1 -t utf-8 {p.name}`") from None
-    if not text.strip():
-        raise InputError(f"document {p} is empty; pass a file with some text")
-    return text
+def read_document(path: str, llm, used: int):
+    """The document, measured against what is left of the context as it is read (with a progress line
+    on stderr when reading takes a while)."""
+    with ReadProgress(path) as progress:
+        return read_measured(path, llm.tokenizer, llm.max_context, used=used, progress=progress)
 
 
-def documents_block(paths: list[str]) -> str:
-    parts = [f"<document name=\"{Path(p).name}\">\n{read_document(p).strip()}\n</document>" for p in paths]
+def documents_block(paths: list[str], llm) -> str:
+    parts, used = [], 0
+    for p in paths:
+        doc = read_document(p, llm, used)
+        used += len(doc.ids)
+        parts.append(f"<document name=\"{Path(p).name}\">\n{doc.text.strip()}\n</document>")
     return "Answer questions using these documents.\n\n" + "\n\n".join(parts)
 
 
@@ -110,12 +97,12 @@ def chat(documents, system, **opts):
     if system is not None:
         check_utf8(system, "the --system message")
     sampling = sampling_from_options(opts)
-    block = documents_block(list(documents)) if documents else ""
     llm = load_from_options(opts)
     if not llm.tokenizer.chat_template:
         raise InputError("this model has no chat template; use `kvretrieve generate --raw` instead")
     layers = llm.model.cfg.num_layers
     progress = lambda n: PrefillProgress(n, layers)  # noqa: E731
+    block = documents_block(list(documents), llm) if documents else ""
     conv = Conversation(llm, block, system)
     if block:
         conv.prefill_documents(progress)

@@ -43,6 +43,13 @@ def tiny_hf_model(arch: str = "llama", rope: str = "default", tie: bool = False,
     return model.eval()
 
 
+def saved_tiny_model(tmp_path_factory, **kwargs) -> Path:
+    """tiny_hf_model(**kwargs) saved in a fresh temporary directory (a checkpoint without tokenizer)."""
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_hf_model(**kwargs).save_pretrained(path)
+    return path
+
+
 def save_with_tokenizer(model, out: Path, tokenizer_dir: Path | None) -> Path:
     """save_pretrained + (optionally) the tokenizer files of another checkpoint."""
     model.save_pretrained(out)

@@ -70,30 +70,21 @@ def test_prompts(llm, prompt):
         pass  # e.g. an empty prompt: a message, not a crash
 
 
+CONFIG_FIELDS = {
+    SamplingParams: ["temperature", "top_k", "top_p", "seed", "max_new_tokens", "repeat_penalty", "repeat_last_n",
+                     "stop"],
+    RetrievalConfig: ["budget_tokens", "block_size", "sink_tokens", "window_tokens", "rank", "reselect_every",
+                      "estimate_tokens", "estimate_rest", "cache_blocks", "index", "store_dtype"],
+    RuntimeConfig: ["max_context", "prefill_chunk", "gpu_mem_gb", "device", "dtype"],
+}
+
+
+@pytest.mark.parametrize("cls", list(CONFIG_FIELDS), ids=lambda c: c.__name__)
 @CASES
-@given(st.dictionaries(st.sampled_from(["temperature", "top_k", "top_p", "seed", "max_new_tokens"]), values))
-def test_sampling_params(fields):
+@given(data=st.data())
+def test_config_values(cls, data):
     try:
-        SamplingParams(**fields)
-    except KVRetrieveError:
-        pass
-
-
-@CASES
-@given(st.dictionaries(st.sampled_from(["budget_tokens", "block_size", "sink_tokens", "window_tokens", "rank",
-                                        "reselect_every", "estimate_tokens", "cache_blocks", "index"]), values))
-def test_retrieval_config(fields):
-    try:
-        RetrievalConfig(**fields)
-    except KVRetrieveError:
-        pass
-
-
-@CASES
-@given(st.dictionaries(st.sampled_from(["max_context", "prefill_chunk", "gpu_mem_gb", "device", "dtype"]), values))
-def test_runtime_config(fields):
-    try:
-        RuntimeConfig(**fields)
+        cls(**data.draw(st.dictionaries(st.sampled_from(CONFIG_FIELDS[cls]), values)))
     except KVRetrieveError:
         pass
 

@@ -11,7 +11,7 @@ import torch
 from kvretrieve.config import RetrievalConfig
 from kvretrieve.engine.engine import Engine
 
-from helpers import retrieval_backend, tiny_decoder, tiny_hf_model
+from helpers import retrieval_backend, saved_tiny_model, tiny_decoder
 from test_retrieval import engines
 
 DOC, QUESTION, CAPACITY = 3008, 30, 4096  # DOC a multiple of the block size: the truncation crosses a block
@@ -19,10 +19,8 @@ DOC, QUESTION, CAPACITY = 3008, 30, 4096  # DOC a multiple of the block size: th
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_hf_model("llama", "default", vocab=256, layers=4, heads=8, kv_heads=2, head_dim=32, max_pos=4096,
-                  seed=3).save_pretrained(path)
-    return path
+    return saved_tiny_model(tmp_path_factory, vocab=256, layers=4, heads=8, kv_heads=2, head_dim=32, max_pos=4096,
+                            seed=3)
 
 
 @pytest.fixture(scope="module")

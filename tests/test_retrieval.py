@@ -19,17 +19,15 @@ from kvretrieve.resolve import resolve_retrieval
 from kvretrieve.backends import RetrievalKV
 from kvretrieve.store import KVStore
 
-from helpers import dense_backend, kv_geometry, retrieval_backend, tiny_decoder, tiny_hf_model
+from helpers import dense_backend, kv_geometry, retrieval_backend, saved_tiny_model, tiny_decoder
 
 KINDS = ["lowrank", "bounds", "exact"]
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_hf_model("llama", "default", vocab=256, layers=3, heads=8, kv_heads=2, head_dim=16, max_pos=4096,
-                  seed=7).save_pretrained(path)
-    return path
+    return saved_tiny_model(tmp_path_factory, vocab=256, layers=3, heads=8, kv_heads=2, head_dim=16, max_pos=4096,
+                            seed=7)
 
 
 def decoder(model_dir, device="cpu", dtype=torch.float32) -> Decoder:

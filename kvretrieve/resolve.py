@@ -12,6 +12,7 @@ import torch
 from .config import KVGeometry, RetrievalConfig
 from .errors import ConfigError, ResourceError
 from .index.ivf import resolve_kmeans
+from .index.summary import BlockSummary
 from .memory import GiB, check_allocation, free_bytes
 from .models.llama import ModelConfig
 from .models.shapes import weight_bytes
@@ -157,7 +158,7 @@ def resolve_retrieval(cfg: RetrievalConfig, mc: ModelConfig, capacity: int, devi
         geo = geometry(mc, capacity, cfg.block_size, device, dtype)
         sketch = geo.nbytes(geo.layers, geo.kv_heads, geo.max_tokens, cfg.rank)
         if cfg.estimate_rest is not False and not cfg.estimate_tokens:
-            sketch += 2 * geo.nbytes(geo.layers, geo.kv_heads, geo.max_blocks, geo.head_dim)
+            sketch += BlockSummary.nbytes_for(geo)
         free = free_bytes(device) if free is None else free
         index = "lowrank" if sketch <= AUTO_SKETCH_SHARE * free else "ivf"
     store = cfg.store_dtype if cfg.store_dtype != "auto" else "int8" if device.type == "cuda" else "model"

@@ -16,7 +16,8 @@ import click
 from .. import __version__
 from ..errors import InputError, KVRetrieveError
 from .chat import chat
-from .options import (as_flags, check_utf8, debug_enabled, format_stats, load_from_options, model_options,
+from ..models.tokenizer import check_utf8
+from .options import (as_flags, debug_enabled, format_stats, load_from_options, model_options,
                       require_stdin, require_stdout, retrieval_options, sampling_from_options, sampling_options,
                       set_debug)
 from .profile import profile

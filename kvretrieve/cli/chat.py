@@ -14,7 +14,8 @@ import click
 
 from ..documents import ReadProgress, read_document as read_measured
 from ..errors import InputError
-from .options import (PrefillProgress, as_flags, check_utf8, format_stats, load_from_options, model_options,
+from ..models.tokenizer import check_utf8
+from .options import (PrefillProgress, as_flags, format_stats, load_from_options, model_options,
                       require_stdin, require_stdout, retrieval_options, sampling_from_options, sampling_options)
 
 _MARK = "\x00question\x00"  # stands for the first question while the documents are prefilled

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..errors import InputError
+from ..models.tokenizer import check_utf8
 
 if TYPE_CHECKING:
     from ..config import RetrievalConfig, SamplingParams
@@ -170,21 +171,6 @@ def sampling_from_options(opts: dict) -> SamplingParams:
     return SamplingParams(max_new_tokens=opts["max_new_tokens"], temperature=opts["temperature"],
                           top_k=opts["top_k"], top_p=opts["top_p"], seed=opts["seed"], stop=stop,
                           repeat_penalty=opts["repeat_penalty"], repeat_last_n=opts["repeat_last_n"])
-
-
-def check_utf8(text: str, what: str) -> str:
-    """Python decodes argv and stdin with surrogateescape, so bytes that are not UTF-8 arrive as lone
-    surrogates, which the tokenizer rejects. They are refused, not replaced with U+FFFD: the documents
-    and a strictly decoded stdin are refused too, and a prompt silently changed gives a worse answer
-    with no hint why (a Latin-1 'café' would lose its 'é')."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        code = ord(text[e.start])
-        bad = f"byte {bytes([code - 0xDC00])!r}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
-        raise InputError(f"{what} is not UTF-8 text (invalid {bad} at character {e.start}); convert it to UTF-8, "
-                         "e.g. with `iconv -f latin1 -t utf-8`") from None
-    return text
 
 
 def require_stdout() -> None:

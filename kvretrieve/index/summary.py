@@ -21,9 +21,14 @@ from ..memory import check_allocation
 
 
 class BlockSummary:
+    @staticmethod
+    def nbytes_for(geo: KVGeometry) -> int:
+        """Device bytes of the summaries for a geometry (what index auto's choice counts)."""
+        return 2 * geo.nbytes(geo.layers, geo.kv_heads, geo.max_blocks, geo.head_dim)
+
     def __init__(self, geo: KVGeometry):
         shape = (geo.layers, geo.kv_heads, geo.max_blocks, geo.head_dim)
-        check_allocation(2 * geo.nbytes(*shape), geo.device, "the block summaries (mean keys and value sums)",
+        check_allocation(self.nbytes_for(geo), geo.device, "the block summaries (mean keys and value sums)",
                          "lower max_context, or set estimate_rest=False (and estimate_tokens=0)")
         self.bs = geo.block_size
         self.means = torch.zeros(shape, device=geo.device, dtype=geo.dtype)

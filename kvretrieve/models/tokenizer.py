@@ -97,14 +97,10 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         try:
             ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        except TypeError:  # the Rust tokenizer takes only valid Unicode: lone surrogates (undecodable bytes)
-            bad = next((i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF), None) if isinstance(text, str) \
-                else None
-            if bad is None:
-                raise
-            raise InputError(f"the text holds a character that is not valid Unicode at index {bad:,} (a lone "
-                             "surrogate, as bytes that are not UTF-8 become with errors='surrogateescape'); decode "
-                             "it with errors='replace' or fix its encoding") from None
+        except TypeError:  # the Rust tokenizer takes only valid Unicode
+            if isinstance(text, str):
+                check_utf8(text, "the text")
+            raise
         if self._model_vocab is not None and ids and max(ids) >= self._model_vocab:
             raise ModelLoadError(f"the tokenizer gave token id {max(ids)} but the model embeds only "
                                  f"{self._model_vocab:,} tokens: tokenizer.json belongs to another model; use the "
@@ -187,3 +183,18 @@ class StreamDecoder:
         after = self.tok.decode(self.ids[self.prefix:])
         self.prefix = self.read = len(self.ids)
         return after[len(before):]
+
+
+def check_utf8(text: str, what: str) -> str:
+    """Python decodes argv and stdin with surrogateescape, so bytes that are not UTF-8 arrive as lone
+    surrogates, which the tokenizer rejects. They are refused, not replaced with U+FFFD: the documents
+    and a strictly decoded stdin are refused too, and a prompt silently changed gives a worse answer
+    with no hint why (a Latin-1 'café' would lose its 'é')."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        bad = f"byte {bytes([code - 0xDC00])!r}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        raise InputError(f"{what} is not UTF-8 text (invalid {bad} at character {e.start}); convert it to UTF-8, "
+                         "e.g. with `iconv -f latin1 -t utf-8`") from None
+    return text

@@ -13,7 +13,9 @@ every expected value is in the greedy answer (longctx_tasks.score).
     python bench/longctx.py --configs lowrank:budget=4096:window=1024 --lengths 32K --merge bench/results/longctx.json
 
 --configs: `default` (RetrievalConfig(index="lowrank"): the budget follows the context) and
-`KIND[:budget=N][:window=N][:sink=N][:block=N][:rank=N][:zone=N][:rest=1]` (KIND: lowrank, ivf, bounds, oracle, exact).
+`KIND[:budget=N][:window=N][:sink=N][:block=N][:rank=N][:zone=N][:rest=1][:int8=0|1]` (KIND: lowrank, ivf, bounds,
+oracle, exact), and `dense`; any of them `@DTYPE` to run over a second copy of the weights in that dtype
+(`--dtype float32 --configs dense@bfloat16,default@bfloat16,default`: bf16's own distance from fp32).
 Results go to bench/results/longctx.json and .md ($OUT or --out DIR), rewritten after every task and
 length, so a run that is stopped keeps what it finished; progress lines say task, length and time.
 
@@ -61,14 +63,27 @@ FULL = {"model": "1.5b", "lengths": "8K,16K,32K", "samples": 20, "per_doc": 10, 
         "tf_tokens": 256, "tf_windows": 4}
 
 
-def parse_config(spec: str) -> RetrievalConfig:
-    """`default` or KIND[:key=value...] -> RetrievalConfig (index="auto" is avoided on purpose: its
-    meaning is becoming "dense when it fits")."""
+def parse_config(spec: str) -> RetrievalConfig | None:
+    """`default`, `dense` (None) or KIND[:key=value...] -> RetrievalConfig, any of them with an `@DTYPE`
+    suffix (see split_dtype). index="auto" is avoided on purpose: its meaning is "dense when it fits"."""
+    spec, _ = split_dtype(spec)
+    if spec == "dense":
+        return None
     if spec == "default":
         return RetrievalConfig(index="lowrank")
     kind, *opts = spec.split(":")
     fields = config_fields(opts, f"--configs {spec}")
     return RetrievalConfig(index=kind, **fields)
+
+
+def split_dtype(spec: str) -> tuple[str, str | None]:
+    """"default@bfloat16" -> ("default", "bfloat16"): that configuration runs over a second copy of the
+    weights in that dtype while the reference (dense) keeps --dtype, which measures how far the model's
+    own rounding moves it (`dense@bfloat16` against an fp32 reference is bf16's noise floor)."""
+    base, _, dtype = spec.partition("@")
+    if dtype and dtype not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"error: --configs {spec}: unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return base, dtype or None
 
 
 def tokens_of(s: str) -> int:
@@ -144,7 +159,8 @@ def teacher_forced(llms: dict, ids: list[int], length: int, n: int, windows: int
         row = {"task": "teacher_forced", "length": length, "config": name, "ppl_dense": gmean("ppl_dense"),
                "ppl": gmean("ppl")}
         if name != "dense":
-            row |= {"attended": attended(llms[name].retrieval, length), "top1_agree": mean("top1_agree"), "kl": mean("kl"), "kl_max": max(m["kl_max"] for m in ms),
+            cfg = llms[name].retrieval
+            row |= {"attended": attended(cfg, length) if cfg else 1.0, "top1_agree": mean("top1_agree"), "kl": mean("kl"), "kl_max": max(m["kl_max"] for m in ms),
                     "positions": sum(m["positions"] for m in ms), "windows": len(ms),
                     "top1_by_window": [round(m["top1_agree"], 4) for m in ms]}
         rows.append(row)
@@ -252,20 +268,29 @@ def rescore(path: Path, allow_dirty: bool = False) -> Path:
 
 
 def load_all(path: Path, args, configs: dict, max_context: int) -> dict:
-    """One LLM per configuration ("dense" first: the reference) over ONE decoder: each keeps its own
-    cache, so the questions of a document reuse its prefill in every configuration, and the weights
-    are read (and on a GPU held) once: 7 separate loads of the 1.5B took 112 s of a 180 s H200 call."""
+    """One LLM per configuration ("dense" first: the reference) over ONE decoder per dtype: each keeps
+    its own cache, so the questions of a document reuse its prefill in every configuration, and the
+    weights are read (and on a GPU held) once: 7 separate loads of the 1.5B took 112 s of a 180 s H200 call."""
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     dense = kvretrieve.load(str(path), device=device, dtype=dtype, max_context=max_context, retrieval=None)
+    decoders = {dtype: dense.model}
     chunk = RuntimeConfig().prefill_chunk
-    return {"dense": dense} | {name: build(dense.model, dense.tokenizer, dense.source, max_context, chunk, cfg)
-                               for name, cfg in configs.items()}
+    llms = {"dense": dense}
+    for name, cfg in configs.items():
+        want = split_dtype(name)[1] or dtype
+        if want not in decoders:
+            decoders[want] = kvretrieve.load(str(path), device=device, dtype=want, max_context=max_context,
+                                             retrieval=None).model
+        llms[name] = build(decoders[want], dense.tokenizer, dense.source, max_context, chunk, cfg)
+    return llms
 
 
 def run(args) -> Path:
     t0 = time.perf_counter()
     configs = {spec: parse_config(spec) for spec in args.configs.split(",") if spec}
+    if "dense" in configs:
+        raise SystemExit("error: --configs dense: dense is always run (the reference); dense@DTYPE runs it in another dtype")
     lengths, tasks = [tokens_of(s) for s in args.lengths.split(",")], [t for t in args.tasks.split(",") if t]
     if unknown := set(tasks) - set(TASKS):
         raise SystemExit(f"error: unknown task(s) {', '.join(sorted(unknown))}; tasks: {', '.join(TASKS)}")
@@ -280,7 +305,7 @@ def run(args) -> Path:
     text_ids = tok.encode("\n\n".join(d["text"] for d in docs))
     meta = provenance(device, args.allow_dirty) | {
         "model": description, "model_path": str(path), "model_sha256": sha, "dtype": str(llm0.model.dtype),
-        "corpus": corpus.summary(docs), "configs": {"dense": None} | {k: asdict(c) for k, c in configs.items()},
+        "corpus": corpus.summary(docs), "configs": {"dense": None} | {k: asdict(c) if c else None for k, c in configs.items()},
         "lengths": lengths, "tasks": tasks, "samples": args.samples, "questions_per_document": args.per_doc,
         "teacher_forced_tokens": args.tf_tokens, "teacher_forced_windows": args.tf_windows, "seed": args.seed,
         "quick": args.quick, "timings": timings}

@@ -134,6 +134,11 @@ def test_configs_parse():
     assert (c.index, c.budget_tokens, c.window_tokens, c.block_size) == ("lowrank", 4096, 1024, 8)
     with pytest.raises(SystemExit, match="bad option"):
         longctx.parse_config("lowrank:budgt=4096")
+    assert longctx.parse_config("dense@bfloat16") is None
+    assert longctx.split_dtype("lowrank:rest=1@float32") == ("lowrank:rest=1", "float32")
+    assert longctx.parse_config("lowrank:rest=1@float32").estimate_rest is True
+    with pytest.raises(SystemExit, match="unknown dtype"):
+        longctx.parse_config("default@fp8")
 
 
 def test_eval_model_is_read_from_wheels_and_refused_on_a_wrong_sha256(tmp_path, monkeypatch):

@@ -268,9 +268,10 @@ def test_store_grows_without_copying_and_refuses_what_cannot_fit(monkeypatch):
 
 
 def test_int8_store_reads_within_half_a_step_in_half_the_memory():
-    """quantize=True: int8 codes and a scale per token and head; read and gather give the model's dtype
-    back, each value within half a quantization step (absmax / 127 of its token) of what was written."""
-    from kvretrieve.store.quant import dequantize, quantize
+    """quantize=True: int8 codes and a scale per token and head (keys divided by a scale per channel
+    first); read and gather give the model's dtype back, each value within half a quantization step
+    of what was written."""
+    from kvretrieve.store.quant import channel_scales, dequantize, quantize
 
     g = torch.Generator().manual_seed(3)
     k = (torch.randn(2, 40, 4, 8, generator=g) * torch.rand(2, 40, 4, 1, generator=g) * 5).to(torch.bfloat16)
@@ -280,19 +281,42 @@ def test_int8_store_reads_within_half_a_step_in_half_the_memory():
     for s in (plain, store):
         s.write(1, 0, k, -k)
     rk, rv = store.read(1, 0, 40)                                   # three segments
-    assert rk.dtype == torch.bfloat16 and torch.equal(rv, -rk)
-    step = k.float().abs().amax(-1, keepdim=True) / 127
-    assert ((rk.float() - k.float()).abs() <= step / 2 + k.float().abs() * 2 ** -8).all()
+    assert rk.dtype == rv.dtype == torch.bfloat16
+    c = channel_scales(k)[:, None, None, :]
+    assert torch.equal(store.channels[1], c[:, 0, 0]) and torch.equal(store.channels[0], torch.ones(2, 8))
+    k_step = (k.float() / c).abs().amax(-1, keepdim=True) / 127 * c
+    v_step = k.float().abs().amax(-1, keepdim=True) / 127
+    for got, want, step in ((rk, k, k_step), (rv, -k, v_step)):
+        assert ((got.float() - want.float()).abs() <= step / 2 + want.float().abs() * 2 ** -8 + 1e-6).all()
     assert not torch.equal(rk, k) and torch.equal(rk[0, 3, 1], k[0, 3, 1])
-    q, scale = quantize(k)
-    assert torch.equal(rk, dequantize(q, scale, torch.bfloat16))
+    assert torch.equal(rk, dequantize(*quantize(k, c), torch.bfloat16, c))
+    assert torch.equal(rv, dequantize(*quantize(-k), torch.bfloat16))
     out = torch.empty(2, 3, 32, dtype=torch.bfloat16)
     store.gather(1, torch.tensor([1, 0, 1]), torch.tensor([18, 3, 35]), out)
     assert torch.equal(out[0], torch.stack([rk[1, 18], rk[0, 3], rk[1, 35]]).view(3, 32))
-    assert torch.equal(out[1], -out[0])
+    assert torch.equal(out[1], torch.stack([rv[1, 18], rv[0, 3], rv[1, 35]]).view(3, 32))
     # int8 codes (half of bf16) + an fp32 scale per token of 8 values (a quarter; 1/64 at head_dim 128)
     assert store.nbytes() == plain.nbytes() // 2 + plain.nbytes() // 4
     assert store.bytes_per_block * 4 == plain.bytes_per_block * 3
+
+
+def test_key_channel_scales_keep_small_channels_of_outlier_keys():
+    """Keys whose few channels are 50x the rest (as Qwen2's key bias makes them): one int8 scale per
+    row leaves the small channels a few levels, and the attention logits q.k of a query that weighs
+    the small channels move by ~10x more than with the store's channel scales."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 64, 16, 128, generator=g)
+    k[..., :4] *= 50
+    q = torch.randn(2, 128, generator=g)
+    q[:, :4] = 0  # the logits the outliers do not decide
+    store = KVStore(kv_geometry(1, 2, 128, 16, 1024), quantize=True, segment_blocks=64)
+    store.write(0, 0, k, k)
+    rk, rv = store.read(0, 0, 64)
+    from kvretrieve.store.quant import dequantize, quantize
+    row_only = dequantize(*quantize(k), torch.float32)
+    err = lambda x: (torch.einsum("hd,hntd->hnt", q, x - k)).abs().mean().item()  # noqa: E731
+    assert err(rk) * 8 < err(row_only)
+    assert torch.equal(rv, row_only)  # values keep their per-row scale alone
 
 
 def test_store_reserves_in_the_background_and_writes_wait_for_their_layer():
@@ -823,3 +847,22 @@ def test_continuation_prefill_on_cuda_equals_dense(tiny_dir, store):
         else:
             kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
             assert kl < 1e-3, kl
+
+
+def test_key_channel_scales_fit_once_per_conversation():
+    """A layer's channel scales come from its first stored keys and hold for every later write,
+    rewrites included (ivf's clustering rewrites blocks it has read back), until the store is emptied."""
+    from kvretrieve.store.quant import channel_scales
+
+    g = torch.Generator().manual_seed(1)
+    k1, k2, k3 = (torch.randn(2, 4, 4, 8, generator=g) * (i + 1) for i in range(3))
+    store = KVStore(kv_geometry(1, 2, 8, 4, 1024), quantize=True, segment_blocks=16)
+    store.write(0, 0, k1, k1)
+    store.write(0, 4, k2, k2)
+    store.write(0, 0, k2, k2)  # a rewrite in place
+    store.forget_from(2)
+    store.write(0, 2, k3, k3)
+    assert torch.equal(store.channels[0], channel_scales(k1))
+    store.forget_from(0)  # a new conversation
+    store.write(0, 0, k3, k3)
+    assert torch.equal(store.channels[0], channel_scales(k3))

@@ -108,6 +108,7 @@ class RetrievalKV(AttentionBackend):
         if self.placement.clusters:
             self.placement.clusters.truncate(length)
         self.pool.forget_from(length // self.bs)
+        self.store.forget_from(length // self.bs)
         if length:
             self.placement.repair_ring(length)
         self._open = False  # last: until here, the next begin redoes this truncation

@@ -17,21 +17,28 @@ from kvretrieve.kernels.reference import check_fetch, check_launch_device, check
 
 
 @triton.jit
-def _row_from_store(base_ptr, scale_ptr, src, s_src, cols, D: tl.constexpr, QUANT: tl.constexpr):
-    """One block row of K or V from the store: quantized, int8 codes times their token's scale (fp32)."""
+def _row_from_store(base_ptr, scale_ptr, src, s_src, ch_ptr, cols, D: tl.constexpr, QUANT: tl.constexpr,
+                    CH: tl.constexpr):
+    """One block row of K or V from the store: quantized, int8 codes times their token's scale (fp32),
+    and for keys (CH) times their channel's scale (ch_ptr: the head's D scales)."""
     x = tl.load(base_ptr + src + cols)
     if QUANT:  # a constexpr branch: one return type per compiled variant
         x = x.to(tl.float32) * tl.load(scale_ptr + s_src + cols // D)
+        if CH:
+            x = x * tl.load(ch_ptr + cols % D)
     return x
 
 
 @triton.jit
-def _row_to_store(base_ptr, scale_ptr, dst, s_dst, x, BS: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr):
+def _row_to_store(base_ptr, scale_ptr, dst, s_dst, ch_ptr, x, BS: tl.constexpr, D: tl.constexpr,
+                  QUANT: tl.constexpr, CH: tl.constexpr):
     """Write one block row x [BS, D] to the store; quantized: rounded half away from zero, like
-    kv_store.quantize."""
+    store.quant.quantize, keys (CH) divided by their channel's scale first."""
     offs = tl.arange(0, BS)[:, None] * D + tl.arange(0, D)[None, :]
     if QUANT:
         x = x.to(tl.float32)
+        if CH:
+            x = x / tl.load(ch_ptr + tl.arange(0, D))[None, :]
         amax = tl.max(tl.abs(x), 1)
         scale = tl.where(amax > 0, amax / 127, 1.0)
         v = x / scale[:, None]
@@ -43,7 +50,7 @@ def _row_to_store(base_ptr, scale_ptr, dst, s_dst, x, BS: tl.constexpr, D: tl.co
 
 
 @triton.jit(do_not_specialize=["layer"])
-def _fetch_kernel(base_ptr, seg_offsets_ptr, scale_ptr, scale_offsets_ptr, ids_ptr, fetch_ptr, slots_ptr,
+def _fetch_kernel(base_ptr, seg_offsets_ptr, scale_ptr, scale_offsets_ptr, ch_ptr, ids_ptr, fetch_ptr, slots_ptr,
                   pool_k_ptr, pool_v_ptr, layer, n_seg, k, seg_blocks, H, S,
                   BS: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr):
     h = tl.program_id(0).to(tl.int64)  # int64 offsets: a segment of 32 layers exceeds 2^31 elements
@@ -60,9 +67,10 @@ def _fetch_kernel(base_ptr, seg_offsets_ptr, scale_ptr, scale_offsets_ptr, ids_p
         s_src = tl.load(scale_offsets_ptr + layer * n_seg + seg) + row * BS
         dst = (h * S + slot) * (BS * D)
         cols = tl.arange(0, BS * D)
-        k_row = _row_from_store(base_ptr, scale_ptr, src, s_src, cols, D, QUANT)
+        ch = ch_ptr + (layer * H + h) * D  # the store's channels [L, H, D]
+        k_row = _row_from_store(base_ptr, scale_ptr, src, s_src, ch, cols, D, QUANT, True)
         v_row = _row_from_store(base_ptr, scale_ptr, src + H * seg_blocks * BS * D, s_src + H * seg_blocks * BS,
-                                cols, D, QUANT)
+                                ch, cols, D, QUANT, False)
         tl.store(pool_k_ptr + dst + cols, k_row.to(pool_k_ptr.dtype.element_ty))
         tl.store(pool_v_ptr + dst + cols, v_row.to(pool_v_ptr.dtype.element_ty))
 
@@ -70,7 +78,7 @@ def _fetch_kernel(base_ptr, seg_offsets_ptr, scale_ptr, scale_offsets_ptr, ids_p
 # Block and slot change every call: specialising on them (== 1, multiples of 16) would compile new
 # variants mid-generation (a 300 ms step was measured).
 @triton.jit(do_not_specialize=["block", "slot"])
-def _store_kernel(base_ptr, seg_offsets_ptr, scale_ptr, scale_offsets_ptr, pool_k_ptr, pool_v_ptr, block, slot,
+def _store_kernel(base_ptr, seg_offsets_ptr, scale_ptr, scale_offsets_ptr, ch_ptr, pool_k_ptr, pool_v_ptr, block, slot,
                   n_seg, seg_blocks, H, S, BS: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr):
     layer = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -80,19 +88,20 @@ def _store_kernel(base_ptr, seg_offsets_ptr, scale_ptr, scale_offsets_ptr, pool_
     s_dst = tl.load(scale_offsets_ptr + layer * n_seg + seg) + row * BS
     src = ((layer * H + h) * S + slot) * (BS * D)
     offs = tl.arange(0, BS)[:, None] * D + tl.arange(0, D)[None, :]
-    _row_to_store(base_ptr, scale_ptr, dst, s_dst, tl.load(pool_k_ptr + src + offs), BS, D, QUANT)
+    ch = ch_ptr + (layer * H + h) * D
+    _row_to_store(base_ptr, scale_ptr, dst, s_dst, ch, tl.load(pool_k_ptr + src + offs), BS, D, QUANT, True)
     _row_to_store(base_ptr, scale_ptr, dst + H * seg_blocks * BS * D, s_dst + H * seg_blocks * BS,
-                  tl.load(pool_v_ptr + src + offs), BS, D, QUANT)
+                  ch, tl.load(pool_v_ptr + src + offs), BS, D, QUANT, False)
 
 
 def _store_pointers(store, cuda: bool):
-    """(data base, data offsets, scale base, scale offsets) for a kernel; an unquantized store passes
-    its data twice as scales (never read)."""
+    """(data base, data offsets, scale base, scale offsets, key channel scales) for a kernel; an
+    unquantized store passes its data twice as scales (never read)."""
     wrap = _HostPointer if cuda else (lambda t: t)
     base = wrap(store.base)
     if not store.quantized:
-        return base, store.device_offsets, base, store.device_offsets
-    return base, store.device_offsets, wrap(store.scale_base), store.device_scale_offsets
+        return base, store.device_offsets, base, store.device_offsets, store.channels
+    return base, store.device_offsets, wrap(store.scale_base), store.device_scale_offsets, store.channels
 
 
 class _HostPointer:
@@ -126,6 +135,9 @@ def store_blocks(store, block, slot, pool_k, pool_v):
     any kernel, instead of 2 * L copies launched from the host."""
     check_store(store, block, slot, pool_k, pool_v)
     check_launch_device("store_blocks", pool_k, pool_v)
+    for layer in range(store.L):  # as KVStore.write: a layer's first stored keys fit its channel scales
+        if store.quantized and not store.fitted[layer]:
+            store.fit_channels(layer, pool_k[layer, :, slot])
     _store_kernel[(store.L, store.H)](*_store_pointers(store, pool_k.is_cuda), pool_k, pool_v, int(block),
                                       int(slot), store.n_segments, store.seg_blocks, store.H, pool_k.shape[2],
                                       BS=store.bs, D=store.d, QUANT=store.quantized, num_warps=4)

@@ -10,7 +10,9 @@ start relative to the first segment, in elements, on the compute device).
 
 quantize=True keeps K and V as int8 with one fp32 scale per token and head (absmax / 127, in a
 parallel [K|V, kv_head, block, block_size] table): half the host memory and half the bytes a fetch
-moves over PCIe. Reads dequantize to the model's dtype; so do the fetch kernel and gather.
+moves over PCIe. Keys are divided by a scale per channel first (`channels` [L, Hkv, d], fit to the
+first keys a layer stores: quant.channel_scales). Reads dequantize to the model's dtype; so do the
+fetch kernel and gather.
 
 Pinning fresh host memory is slow (~1 GiB/s on the H100 host: 18 GiB for a 128K prompt of the 8B
 shape would cost 8+ s of a prefill), so a long prefill reserves its segments on a background
@@ -25,7 +27,7 @@ import torch
 
 from ..config import KVGeometry
 from ..memory import GiB, check_allocation
-from .quant import copy_per_head, dequantize, quantize
+from .quant import channel_scales, copy_per_head, dequantize, quantize
 
 
 class KVStore:
@@ -53,6 +55,9 @@ class KVStore:
         self._host_offsets = torch.zeros(2, num_layers, self.n_segments, dtype=torch.int64)  # data, scales
         self.offsets = torch.zeros(2, num_layers, self.n_segments, dtype=torch.int64, device=geo.device)
         self._offsets_synced = 0      # segments per layer whose offsets device_offsets holds
+        # Key channel scales (quantized stores): on the compute device, where kernels read them in place.
+        self.channels = torch.ones(num_layers, self.H, self.d, dtype=torch.float32, device=geo.device)
+        self.fitted = [False] * num_layers  # per layer: channels fit to its first stored keys
 
     @property
     def device_offsets(self) -> torch.Tensor:
@@ -165,7 +170,9 @@ class KVStore:
         self.ensure(first_block + nb)
         self._wait(layer)
         if self.quantized:  # on k's device, so only int8 and scales cross PCIe
-            (k, k_scale), (v, v_scale) = quantize(k), quantize(v)
+            if not self.fitted[layer]:
+                self.fit_channels(layer, k)
+            (k, k_scale), (v, v_scale) = quantize(k, self._channels(layer, k.device)), quantize(v)
         done = 0
         while done < nb:
             seg, off = divmod(first_block + done, self.seg_blocks)
@@ -177,6 +184,23 @@ class KVStore:
                 copy_per_head(dst[0, :, off:off + n], ks[:, done:done + n])
                 copy_per_head(dst[1, :, off:off + n], vs[:, done:done + n])
             done += n
+
+    def fit_channels(self, layer: int, k: torch.Tensor) -> None:
+        """Fit the layer's key channel scales to k [Hkv, ..., d], the first keys it stores; they hold
+        until the store is emptied (forget_from(0)), so every block is read with the scales it was
+        written with, rewrites (ivf's clustering) included."""
+        self.channels[layer] = channel_scales(k).to(self.channels.device)
+        self.fitted[layer] = True
+
+    def forget_from(self, block: int) -> None:
+        """Blocks from `block` on hold nothing any more (a truncation); when none are left, the next
+        conversation's first keys fit the channel scales afresh."""
+        if block == 0:
+            self.fitted = [False] * self.L
+
+    def _channels(self, layer: int, device: torch.device) -> torch.Tensor:
+        """The layer's key channel scales on `device`, shaped [Hkv, 1, 1, d] for rows [Hkv, nb, bs, d]."""
+        return self.channels[layer].to(device)[:, None, None, :]
 
     def write_async(self, layer: int, first_block: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """write() from the compute stream's tensors without stalling it: on a CUDA device the copy
@@ -226,7 +250,8 @@ class KVStore:
         out = []
         for kv in (0, 1):
             if self.quantized:
-                parts = [dequantize(self.segments[layer][s][kv, :, r], self.scales[layer][s][kv, :, r], self.dtype)
+                ch = self._channels(layer, torch.device("cpu")) if kv == 0 else None
+                parts = [dequantize(self.segments[layer][s][kv, :, r], self.scales[layer][s][kv, :, r], self.dtype, ch)
                          for s, r in runs]
             else:
                 parts = [self.segments[layer][s][kv, :, r] for s, r in runs]
@@ -249,7 +274,8 @@ class KVStore:
             done += n
         if scale is None:
             return raw[0], raw[1]
-        return dequantize(raw[0], scale[0], self.dtype), dequantize(raw[1], scale[1], self.dtype)  # half the fp32 temporary
+        k = dequantize(raw[0], scale[0], self.dtype, self._channels(layer, device))
+        return k, dequantize(raw[1], scale[1], self.dtype)  # one at a time: half the fp32 temporary
 
     def gather(self, layer: int, heads: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
         """out[0, i], out[1, i] = K and V of block blocks[i] of head heads[i]; out [2, m, bs*d] (CPU,
@@ -269,7 +295,10 @@ class KVStore:
             for kv in (0, 1):
                 if self.quantized:
                     scales = self.scales[layer][s].view(2, self.H * self.seg_blocks, self.bs)[kv].index_select(0, r)
-                    got = dequantize(table[kv].index_select(0, r).view(-1, self.bs, self.d), scales, self.dtype)
+                    ch = None
+                    if kv == 0:  # each gathered row's head's channel scales: [m, 1, d]
+                        ch = self.channels[layer].cpu().index_select(0, heads.index_select(0, pick))[:, None, :]
+                    got = dequantize(table[kv].index_select(0, r).view(-1, self.bs, self.d), scales, self.dtype, ch)
                     out[kv].index_copy_(0, pick, got.view(-1, width))
                 elif len(pick) == len(rows):
                     torch.index_select(table[kv], 0, r, out=out[kv, :len(rows)])

@@ -23,6 +23,12 @@ The exact sequence, for the 1.5B (18 parts; the 0.5B has 8), all calls on one wa
            ... and the same with --configs oracle
 
 A machine that went cold in between has lost the parts: `join` lists what is missing.
+
+The GPU copy of the tree holds a `.git` that may name an older commit: run benchmarks there with
+`GIT_DIR=/nonexistent` plus KVRETRIEVE_COMMIT / KVRETRIEVE_TREE, so the tree hash proves the commit.
+Never move or delete that `.git`: twice the call after one that did broke the machine (and lost the
+uploaded parts). fp32 on the GPU is no shortcut to a precise reference: a 32K fp32 prefill of the 1.5B
+did not finish in 380 s.
 """
 from __future__ import annotations
 

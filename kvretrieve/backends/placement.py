@@ -112,6 +112,7 @@ class BlockPlacement:
         slot = pool.ring_slot(b)
         kb, vb = pool.k[:, :, slot, None], pool.v[:, :, slot, None]      # [L, Hkv, 1, bs, d]
         self._index(slice(None), b, kb, vb)
+        self.store.fit_missing(kb)  # a conversation shorter than a block stores its first keys here
         kernels.store_blocks(self.store, b, slot, pool.k, pool.v)
         self.store.mark_written()  # the writes run on this stream; host readers of the store wait for them
         if b < pool.n_sink:

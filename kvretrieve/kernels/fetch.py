@@ -132,12 +132,10 @@ def fetch_blocks(store, layer, ids, fetch, slots, pool_k, pool_v):
 def store_blocks(store, block, slot, pool_k, pool_v):
     """Same contract as kernels.reference.store_blocks: one program per (layer, head) writes the
     block's K and V rows into pinned host memory over PCIe (UVA), ordered on the current stream like
-    any kernel, instead of 2 * L copies launched from the host."""
+    any kernel, instead of 2 * L copies launched from the host. A quantized store's key channel scales
+    must be fit already (KVStore.fit_missing)."""
     check_store(store, block, slot, pool_k, pool_v)
     check_launch_device("store_blocks", pool_k, pool_v)
-    for layer in range(store.L):  # as KVStore.write: a layer's first stored keys fit its channel scales
-        if store.quantized and not store.fitted[layer]:
-            store.fit_channels(layer, pool_k[layer, :, slot])
     _store_kernel[(store.L, store.H)](*_store_pointers(store, pool_k.is_cuda), pool_k, pool_v, int(block),
                                       int(slot), store.n_segments, store.seg_blocks, store.H, pool_k.shape[2],
                                       BS=store.bs, D=store.d, QUANT=store.quantized, num_warps=4)

@@ -192,6 +192,13 @@ class KVStore:
         self.channels[layer] = channel_scales(k).to(self.channels.device)
         self.fitted[layer] = True
 
+    def fit_missing(self, k: torch.Tensor) -> None:
+        """k [L, Hkv, ..., d]: fit the channel scales of the layers that have none yet (before a kernel
+        that writes every layer's block, kernels.store_blocks, which only reads them)."""
+        for layer in range(self.L):
+            if self.quantized and not self.fitted[layer]:
+                self.fit_channels(layer, k[layer])
+
     def forget_from(self, block: int) -> None:
         """Blocks from `block` on hold nothing any more (a truncation); when none are left, the next
         conversation's first keys fit the channel scales afresh."""

@@ -3,7 +3,9 @@
 1. the CUDA tests (every test marked cuda): Triton kernels against their torch references, the
    retrieval backend's async paths, the decode loop, models against transformers;
 2. bench/decode.py with the given arguments (this tree), results under $OUT/new;
-3. with --baseline DIR (a copy of an earlier commit's kvretrieve/ and bench/, e.g. made with
+3. with --longctx ARGS, bench/longctx.py with them (the evaluation model uploaded first:
+   bench/gpu_upload.py), results under $OUT/longctx;
+4. with --baseline DIR (a copy of an earlier commit's kvretrieve/ and bench/, e.g. made with
    `git archive REV kvretrieve bench pyproject.toml | tar -x -C .base`), the same decode rows for
    that code in the same call, under $OUT/old, so a refactor's speed is compared within one run.
 
@@ -52,6 +54,7 @@ def main() -> None:
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--tests", default="tests/", help="what pytest collects (its cuda-marked tests run)")
     ap.add_argument("--decode", default="", help="arguments of bench/decode.py for this tree ('' = no run)")
+    ap.add_argument("--longctx", default="", help="arguments of bench/longctx.py ('' = no run)")
     ap.add_argument("--baseline", default="", help="a copy of an earlier tree to time with --baseline-decode")
     ap.add_argument("--baseline-decode", default="")
     ap.add_argument("--timeout", type=int, default=540, help="seconds per step")
@@ -63,6 +66,9 @@ def main() -> None:
     if args.decode:
         run([py, "bench/decode.py", *shlex.split(args.decode), "--out", str(OUT / "new")], OUT / "new" / "decode.log",
             args.timeout)
+    if args.longctx:
+        run([py, "bench/longctx.py", *shlex.split(args.longctx), "--out", str(OUT / "longctx")],
+            OUT / "longctx" / "longctx.log", args.timeout)
     if args.baseline and args.baseline_decode:
         base = (REPO / args.baseline).resolve()
         # The baseline copy proves its commit as this tree does (bench/common.py): its own hash.

@@ -34,7 +34,9 @@ OUT = Path(os.environ.get("OUT", REPO / "bench" / "results"))
 def run(cmd: list[str], log: Path, timeout: int, root: Path = REPO, env: dict | None = None) -> int:
     """Run cmd with `root` first on the import path; its output goes to log (and its tail to stdout)."""
     t0 = time.time()
-    env = dict(os.environ, PYTHONPATH=str(root), PYTHONUNBUFFERED="1",
+    # root first; what PYTHONPATH held stays after it (the gguf wheel installed to /tmp/site on the GPU machine)
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1",
                PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True", **(env or {}))
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:

@@ -195,8 +195,10 @@ class KVStore:
     def fit_missing(self, k: torch.Tensor) -> None:
         """k [L, Hkv, ..., d]: fit the channel scales of the layers that have none yet (before a kernel
         that writes every layer's block, kernels.store_blocks, which only reads them)."""
+        if not self.quantized:
+            return
         for layer in range(self.L):
-            if self.quantized and not self.fitted[layer]:
+            if not self.fitted[layer]:
                 self.fit_channels(layer, k[layer])
 
     def forget_from(self, block: int) -> None:
@@ -295,6 +297,8 @@ class KVStore:
         seg = blocks // self.seg_blocks
         rows = heads * self.seg_blocks + blocks % self.seg_blocks
         width = self.bs * self.d
+        # Each gathered row's head's key channel scales, [m, 1, d] (read once: a CUDA store keeps them there).
+        ch = self.channels[layer].cpu().index_select(0, heads)[:, None, :] if self.quantized else None
         for s in torch.unique(seg).tolist():
             pick = (seg == s).nonzero().flatten()
             table = self.segments[layer][s].view(2, self.H * self.seg_blocks, width)
@@ -302,10 +306,8 @@ class KVStore:
             for kv in (0, 1):
                 if self.quantized:
                     scales = self.scales[layer][s].view(2, self.H * self.seg_blocks, self.bs)[kv].index_select(0, r)
-                    ch = None
-                    if kv == 0:  # each gathered row's head's channel scales: [m, 1, d]
-                        ch = self.channels[layer].cpu().index_select(0, heads.index_select(0, pick))[:, None, :]
-                    got = dequantize(table[kv].index_select(0, r).view(-1, self.bs, self.d), scales, self.dtype, ch)
+                    row_ch = ch.index_select(0, pick) if kv == 0 else None
+                    got = dequantize(table[kv].index_select(0, r).view(-1, self.bs, self.d), scales, self.dtype, row_ch)
                     out[kv].index_copy_(0, pick, got.view(-1, width))
                 elif len(pick) == len(rows):
                     torch.index_select(table[kv], 0, r, out=out[kv, :len(rows)])

@@ -7,7 +7,9 @@ estimate of every candidate block it did not attend, each counted as block_size 
 with its mean value (RetroInfer's estimation zone, here over all the left-out blocks). Since exp is
 convex, the mean key underestimates a block's mass; "scaled" also tries a per-block correction
 exp(var/2) from the keys' spread along q (the second-order term of the log-mean-exp), which an index
-could keep as one number per block and head.
+could keep as one number per block and head. Bounds on what an estimate of the left-out blocks can
+give: "exact_mass" (each block's true mass, its mean value) and "exact_block" (its true attention:
+no error); "sketch_spread" corrects the mass by the lowrank sketches' spread inside the block.
 
     python bench/probes/probe_outside_mass.py --model 0.5b --context 8K --steps 24 --config oracle:budget=736:window=256
 """
@@ -50,10 +52,24 @@ def errors(b, layer, q, ids, lo, hi, n) -> dict:
     left = ~keep[:, lo * bs:hi * bs].view(H, -1, bs).any(-1)                        # [H, blocks] not attended
     kb, vb = (t[:, lo * bs:hi * bs].reshape(H, -1, bs, d) for t in (k, v))
     sb = torch.einsum("hgd,hbtd->hgbt", qg, kb) * b.scale                           # per-key scores of every block
-    for name, est in (("centroid", sb.mean(-1)), ("scaled", sb.mean(-1) + sb.var(-1, unbiased=False) / 2)):
-        lse_b = (est + torch.log(torch.tensor(float(bs)))).masked_fill(~left[:, None], float("-inf"))
+    log_bs = torch.log(torch.tensor(float(bs)))
+    exact_mass = sb.logsumexp(-1) - log_bs                                          # log-mean-exp per block
+    wv = torch.einsum("hgbt,hbtd->hgbd", sb.softmax(-1), vb)                        # exact in-block values
+    ests = {"centroid": (sb.mean(-1), None), "scaled": (sb.mean(-1) + sb.var(-1, unbiased=False) / 2, None),
+            "exact_mass": (exact_mass, None), "exact_block": (exact_mass, wv)}
+    if hasattr(b.index, "sketch"):  # the sketches' own spread around their block mean, per query head
+        ix, G = b.index, qg.shape[1]
+        qr = torch.einsum("hgd,hdr->hgr", qg, ix.proj[layer].float())
+        sk = ix.sketch[layer, :, lo * bs:hi * bs].float().view(H, -1, bs, ix.rank)
+        st = torch.einsum("hgr,hbtr->hgbt", qr, sk) * b.scale
+        spread = st.logsumexp(-1) - log_bs - st.mean(-1)
+        ests["sketch_spread"] = (sb.mean(-1) + spread, None)
+        ests["sketch_spread_half"] = (sb.mean(-1) + spread / 2, None)
+    for name, (est, val) in ests.items():
+        lse_b = (est + log_bs).masked_fill(~left[:, None], float("-inf"))
         w = lse_b.softmax(-1).nan_to_num()
-        out_b, lse_bt = torch.einsum("hgb,hbd->hgd", w, vb.mean(2)), lse_b.logsumexp(-1)
+        vals = vb.mean(2)[:, None].expand(-1, qg.shape[1], -1, -1) if val is None else val
+        out_b, lse_bt = torch.einsum("hgb,hgbd->hgd", w, vals), lse_b.logsumexp(-1)
         m = torch.maximum(lse_a, lse_bt)
         wa, wb = torch.exp(lse_a - m), torch.exp(lse_bt - m).nan_to_num()
         out[name] = (wa[..., None] * out_a + wb[..., None] * out_b) / (wa + wb)[..., None]

@@ -142,6 +142,7 @@ class RetrievalConfig:
     sink_tokens: int = 16
     window_tokens: int | None = None
     rank: int = 32
+    block_scores: str = "mass"    # lowrank: mass (each block's estimated attention share) or max (Loki's)
     cache_blocks: int | None = None
     speculative: bool = False
     reselect_every: int = 1       # decode steps one selection serves (LServe-style reuse, a speed knob)
@@ -164,6 +165,8 @@ class RetrievalConfig:
         _check(self.window_tokens is None or self.window_tokens >= 0,
                f"window_tokens must be >= 0, got {self.window_tokens}")
         _check(self.rank >= 1, f"RetrievalConfig.rank must be >= 1, got {self.rank}")
+        _check(self.block_scores in ("mass", "max"),
+               f"RetrievalConfig.block_scores must be 'mass' or 'max', got {self.block_scores!r}")
         _check(self.reselect_every >= 1, f"reselect_every must be >= 1 (1 = select every step), got {self.reselect_every}")
         _check(self.estimate_tokens >= 0, f"estimate_tokens must be >= 0, got {self.estimate_tokens}")
         _check(not (self.estimate_tokens and self.estimate_rest),

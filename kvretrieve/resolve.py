@@ -12,6 +12,7 @@ import torch
 from .config import KVGeometry, RetrievalConfig
 from .errors import ConfigError, ResourceError
 from .index.ivf import resolve_kmeans
+from .index.lowrank import LowRankIndex
 from .index.summary import BlockSummary
 from .memory import GiB, check_allocation, free_bytes
 from .models.llama import ModelConfig
@@ -156,9 +157,10 @@ def resolve_retrieval(cfg: RetrievalConfig, mc: ModelConfig, capacity: int, devi
     index = cfg.index
     if index == "auto":
         geo = geometry(mc, capacity, cfg.block_size, device, dtype)
-        sketch = geo.nbytes(geo.layers, geo.kv_heads, geo.max_tokens, cfg.rank)
+        mass = cfg.block_scores == "mass"
+        sketch = LowRankIndex.nbytes_for(geo, cfg.rank, mass)
         if cfg.estimate_rest is not False and not cfg.estimate_tokens:
-            sketch += BlockSummary.nbytes_for(geo)
+            sketch += BlockSummary.nbytes_for(geo, shared_means=mass)
         free = free_bytes(device) if free is None else free
         index = "lowrank" if sketch <= AUTO_SKETCH_SHARE * free else "ivf"
     store = cfg.store_dtype if cfg.store_dtype != "auto" else "int8" if device.type == "cuda" else "model"

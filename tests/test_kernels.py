@@ -118,6 +118,29 @@ def test_lowrank_reference_exact_with_full_orthonormal_basis():
     assert err(got, exact) < 1e-4
 
 
+def test_lowrank_mass_reference_is_the_true_block_mass_with_a_full_basis():
+    """With a full orthonormal basis, mean key + sketch spread is every token's exact score, so the
+    mass scores are the oracle's: log of the block's softmax share summed over the group."""
+    g = torch.Generator().manual_seed(4)
+    Hkv, G, d, bs, nb = 2, 3, 16, 8, 7
+    q = torch.randn(Hkv * G, d, generator=g)
+    keys = torch.randn(Hkv, nb * bs, d, generator=g) + torch.randn(Hkv, 1, d, generator=g)
+    proj = torch.linalg.qr(torch.randn(Hkv, d, d, generator=g))[0]
+    sketch = torch.einsum("htd,hdr->htr", keys - keys.mean(1, keepdim=True), proj)
+    means = keys.view(Hkv, nb, bs, d).mean(2)
+    got = R.lowrank_block_mass(q, proj, sketch, means, nb, bs, d ** -0.5)
+    s = torch.einsum("hgd,htd->hgt", q.view(Hkv, G, d), keys) * d ** -0.5
+    share = s.softmax(-1).view(Hkv, G, nb, bs).sum(-1).sum(1).log()
+    assert got.shape == (Hkv, nb) and got.dtype == torch.float32
+    assert err(got, share) < 1e-4
+    # a rank-1 basis keeps the exact mean-key part: blocks of equal keys still score exactly
+    flat = means[:, :, None].expand(-1, -1, bs, -1).reshape(Hkv, nb * bs, d)
+    s1 = torch.einsum("hgd,htd->hgt", q.view(Hkv, G, d), flat) * d ** -0.5
+    want = s1.softmax(-1).view(Hkv, G, nb, bs).sum(-1).sum(1).log()
+    flat_sketch = torch.einsum("htd,hdr->htr", flat - flat.mean(1, keepdim=True), proj[:, :, :1])
+    assert err(R.lowrank_block_mass(q, proj[:, :, :1], flat_sketch, means, nb, bs, d ** -0.5), want) < 1e-4
+
+
 def test_bounds_reference_is_upper_bound_and_tight_for_repeated_token():
     g = torch.Generator().manual_seed(4)
     Hkv, G, d, bs, nb = 2, 4, 16, 8, 6
@@ -188,6 +211,7 @@ def _interp_cases(device="cpu", big=False):
     """name -> zero-arg function returning [(label, error, tolerance)]; run where Triton can launch."""
     from kvretrieve.kernels.merge import merge_attention as t_merge
     from kvretrieve.kernels.scoring import bounds_block_scores as t_bounds
+    from kvretrieve.kernels.scoring import lowrank_block_mass as t_mass
     from kvretrieve.kernels.scoring import lowrank_block_scores as t_lowrank
     from kvretrieve.kernels.scoring import max_dot_block_scores as t_maxdot
 
@@ -239,6 +263,9 @@ def _interp_cases(device="cpu", big=False):
             mag = qs.float().abs().sum(1).max().item()  # scores grow with |q|_1; tolerate relative error
             cases[f"lowrank-{dn}-G{G}"] = lambda a=(qs, proj, mean, sk, nb, bs), s=mag: [
                 ("scores", err(t_lowrank(*a), R.lowrank_block_scores(*a)) / s, 2e-5)]
+            # block means: any [Hkv, >= nb, d] tensor (kmin); log-shares move with the scaled scores
+            cases[f"lowrank-mass-{dn}-G{G}"] = lambda a=(qs, proj, sk, kmin, nb, bs, d ** -0.5), s=mag * d ** -0.5: [
+                ("mass", err(t_mass(*a), R.lowrank_block_mass(*a)) / s, 2e-5)]
             cases[f"bounds-{dn}-G{G}"] = lambda a=(qs, kmin, kmax, nb), s=mag: [
                 ("scores", err(t_bounds(*a), R.bounds_block_scores(*a)) / s, 2e-5)]
             # the exact index's scores (keys, block_size tokens) and ivf's (centroids, one per block)
@@ -257,15 +284,20 @@ def _interp_cases(device="cpu", big=False):
         qs, proj, mean, sk, kmin, kmax = scoring_case(4, torch.bfloat16, 32, 16, 4, 300, device=device)
         if mixed:
             qs, proj, mean = (t.float() + 1e-3 for t in (qs, proj, mean))
-        old, scoring._TARGET_PROGRAMS = scoring._TARGET_PROGRAMS, 2
+        old = scoring._TARGET_PROGRAMS, scoring._LOWRANK_PROGRAMS
+        scoring._TARGET_PROGRAMS = scoring._LOWRANK_PROGRAMS = 2
         try:
             lr = (qs, proj, mean, sk, 300, 4)
             e1 = err(t_lowrank(*lr), R.lowrank_block_scores(*lr))
             e2 = err(t_bounds(qs, kmin, kmax, 300), R.bounds_block_scores(qs, kmin, kmax, 300))
+            # two programs a head, one looping over two tiles: partial normalisers must reduce
+            scoring._LOWRANK_PROGRAMS = 4
+            ma = (qs, proj, sk, kmin, 300, 4, 32 ** -0.5)
+            e3 = err(t_mass(*ma), R.lowrank_block_mass(*ma))
         finally:
-            scoring._TARGET_PROGRAMS = old
+            scoring._TARGET_PROGRAMS, scoring._LOWRANK_PROGRAMS = old
         mag = qs.float().abs().sum(1).max().item()
-        return [("lowrank", e1 / mag, 2e-5), ("bounds", e2 / mag, 2e-5)]
+        return [("lowrank", e1 / mag, 2e-5), ("bounds", e2 / mag, 2e-5), ("mass", e3 / (mag * 32 ** -0.5), 2e-5)]
 
     def lru_sequence():
         # Many lookups of random selections through both implementations, each on its own copy of

@@ -676,6 +676,33 @@ def test_oracle_index_ranks_blocks_by_their_true_attention_mass():
         assert torch.allclose(kept[0], mass.topk(k, dim=1).values.sum(1))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_lowrank_mass_scores_are_the_oracles_at_full_rank_and_keep_more_mass_than_max_below(device):
+    """block_scores="mass": at rank = head_dim they are the oracle's scores (the true attention share
+    of each block, summed over the group); at a low rank they keep more true mass in their top-k
+    than Loki's max scores, summed over heads and queries (keys with a strong shared direction,
+    whose within-block spread the sketches only partly see)."""
+    g = torch.Generator().manual_seed(12)
+    H, G, d, bs, nb = 2, 4, 32, 8, 64
+    base = torch.randn(H, 1, 1, d, generator=g) * 3
+    keys = (base + torch.randn(H, nb, 1, d, generator=g) + 1.5 * torch.randn(H, nb, bs, d, generator=g)).to(device)
+    geo = kv_geometry(1, H, d, bs, nb, device=device)
+    oracle = ExactIndex(geo, mass=True)
+    full, low, loki = LowRankIndex(geo, d), LowRankIndex(geo, 4), LowRankIndex(geo, 4, mass=False)
+    for idx in (oracle, full, low, loki):
+        if idx is not oracle:
+            idx.fit(0, keys.flatten(1, 2).transpose(0, 1))
+        idx.add(0, 0, keys, keys)
+    qs = torch.randn(16, H * G, d, generator=g).to(device) * 2
+    assert torch.allclose(full.scores(0, qs[0], nb), oracle.scores(0, qs[0], nb), atol=1e-4)
+    kept = {"mass": 0.0, "max": 0.0}
+    for q in qs:
+        mass = oracle.scores(0, q, nb).exp()
+        for name, idx in (("mass", low), ("max", loki)):
+            kept[name] += mass.gather(1, top_blocks(idx.scores(0, q, nb), 8)).sum().item()
+    assert kept["mass"] > 1.05 * kept["max"], kept
+
+
 @pytest.mark.cuda
 def test_cuda_store_is_pinned_from_load_and_a_context_beyond_ram_is_refused_there(tiny_dir, monkeypatch):
     """On CUDA the CPU store is reserved (pinned) on a thread from the moment the backend is made, so the
@@ -698,11 +725,14 @@ def test_auto_index_takes_lowrank_while_its_sketches_fit_and_ivf_beyond(tiny_dir
     mc, cpu = decoder(tiny_dir).cfg, torch.device("cpu")
     capacity = 1000 * cfg.block_size - 16             # 1,000 blocks with the tail block
     sketch = mc.num_layers * mc.num_kv_heads * 1000 * cfg.block_size * cfg.rank * 4  # fp32
-    summary = 2 * mc.num_layers * mc.num_kv_heads * 1000 * mc.head_dim * 4  # mean keys and value sums (the rest)
-    for rest, need in ((None, sketch + summary), (False, sketch)):
+    means = mc.num_layers * mc.num_kv_heads * 1000 * mc.head_dim * 4  # block mean keys (mass scores, the rest)
+    # the rest adds the value sums; its mean keys are the mass scores' own
+    for rest, scores, need in ((None, "mass", sketch + 2 * means), (False, "mass", sketch + means),
+                               (False, "max", sketch)):
         for free, kind in [(2 * need, "lowrank"), (2 * need - 4096, "ivf")]:
             monkeypatch.setenv("KVRETRIEVE_FREE_RAM_GB", str(free / 2**30))
-            got = resolve_retrieval(dataclasses.replace(cfg, estimate_rest=rest), mc, capacity, cpu, torch.float32)
+            got = resolve_retrieval(dataclasses.replace(cfg, estimate_rest=rest, block_scores=scores), mc, capacity,
+                                    cpu, torch.float32)
             assert (got.index, got.estimate_rest) == (kind, rest is None and kind == "lowrank")
             assert resolve_retrieval(dataclasses.replace(cfg, index="bounds"), mc, capacity, cpu,
                                      torch.float32).index == "bounds"

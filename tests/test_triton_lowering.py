@@ -52,6 +52,8 @@ def _launches(cuda, kv_store):
             q, lbl = cuda(12, 64, dt=qdt), f"{n} stream, q {qdt}"
             out.append((lbl, "scoring.lowrank_block_scores", (q, cuda(4, 64, 32, dt=qdt), cuda(4, 64, dt=qdt),
                                                               cuda(4, 4096, 32, dt=dt), 200, 16)))
+            out.append((lbl, "scoring.lowrank_block_mass", (q, cuda(4, 64, 32, dt=qdt), cuda(4, 4096, 32, dt=dt),
+                                                            cuda(4, 256, 64, dt=dt), 200, 16, 0.125)))
             for bs in (16, 1):  # the exact index (keys) and ivf (a centroid per block)
                 out.append((lbl, "scoring.max_dot_block_scores", (q, cuda(4, 4096, 64, dt=dt), 4096 // bs, bs)))
             out.append((lbl, "scoring.bounds_block_scores", (q, cuda(4, 256, 64, dt=dt), cuda(4, 256, 64, dt=dt),

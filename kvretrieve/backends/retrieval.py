@@ -48,7 +48,8 @@ class RetrievalKV(AttentionBackend):
             # that cannot fit in RAM is refused here, before any prefill; one whose index or pool
             # cannot fit on the device was refused just above, before any pinning.
             self.store.ensure(self.store.max_blocks, background=True)
-        self.summary = BlockSummary(geo) if cfg.estimate_tokens or cfg.estimate_rest else None
+        self.summary = (BlockSummary(geo, means=self.index.block_means) if cfg.estimate_tokens or cfg.estimate_rest
+                        else None)
         self.placement = BlockPlacement(cfg, geo, self.store, self.index, self.pool, self.summary, append_chunk_blocks)
         self.plan = DecodePlan(cfg, geo, self.pool)
         self.selector = Selector(cfg, self.index, self.pool, self.store, self.plan)

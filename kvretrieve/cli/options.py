@@ -105,6 +105,9 @@ def retrieval_options(f):
                        help="Recent tokens always attended (default: a quarter of the attended tokens, <= 512)."),
         click.option("--rank", type=int, default=32, show_default=True,
                      help="Dimensions of the low-rank key sketches the lowrank index scores with (<= head_dim)."),
+        click.option("--block-scores", default="mass", show_default=True, type=click.Choice(["mass", "max"]),
+                     help="How lowrank ranks blocks: mass, each block's estimated share of the attention (mean "
+                          "key plus the sketches' spread), or max, Loki's largest approximate score."),
         click.option("--reselect-every", type=int, default=1, show_default=True, metavar="STEPS",
                      help="Decode steps one block selection serves (2 is faster; accuracy in the README)."),
         click.option("--store-dtype", default="auto", show_default=True, type=click.Choice(["auto", "model", "int8"]),
@@ -127,7 +130,8 @@ def retrieval_from_options(opts: dict) -> RetrievalConfig | None:
         return None
     return RetrievalConfig(index=opts["retrieval"], budget_tokens=opts["budget"], block_size=opts["block_size"],
                            sink_tokens=opts["sink"], window_tokens=opts["window"], rank=opts["rank"],
-                           reselect_every=opts["reselect_every"], store_dtype=opts["store_dtype"],
+                           block_scores=opts["block_scores"], reselect_every=opts["reselect_every"],
+                           store_dtype=opts["store_dtype"],
                            speculative=opts["speculative"], estimate_rest=opts["estimate_rest"])
 
 
@@ -190,7 +194,8 @@ def require_stdin(what: str, fix: str) -> None:
 # (device, dtype) are parameters only where a value follows: device='cpu'.
 _RETRIEVAL_FLAGS = {"index": "--retrieval", "budget_tokens": "--budget", "window_tokens": "--window",
                     "sink_tokens": "--sink", "block_size": "--block-size", "rank": "--rank",
-                    "reselect_every": "--reselect-every", "store_dtype": "--store-dtype",
+                    "block_scores": "--block-scores", "reselect_every": "--reselect-every",
+                    "store_dtype": "--store-dtype",
                     "estimate_rest": "--estimate-rest"}
 PARAM_FLAGS = {
     "max_context": "--max-context", "gpu_mem_gb": "--gpu-mem-gb", "prefill_chunk": "--prefill-chunk",

@@ -15,7 +15,7 @@ from .summary import BlockSummary
 def make_index(cfg: RetrievalConfig, geo: KVGeometry) -> BlockIndex:
     """The index a resolved config names (kvretrieve.resolve makes index='auto' concrete)."""
     if cfg.index == "lowrank":
-        return LowRankIndex(geo, cfg.rank)
+        return LowRankIndex(geo, cfg.rank, mass=cfg.block_scores == "mass")
     if cfg.index == "bounds":
         return BoundsIndex(geo)
     if cfg.index in ("exact", "oracle"):

@@ -17,6 +17,7 @@ from .. import kernels
 class BlockIndex(Protocol):
     kind: str
     reorders: bool = False  # True: the backend stores segments in the order cluster_order() returns (ivf)
+    block_means: torch.Tensor | None = None  # [L, Hkv, max_blocks, d] mean keys, when the index keeps them
 
     def fit(self, layer: int, keys: torch.Tensor) -> None:
         """keys [T, Hkv, d] (post-RoPE) of the first prefill: a chance to learn a projection."""

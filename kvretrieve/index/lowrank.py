@@ -4,6 +4,14 @@ Keys are mean-centred before projection: the mean is large in RoPE'd keys and wo
 the first component. A query's approximate score on token t is q.mean + (q P).((k_t - mean) P);
 the q.mean term differs per query head, so it matters for the max over the GQA group. Only the
 r-dimensional sketches stay on the device (r/d of the key memory).
+
+Block scores: "max" is Loki's, the largest approximate score over a block's tokens and the group's
+query heads. "mass" (the default) estimates each block's share of the attention: a token scores
+q.mean_b + (q P).(sketch_t - the block's mean sketch), the block's exact mean key plus the sketches'
+spread around it, so the r dimensions only carry what varies inside a block. Measured with the
+outside-mass probe (0.5B, 8K, 1/8 attended, blocks of 8 + the rest; bench/ACCURACY_NOTES.md): the
+attention-output error falls 0.059 -> 0.044, most of the way to the oracle's. The block mean keys
+cost head_dim values per block and KV head; the rest's summaries share them.
 """
 from __future__ import annotations
 
@@ -19,18 +27,25 @@ from ..memory import check_allocation
 class LowRankIndex(BlockIndex):
     kind = "lowrank"
 
-    def __init__(self, geo: KVGeometry, rank: int):
+    @staticmethod
+    def nbytes_for(geo: KVGeometry, rank: int, mass: bool) -> int:
+        """Device bytes of the sketches (and the block mean keys when scoring by mass)."""
+        means = geo.nbytes(geo.layers, geo.kv_heads, geo.max_blocks, geo.head_dim) if mass else 0
+        return geo.nbytes(geo.layers, geo.kv_heads, geo.max_tokens, rank) + means
+
+    def __init__(self, geo: KVGeometry, rank: int, mass: bool = True):
         if rank > geo.head_dim:
             raise ConfigError(f"RetrievalConfig.rank {rank} is above the model's head_dim {geo.head_dim}; "
                               f"use a rank <= {geo.head_dim}")
-        self.bs, self.rank = geo.block_size, rank
+        self.bs, self.rank, self.scale = geo.block_size, rank, geo.head_dim ** -0.5
         shape = (geo.layers, geo.kv_heads, geo.max_tokens, rank)
-        check_allocation(geo.nbytes(*shape), geo.device, "the low-rank key sketches",
+        check_allocation(self.nbytes_for(geo, rank, mass), geo.device, "the low-rank key sketches",
                          "lower max_context or RetrievalConfig.rank")
         like = dict(device=geo.device, dtype=geo.dtype)
         self.sketch = torch.zeros(shape, **like)
         self.mean = torch.zeros(geo.layers, geo.kv_heads, geo.head_dim, **like)
         self.proj = torch.zeros(geo.layers, geo.kv_heads, geo.head_dim, rank, **like)
+        self.block_means = torch.zeros(geo.layers, geo.kv_heads, geo.max_blocks, geo.head_dim, **like) if mass else None
 
     def fit(self, layer: int, keys: torch.Tensor, chunk: int = 8192) -> None:
         """keys [T, Hkv, d]. Mean and covariance accumulate in fp32 over chunks, so a 128K prompt
@@ -49,10 +64,16 @@ class LowRankIndex(BlockIndex):
         nb, bs = keys.shape[-3:-1]
         x = (keys.flatten(-3, -2) - self.mean[layer].unsqueeze(-2)) @ self.proj[layer]
         self.sketch[layer, :, first_block * bs:(first_block + nb) * bs] = x
+        if self.block_means is not None:
+            self.block_means[layer, :, first_block:first_block + nb] = keys.float().mean(-2).to(self.block_means.dtype)
 
     def scores(self, layer: int, q: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        if self.block_means is not None:
+            return kernels.lowrank_block_mass(q, self.proj[layer], self.sketch[layer], self.block_means[layer],
+                                              n_blocks, self.bs, self.scale)
         return kernels.lowrank_block_scores(q, self.proj[layer], self.mean[layer], self.sketch[layer], n_blocks,
                                             self.bs)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.sketch, self.mean, self.proj))
+        tensors = (self.sketch, self.mean, self.proj) + ((self.block_means,) if self.block_means is not None else ())
+        return sum(t.numel() * t.element_size() for t in tensors)

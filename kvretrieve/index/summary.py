@@ -22,16 +22,20 @@ from ..memory import check_allocation
 
 class BlockSummary:
     @staticmethod
-    def nbytes_for(geo: KVGeometry) -> int:
-        """Device bytes of the summaries for a geometry (what index auto's choice counts)."""
-        return 2 * geo.nbytes(geo.layers, geo.kv_heads, geo.max_blocks, geo.head_dim)
+    def nbytes_for(geo: KVGeometry, shared_means: bool = False) -> int:
+        """Device bytes of the summaries for a geometry (what index auto's choice counts); with
+        shared_means the index already keeps the mean keys."""
+        return (1 if shared_means else 2) * geo.nbytes(geo.layers, geo.kv_heads, geo.max_blocks, geo.head_dim)
 
-    def __init__(self, geo: KVGeometry):
+    def __init__(self, geo: KVGeometry, means: torch.Tensor | None = None):
+        """means: the index's block mean keys [L, Hkv, max_blocks, d] (lowrank's mass scores), shared
+        rather than kept twice; the index fills them."""
         shape = (geo.layers, geo.kv_heads, geo.max_blocks, geo.head_dim)
-        check_allocation(self.nbytes_for(geo), geo.device, "the block summaries (mean keys and value sums)",
+        check_allocation(self.nbytes_for(geo, means is not None), geo.device,
+                         "the block summaries (mean keys and value sums)",
                          "lower max_context, or set estimate_rest=False (and estimate_tokens=0)")
-        self.bs = geo.block_size
-        self.means = torch.zeros(shape, device=geo.device, dtype=geo.dtype)
+        self.bs, self.owns_means = geo.block_size, means is None
+        self.means = torch.zeros(shape, device=geo.device, dtype=geo.dtype) if means is None else means
         self.vsums = torch.zeros(shape, device=geo.device, dtype=geo.dtype)
         self.columns = torch.arange(geo.max_blocks, device=geo.device, dtype=torch.int32)[None]
         self.one = torch.ones(1, device=geo.device, dtype=torch.int32)  # every "block" is one full row
@@ -39,11 +43,12 @@ class BlockSummary:
     def add(self, layer: int | slice, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Full blocks first_block.. (keys, values [..., Hkv, nb, bs, d], as BlockIndex.add)."""
         nb = keys.shape[-3]
-        self.means[layer, :, first_block:first_block + nb] = keys.float().mean(-2).to(self.means.dtype)
+        if self.owns_means:
+            self.means[layer, :, first_block:first_block + nb] = keys.float().mean(-2).to(self.means.dtype)
         self.vsums[layer, :, first_block:first_block + nb] = values.float().sum(-2).to(self.vsums.dtype)
 
     def nbytes(self) -> int:
-        return 2 * self.means.numel() * self.means.element_size()
+        return (2 if self.owns_means else 1) * self.vsums.numel() * self.vsums.element_size()
 
     def estimate(self, layer: int, q: torch.Tensor, blocks: torch.Tensor, scale: float):
         """Attention of q [Hq, d] over blocks [Hkv, z] -> (out [Hq, d] in q.dtype, lse [Hq] fp32)."""

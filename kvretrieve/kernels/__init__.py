@@ -42,6 +42,13 @@ def lowrank_block_scores(q, proj, mean, sketch, n_blocks, block_size):
     return impl(q, proj, mean, sketch, n_blocks, block_size)
 
 
+def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale):
+    """Estimated log attention share of each block, summed over the GQA group: q [Hq, d],
+    proj [Hkv, d, r], sketch [Hkv, cap, r], block_means [Hkv, cap_blocks, d] -> [Hkv, n_blocks] float32."""
+    impl = _tscore.lowrank_block_mass if _use_triton(q) else _ref.lowrank_block_mass
+    return impl(q, proj, sketch, block_means, n_blocks, block_size, scale)
+
+
 def max_dot_block_scores(q, keys, n_blocks, block_size):
     """Exact block scores: q [Hq, d], keys [Hkv, cap, d] -> [Hkv, n_blocks] float32, the max of q.k
     over a block's block_size keys and the group's query heads."""
@@ -110,6 +117,6 @@ def topk_indices(scores, k):
     return (_ttopk.topk_indices if triton_ok else _ref.topk_indices)(scores, k)
 
 
-__all__ = ["HAS_TRITON", "sparse_decode", "lowrank_block_scores", "bounds_block_scores", "merge_attention",
+__all__ = ["HAS_TRITON", "sparse_decode", "lowrank_block_scores", "lowrank_block_mass", "bounds_block_scores", "merge_attention",
            "lru_lookup", "fetch_blocks", "store_blocks", "max_dot_block_scores", "rms_norm", "apply_rope",
            "silu_mul", "topk_indices"]

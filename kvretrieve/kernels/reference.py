@@ -72,15 +72,16 @@ def check_sparse_decode(q, k_pool, v_pool, slots, tail_len) -> tuple[int, int, i
     return hkv, g, slots.shape[1], bs, d
 
 
-def check_lowrank(q, proj, mean, sketch, n_blocks, block_size) -> tuple[int, int, int]:
-    """Validate lowrank_block_scores inputs; returns (Hkv, G, r)."""
-    op = "lowrank_block_scores"
+def check_lowrank(q, proj, mean, sketch, n_blocks, block_size, op="lowrank_block_scores") -> tuple[int, int, int]:
+    """Validate lowrank_block_scores inputs (mean None: lowrank_block_mass, which has none); returns
+    (Hkv, G, r)."""
     for name, t in (("q", q), ("proj", proj), ("mean", mean), ("sketch", sketch)):
-        _float(op, name, t)
+        if t is not None:
+            _float(op, name, t)
     if q.dim() != 2 or proj.dim() != 3:
         _fail(op, f"q must be [Hq, d] and proj [Hkv, d, r], got {tuple(q.shape)} and {tuple(proj.shape)}")
     hkv, d, r = proj.shape
-    if q.shape[1] != d or tuple(mean.shape) != (hkv, d):
+    if q.shape[1] != d or (mean is not None and tuple(mean.shape) != (hkv, d)):
         _fail(op, f"expected q [Hq, {d}] and mean [{hkv}, {d}], got {tuple(q.shape)} and {tuple(mean.shape)}")
     if sketch.dim() != 3 or sketch.shape[0] != hkv or sketch.shape[2] != r:
         _fail(op, f"sketch must be [{hkv}, cap, {r}], got {tuple(sketch.shape)}")
@@ -89,7 +90,19 @@ def check_lowrank(q, proj, mean, sketch, n_blocks, block_size) -> tuple[int, int
     if n_blocks * block_size > sketch.shape[1]:
         _fail(op, f"n_blocks*block_size = {n_blocks * block_size} exceeds sketch capacity {sketch.shape[1]}")
     g = _group(op, q.shape[0], hkv)
-    _same_device(op, q=q, proj=proj, mean=mean, sketch=sketch)
+    _same_device(op, q=q, proj=proj, sketch=sketch, **({} if mean is None else {"mean": mean}))
+    return hkv, g, r
+
+
+def check_lowrank_mass(q, proj, sketch, block_means, n_blocks, block_size) -> tuple[int, int, int]:
+    """Validate lowrank_block_mass inputs; returns (Hkv, G, r)."""
+    hkv, g, r = check_lowrank(q, proj, None, sketch, n_blocks, block_size, "lowrank_block_mass")
+    _float("lowrank_block_mass", "block_means", block_means)
+    if block_means.dim() != 3 or block_means.shape[0] != hkv or block_means.shape[2] != q.shape[1] \
+            or block_means.shape[1] < n_blocks:
+        _fail("lowrank_block_mass", f"block_means must be [{hkv}, >= {n_blocks}, {q.shape[1]}], "
+                                    f"got {tuple(block_means.shape)}")
+    _same_device("lowrank_block_mass", q=q, block_means=block_means)
     return hkv, g, r
 
 
@@ -177,6 +190,23 @@ def lowrank_block_scores(q, proj, mean, sketch, n_blocks, block_size):
     sk = sketch[:, : n_blocks * block_size].float()
     s = torch.einsum("hgr,htr->hgt", qr, sk) + qm[..., None]
     return s.amax(dim=1).view(hkv, n_blocks, block_size).amax(dim=-1)
+
+
+def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale):
+    """Log of each block's estimated attention share, summed over the GQA group: [Hkv, n_blocks] f32.
+    Token t of block b scores scale * (q.mean_b + (q @ proj).(sketch_t - mean of b's sketches)): the
+    block's exact mean key plus the sketches' spread around it. Per query head, a block's log-mass
+    is the log-sum-exp over its tokens less the head's log-sum-exp over all n_blocks; the group's
+    shares add. q [Hq, d], proj [Hkv, d, r], sketch [Hkv, cap, r], block_means [Hkv, cap_blocks, d]."""
+    hkv, g, r = check_lowrank_mass(q, proj, sketch, block_means, n_blocks, block_size)
+    if n_blocks == 0:
+        return torch.empty(hkv, 0, dtype=torch.float32, device=q.device)
+    qg = q.float().view(hkv, g, -1)
+    qr = torch.einsum("hgd,hdr->hgr", qg, proj.float())
+    sk = sketch[:, :n_blocks * block_size].float().view(hkv, n_blocks, block_size, r)
+    st = torch.einsum("hgr,hbtr->hgbt", qr, sk) * scale
+    x = st.logsumexp(-1) - st.mean(-1) + torch.einsum("hgd,hbd->hgb", qg, block_means[:, :n_blocks].float()) * scale
+    return (x - x.logsumexp(-1, keepdim=True)).logsumexp(1)
 
 
 def max_dot_block_scores(q, keys, n_blocks, block_size):

@@ -25,19 +25,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CONFIG_OPTIONS = {"budget": "budget_tokens", "window": "window_tokens", "sink": "sink_tokens", "block": "block_size",
                   "rank": "rank", "zone": "estimate_tokens", "rest": "estimate_rest",  # rest=1: estimate what is left out
                   "int8": "store_dtype",  # int8=0: the CPU store in the model's dtype
-                  "max": "block_scores"}  # max=1: lowrank scores blocks by Loki's max, not the estimated mass
+                  "mass": "block_scores"}  # mass=1: lowrank scores blocks by estimated mass, not Loki's max
 
 
 def config_fields(options: list[str], spec: str) -> dict:
-    """["block=8", "rest=1", "max=1"] -> RetrievalConfig fields {"block_size": 8, "estimate_rest": True,
-    "block_scores": "max"}."""
+    """["block=8", "rest=1", "mass=1"] -> RetrievalConfig fields {"block_size": 8, "estimate_rest": True,
+    "block_scores": "mass"}."""
     fields = {}
     for o in options:
         key, _, value = o.partition("=")
         if key not in CONFIG_OPTIONS or not value.isdigit():
             raise SystemExit(f"error: bad option {o!r} in {spec!r}; use {'|'.join(CONFIG_OPTIONS)}=N")
         n = int(value)
-        named = {"rest": (False, True), "int8": ("model", "int8"), "max": ("mass", "max")}
+        named = {"rest": (False, True), "int8": ("model", "int8"), "mass": ("max", "mass")}
         fields[CONFIG_OPTIONS[key]] = named[key][bool(n)] if key in named else n
     return fields
 

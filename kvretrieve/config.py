@@ -142,7 +142,8 @@ class RetrievalConfig:
     sink_tokens: int = 16
     window_tokens: int | None = None
     rank: int = 32
-    block_scores: str = "mass"    # lowrank: mass (each block's estimated attention share) or max (Loki's)
+    block_scores: str = "max"     # lowrank: max (Loki's) or mass (each block's estimated attention share:
+                                  # better at <= 32K, slower at 128K; index/lowrank.py)
     cache_blocks: int | None = None
     speculative: bool = False
     reselect_every: int = 1       # decode steps one selection serves (LServe-style reuse, a speed knob)

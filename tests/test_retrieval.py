@@ -366,12 +366,14 @@ def test_rank_above_head_dim_is_refused(tiny_dir):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kind,store", [(k, "model") for k in KINDS + ["ivf"]] + [("lowrank", "int8"), ("ivf", "int8")])
+@pytest.mark.parametrize("kind,store", [(k, "model") for k in KINDS + ["ivf"]] + [("lowrank", "int8"), ("ivf", "int8"),
+                                                                                 ("lowrank-mass", "int8")])
 def test_cuda_graph_steps_equal_eager_steps(tiny_dir, kind, store):
     """Decode steps replayed from CUDA graphs (misses read from pinned memory by the fetch kernel)
     give the same logits as eager steps, with and without speculative prefetch."""
+    kind, _, scores = kind.partition("-")
     base = RetrievalConfig(index=kind, block_size=8, budget_tokens=64, sink_tokens=8, window_tokens=16, rank=8,
-                           cluster_tokens=512, store_dtype=store)
+                           cluster_tokens=512, store_dtype=store, block_scores=scores or "max")
     _, eager = engines(tiny_dir, base, device="cuda")
     eager.graphs = False
     _, graph = engines(tiny_dir, base, device="cuda")
@@ -688,7 +690,7 @@ def test_lowrank_mass_scores_are_the_oracles_at_full_rank_and_keep_more_mass_tha
     keys = (base + torch.randn(H, nb, 1, d, generator=g) + 1.5 * torch.randn(H, nb, bs, d, generator=g)).to(device)
     geo = kv_geometry(1, H, d, bs, nb, device=device)
     oracle = ExactIndex(geo, mass=True)
-    full, low, loki = LowRankIndex(geo, d), LowRankIndex(geo, 4), LowRankIndex(geo, 4, mass=False)
+    full, low, loki = LowRankIndex(geo, d, mass=True), LowRankIndex(geo, 4, mass=True), LowRankIndex(geo, 4)
     for idx in (oracle, full, low, loki):
         if idx is not oracle:
             idx.fit(0, keys.flatten(1, 2).transpose(0, 1))
@@ -701,6 +703,26 @@ def test_lowrank_mass_scores_are_the_oracles_at_full_rank_and_keep_more_mass_tha
         for name, idx in (("mass", low), ("max", loki)):
             kept[name] += mass.gather(1, top_blocks(idx.scores(0, q, nb), 8)).sum().item()
     assert kept["mass"] > 1.05 * kept["max"], kept
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_lowrank_mass_at_full_rank_decodes_as_the_oracle(tiny_dir, device):
+    """Through the engine: lowrank with block_scores="mass" and rank = head_dim picks the oracle's
+    blocks, so a small budget (and the rest's estimate) gives the oracle engine's logits; Loki's
+    max scores do not."""
+    base = RetrievalConfig(index="oracle", block_size=8, budget_tokens=32, sink_tokens=8, window_tokens=16,
+                           store_dtype="model")
+    mass = dataclasses.replace(base, index="lowrank", rank=16, block_scores="mass")
+    loki = dataclasses.replace(mass, block_scores="max")
+    engines_ = [engines(tiny_dir, c, device=device)[1] for c in (base, mass, loki)]
+    g = torch.Generator().manual_seed(8)
+    prompt, steps = torch.randint(0, 256, (400,), generator=g), torch.randint(0, 256, (24,), generator=g)
+    outs = []
+    for e in engines_:
+        e.prefill(prompt.tolist())
+        outs.append(torch.stack([e.step(t.to(device)) for t in steps]))
+    assert torch.allclose(outs[0], outs[1], atol=1e-4), (outs[0] - outs[1]).abs().max()
+    assert not torch.allclose(outs[0], outs[2], atol=1e-4)
 
 
 @pytest.mark.cuda

@@ -1,10 +1,11 @@
 """The mass block-score kernel against the max kernel at the 8B shape: tile size and warps.
 
 lowrank's "mass" scores (kernels.lowrank_block_mass) read the sketches as the max kernel does plus
-each block's mean key (+25% bytes at rank 32, head_dim 128, blocks of 16); a first version built on
-tl.dot and 3-D reshapes took 128 us a layer at 128K against the max kernel's 23, one of per-head
-fp32 multiply-adds 70-140 us (probe_mass_kernel_h200.json); the per-block sums are now dots with a
-token-to-block matrix. Each configuration
+each block's mean key (+25% bytes at rank 32, head_dim 128, blocks of 16). Three forms were timed
+here on the H200 at 128K (a layer, blocks of 16): a dot for all heads reduced through 3-D reshapes
+128 us (decode profile), per-head fp32 multiply-adds 70 us at best (the kept form; this script at
+f683687, probe_mass_kernel_h200.json), per-block sums as dots with a token-to-block matrix 110 us at
+best (logs/probe_mass_kernel_h200_cad5e86.log); the max kernel 23 us. Each configuration
 is 32 calls in one CUDA graph (as in the decode step), median over replays, checked against the
 torch reference. Writes probe_mass_kernel.json to $OUT (or bench/results).
 
@@ -44,9 +45,9 @@ def main() -> None:
         us = graph_us(lambda: scoring.lowrank_block_scores(q, proj, mean, sketch, n_blocks, bs))
         rows.append(base | {"kernel": "max", "us": us})
         print(rows[-1], flush=True)
-        for tile, warps in itertools.product((8192, 16384, 32768), (2, 4, 8)):
+        for tile, warps in itertools.product((2048, 4096, 8192), (2, 4, 8)):
             def run():
-                return scoring.lowrank_block_mass(q, proj, sketch, means, n_blocks, bs, d ** -0.5, tile, num_warps=warps)
+                return scoring.lowrank_block_mass(q, proj, sketch, means, n_blocks, bs, d ** -0.5, tile, warps)
             try:
                 err = (run() - ref).abs().max().item()
                 us = graph_us(run)

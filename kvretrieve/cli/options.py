@@ -105,9 +105,10 @@ def retrieval_options(f):
                        help="Recent tokens always attended (default: a quarter of the attended tokens, <= 512)."),
         click.option("--rank", type=int, default=32, show_default=True,
                      help="Dimensions of the low-rank key sketches the lowrank index scores with (<= head_dim)."),
-        click.option("--block-scores", default="mass", show_default=True, type=click.Choice(["mass", "max"]),
-                     help="How lowrank ranks blocks: mass, each block's estimated share of the attention (mean "
-                          "key plus the sketches' spread), or max, Loki's largest approximate score."),
+        click.option("--block-scores", default="max", show_default=True, type=click.Choice(["max", "mass"]),
+                     help="How lowrank ranks blocks: max, Loki's largest approximate score, or mass, each "
+                          "block's estimated share of the attention (closer to dense at <= 32K, slower at "
+                          "128K; accuracy in the README)."),
         click.option("--reselect-every", type=int, default=1, show_default=True, metavar="STEPS",
                      help="Decode steps one block selection serves (2 is faster; accuracy in the README)."),
         click.option("--store-dtype", default="auto", show_default=True, type=click.Choice(["auto", "model", "int8"]),

@@ -5,13 +5,14 @@ the first component. A query's approximate score on token t is q.mean + (q P).((
 the q.mean term differs per query head, so it matters for the max over the GQA group. Only the
 r-dimensional sketches stay on the device (r/d of the key memory).
 
-Block scores: "max" is Loki's, the largest approximate score over a block's tokens and the group's
-query heads. "mass" (the default) estimates each block's share of the attention: a token scores
+Block scores: "max" (the default) is Loki's, the largest approximate score over a block's tokens and
+the group's query heads. "mass" estimates each block's share of the attention: a token scores
 q.mean_b + (q P).(sketch_t - the block's mean sketch), the block's exact mean key plus the sketches'
-spread around it, so the r dimensions only carry what varies inside a block. Measured with the
-outside-mass probe (0.5B, 8K, 1/8 attended, blocks of 8 + the rest; bench/ACCURACY_NOTES.md): the
-attention-output error falls 0.059 -> 0.044, most of the way to the oracle's. The block mean keys
-cost head_dim values per block and KV head; the rest's summaries share them.
+spread around it, so the r dimensions only carry what varies inside a block. On the 1.5B at 32K
+(bench/results/longctx_mass.md) it cut KL against dense by 18% at the default budget and 28% at 1/8
+attended with blocks of 8, reaching the oracle's top-1; but its kernel takes 70 us a layer at 128K
+against max's 23 (8B shape: 14.8 against 11.0 ms a token), so it is not the default yet. The block
+mean keys cost head_dim values per block and KV head; the rest's summaries share them.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class LowRankIndex(BlockIndex):
         means = geo.nbytes(geo.layers, geo.kv_heads, geo.max_blocks, geo.head_dim) if mass else 0
         return geo.nbytes(geo.layers, geo.kv_heads, geo.max_tokens, rank) + means
 
-    def __init__(self, geo: KVGeometry, rank: int, mass: bool = True):
+    def __init__(self, geo: KVGeometry, rank: int, mass: bool = False):
         if rank > geo.head_dim:
             raise ConfigError(f"RetrievalConfig.rank {rank} is above the model's head_dim {geo.head_dim}; "
                               f"use a rank <= {geo.head_dim}")

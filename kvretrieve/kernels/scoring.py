@@ -92,15 +92,16 @@ def _lowrank_mass_kernel(
     stride_bh, stride_bb, stride_bd, stride_xh, stride_xg, stride_ah, stride_ap,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr,
     RP: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr, TB: tl.constexpr,
-    SK_F32: tl.constexpr, BM_F32: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Per query head and block: x = log-sum-exp over the block's tokens of the sketch scores, less
     # their mean, plus the exact mean-key score (all scaled); and this program's log-sum-exp of x
     # over its blocks, which _group_share_kernel reduces to the head's normaliser.
-    # Every per-block sum is a dot with a 0/1 token-to-block matrix, so the scores stay in the MMA
-    # layout: reducing them per head and block through 3-D reshapes cost 128 us a layer at 128K on
-    # the H200, and per-head multiply-adds 70-140 us, against the max kernel's 23
-    # (bench/results/decode_mass_kernels_h200.json, probe_mass_kernel_h200.json).
+    # One head at a time, as fp32 multiply-adds over the loaded tiles. Measured on the H200 at 128K
+    # (8B shape, blocks of 16), a layer: 70 us with 8K-value tiles and 2 warps, against 23 for the
+    # max kernel; a dot for all heads reduced through 3-D reshapes took 128, and per-block sums as
+    # dots with a token-to-block matrix 110 at best (bench/results/decode_mass_kernels_h200.json,
+    # probe_mass_kernel_h200.json, logs/probe_mass_kernel_h200_cad5e86.log). Why every form costs
+    # 3-5x the max kernel is not known yet.
     kvh = tl.program_id(0)
     pid = tl.program_id(1)
     offs_g = tl.arange(0, GP)
@@ -111,41 +112,40 @@ def _lowrank_mass_kernel(
     r_mask = offs_r < R
     heads = kvh * G + offs_g
     q = tl.load(q_ptr + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32) * scale
     proj = tl.load(proj_ptr + kvh.to(tl.int64) * stride_ph + offs_d[:, None] * stride_pd + offs_r[None, :] * stride_pr,
                    mask=d_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-    qr = tl.dot(q, proj, input_precision="ieee")                                           # once per program
-    t = tl.arange(0, TB * BSP)
-    col = tl.arange(0, TB)
-    in_block = tl.where((t // BSP)[:, None] == col[None, :], 1.0, 0.0).to(tl.bfloat16)             # [TB*BSP, TB]
+    qr = tl.sum(q[:, :, None] * proj[None, :, :], 1)                                          # [GP, RP], exact fp32
+    j = tl.arange(0, BSP)
     s_head = sk_ptr + kvh.to(tl.int64) * stride_sh
     b_head = bm_ptr + kvh.to(tl.int64) * stride_bh
     run_m = tl.full([GP], float("-inf"), tl.float32)
     run_s = tl.zeros([GP], dtype=tl.float32)
     for i in range(0, iters):
-        first = (pid * iters + i) * TB
-        blocks = first + col
+        blocks = (pid * iters + i) * TB + tl.arange(0, TB)
         b_ok = blocks < n_blocks
-        valid = (first + t // BSP < n_blocks) & (t % BSP < BS)
-        tok = ((first + t // BSP) * BS + t % BSP).to(tl.int64)
-        sk = tl.load(s_head + tok[:, None] * stride_st + offs_r[None, :] * stride_sr,
-                     mask=valid[:, None] & r_mask[None, :], other=0.0)
-        s = _dot_f32(qr, tl.trans(sk), SK_F32, UPCAST) * scale                                # [GP, TB*BSP]
-        top = tl.max(tl.where(valid[None, :], s, float("-inf")), 1)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        p = tl.where(valid[None, :], tl.exp(s - top[:, None]), 0.0)
-        e = _dot_f32(p, in_block, False, UPCAST)                                              # [GP, TB]
-        avg = _dot_f32(tl.where(valid[None, :], s, 0.0), in_block, False, UPCAST) / BS
+        ok2 = b_ok[:, None] & (j[None, :] < BS)
+        tok = blocks.to(tl.int64)[:, None] * BS + j[None, :]                                   # [TB, BSP]
+        sk = tl.load(s_head + tok[:, :, None] * stride_st + offs_r[None, None, :] * stride_sr,
+                     mask=ok2[:, :, None] & r_mask[None, None, :], other=0.0).to(tl.float32)   # [TB, BSP, RP]
         bm = tl.load(b_head + blocks.to(tl.int64)[:, None] * stride_bb + offs_d[None, :] * stride_bd,
-                     mask=b_ok[:, None] & d_mask[None, :], other=0.0)
-        x = top[:, None] + tl.log(e) - avg + _dot_f32(q, tl.trans(bm), BM_F32, UPCAST) * scale
-        keep = g_mask[:, None] & b_ok[None, :]
-        x = tl.where(keep, x, float("-inf"))
-        tl.store(x_ptr + kvh * stride_xh + offs_g[:, None] * stride_xg + blocks[None, :], x, mask=keep)
-        new_m = tl.maximum(run_m, tl.max(x, 1))
-        safe = tl.where(new_m == float("-inf"), 0.0, new_m)
-        run_s = run_s * tl.exp(run_m - safe) + tl.sum(tl.exp(x - safe[:, None]), 1)
-        run_m = new_m
+                     mask=b_ok[:, None] & d_mask[None, :], other=0.0).to(tl.float32)           # [TB, DP]
+        for g in tl.static_range(G):
+            row = offs_g == g
+            s = tl.sum(sk * tl.sum(tl.where(row[:, None], qr, 0.0), 0)[None, None, :], 2)     # [TB, BSP]
+            m = tl.where(b_ok, tl.max(tl.where(ok2, s, float("-inf")), 1), 0.0)
+            e = tl.sum(tl.where(ok2, tl.exp(s - m[:, None]), 0.0), 1)
+            avg = tl.sum(tl.where(ok2, s, 0.0), 1) / BS
+            x = m + tl.log(e) - avg + tl.sum(bm * tl.sum(tl.where(row[:, None], q, 0.0), 0)[None, :], 1)
+            x = tl.where(b_ok, x, float("-inf"))
+            tl.store(x_ptr + kvh * stride_xh + g * stride_xg + blocks, x, mask=b_ok)
+            # head g's running log-sum-exp (scalars picked out of the [GP] state)
+            rm = tl.max(tl.where(row, run_m, float("-inf")), 0)
+            rs = tl.sum(tl.where(row, run_s, 0.0), 0)
+            nm = tl.maximum(rm, tl.max(x, 0))
+            sf = tl.where(nm == float("-inf"), 0.0, nm)
+            run_s = tl.where(row, rs * tl.exp(rm - sf) + tl.sum(tl.exp(x - sf), 0), run_s)
+            run_m = tl.where(row, nm, run_m)
     lse = tl.where(run_s > 0, run_m + tl.log(run_s), float("-inf"))
     tl.store(part_ptr + kvh * stride_ah + pid * stride_ap + offs_g, lse, mask=g_mask)
 
@@ -234,30 +234,30 @@ def lowrank_block_scores(q, proj, mean, sketch, n_blocks, block_size):
     return out
 
 
-def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale, tile_elems: int = 8192, **launch):
+def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale, tile_elems: int = 8192,
+                       num_warps: int = 2, **launch):
     """Triton version of reference.lowrank_block_mass: two launches, the per-head block masses with
     each program's partial normaliser, then the group's shares. -> [Hkv, n_blocks] float32.
-    tile_elems (sketch values a tile) and launch (num_warps) are tuning knobs (probe_mass_kernel.py)."""
+    tile_elems (sketch values a tile), num_warps and launch are tuning knobs (probes/probe_mass_kernel.py)."""
     hkv, g, r = check_lowrank_mass(q, proj, sketch, block_means, n_blocks, block_size)
     check_launch_device("lowrank_block_mass", q, proj, sketch, block_means)
     n_blocks, block_size = int(n_blocks), int(block_size)
     out = torch.empty(hkv, n_blocks, dtype=torch.float32, device=q.device)
     if n_blocks == 0:
         return out
-    d, rp, bsp = q.shape[1], max(16, triton.next_power_of_2(r)), triton.next_power_of_2(block_size)
-    # >= 16 blocks a tile: the per-block sums and the mean-key product are dots whose N is the blocks.
-    tb = max(16, min(tile_elems // rp // bsp, triton.next_power_of_2(n_blocks)))
+    d, rp, bsp = q.shape[1], triton.next_power_of_2(r), triton.next_power_of_2(block_size)
+    # The tile lives in registers in fp32 (8K values: 16 blocks of 16 at rank 32).
+    tb = max(1, min(tile_elems // rp // bsp, triton.next_power_of_2(n_blocks)))
     progs, iters = _split_work(triton.cdiv(n_blocks, tb), hkv, _LOWRANK_PROGRAMS)
     x = torch.empty(hkv, g, n_blocks, dtype=torch.float32, device=q.device)
     parts = torch.empty(hkv, progs, g, dtype=torch.float32, device=q.device)
-    gp = max(16, triton.next_power_of_2(g))
+    gp = max(2, triton.next_power_of_2(g))
     _lowrank_mass_kernel[(hkv, progs)](
         q, proj, sketch, block_means, x, parts, n_blocks, iters, float(scale),
         q.stride(0), q.stride(1), *proj.stride(), *sketch.stride(), *block_means.stride(), x.stride(0), x.stride(1),
         parts.stride(0), parts.stride(1),
         G=g, GP=gp, D=d, DP=max(16, triton.next_power_of_2(d)), R=r, RP=rp, BS=block_size, BSP=bsp, TB=tb,
-        SK_F32=sketch.dtype == torch.float32, BM_F32=block_means.dtype == torch.float32,
-        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", **launch)
+        num_warps=num_warps, **launch)
     chunk = min(1024, triton.next_power_of_2(n_blocks))
     _group_share_kernel[(hkv, triton.cdiv(n_blocks, chunk))](
         x, parts, out, n_blocks, progs, x.stride(0), x.stride(1), parts.stride(0), parts.stride(1), out.stride(0),

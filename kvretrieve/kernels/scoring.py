@@ -39,6 +39,17 @@ def _dot_f32(a, b, B_F32: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _group_queries(q_ptr, kvh, stride_qh, stride_qd, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                   DP: tl.constexpr):
+    # The G query rows of KV head kvh as [GP, DP] fp32, padding rows and columns 0 (GP >= 16 where
+    # they feed tl.dot).
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, DP)
+    return tl.load(q_ptr + (kvh * G + offs_g)[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                   mask=(offs_g < G)[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _lowrank_kernel(
     q_ptr, proj_ptr, mean_ptr, sk_ptr, out_ptr, n_blocks, iters,
     stride_qh, stride_qd, stride_ph, stride_pd, stride_pr, stride_mh, stride_md,
@@ -55,9 +66,7 @@ def _lowrank_kernel(
     g_mask = offs_g < G
     d_mask = offs_d < D
     r_mask = offs_r < R
-    heads = kvh * G + offs_g
-    q = tl.load(q_ptr + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    q = _group_queries(q_ptr, kvh, stride_qh, stride_qd, G, GP, D, DP)
     if PROJ:
         p_head = proj_ptr + kvh.to(tl.int64) * stride_ph
         proj = tl.load(p_head + offs_d[:, None] * stride_pd + offs_r[None, :] * stride_pr,
@@ -110,9 +119,7 @@ def _lowrank_mass_kernel(
     g_mask = offs_g < G
     d_mask = offs_d < D
     r_mask = offs_r < R
-    heads = kvh * G + offs_g
-    q = tl.load(q_ptr + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32) * scale
+    q = _group_queries(q_ptr, kvh, stride_qh, stride_qd, G, GP, D, DP) * scale
     proj = tl.load(proj_ptr + kvh.to(tl.int64) * stride_ph + offs_d[:, None] * stride_pd + offs_r[None, :] * stride_pr,
                    mask=d_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
     qr = tl.sum(q[:, :, None] * proj[None, :, :], 1)                                          # [GP, RP], exact fp32
@@ -189,9 +196,7 @@ def _bounds_kernel(
     offs_d = tl.arange(0, DP)
     g_mask = offs_g < G
     d_mask = offs_d < D
-    heads = kvh * G + offs_g
-    q = tl.load(q_ptr + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    q = _group_queries(q_ptr, kvh, stride_qh, stride_qd, G, GP, D, DP)
     # max(q*lo, q*hi) takes hi where q >= 0 and lo where q < 0, so the bound is two dots over the
     # sign-split q, for every head of the group at once.
     q_pos = tl.maximum(q, 0.0)

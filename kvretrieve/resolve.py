@@ -136,8 +136,9 @@ def resolve_attention(retrieval: RetrievalConfig | None, mc: ModelConfig, capaci
            if retrieval.index == "auto" else f"RetrievalConfig(index={retrieval.index!r})")
     attended = cfg.sink_tokens + (window + budget) * cfg.block_size
     rest = ", the rest estimated" if cfg.estimate_rest else ""
-    return AttentionChoice(cfg, f"retrieval ({cfg.index} index, {cfg.store_dtype} CPU store, {attended:,} tokens "
-                                f"attended per step at {capacity:,}{rest}): {why}")
+    scores = " with mass scores" if cfg.index == "lowrank" and cfg.block_scores == "mass" else ""
+    return AttentionChoice(cfg, f"retrieval ({cfg.index} index{scores}, {cfg.store_dtype} CPU store, "
+                                f"{attended:,} tokens attended per step at {capacity:,}{rest}): {why}")
 
 
 def resolve_retrieval(cfg: RetrievalConfig, mc: ModelConfig, capacity: int, device: torch.device,

@@ -766,6 +766,19 @@ def test_auto_index_takes_lowrank_while_its_sketches_fit_and_ivf_beyond(tiny_dir
     assert torch.equal(auto.forward(prompt), lowrank.forward(prompt))
 
 
+@pytest.mark.parametrize("kind", KINDS + ["ivf", "oracle"])
+def test_memory_counts_each_part_of_every_index_kind(tiny_dir, kind):
+    """backend.memory() (what `kvretrieve profile` reports) for every kind: the index's bytes are the
+    device tensors it holds (ivf's once named a tensor it no longer has, and profile failed)."""
+    _, sparse = engines(tiny_dir, RetrievalConfig(index=kind, rank=8, budget_tokens=64, window_tokens=16,
+                                                  estimate_rest=False))
+    sparse.forward(torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(0)))
+    index = sparse.backend.index
+    held = sum(t.numel() * t.element_size() for t in vars(index).values() if isinstance(t, torch.Tensor))
+    mem = sparse.backend.memory()
+    assert mem["index"] == held > 0 and mem["store"] > 0 and mem["pool"] > 0
+
+
 def test_auto_attention_is_dense_while_the_whole_kv_fits(tiny_dir, monkeypatch):
     """RetrievalConfig() (index="auto", what load() and the CLI default to) is dense attention while the
     KV cache of the whole capacity and a prefill's working set fit in 90% of the free memory, retrieval

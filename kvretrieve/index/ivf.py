@@ -140,6 +140,5 @@ class IVFIndex(BlockIndex):
         key = torch.gather(rank, 1, assign) * n + torch.arange(n, device=x.device)
         return key.argsort(1)
 
-
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.means, self.vsums) if t is not None)
+        return self.means.numel() * self.means.element_size()

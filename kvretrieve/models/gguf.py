@@ -2,10 +2,10 @@
 
 Parsing and dequantising GGUF in Python takes seconds, so the first load writes an ordinary HF
 directory (config.json, fp32 safetensors, tokenizer files) into the cache and every later load reads
-that. The directory is built under a temporary name and renamed into place, so an interrupted
-conversion never leaves a half-written cache behind; the temporary folder (500 MB for the default
-model) is removed on Ctrl-C, SIGTERM or SIGHUP, and what a SIGKILL or a crash leaves is swept up
-by the next load.
+that. The directory is built under a temporary name and renamed into place (kvretrieve.files), so
+an interrupted conversion never leaves a half-written cache behind; the temporary folder (500 MB for
+the default model) is removed on Ctrl-C, SIGTERM or SIGHUP, and what a SIGKILL or a crash leaves is
+swept up by the next load.
 """
 from __future__ import annotations
 
@@ -13,18 +13,13 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
-import tempfile
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import ModelLoadError
+from ..files import cache_root, sweep_stale_temporaries, temporary_dir, terminations_unwind
 
 FORMAT_VERSION = 1  # bump when the converted layout changes, so old caches are rebuilt
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -37,92 +32,10 @@ _LAYER_NAMES = {
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def cache_root() -> Path:
-    """$KVRETRIEVE_CACHE, else $XDG_CACHE_HOME/kvretrieve, else ~/.cache/kvretrieve."""
-    if os.environ.get("KVRETRIEVE_CACHE"):
-        return Path(os.environ["KVRETRIEVE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvretrieve"
-
-
 def cached_dir_for(gguf_path: Path) -> Path:
     st = gguf_path.stat()
     key = hashlib.sha1(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{FORMAT_VERSION}".encode()).hexdigest()
     return cache_root() / f"{gguf_path.stem}-{key[:12]}"
-
-
-# A temporary folder is named .tmp-PID@HOST-XXXXXXXX, so that a later load can tell whether the
-# process that made it is gone. One whose owner cannot be checked (another host sharing the cache,
-# an unreadable name) is left alone while it may still be written: conversions of the supported
-# models take minutes, not hours.
-_TMP_PREFIX = ".tmp-"
-STALE_AFTER_S = 6 * 3600
-
-
-def _tmp_owner_gone(path: Path, now: float) -> bool:
-    pid, _, rest = path.name[len(_TMP_PREFIX):].partition("@")
-    host = rest.rpartition("-")[0]
-    if pid.isdigit() and host == socket.gethostname():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, another user's
-            pass
-    try:
-        return now - path.stat().st_mtime > STALE_AFTER_S
-    except OSError:
-        return False
-
-
-def sweep_stale_temporaries(root: Path) -> None:
-    """Remove the temporary folders of conversions whose process was killed (SIGKILL, a crash, a
-    power cut), which nothing else would ever delete."""
-    try:
-        candidates = [p for p in root.iterdir() if p.name.startswith(_TMP_PREFIX) and p.is_dir()]
-    except OSError:
-        return
-    now = time.time()
-    for path in candidates:
-        if _tmp_owner_gone(path, now):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-class _Terminated(BaseException):
-    """Raised by the handler _terminations_unwind installs; a BaseException so that no `except
-    Exception` on the way swallows it."""
-
-
-@contextmanager
-def _terminations_unwind():
-    """SIGTERM and SIGHUP end a process on the spot, skipping every finally block. Inside this block
-    they raise instead, so the finally blocks run; once the block has unwound the signal is raised
-    again for the handler it would have met (by default the process still dies of it). Only the main
-    thread can handle signals; elsewhere the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-
-    def handler(signum, frame):
-        if not caught:  # a second signal must not cut the cleanup the first one started
-            caught.append(signum)
-            raise _Terminated(signum)
-
-    previous = {}
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):  # no SIGHUP on Windows
-        old = None if sig is None else signal.getsignal(sig)
-        if old is signal.SIG_DFL or callable(old):  # an ignored signal stays ignored
-            previous[sig] = signal.signal(sig, handler)
-    try:
-        yield
-    except _Terminated:
-        pass
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-    if caught:
-        signal.raise_signal(caught[0])
-        raise ModelLoadError("the model conversion was stopped by a signal; run again to convert it")
 
 
 def ensure_converted(gguf_path: Path, log=None) -> Path:
@@ -133,7 +46,7 @@ def ensure_converted(gguf_path: Path, log=None) -> Path:
         return out
     if log:
         log(f"converting {gguf_path.name} once into {out} (later loads read the cache)")
-    with _terminations_unwind():
+    with terminations_unwind(ModelLoadError("the model conversion was stopped by a signal; run again to convert it")):
         _convert_into(gguf_path, out)
     return out
 
@@ -141,7 +54,7 @@ def ensure_converted(gguf_path: Path, log=None) -> Path:
 def _convert_into(gguf_path: Path, out: Path) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}@{socket.gethostname()}-", dir=out.parent))
+        tmp = temporary_dir(out.parent)
     except OSError as e:
         raise ModelLoadError(f"cannot create the conversion cache in {out.parent} ({e.strerror}); set "
                              "KVRETRIEVE_CACHE to a writable directory") from None

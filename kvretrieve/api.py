@@ -19,7 +19,7 @@ from .resolve import (AttentionChoice, check_weights_fit, geometry, resolve_atte
 
 def load(model: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
          max_context: int | None = None, retrieval: RetrievalConfig | None = RetrievalConfig(),
-         runtime: RuntimeConfig | None = None, log=None, **runtime_fields) -> LLM:
+         runtime: RuntimeConfig | None = None, log=None, resume: str | Path | None = None, **runtime_fields) -> LLM:
     """Load a model for generation.
 
     model: an HF checkpoint directory, a .gguf file, or None for the default (SmolLM2-135M-Instruct).
@@ -30,6 +30,8 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str = 
     (exact, and faster), and retrieval from a CPU-resident cache otherwise; RetrievalConfig(index=...)
     with a kind forces retrieval; None forces dense. llm.mode and llm.mode_reason say what was chosen.
     log: a callable that receives one-line progress messages (e.g. the one-time GGUF conversion).
+    resume: a prefill saved by llm.save(path) (or `kvretrieve prefill`) to reopen instead of prefilling
+    again (LLM.resume: the same model, dtype and retrieval options it was saved with).
     """
     if runtime is None:
         runtime = RuntimeConfig(device=device, dtype=dtype, max_context=max_context, **runtime_fields)
@@ -37,8 +39,11 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str = 
     decoder, tokenizer, source = load_decoder(model, runtime, dense_kv=retrieval is None, log=log)
     if runtime.max_context:
         check_trained_length(decoder.cfg, runtime.max_context, log)
-    return build(decoder, tokenizer, source, runtime.max_context or decoder.cfg.max_position, runtime.prefill_chunk,
-                 retrieval)
+    llm = build(decoder, tokenizer, source, runtime.max_context or decoder.cfg.max_position, runtime.prefill_chunk,
+                retrieval)
+    if resume is not None:
+        llm.resume(resume)
+    return llm
 
 
 def load_decoder(model: str | Path | None, runtime: RuntimeConfig, dense_kv: bool, log=None,

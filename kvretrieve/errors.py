@@ -33,3 +33,8 @@ class NumericsError(KVRetrieveError):
 class LoadWarning(UserWarning):
     """A doubtful but usable model setting (a value assumed, a context past the trained length). Given
     a log callback, kvretrieve.load sends these to it instead."""
+
+
+class SavedPrefillError(KVRetrieveError):
+    """A saved prefill that cannot be reopened: missing, damaged, from another format version, or made
+    for another model, tokenizer, dtype or KV layout."""

@@ -9,7 +9,7 @@ import time
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Union
 
 import torch
 
@@ -20,6 +20,10 @@ from .errors import InputError
 from .models.llama import Decoder
 from .models.tokenizer import StreamDecoder, Tokenizer
 from .resolve import AttentionChoice
+
+if TYPE_CHECKING:
+    from .persist import SaveInfo
+    from .store.saved import SavedPrefill
 
 Prompt = Union[str, list[dict]]
 
@@ -90,6 +94,39 @@ class LLM:
     @property
     def cached_tokens(self) -> int:
         return len(self._ids)
+
+    @property
+    def cached_ids(self) -> list[int]:
+        """The token ids whose K,V the cache holds, in order."""
+        return list(self._ids[:self.engine.length])
+
+    def save(self, path: str | Path, extra: dict[str, bytes] | None = None) -> "SaveInfo":
+        """Write the KV cache and the tokens it holds to the folder `path` (made atomically: an
+        interruption leaves nothing under that name), to reopen later with resume() or
+        kvretrieve.load(..., resume=path) instead of prefilling again. extra: small files to keep beside
+        it (name -> bytes). Returns where, how many tokens and bytes, and the seconds it took."""
+        from .persist import save
+        return save(self, path, extra)
+
+    def resume(self, path: str | Path, verify: bool = True) -> "SavedPrefill":
+        """Replace the KV cache with the one saved at `path` by save(): decoding then goes on as it would
+        have after that prefill. The saved state must come from the same model, tokenizer, dtype and KV
+        layout (retrieval options) and fit max_context; SavedPrefillError names what differs, or a
+        damaged file (verify: check every file's checksum first). Returns the opened save (its
+        manifest, its extra files)."""
+        from .persist import reopen
+        return reopen(self, path, verify)
+
+    def adopt_state(self, state, ids: list[int]) -> None:
+        """The backend takes `state` (a saved backend state) holding `ids`; on any failure, Ctrl-C
+        included, the cache is left empty rather than half loaded."""
+        self.reset()
+        try:
+            self.engine.load_state(state, len(ids))
+        except BaseException:
+            self.reset()
+            raise
+        self._ids = list(ids)
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """A string is encoded as is; a list of {"role", "content"} messages goes through the chat template."""

@@ -60,6 +60,17 @@ class AttentionBackend(Protocol):
     def prefetch(self, layer: int, q: torch.Tensor) -> None:
         """Decode: an approximate query q [1, Hq, d] of `layer`, ahead of its decode call."""
 
+    # ---- saved prefills (between passes) -----------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything the cached tokens left behind, by name: what a saved prefill keeps (views; the
+        saver copies them)."""
+        ...
+
+    def load_state(self, state: dict[str, torch.Tensor], length: int) -> None:
+        """Become the backend whose state() this was, holding `length` tokens (a backend of the same
+        kind, configuration and geometry; its capacity may differ)."""
+        ...
+
     # ---- accounting -------------------------------------------------------------------------------
     def drop_decode_memory(self) -> None:
         """With an empty cache and no captured graph: give back what decode steps allocated."""

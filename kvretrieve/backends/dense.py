@@ -6,6 +6,7 @@ import torch
 from .. import kernels
 from ..config import KVGeometry
 from ..errors import ResourceError
+from ..index.base import restore_prefix
 from ..memory import check_allocation
 from .base import AttentionBackend
 from .prefill_attention import PrefillAttention
@@ -87,6 +88,14 @@ class DenseKV(AttentionBackend):
         e = self._start + offset + q.shape[0]
         return self.prefill(q, self.k[layer, :, :e].transpose(0, 1), self.v[layer, :, :e].transpose(0, 1),
                             self._start + offset)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"k": self.k[:, :, :self.length], "v": self.v[:, :, :self.length]}
+
+    def load_state(self, state: dict[str, torch.Tensor], length: int) -> None:
+        for name, dst in (("k", self.k), ("v", self.v)):
+            restore_prefix(dst, state[name], "dense KV cache")
+        self.length = length
 
     def memory(self) -> dict[str, int]:
         return {"kv": 2 * self.k.numel() * self.k.element_size()}

@@ -15,6 +15,8 @@ on the device; when the tail block is full it goes to store and index after the 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from .. import kernels
@@ -23,6 +25,7 @@ from ..config import KVGeometry, RetrievalConfig
 from ..errors import ConfigError
 from ..index import BlockSummary, make_index
 from ..store import KVStore
+from ..store.saved import under
 from .base import AttentionBackend
 from .decode_plan import DecodePlan
 from .placement import BlockPlacement
@@ -192,6 +195,36 @@ class RetrievalKV(AttentionBackend):
 
     def prefetch(self, layer: int, q: torch.Tensor) -> None:
         self.selector.prefetch(layer, q[0])
+
+    # ---- saved prefills -----------------------------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        n = self.length // self.bs  # full blocks: in store and index; the tail block is in its ring slot
+        parts = {"store": self.store.state(n), "index": self.index.state(n), "pool": self.pool.state()}
+        if self.summary is not None:
+            parts["summary"] = self.summary.state(n)
+        if self.placement.clusters:
+            parts["clusters"] = self.placement.clusters.state()
+        return {f"{part}.{name}": t for part, tensors in parts.items() for name, t in tensors.items()}
+
+    def load_state(self, state: Mapping[str, torch.Tensor], length: int) -> None:
+        self.truncate(0)
+        try:
+            self.store.load_state(under(state, "store"))
+            self.index.load_state(under(state, "index"))
+            self.pool.load_state(under(state, "pool"))
+            if self.summary is not None:
+                self.summary.load_state(under(state, "summary"))
+            if self.placement.clusters:
+                self.placement.clusters.load_state(under(state, "clusters"))
+        except BaseException:  # half loaded (Ctrl-C, a damaged part): hold nothing, as before
+            self.pool.ring_block[:] = -1
+            self.pool.forget_cached()
+            self.store.forget_from(0)
+            if self.placement.clusters:
+                self.placement.clusters.clear()
+            raise
+        self.length = length
+        self.plan.forget_selection()
 
     # ---- accounting ------------------------------------------------------------------------------
     def memory(self) -> dict[str, int]:

@@ -18,6 +18,8 @@ import torch
 
 from .. import kernels
 from ..config import KVGeometry, RetrievalConfig
+from ..errors import SavedPrefillError
+from ..index.base import restore_prefix
 from ..memory import check_allocation
 
 
@@ -72,6 +74,22 @@ class BlockPool:
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What a saved prefill keeps: the sink and ring slots (the window and the partly filled tail
+        block exist only here, in the model's dtype) and which block each ring slot holds. Retrieved
+        blocks are not kept: a reopened pool starts cold, which changes copies, never outputs."""
+        return {"k": self.k[:, :, :self.lru0], "v": self.v[:, :, :self.lru0],
+                "ring_block": torch.from_numpy(self.ring_block)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state["k"].shape[2] != self.lru0:
+            raise SavedPrefillError(f"the saved prefill keeps {state['k'].shape[2]} sink and window slots, this "
+                                    f"configuration {self.lru0}; reopen it with the options it was saved with")
+        for name, dst in (("k", self.k), ("v", self.v)):
+            restore_prefix(dst, state[name], "sink and window blocks")
+        self.ring_block[:] = state["ring_block"].numpy()
+        self.forget_cached()
 
     def lookup(self, layer: int, ids: torch.Tensor, stamp: torch.Tensor, speculative: bool = False):
         """Pool slots [Hkv, k] int32 of block ids [Hkv, k] (device), and which of them must be

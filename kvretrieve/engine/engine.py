@@ -48,6 +48,13 @@ class Engine:
         with interrupts_deferred():
             self.backend.truncate(length)
 
+    @torch.inference_mode()
+    def load_state(self, state, length: int) -> None:
+        """The backend takes a saved state of `length` tokens (AttentionBackend.load_state)."""
+        self.backend.load_state(state, length)
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+
     @contextmanager
     def _pass(self, n: int):
         """A forward pass of n tokens from the committed length: begin, the body, commit. Any exception

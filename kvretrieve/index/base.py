@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from .. import kernels
+from ..errors import SavedPrefillError
 
 
 class BlockIndex(Protocol):
@@ -31,6 +32,21 @@ class BlockIndex(Protocol):
         """q [Hq, d] -> scores [Hkv, n_blocks] float32 of blocks 0..n_blocks-1 (higher = more relevant)."""
 
     def nbytes(self) -> int: ...
+
+    def state(self, n_blocks: int) -> dict[str, torch.Tensor]:
+        """What a saved prefill keeps of the index for blocks 0..n_blocks-1 (views; store/saved.py copies)."""
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take back what state() gave (an index of the same kind and geometry, holding nothing yet)."""
+
+
+def restore_prefix(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    """dst[:, :, :n] = src (n = src.shape[2]: tokens or blocks), the layout axis of every index, summary
+    and pool tensor; a src of another shape elsewhere is a saved prefill made for another layout."""
+    if src.shape[:2] != dst.shape[:2] or src.shape[3:] != dst.shape[3:] or src.shape[2] > dst.shape[2]:
+        raise SavedPrefillError(f"the saved {what} has the shape {tuple(src.shape)}, which does not fit this "
+                                f"model's {tuple(dst.shape)}; reopen it with the model and options it was saved with")
+    dst[:, :, :src.shape[2]].copy_(src)
 
 
 def top_blocks(scores: torch.Tensor, k: int, ranked: bool = False) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from .. import kernels
 from ..config import KVGeometry
-from .base import BlockIndex
+from .base import BlockIndex, restore_prefix
 from ..memory import check_allocation
 
 
@@ -29,6 +29,13 @@ class BoundsIndex(BlockIndex):
 
     def scores(self, layer: int, q: torch.Tensor, n_blocks: int) -> torch.Tensor:
         return kernels.bounds_block_scores(q, self.kmin[layer], self.kmax[layer], n_blocks)
+
+    def state(self, n_blocks: int) -> dict[str, torch.Tensor]:
+        return {"kmin": self.kmin[:, :, :n_blocks], "kmax": self.kmax[:, :, :n_blocks]}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        restore_prefix(self.kmin, state["kmin"], "block bounds")
+        restore_prefix(self.kmax, state["kmax"], "block bounds")
 
     def nbytes(self) -> int:
         return 2 * self.kmin.numel() * self.kmin.element_size()

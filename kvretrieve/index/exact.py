@@ -11,7 +11,7 @@ import torch
 
 from .. import kernels
 from ..config import KVGeometry
-from .base import BlockIndex
+from .base import BlockIndex, restore_prefix
 from ..memory import check_allocation
 
 
@@ -38,6 +38,12 @@ class ExactIndex(BlockIndex):
         s = s * d ** -0.5                                                          # [Hkv, G, n*bs]
         share = s.view(*s.shape[:2], n_blocks, self.bs).logsumexp(-1) - s.logsumexp(-1, keepdim=True)
         return share.logsumexp(1)  # log of the block's mass summed over the group's query heads
+
+    def state(self, n_blocks: int) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys[:, :, :n_blocks * self.bs]}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        restore_prefix(self.keys, state["keys"], "keys")
 
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size()

@@ -20,7 +20,7 @@ import torch
 from .. import kernels
 from ..errors import ConfigError
 from ..config import KVGeometry
-from .base import BlockIndex
+from .base import BlockIndex, restore_prefix
 from ..memory import check_allocation
 
 KMEANS_KINDS = ("auto", "torch", "faiss", "faiss-gpu")
@@ -139,6 +139,12 @@ class IVFIndex(BlockIndex):
         rank = (cent @ leading_direction(x)[..., None])[..., 0].argsort(1).argsort(1)  # [B, C]
         key = torch.gather(rank, 1, assign) * n + torch.arange(n, device=x.device)
         return key.argsort(1)
+
+    def state(self, n_blocks: int) -> dict[str, torch.Tensor]:
+        return {"means": self.means[:, :, :n_blocks]}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        restore_prefix(self.means, state["means"], "cluster centroids")
 
     def nbytes(self) -> int:
         return self.means.numel() * self.means.element_size()

@@ -20,7 +20,7 @@ import torch
 
 from .. import kernels
 from ..config import KVGeometry
-from .base import BlockIndex
+from .base import BlockIndex, restore_prefix
 from ..errors import ConfigError
 from ..memory import check_allocation
 
@@ -74,6 +74,17 @@ class LowRankIndex(BlockIndex):
                                               n_blocks, self.bs, self.scale)
         return kernels.lowrank_block_scores(q, self.proj[layer], self.mean[layer], self.sketch[layer], n_blocks,
                                             self.bs)
+
+    def state(self, n_blocks: int) -> dict[str, torch.Tensor]:
+        out = {"sketch": self.sketch[:, :, :n_blocks * self.bs], "mean": self.mean, "proj": self.proj}
+        return out | ({"block_means": self.block_means[:, :, :n_blocks]} if self.block_means is not None else {})
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        restore_prefix(self.sketch, state["sketch"], "key sketches")
+        self.mean.copy_(state["mean"])
+        self.proj.copy_(state["proj"])
+        if self.block_means is not None:
+            restore_prefix(self.block_means, state["block_means"], "block mean keys")
 
     def nbytes(self) -> int:
         tensors = (self.sketch, self.mean, self.proj) + ((self.block_means,) if self.block_means is not None else ())

@@ -18,6 +18,7 @@ import torch
 from .. import kernels
 from ..config import KVGeometry
 from ..memory import check_allocation
+from .base import restore_prefix
 
 
 class BlockSummary:
@@ -49,6 +50,16 @@ class BlockSummary:
 
     def nbytes(self) -> int:
         return (2 if self.owns_means else 1) * self.vsums.numel() * self.vsums.element_size()
+
+    def state(self, n_blocks: int) -> dict[str, torch.Tensor]:
+        """Blocks 0..n_blocks-1 (the mean keys only when this summary owns them)."""
+        out = {"vsums": self.vsums[:, :, :n_blocks]}
+        return out | ({"means": self.means[:, :, :n_blocks]} if self.owns_means else {})
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        restore_prefix(self.vsums, state["vsums"], "block value sums")
+        if self.owns_means:
+            restore_prefix(self.means, state["means"], "block mean keys")
 
     def estimate(self, layer: int, q: torch.Tensor, blocks: torch.Tensor, scale: float):
         """Attention of q [Hq, d] over blocks [Hkv, z] -> (out [Hq, d] in q.dtype, lse [Hq] fp32)."""

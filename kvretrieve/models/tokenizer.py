@@ -5,6 +5,7 @@ sandbox, the way transformers does it; importing transformers would add seconds 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
@@ -51,6 +52,13 @@ class Tokenizer:
         self.eos_ids = self._eos_ids(model_dir, model_config)
         vocab = model_config.get("vocab_size")
         self._model_vocab = vocab if isinstance(vocab, int) else None  # ids at or above it have no embedding
+
+    def fingerprint(self) -> str:
+        """sha256 of what turns text into ids and messages into text: the tokenizer's own JSON, the chat
+        template and the end-of-sequence ids (a saved prefill's tokens mean nothing under another)."""
+        h = hashlib.sha256(self._tok.to_str().encode())
+        h.update(b"\0" + (self.chat_template or "").encode() + b"\0" + repr(sorted(self.eos_ids)).encode())
+        return h.hexdigest()
 
     @staticmethod
     def _find_template(model_dir: Path, cfg: dict) -> str | None:

@@ -35,6 +35,29 @@ class ClusterLayout:
         self.build_s = 0.0  # seconds spent clustering (the index build time profile reports)
         self.pass_start = 0  # the cache length where the forward pass in progress began
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """What a saved prefill keeps: natural_from, and per layer each clustered segment's
+        (first block, blocks, pass start) and permutation."""
+        out = {"natural_from": torch.tensor(self.natural_from)}
+        for layer, segs in enumerate(self.segments):
+            for i, (first, nb, perm, since) in enumerate(segs):
+                out[f"{layer}.{i}"] = torch.tensor([first, nb, since])
+                out[f"{layer}.{i}.perm"] = perm
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.natural_from = state["natural_from"].tolist()
+        for layer in range(self.geo.layers):
+            self.segments[layer] = []
+            while (meta := state.get(f"{layer}.{len(self.segments[layer])}")) is not None:
+                first, nb, since = meta.tolist()
+                self.segments[layer].append((first, nb, state[f"{layer}.{len(self.segments[layer])}.perm"], since))
+
+    def clear(self) -> None:
+        """Nothing is clustered (an empty cache)."""
+        self.natural_from = [self.n_sink] * self.geo.layers
+        self.segments = [[] for _ in range(self.geo.layers)]
+
     def begin_pass(self, start: int) -> None:
         self.pass_start = start
 

@@ -26,6 +26,7 @@ import threading
 import torch
 
 from ..config import KVGeometry
+from ..errors import SavedPrefillError
 from ..memory import GiB, check_allocation
 from .quant import channel_scales, copy_per_head, dequantize, quantize
 
@@ -241,6 +242,49 @@ class KVStore:
         ring slot whose old block is still being copied out is overwritten."""
         if self._written is not None:
             torch.cuda.current_stream(self.device).wait_event(self._written)
+
+    def state(self, n_blocks: int) -> dict[str, torch.Tensor]:
+        """What a saved prefill keeps: blocks 0..n_blocks-1 as stored (int8 with their scales, or the
+        model's dtype), as views named L.S (layer, segment) and L.S.scale, and the key channel scales."""
+        self.wait_host()
+        self.join()
+        out = {"channels": self.channels, "fitted": torch.tensor(self.fitted)}
+        for layer in range(self.L):
+            for seg in range(-(-n_blocks // self.seg_blocks)):
+                n = min(self.seg_blocks, n_blocks - seg * self.seg_blocks)
+                out[f"{layer}.{seg}"] = self.segments[layer][seg][:, :, :n]
+                if self.quantized:
+                    out[f"{layer}.{seg}.scale"] = self.scales[layer][seg][:, :, :n]
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take back what state() gave, into this store's own segments (their size may differ)."""
+        stored = torch.int8 if self.quantized else self.dtype
+        for layer in range(self.L):
+            first, seg = 0, 0
+            while (kv := state.get(f"{layer}.{seg}")) is not None:
+                n = kv.shape[2]
+                if kv.dtype != stored or kv.shape[:2] != (2, self.H) or kv.shape[3:] != (self.bs, self.d):
+                    raise SavedPrefillError(f"the saved store holds {kv.dtype} blocks of shape {tuple(kv.shape)}, "
+                                            f"this one {stored} of (2, {self.H}, n, {self.bs}, {self.d}); reopen it "
+                                            "with the model, dtype and store_dtype it was saved with")
+                self.ensure(first + n)
+                self._wait(layer)
+                self._copy_in(layer, first, kv, state.get(f"{layer}.{seg}.scale"))
+                first, seg = first + n, seg + 1
+        self.channels.copy_(state["channels"])
+        self.fitted = [bool(f) for f in state["fitted"].tolist()]
+
+    def _copy_in(self, layer: int, first_block: int, kv: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """Blocks first_block.. of one layer, as stored: kv [2, Hkv, n, bs, d] (and scale [2, Hkv, n, bs])."""
+        done, n_blocks = 0, kv.shape[2]
+        while done < n_blocks:
+            seg, off = divmod(first_block + done, self.seg_blocks)
+            n = min(n_blocks - done, self.seg_blocks - off)
+            self.segments[layer][seg][:, :, off:off + n].copy_(kv[:, :, done:done + n])
+            if scale is not None:
+                self.scales[layer][seg][:, :, off:off + n].copy_(scale[:, :, done:done + n])
+            done += n
 
     def read(self, layer: int, first_block: int, n_blocks: int,
              device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

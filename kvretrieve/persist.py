@@ -1,0 +1,133 @@
+"""Saved prefills: an LLM's KV cache written to disk after a prefill and reopened later, so that a long
+document is prefilled once, not at every run.
+
+What is saved is the attention backend's state between two passes (backends.base.AttentionBackend
+.state: for retrieval the CPU store, the index, the summaries, the sink and window slots and ivf's
+cluster layout; for dense the KV rows) and the token ids it holds. Reopened into an LLM of the same
+model, tokenizer, dtype and KV layout, decoding goes on exactly as it would have without the round
+trip. The manifest records what the state was made with; reopening checks each against the LLM and
+names the one that differs. The folder format is store/saved.py's.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import SavedPrefillError
+from .store.saved import SavedPrefill, under, write_saved
+
+# The RetrievalConfig fields that shape the saved state (the rest, like the budget, only steer decoding).
+_LAYOUT_FIELDS = ("index", "block_size", "rank", "block_scores", "sink_tokens", "window_tokens", "store_dtype",
+                  "cluster_tokens")
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of the model's configuration, dtype and 4,096 values spread over every weight tensor:
+    cheap (no file is read: it works for GGUF, HF folders and random shapes alike) and different for
+    any two checkpoints that differ anywhere but in a few values."""
+    h = hashlib.sha256(repr(model.cfg).encode() + str(model.dtype).encode())
+    w = model.w
+    tensors = [w.embed, w.final_norm, w.lm_head] + [t for layer in w.layers for t in asdict(layer).values()
+                                                    if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        flat = t.reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(4096, flat.numel()), device=flat.device).long()
+        h.update(flat[idx].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def ids_sha256(ids: list[int]) -> str:
+    return hashlib.sha256(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest()
+
+
+def layout(llm) -> dict:
+    """What the KV state's shape depends on, besides the model: attention mode, dtype and the layout
+    fields of the resolved retrieval configuration."""
+    cfg = llm.retrieval
+    out = {"mode": llm.mode, "dtype": str(llm.model.dtype).removeprefix("torch.")}
+    if cfg is not None:
+        out |= {f: getattr(cfg, f) for f in _LAYOUT_FIELDS
+                if (f not in ("rank", "block_scores") or cfg.index == "lowrank") and (f != "cluster_tokens" or cfg.index == "ivf")}
+        out["summaries"] = bool(cfg.estimate_rest or cfg.estimate_tokens)
+    return out
+
+
+def identity(llm) -> dict:
+    """The manifest's record of what made a state: model, tokenizer and layout."""
+    return {"model": model_fingerprint(llm.model), "tokenizer": llm.tokenizer.fingerprint(), "layout": layout(llm)}
+
+
+def document_key(llm, ids: list[int]) -> str:
+    """The document cache's key for the state of `ids` in this LLM."""
+    ident = identity(llm)
+    return hashlib.sha256(repr((ident, ids_sha256(ids))).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class SaveInfo:
+    path: Path
+    tokens: int
+    bytes: int
+    seconds: float
+
+
+def save(llm, path: str | Path, extra: dict[str, bytes] | None = None, ident: dict | None = None) -> SaveInfo:
+    """Write llm's KV cache and token ids to the folder `path` (see the module docstring)."""
+    t0 = time.perf_counter()
+    ids = llm.cached_ids
+    if not ids:
+        raise SavedPrefillError("the KV cache is empty: prefill a prompt first (llm.prefill or generate), then save")
+    ident = ident or identity(llm)
+    manifest = {"kvretrieve_version": __version__,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "source": str(llm.source), "tokens": len(ids), "ids_sha256": ids_sha256(ids), **ident,
+                "retrieval": asdict(llm.retrieval) if llm.retrieval else None, "saved_on": str(llm.device)}
+    with torch.inference_mode():
+        tensors = {"ids": torch.tensor(ids, dtype=torch.int64)}
+        tensors |= {f"kv.{k}": t for k, t in llm.engine.backend.state().items()}
+        size = write_saved(Path(path), tensors, manifest, extra)
+    return SaveInfo(Path(path), len(ids), size, time.perf_counter() - t0)
+
+
+def check_compatible(llm, saved: SavedPrefill) -> list[int]:
+    """The saved token ids, once every record of the manifest matches llm; else SavedPrefillError
+    naming the first that differs and how to match it."""
+    m, path = saved.manifest, saved.path
+    mine = layout(llm)
+    theirs = m.get("layout", {})
+    if theirs.get("dtype") != mine["dtype"]:
+        raise SavedPrefillError(f"{path} was saved with dtype {theirs.get('dtype')}, this model runs {mine['dtype']}; "
+                                f"load it with dtype='{theirs.get('dtype')}'")
+    if m.get("model") != model_fingerprint(llm.model):
+        raise SavedPrefillError(f"{path} was saved with another model ({m.get('source')}); load that model to reopen it")
+    if m.get("tokenizer") != llm.tokenizer.fingerprint():
+        raise SavedPrefillError(f"{path} was saved with another tokenizer; load the model it was saved with "
+                                f"({m.get('source')})")
+    if theirs != mine:
+        diff = ", ".join(f"{k}={theirs.get(k)!r} (here {mine.get(k)!r})" for k in sorted(set(theirs) | set(mine))
+                         if theirs.get(k) != mine.get(k))
+        raise SavedPrefillError(f"{path} was saved with another KV layout: {diff}; load with the retrieval options "
+                                "it was saved with")
+    n = m.get("tokens", 0)
+    if n > llm.max_context:
+        raise SavedPrefillError(f"{path} holds {n:,} tokens but this context holds {llm.max_context:,}; load with "
+                                f"max_context >= {n:,}")
+    ids = saved.tensor("ids").tolist()
+    if len(ids) != n or ids_sha256(ids) != m.get("ids_sha256"):
+        raise SavedPrefillError(f"{path} is damaged: its token ids do not match the manifest; delete it and "
+                                "prefill the document again")
+    return ids
+
+
+def reopen(llm, path: str | Path, verify: bool = True) -> SavedPrefill:
+    """Make llm's KV cache the one saved at `path` (see LLM.resume)."""
+    saved = SavedPrefill(Path(path), verify=verify)
+    ids = check_compatible(llm, saved)
+    llm.adopt_state(under(saved.tensors(), "kv"), ids)
+    return saved

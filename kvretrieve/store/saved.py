@@ -1,0 +1,173 @@
+"""The on-disk form of a saved prefill: a folder of safetensors parts and a JSON manifest.
+
+    NAME.kvr/
+      manifest.json        format version, what the state was made with (model, tokenizer, dtype,
+                           layout), which part holds each tensor, and every file's size and sha256
+      part-000.safetensors tensors, in parts of about PART_BYTES, so that checking the checksums runs
+      part-001.safetensors on several threads (sha256 runs ~1.7 GB/s a core: 9 GiB of the 8B shape's
+      ...                  128K int8 store would take 5 s on one)
+      <extra files>        small files a caller adds (chat keeps its documents' text)
+
+The folder is written under a temporary name and renamed into place when every file is in
+(kvretrieve.files): Ctrl-C, SIGTERM, a full disk or a crash never leave one under the final name.
+What a power cut or a damaged disk does to a finished one is caught by the checksums on open.
+Tensors are read through safetensors' memory map, so a part costs only what is taken from it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import SavedPrefillError
+from ..files import publish_dir, sweep_stale_temporaries, temporary_dir, terminations_unwind
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PART_BYTES = 1 << 30
+
+
+class Tensors(Mapping):
+    """Tensors by name, each read only when it is asked for (a saved 128K store is GiBs: loading a
+    part at a time keeps one segment in flight, not a second copy of the store)."""
+
+    def __init__(self, names: list[str], read: Callable[[str], torch.Tensor]):
+        self._names, self._read = set(names), read
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def under(tensors: Mapping[str, torch.Tensor], prefix: str) -> Tensors:
+    """The tensors named PREFIX.NAME, by NAME (read lazily, whatever mapping holds them)."""
+    cut = len(prefix) + 1
+    return Tensors([n[cut:] for n in tensors if n.startswith(prefix + ".")], lambda n: tensors[prefix + "." + n])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):  # large reads: hashlib releases the GIL, parts hash in parallel
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _parts(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    parts, size = [{}], 0
+    for name, t in tensors.items():
+        if size >= PART_BYTES:
+            parts.append({})
+            size = 0
+        parts[-1][name] = t.detach().to("cpu").contiguous()
+        size += parts[-1][name].nbytes
+    return parts
+
+
+def write_saved(path: Path, tensors: dict[str, torch.Tensor], manifest: dict,
+                extra: dict[str, bytes] | None = None) -> int:
+    """Write a saved prefill at `path` (replacing one there), atomically; returns its bytes."""
+    path = Path(path)
+    sweep_stale_temporaries(path.parent)
+    try:
+        tmp = temporary_dir(path.parent)
+    except OSError as e:
+        raise SavedPrefillError(f"cannot write a saved prefill in {path.parent} ({e.strerror}); choose a "
+                                "writable folder") from None
+    stopped = SavedPrefillError(f"saving {path} was stopped by a signal; nothing was left under that name")
+    try:
+        with terminations_unwind(stopped):
+            files, where = {}, {}
+            for i, part in enumerate(_parts(tensors)):
+                name = f"part-{i:03d}.safetensors"
+                save_file(part, str(tmp / name))
+                where |= dict.fromkeys(part, name)
+            for name, data in (extra or {}).items():
+                (tmp / name).write_bytes(data)
+            names = sorted(p.name for p in tmp.iterdir())
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                sums = list(pool.map(_sha256, (tmp / n for n in names)))
+            for n, s in zip(names, sums):
+                files[n] = {"bytes": (tmp / n).stat().st_size, "sha256": s}
+            full = {"format_version": FORMAT_VERSION, **manifest, "tensors": where, "files": files}
+            (tmp / MANIFEST).write_text(json.dumps(full, indent=1))
+            publish_dir(tmp, path)
+    except OSError as e:
+        raise SavedPrefillError(f"cannot write the saved prefill {path} ({e.strerror or e}); free some disk "
+                                "space or choose another folder") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sum(f["bytes"] for f in files.values())
+
+
+class SavedPrefill:
+    """An opened saved prefill: its manifest, its extra files and its tensors (read on demand)."""
+
+    def __init__(self, path: Path, verify: bool = True):
+        """Refuses (SavedPrefillError) a missing folder, one that is no saved prefill or of another
+        format version, and with verify a missing, truncated or changed file."""
+        self.path = path = Path(path)
+        again = "delete it and prefill the document again"
+        if not path.exists():
+            raise SavedPrefillError(f"no saved prefill at {path}; make one with `kvretrieve prefill` (Python: "
+                                    "llm.save(path))")
+        try:
+            self.manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError) as e:
+            what = "has no manifest.json" if isinstance(e, FileNotFoundError) else f"has a damaged manifest ({e})"
+            raise SavedPrefillError(f"{path} is not a saved prefill: it {what}; {again}") from None
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise SavedPrefillError(f"{path} was saved in format version {version}, but this kvretrieve reads "
+                                    f"version {FORMAT_VERSION}; {again}")
+        if verify:
+            self._verify(again)
+        self._open: dict[str, object] = {}
+
+    def _verify(self, again: str) -> None:
+        files = self.manifest.get("files", {})
+        for name, f in files.items():
+            p = self.path / name
+            if not p.is_file():
+                raise SavedPrefillError(f"{self.path} is damaged: {name} is missing; {again}")
+            if p.stat().st_size != f["bytes"]:
+                raise SavedPrefillError(f"{self.path} is damaged: {name} has {p.stat().st_size:,} bytes, not "
+                                        f"{f['bytes']:,} (cut short?); {again}")
+        names = list(files)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            sums = list(pool.map(_sha256, (self.path / n for n in names)))
+        for name, s in zip(names, sums):
+            if s != files[name]["sha256"]:
+                raise SavedPrefillError(f"{self.path} is damaged: {name} does not match its checksum; {again}")
+
+    def extra(self, name: str) -> bytes | None:
+        p = self.path / name
+        return p.read_bytes() if name in self.manifest.get("files", {}) and p.is_file() else None
+
+    def tensors(self) -> Tensors:
+        """Every saved tensor, read when asked for."""
+        return Tensors(list(self.manifest.get("tensors", {})), self.tensor)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        part = self.manifest["tensors"].get(name)
+        if part is None:
+            raise SavedPrefillError(f"{self.path} lacks the tensor {name!r}; it was saved by another version of "
+                                    "kvretrieve: delete it and prefill the document again")
+        if part not in self._open:
+            self._open[part] = safe_open(str(self.path / part), framework="pt", device="cpu")
+        return self._open[part].get_tensor(name)

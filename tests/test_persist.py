@@ -1,0 +1,204 @@
+"""Saved prefills (kvretrieve.persist, store/saved.py): a reopened KV cache decodes exactly as the one
+that was saved, for dense and every index kind; damaged, foreign and half-written saves are refused
+with a clear message and leave the session usable."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvretrieve
+from kvretrieve import RetrievalConfig
+from kvretrieve.errors import SavedPrefillError
+from kvretrieve.store import saved as saved_mod
+
+from helpers import save_with_tokenizer, tiny_hf_model
+
+SMALL = dict(block_size=4, budget_tokens=32, window_tokens=16, sink_tokens=4, rank=8, cluster_tokens=256)
+CONFIGS = {
+    "dense": None,
+    "lowrank": RetrievalConfig(index="lowrank", **SMALL),
+    "lowrank-mass-int8": RetrievalConfig(index="lowrank", block_scores="mass", store_dtype="int8", **SMALL),
+    "bounds": RetrievalConfig(index="bounds", **SMALL),
+    "exact-zone": RetrievalConfig(index="exact", estimate_tokens=16, estimate_rest=False, **SMALL),
+    "ivf-int8": RetrievalConfig(index="ivf", store_dtype="int8", **SMALL),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smol_dir):
+    """A tiny random model with the default model's tokenizer (saved prefills fingerprint both)."""
+    out = tmp_path_factory.mktemp("tiny-persist")
+    return save_with_tokenizer(tiny_hf_model(vocab=49152, max_pos=4096, layers=3, heads=8, kv_heads=2, seed=5), out,
+                               smol_dir)
+
+
+def load(model_dir, cfg, max_context=1024, **kw):
+    return kvretrieve.load(model_dir, device="cpu", dtype=kw.pop("dtype", "float32"), max_context=max_context,
+                           retrieval=cfg, **kw)
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, 49152, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def greedy(llm, logits: torch.Tensor, steps: int, follow_up: list[int]) -> list[torch.Tensor]:
+    """Logits of `steps` greedy decode steps, then of a multi-token continuation (a follow-up question)
+    that the prefix cache appends, then of one more step."""
+    out, token = [logits], logits.argmax()
+    for _ in range(steps):
+        out.append(llm.engine.step(token))
+        token = out[-1].argmax()
+    out.append(llm.prefill(llm.cached_ids + follow_up))
+    out.append(llm.engine.step(out[-1].argmax()))
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_reopened_prefill_decodes_exactly_as_the_saved_one(tiny, tmp_path, name):
+    """Prefill 613 tokens (a partly filled tail block; ivf clusters two segments), save, go on; a fresh
+    LLM that reopens the save goes on with bitwise the same logits; so does one of another capacity
+    (its store segments and pool tables sized differently), against a prefill at that capacity."""
+    ids, follow = prompt(613), prompt(37, seed=1)
+    a = load(tiny, CONFIGS[name])
+    logits = a.prefill(ids)
+    info = a.save(tmp_path / "doc.kvr")
+    assert info.tokens == 613 and info.bytes == sum(p.stat().st_size for p in (tmp_path / "doc.kvr").iterdir()
+                                                    if p.name != "manifest.json")
+    want = greedy(a, logits, 20, follow)
+    b = load(tiny, CONFIGS[name], resume=tmp_path / "doc.kvr")
+    assert b.cached_ids == ids and b.engine.length == 613
+    got = greedy(b, logits, 20, follow)
+    assert all(torch.equal(x, y) for x, y in zip(want, got)), name
+    wide = load(tiny, CONFIGS[name], max_context=2048)
+    want = greedy(wide, wide.prefill(ids), 20, follow)
+    c = load(tiny, CONFIGS[name], max_context=2048, resume=tmp_path / "doc.kvr")
+    assert all(torch.equal(x, y) for x, y in zip(want, greedy(c, logits, 20, follow))), name
+
+
+def test_a_save_after_decoding_and_a_truncation_reopens_what_the_cache_held(tiny, tmp_path):
+    """Saved mid-conversation (after decode steps filled blocks, and a truncation), the reopened cache
+    holds what the live one held: the ids up to the cache's length, and the same next logits."""
+    cfg = CONFIGS["ivf-int8"]
+    a = load(tiny, cfg)
+    a.generate(" ".join(["lighthouse"] * 400), max_new_tokens=30)
+    a.prefill(a.cached_ids[:-45])  # a truncation (past a block boundary) and one token run again
+    a.save(tmp_path / "mid.kvr")
+    b = load(tiny, cfg, resume=tmp_path / "mid.kvr")
+    follow = prompt(9, seed=2)
+    assert b.cached_ids == a.cached_ids
+    assert torch.equal(a.prefill(a.cached_ids + follow), b.prefill(b.cached_ids + follow))
+
+
+def damage(path: Path, how: str) -> None:
+    part = path / "part-000.safetensors"
+    if how == "truncated":
+        part.write_bytes(part.read_bytes()[:-100])
+    elif how == "flipped":
+        data = bytearray(part.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        part.write_bytes(bytes(data))
+    elif how == "no manifest":
+        (path / "manifest.json").unlink()
+    elif how == "bad manifest":
+        (path / "manifest.json").write_text("{not json")
+    elif how == "missing part":
+        part.unlink()
+    elif how == "format version":
+        m = json.loads((path / "manifest.json").read_text())
+        (path / "manifest.json").write_text(json.dumps(m | {"format_version": 99}))
+
+
+@pytest.mark.parametrize("how,message", [("truncated", "cut short"), ("flipped", "does not match its checksum"),
+                                         ("no manifest", "has no manifest.json"), ("bad manifest", "damaged manifest"),
+                                         ("missing part", "is missing"), ("format version", "format version 99")])
+def test_a_damaged_save_is_refused_and_the_session_goes_on(tiny, tmp_path, how, message):
+    a = load(tiny, CONFIGS["lowrank"])
+    ids = prompt(300)
+    a.prefill(ids)
+    a.save(tmp_path / "d.kvr")
+    damage(tmp_path / "d.kvr", how)
+    with pytest.raises(SavedPrefillError, match=message):
+        a.resume(tmp_path / "d.kvr")
+    assert a.cached_ids == ids  # refused before anything was loaded: the session's cache is as it was
+    fresh = load(tiny, CONFIGS["lowrank"])
+    fresh.prefill(ids)
+    more = ids + prompt(20, seed=3)
+    assert torch.equal(a.prefill(more), fresh.prefill(more))
+    with pytest.raises(SavedPrefillError, match="no saved prefill at"):
+        a.resume(tmp_path / "nowhere.kvr")
+
+
+def test_a_save_from_another_model_dtype_layout_or_a_shorter_context_is_refused(tiny, tmp_path):
+    a = load(tiny, CONFIGS["lowrank"])
+    a.prefill(prompt(300))
+    a.save(tmp_path / "s.kvr")
+    cases = [(dict(dtype="bfloat16"), CONFIGS["lowrank"], "saved with dtype float32, this model runs bfloat16"),
+             ({}, RetrievalConfig(index="lowrank", **(SMALL | {"block_size": 8, "cluster_tokens": 512})), r"block_size=4 \(here 8\)"),
+             ({}, CONFIGS["bounds"], r"index='lowrank' \(here 'bounds'\)"),
+             ({}, None, r"mode='retrieval' \(here 'dense'\)"),
+             (dict(max_context=256), CONFIGS["lowrank"], "holds 300 tokens but this context holds 256")]
+    for kw, cfg, message in cases:
+        with pytest.raises(SavedPrefillError, match=message):
+            load(tiny, cfg, **{"max_context": 1024, **kw}).resume(tmp_path / "s.kvr")
+    other = save_with_tokenizer(tiny_hf_model(vocab=49152, max_pos=4096, layers=3, heads=8, kv_heads=2, seed=6),
+                                tmp_path / "other", tiny)
+    with pytest.raises(SavedPrefillError, match="saved with another model"):
+        load(other, CONFIGS["lowrank"]).resume(tmp_path / "s.kvr")
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError(28, "No space left on device")])
+def test_an_interrupted_or_failed_save_leaves_nothing_behind(tiny, tmp_path, monkeypatch, failure):
+    """Ctrl-C or a full disk part-way through writing: no folder under the name, no temporary beside
+    it; an earlier save under that name stays whole."""
+    a = load(tiny, CONFIGS["lowrank"])
+    a.prefill(prompt(300))
+    a.save(tmp_path / "keep.kvr")
+    before = sorted(p.name for p in (tmp_path / "keep.kvr").iterdir())
+    real, calls = saved_mod.save_file, []
+
+    def failing(tensors, filename, *args, **kw):
+        real(tensors, filename, *args, **kw)  # a part lands, then the failure
+        calls.append(filename)
+        raise failure
+    monkeypatch.setattr(saved_mod, "save_file", failing)
+    for name in ("new.kvr", "keep.kvr"):
+        with pytest.raises(KeyboardInterrupt if failure is KeyboardInterrupt else SavedPrefillError):
+            a.save(tmp_path / name)
+    assert len(calls) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.kvr"]
+    assert sorted(p.name for p in (tmp_path / "keep.kvr").iterdir()) == before
+    monkeypatch.undo()
+    load(tiny, CONFIGS["lowrank"]).resume(tmp_path / "keep.kvr")  # still whole: its checksums hold
+
+
+def test_an_interrupted_reopen_leaves_an_empty_cache(tiny, tmp_path, monkeypatch):
+    cfg = CONFIGS["ivf-int8"]
+    a = load(tiny, cfg)
+    ids = prompt(613)
+    want = a.prefill(ids)
+    a.save(tmp_path / "s.kvr")
+    b = load(tiny, cfg)
+    b.prefill(prompt(100, seed=4))
+    real, reads = saved_mod.SavedPrefill.tensor, []
+
+    def interrupted(self, name):
+        reads.append(name)
+        if len(reads) == 12:
+            raise KeyboardInterrupt
+        return real(self, name)
+    monkeypatch.setattr(saved_mod.SavedPrefill, "tensor", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        b.resume(tmp_path / "s.kvr")
+    assert b.cached_tokens == 0 and b.engine.length == 0
+    monkeypatch.undo()
+    assert torch.equal(b.prefill(ids), want)  # a fresh prefill after it is a fresh prefill
+
+
+def test_saving_an_empty_cache_is_refused(tiny, tmp_path):
+    with pytest.raises(SavedPrefillError, match="the KV cache is empty"):
+        load(tiny, None).save(tmp_path / "e.kvr")
+    assert not (tmp_path / "e.kvr").exists()

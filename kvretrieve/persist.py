@@ -37,7 +37,8 @@ def model_fingerprint(model) -> str:
                                                     if isinstance(t, torch.Tensor)]
     for t in tensors:
         flat = t.reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(4096, flat.numel()), device=flat.device).long()
+        n = min(4096, flat.numel())
+        idx = torch.arange(n, device=flat.device) * (flat.numel() - 1) // max(1, n - 1)  # integers: exact ends
         h.update(flat[idx].float().cpu().numpy().tobytes())
     return h.hexdigest()
 
@@ -109,6 +110,10 @@ def check_compatible(llm, saved: SavedPrefill) -> list[int]:
     if m.get("tokenizer") != llm.tokenizer.fingerprint():
         raise SavedPrefillError(f"{path} was saved with another tokenizer; load the model it was saved with "
                                 f"({m.get('source')})")
+    if theirs.get("mode") != mine["mode"]:
+        fix = "dense attention (retrieval off)" if theirs.get("mode") == "dense" else f"retrieval (index '{theirs.get('index')}')"
+        raise SavedPrefillError(f"{path} was saved with {theirs.get('mode')} attention, this model runs {mine['mode']}; "
+                                f"load it with {fix}")
     if theirs != mine:
         diff = ", ".join(f"{k}={theirs.get(k)!r} (here {mine.get(k)!r})" for k in sorted(set(theirs) | set(mine))
                          if theirs.get(k) != mine.get(k))

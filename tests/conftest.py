@@ -8,6 +8,13 @@ sys.path.insert(0, str(Path(__file__).parent))  # for `import helpers`
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True)
+def own_document_cache(tmp_path_factory, monkeypatch):
+    """chat saves its documents' prefills by default: each test gets an empty document cache of its own
+    (never the user's, and no test reopens another's save)."""
+    monkeypatch.setenv("KVRETRIEVE_DOC_CACHE", str(tmp_path_factory.mktemp("doc-cache")))
+
+
 @pytest.fixture(scope="session")
 def smol_dir():
     """The default model (SmolLM2-135M-Instruct) as a converted HF directory in the user cache; tests

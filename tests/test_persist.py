@@ -139,7 +139,7 @@ def test_a_save_from_another_model_dtype_layout_or_a_shorter_context_is_refused(
     cases = [(dict(dtype="bfloat16"), CONFIGS["lowrank"], "saved with dtype float32, this model runs bfloat16"),
              ({}, RetrievalConfig(index="lowrank", **(SMALL | {"block_size": 8, "cluster_tokens": 512})), r"block_size=4 \(here 8\)"),
              ({}, CONFIGS["bounds"], r"index='lowrank' \(here 'bounds'\)"),
-             ({}, None, r"mode='retrieval' \(here 'dense'\)"),
+             ({}, None, "saved with retrieval attention, this model runs dense"),
              (dict(max_context=256), CONFIGS["lowrank"], "holds 300 tokens but this context holds 256")]
     for kw, cfg, message in cases:
         with pytest.raises(SavedPrefillError, match=message):

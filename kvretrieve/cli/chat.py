@@ -1,9 +1,9 @@
 """`kvretrieve chat`: prefill documents once, then answer questions about them turn after turn.
 
-The documents open the first user message. They are prefilled before the first question is known,
-and every later turn re-renders the whole conversation with the chat template: the prefix cache of
-LLM.stream finds the documents (and earlier turns) already in the KV cache and prefills only the
-new tokens.
+The documents open the first user message. They are prefilled before the first question is known
+(or reopened: a saved prefill from the document cache or --resume, cli/saved.py), and every later
+turn re-renders the whole conversation with the chat template: the prefix cache of LLM.stream finds
+the documents (and earlier turns) already in the KV cache and prefills only the new tokens.
 """
 from __future__ import annotations
 
@@ -12,81 +12,29 @@ from pathlib import Path
 
 import click
 
-from ..documents import ReadProgress, read_document as read_measured
 from ..errors import InputError
 from ..models.tokenizer import check_utf8
+from .conversation import Conversation, documents_block
 from .options import (PrefillProgress, as_flags, format_stats, load_from_options, model_options,
                       require_stdin, require_stdout, retrieval_options, sampling_from_options, sampling_options)
+from .saved import cache_options, document_cache, prefill_documents, resumed_conversation
 
-_MARK = "\x00question\x00"  # stands for the first question while the documents are prefilled
 HELP = "commands: /reset (forget the conversation, keep the documents), /stats, /exit"
-
-
-def read_document(path: str, llm, used: int):
-    """The document, measured against what is left of the context as it is read (with a progress line
-    on stderr when reading takes a while)."""
-    with ReadProgress(path) as progress:
-        return read_measured(path, llm.tokenizer, llm.max_context, used=used, progress=progress)
-
-
-def documents_block(paths: list[str], llm) -> str:
-    parts, used = [], 0
-    for p in paths:
-        doc = read_document(p, llm, used)
-        used += len(doc.ids)
-        parts.append(f"<document name=\"{Path(p).name}\">\n{doc.text.strip()}\n</document>")
-    return "Answer questions using these documents.\n\n" + "\n\n".join(parts)
-
-
-class Conversation:
-    def __init__(self, llm, documents: str, system: str | None):
-        self.llm, self.documents, self.system = llm, documents, system
-        self.turns: list[dict] = []
-
-    def messages(self, question: str) -> list[dict]:
-        msgs = [{"role": "system", "content": self.system}] if self.system else []
-        turns = self.turns + [{"role": "user", "content": question}]
-        if self.documents:
-            turns[0] = {"role": "user", "content": f"{self.documents}\n\n{turns[0]['content']}"}
-        return msgs + turns
-
-    def prefill_documents(self, progress_factory) -> int:
-        """Prefill everything that comes before the first question; returns its token count."""
-        text = self.llm.tokenizer.render_chat(self.messages(_MARK))
-        ids = self.llm.tokenizer.encode(text[:text.index(_MARK)], add_special_tokens=False)
-        if len(ids) > self.llm.max_context:
-            raise InputError(f"the documents take {len(ids):,} tokens but the context holds "
-                             f"{self.llm.max_context:,}; raise --max-context or pass fewer documents")
-        self.llm.prefill(ids, progress_factory(len(ids)))
-        return len(ids)
-
-    def ask(self, question: str, sampling, progress_factory):
-        msgs = self.messages(question)
-        n_tokens = len(self.llm.tokenizer.encode_chat(msgs))
-        if n_tokens > self.llm.max_context:
-            raise InputError(f"this turn needs {n_tokens:,} tokens (documents, earlier turns and the question) but "
-                             f"the context holds {self.llm.max_context:,}; /reset to forget earlier turns, ask a "
-                             "shorter question, or raise --max-context")
-        ids_estimate = n_tokens - self.llm.cached_tokens
-        answer = []
-        # If interrupted, the turn is never recorded; the KV cache may hold part of the answer, which
-        # the next turn's prefix match simply overwrites.
-        for piece in self.llm.stream(msgs, sampling=sampling,
-                                     on_layer=progress_factory(ids_estimate) if ids_estimate > 2048 else None):
-            answer.append(piece)
-            yield piece
-        self.turns += [{"role": "user", "content": question}, {"role": "assistant", "content": "".join(answer)}]
 
 
 @click.command(name="chat")
 @click.option("--document", "-d", "documents", multiple=True, metavar="FILE",
               help="A UTF-8 text file to chat about (repeatable). Prefilled once, reused by every turn.")
 @click.option("--system", default=None, help="System message.")
+@click.option("--resume", metavar="FILE.kvr",
+              help="Reopen documents saved by `kvretrieve prefill` (with the same model options) instead of "
+                   "--document: no prefill.")
+@cache_options
 @model_options
 @retrieval_options
 @sampling_options(1.1, "On by default here (1.1 over 64 tokens, llama.cpp's long-time default): without it "
                        "small models fall into loops, repeating a line until --max-new-tokens.")
-def chat(documents, system, **opts):
+def chat(documents, system, resume, **opts):
     """Chat about documents. Questions come from the terminal, or one per line from piped stdin.
 
     \b
@@ -97,16 +45,22 @@ def chat(documents, system, **opts):
     require_stdin("question", "run chat in a terminal, or pipe questions in, one per line")
     if system is not None:
         check_utf8(system, "the --system message")
+    if resume and (documents or system is not None):
+        raise click.UsageError("--resume brings its documents and system message; pass --resume alone, or "
+                               "--document/--system without it")
     sampling = sampling_from_options(opts)
+    cache = document_cache(opts)
     llm = load_from_options(opts)
     if not llm.tokenizer.chat_template:
         raise InputError("this model has no chat template; use `kvretrieve generate --raw` instead")
     layers = llm.model.cfg.num_layers
     progress = lambda n: PrefillProgress(n, layers)  # noqa: E731
-    block = documents_block(list(documents), llm) if documents else ""
-    conv = Conversation(llm, block, system)
-    if block:
-        conv.prefill_documents(progress)
+    if resume:
+        conv = resumed_conversation(llm, resume)
+    else:
+        conv = Conversation(llm, documents_block(list(documents), llm) if documents else "", system)
+        if conv.documents:
+            prefill_documents(conv, cache, progress)
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo(HELP, err=True)

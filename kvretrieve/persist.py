@@ -61,7 +61,11 @@ def layout(llm) -> dict:
 
 def identity(llm) -> dict:
     """The manifest's record of what made a state: model, tokenizer and layout."""
-    return {"model": model_fingerprint(llm.model), "tokenizer": llm.tokenizer.fingerprint(), "layout": layout(llm)}
+    return {"model": model_fingerprint(llm.model), "tokenizer": tokenizer_fingerprint(llm), "layout": layout(llm)}
+
+
+def tokenizer_fingerprint(llm) -> str | None:
+    return llm.tokenizer.fingerprint() if llm.tokenizer is not None else None  # None: random weights, ids only
 
 
 def document_key(llm, ids: list[int]) -> str:
@@ -107,7 +111,7 @@ def check_compatible(llm, saved: SavedPrefill) -> list[int]:
                                 f"load it with dtype='{theirs.get('dtype')}'")
     if m.get("model") != model_fingerprint(llm.model):
         raise SavedPrefillError(f"{path} was saved with another model ({m.get('source')}); load that model to reopen it")
-    if m.get("tokenizer") != llm.tokenizer.fingerprint():
+    if m.get("tokenizer") != tokenizer_fingerprint(llm):
         raise SavedPrefillError(f"{path} was saved with another tokenizer; load the model it was saved with "
                                 f"({m.get('source')})")
     if theirs.get("mode") != mine["mode"]:

@@ -8,6 +8,7 @@ kvretrieve.errors error or LoadWarning that names the problem and the fix.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -262,3 +263,22 @@ def test_stale_temporaries_are_swept_by_the_next_load(tmp_path, monkeypatch):
     os.utime(other, (old, old))
     resolve_checkpoint(None)
     assert temporaries(tmp_path) == [alive.name]
+
+
+def test_the_conversion_cache_is_keyed_by_the_files_content_not_its_path(tmp_path):
+    """Each fresh install has its own copy of the default GGUF: copies share one conversion; a file
+    that differs (one byte of its header) gets its own."""
+    from kvretrieve.models.gguf import cached_dir_for
+    from kvretrieve.models.loader import default_model_path
+
+    src = default_model_path()
+    a, b = tmp_path / "a" / src.name, tmp_path / "b" / src.name
+    for p in (a, b):
+        p.parent.mkdir()
+        shutil.copyfile(src, p)
+    assert cached_dir_for(a) == cached_dir_for(b) == cached_dir_for(src)
+    data = bytearray(b.read_bytes()[:1 << 20])
+    data[100] ^= 0xFF
+    with open(b, "r+b") as f:
+        f.write(data)
+    assert cached_dir_for(b) != cached_dir_for(a)

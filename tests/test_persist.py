@@ -4,7 +4,7 @@ with a clear message and leave the session usable."""
 from __future__ import annotations
 
 import json
-import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -148,6 +148,11 @@ def test_a_save_from_another_model_dtype_layout_or_a_shorter_context_is_refused(
                                 tmp_path / "other", tiny)
     with pytest.raises(SavedPrefillError, match="saved with another model"):
         load(other, CONFIGS["lowrank"]).resume(tmp_path / "s.kvr")
+    retemplated = tmp_path / "retemplated"  # the same weights, another chat template
+    shutil.copytree(tiny, retemplated)
+    (retemplated / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    with pytest.raises(SavedPrefillError, match="saved with another tokenizer"):
+        load(retemplated, CONFIGS["lowrank"]).resume(tmp_path / "s.kvr")
 
 
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError(28, "No space left on device")])

@@ -33,9 +33,18 @@ _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "
 
 
 def cached_dir_for(gguf_path: Path) -> Path:
-    st = gguf_path.stat()
-    key = hashlib.sha1(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{FORMAT_VERSION}".encode()).hexdigest()
-    return cache_root() / f"{gguf_path.stem}-{key[:12]}"
+    """The cache folder of a GGUF file, named by its content: the same file installed at several paths
+    (each fresh clone's virtual environment has its own copy of the default model) shares one 500 MB
+    conversion; keyed by path and mtime, 20 reinstalls had left 20 of them. The key reads the file's
+    size, its first and last 4 MiB (header, metadata, the last tensors) and 16 slices of 64 KiB between:
+    milliseconds, and different for any two model files."""
+    size = gguf_path.stat().st_size
+    h = hashlib.sha256(f"{size}:{FORMAT_VERSION}".encode())
+    with open(gguf_path, "rb") as f:
+        for at in [0, max(0, size - (4 << 20))] + [size * i // 17 for i in range(1, 17)]:
+            f.seek(at)
+            h.update(f.read(4 << 20 if at in (0, max(0, size - (4 << 20))) else 64 << 10))
+    return cache_root() / f"{gguf_path.stem}-{h.hexdigest()[:12]}"
 
 
 def ensure_converted(gguf_path: Path, log=None) -> Path:

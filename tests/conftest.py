@@ -1,3 +1,4 @@
+import signal
 import sys
 from pathlib import Path
 
@@ -6,6 +7,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # for `import helpers`
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# A suite started as a background job of a non-interactive shell (`pytest &` in a script) inherits
+# SIGINT ignored, and so would every process it starts: the Ctrl-C tests failed that way. Python's own
+# handler restores KeyboardInterrupt here, and exec resets it to the default in child processes.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

@@ -35,6 +35,11 @@ class LoadWarning(UserWarning):
     a log callback, kvretrieve.load sends these to it instead."""
 
 
+class BusyError(KVRetrieveError, RuntimeError):
+    """A call on an LLM that the same thread is still using (an unfinished stream() generator): it
+    cannot wait for itself."""
+
+
 class SavedPrefillError(KVRetrieveError):
     """A saved prefill that cannot be reopened: missing, damaged, from another format version, or made
     for another model, tokenizer, dtype or KV layout."""

@@ -5,8 +5,9 @@ what is already cached (the documents of a chat, earlier turns) and only the res
 """
 from __future__ import annotations
 
+import threading
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Union
@@ -16,7 +17,7 @@ import torch
 from .config import RetrievalConfig, SamplingParams
 from .engine.engine import Engine
 from .engine.sampling import Sampler
-from .errors import InputError
+from .errors import BusyError, InputError
 from .models.llama import Decoder
 from .models.tokenizer import StreamDecoder, Tokenizer
 from .resolve import AttentionChoice
@@ -58,14 +59,39 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
+class _Turns:
+    """One use of an LLM's cache at a time. Another thread waits for its turn (calls on a shared LLM
+    run one after the other); the thread that holds the turn (an unfinished stream() generator) is
+    refused at once, since waiting would never end."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    @contextmanager
+    def __call__(self, what: str):
+        me = threading.get_ident()
+        if self._owner == me:
+            raise BusyError(f"{what} while a stream() of this LLM is still open in this thread; iterate it to the "
+                            "end or close() it first (or use a second LLM)")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
+
+
 class LLM:
-    """A loaded model and its KV cache (kvretrieve.load makes one)."""
+    """A loaded model and its KV cache (kvretrieve.load makes one). One LLM may be shared by threads:
+    each call (a whole stream() generator included) has the cache to itself, the others wait."""
 
     def __init__(self, model: Decoder, tokenizer: Tokenizer, engine: Engine, attention: AttentionChoice,
                  source: Path | str):
         self.model, self.tokenizer, self.engine, self.source = model, tokenizer, engine, source
         self._attention = attention
         self._ids: list[int] = []  # the tokens whose K,V the cache holds, in order
+        self._turn = _Turns()
         self.last: GenerationResult | None = None
 
     @property
@@ -106,7 +132,8 @@ class LLM:
         kvretrieve.load(..., resume=path) instead of prefilling again. extra: small files to keep beside
         it (name -> bytes). Returns where, how many tokens and bytes, and the seconds it took."""
         from .persist import save
-        return save(self, path, extra)
+        with self._turn("save()"):
+            return save(self, path, extra)
 
     def resume(self, path: str | Path, verify: bool = True) -> "SavedPrefill":
         """Replace the KV cache with the one saved at `path` by save(): decoding then goes on as it would
@@ -114,19 +141,19 @@ class LLM:
         layout (retrieval options) and fit max_context; SavedPrefillError names what differs, or a
         damaged file (verify: check every file's checksum first). Returns the opened save (its
         manifest, its extra files)."""
-        from .persist import reopen
-        return reopen(self, path, verify)
+        from .persist import open_checked
+        from .store.saved import under
 
-    def adopt_state(self, state, ids: list[int]) -> None:
-        """The backend takes `state` (a saved backend state) holding `ids`; on any failure, Ctrl-C
-        included, the cache is left empty rather than half loaded."""
-        self.reset()
-        try:
-            self.engine.load_state(state, len(ids))
-        except BaseException:
-            self.reset()
-            raise
-        self._ids = list(ids)
+        with self._turn("resume()"):
+            saved, ids = open_checked(self, path, verify)  # refused here: the cache stays as it was
+            self._reset()
+            try:
+                self.engine.load_state(under(saved.tensors(), "kv"), len(ids))
+            except BaseException:  # Ctrl-C or a damaged part: empty, not half loaded
+                self._reset()
+                raise
+            self._ids = ids
+        return saved
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """A string is encoded as is; a list of {"role", "content"} messages goes through the chat template."""
@@ -145,11 +172,20 @@ class LLM:
         return ids
 
     def reset(self) -> None:
+        """Empty the KV cache."""
+        with self._turn("reset()"):
+            self._reset()
+
+    def _reset(self) -> None:
         self.engine.truncate(0)
         self._ids = []
 
     def prefill(self, ids: list[int], on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Make the cache hold exactly `ids`, reusing the shared prefix; returns the next-token logits."""
+        with self._turn("prefill()"):
+            return self._prefill(ids, on_layer)
+
+    def _prefill(self, ids: list[int], on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         # The last token is always run again: its logits are needed. A Ctrl-C may have left the cache
         # shorter than the token list (or longer): only what both hold is reused.
         keep = min(_shared_prefix(self._ids, ids), len(ids) - 1, self.engine.length)
@@ -164,13 +200,21 @@ class LLM:
         """Yield the answer as text pieces while it is generated. Keyword arguments are SamplingParams
         fields (temperature, top_k, top_p, seed, stop, repeat_penalty, repeat_last_n). The full result
         lands in `self.last`."""
+        params, ids = self._request(prompt, max_new_tokens, sampling, kwargs)
+        with self._turn("stream()"):
+            yield from self._stream(ids, params, on_layer)
+
+    def _request(self, prompt: Prompt, max_new_tokens: int | None, sampling: SamplingParams | None,
+                 kwargs: dict) -> tuple[SamplingParams, list[int]]:
+        """Checked before the turn is taken: a bad request never waits for one."""
         if max_new_tokens is not None:
             kwargs["max_new_tokens"] = max_new_tokens
-        params = sampling if sampling is not None else SamplingParams(**kwargs)
-        ids = self.tokenize(prompt)
+        return (sampling if sampling is not None else SamplingParams(**kwargs)), self.tokenize(prompt)
+
+    def _stream(self, ids: list[int], params: SamplingParams, on_layer) -> Iterator[str]:
         reused = min(_shared_prefix(self._ids, ids), len(ids) - 1, self.engine.length)
         t0 = time.perf_counter()
-        logits = self.prefill(ids, on_layer)
+        logits = self._prefill(ids, on_layer)
         sampler = Sampler(params, self.device, ids)  # the penalty counts the prompt's tail, as in llama.cpp
         room = self.max_context - self.engine.length  # decode steps the cache can still take
         steps = max(0, min(params.max_new_tokens - 1, room))
@@ -218,9 +262,13 @@ class LLM:
                                      decode_s=sum(step_ms) / 1e3, token_ms=step_ms)
 
     def generate(self, prompt: Prompt, max_new_tokens: int | None = None, *, return_details: bool = False,
+                 sampling: SamplingParams | None = None, on_layer: Callable[[int], None] | None = None,
                  **kwargs) -> str | GenerationResult:
         """Generate a completion. Returns the text, or a GenerationResult (text, token ids, timings)
-        with return_details=True."""
-        for _ in self.stream(prompt, max_new_tokens, **kwargs):
-            pass
-        return self.last if return_details else self.last.text
+        with return_details=True. Takes stream()'s arguments."""
+        params, ids = self._request(prompt, max_new_tokens, sampling, kwargs)
+        with self._turn("generate()"):
+            for _ in self._stream(ids, params, on_layer):
+                pass
+            result = self.last  # read inside the turn: another thread's call would replace it
+        return result if return_details else result.text

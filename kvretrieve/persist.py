@@ -20,7 +20,7 @@ import torch
 
 from . import __version__
 from .errors import SavedPrefillError
-from .store.saved import SavedPrefill, under, write_saved
+from .store.saved import SavedPrefill, write_saved
 
 # The RetrievalConfig fields that shape the saved state (the rest, like the budget, only steer decoding).
 _LAYOUT_FIELDS = ("index", "block_size", "rank", "block_scores", "sink_tokens", "window_tokens", "store_dtype",
@@ -134,9 +134,7 @@ def check_compatible(llm, saved: SavedPrefill) -> list[int]:
     return ids
 
 
-def reopen(llm, path: str | Path, verify: bool = True) -> SavedPrefill:
-    """Make llm's KV cache the one saved at `path` (see LLM.resume)."""
+def open_checked(llm, path: str | Path, verify: bool = True) -> tuple[SavedPrefill, list[int]]:
+    """The save at `path`, opened and checked against llm, and its token ids (LLM.resume loads them)."""
     saved = SavedPrefill(Path(path), verify=verify)
-    ids = check_compatible(llm, saved)
-    llm.adopt_state(under(saved.tensors(), "kv"), ids)
-    return saved
+    return saved, check_compatible(llm, saved)

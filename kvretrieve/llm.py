@@ -10,7 +10,7 @@ import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Union
+from typing import TYPE_CHECKING, Callable, Generator, Union
 
 import torch
 
@@ -196,13 +196,14 @@ class LLM:
         return logits
 
     def stream(self, prompt: Prompt, max_new_tokens: int | None = None, *, sampling: SamplingParams | None = None,
-               on_layer: Callable[[int], None] | None = None, **kwargs) -> Iterator[str]:
+               on_layer: Callable[[int], None] | None = None, **kwargs) -> Generator[str, None, GenerationResult]:
         """Yield the answer as text pieces while it is generated. Keyword arguments are SamplingParams
         fields (temperature, top_k, top_p, seed, stop, repeat_penalty, repeat_last_n). The full result
-        lands in `self.last`."""
+        (a GenerationResult) is the generator's return value (StopIteration.value; with threads sharing
+        this LLM, the one that is surely this call's) and lands in `self.last`."""
         params, ids = self._request(prompt, max_new_tokens, sampling, kwargs)
         with self._turn("stream()"):
-            yield from self._stream(ids, params, on_layer)
+            return (yield from self._stream(ids, params, on_layer))
 
     def _request(self, prompt: Prompt, max_new_tokens: int | None, sampling: SamplingParams | None,
                  kwargs: dict) -> tuple[SamplingParams, list[int]]:
@@ -211,7 +212,7 @@ class LLM:
             kwargs["max_new_tokens"] = max_new_tokens
         return (sampling if sampling is not None else SamplingParams(**kwargs)), self.tokenize(prompt)
 
-    def _stream(self, ids: list[int], params: SamplingParams, on_layer) -> Iterator[str]:
+    def _stream(self, ids: list[int], params: SamplingParams, on_layer) -> Generator[str, None, GenerationResult]:
         reused = min(_shared_prefix(self._ids, ids), len(ids) - 1, self.engine.length)
         t0 = time.perf_counter()
         logits = self._prefill(ids, on_layer)
@@ -260,6 +261,7 @@ class LLM:
         self.last = GenerationResult(text=out, token_ids=new_ids, prompt_tokens=len(ids), reused_tokens=reused,
                                      finish_reason=finish, prefill_s=prefill_s,
                                      decode_s=sum(step_ms) / 1e3, token_ms=step_ms)
+        return self.last
 
     def generate(self, prompt: Prompt, max_new_tokens: int | None = None, *, return_details: bool = False,
                  sampling: SamplingParams | None = None, on_layer: Callable[[int], None] | None = None,
@@ -268,7 +270,11 @@ class LLM:
         with return_details=True. Takes stream()'s arguments."""
         params, ids = self._request(prompt, max_new_tokens, sampling, kwargs)
         with self._turn("generate()"):
-            for _ in self._stream(ids, params, on_layer):
-                pass
-            result = self.last  # read inside the turn: another thread's call would replace it
+            stream = self._stream(ids, params, on_layer)
+            while True:
+                try:
+                    next(stream)
+                except StopIteration as done:
+                    result = done.value
+                    break
         return result if return_details else result.text

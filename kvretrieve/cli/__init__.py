@@ -1,5 +1,5 @@
 """Command line: `kvretrieve generate`, `kvretrieve chat`, `kvretrieve prefill` and `kvretrieve cache`
-(saved prefills), and `kvretrieve profile`.
+(saved prefills), `kvretrieve serve` and `kvretrieve profile`.
 
 User errors (KVRetrieveError) print one line and exit 1; usage errors exit 2; Ctrl-C exits 130; a
 reader that goes away (`| head`) ends the run quietly with exit 0. Anything else is a bug: one line
@@ -23,6 +23,7 @@ from .options import (as_flags, debug_enabled, format_stats, load_from_options, 
                       set_debug)
 from .profile import profile
 from .saved import cache, prefill
+from .serve import serve
 
 
 class Cli(click.Group):
@@ -75,6 +76,7 @@ def cli():
     kvretrieve generate "Why is the sky blue?"
     kvretrieve chat --document notes.txt          (ask questions about a document)
     kvretrieve prefill -d book.txt -o book.kvr    (prefill once; then: kvretrieve chat --resume book.kvr)
+    kvretrieve serve --port 8000                  (an OpenAI-compatible server)
     kvretrieve profile --shape llama3-8b --context 32K,128K --retrieval lowrank
     """
 
@@ -118,6 +120,7 @@ def generate(prompt, raw, system, stats, **opts):
 cli.add_command(chat)
 cli.add_command(prefill)
 cli.add_command(cache)
+cli.add_command(serve)
 cli.add_command(profile)
 
 

@@ -1,0 +1,75 @@
+"""`kvretrieve serve`: the OpenAI-compatible server (kvretrieve.serve) on uvicorn."""
+from __future__ import annotations
+
+import re
+import signal
+import socket
+from pathlib import Path
+
+import click
+
+from ..errors import KVRetrieveError
+from .options import load_from_options, model_options, retrieval_options
+
+
+class ServeError(KVRetrieveError):
+    """The server cannot start (a port in use, a missing package)."""
+
+
+@click.command(name="serve")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; there is no authentication).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on (0: a free one, printed at start).")
+@click.option("--model-name", default=None, help="The model id clients send and /v1/models lists (default: the "
+                                                 "checkpoint's folder name).")
+@click.option("--max-waiting", type=click.IntRange(1, 1024), default=16, show_default=True,
+              help="Requests that may wait or run at once; more get HTTP 429.")
+@model_options
+@retrieval_options
+def serve(host, port, model_name, max_waiting, **opts):
+    """Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions
+    (streamed or not), GET /v1/models, /health and /metrics (Prometheus). Requests take turns on the
+    model; a prompt that starts with what the previous request left in the KV cache (the same document,
+    asked again) prefills only the rest. Ctrl-C or SIGTERM: in-flight answers finish, then it exits."""
+    try:
+        import uvicorn
+
+        from ..serve import Server
+    except ImportError as e:
+        raise ServeError(f"serve needs {e.name}: `pip install starlette uvicorn` (or kvretrieve[serve])") from None
+    sock = _listen(host, port)
+    llm = load_from_options(opts)
+    server = Server(llm, model_name or default_name(llm.source), max_waiting)
+    config = uvicorn.Config(server.app(), log_level="warning", timeout_graceful_shutdown=60)
+    uv = uvicorn.Server(config)
+    click.echo(f"serving {server.name} on http://{host}:{sock.getsockname()[1]}/v1 (OpenAI API); Ctrl-C stops",
+               err=True)
+    # uvicorn raises the signal that stopped it again once it has shut down; with these handlers that
+    # ends here, so a requested stop exits 0 instead of dying of the signal.
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uv.run(sockets=[sock])
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        server.close()
+    click.echo("stopped", err=True)
+
+
+def default_name(source) -> str:
+    """The checkpoint folder's name, without the content hash of a converted GGUF's cache folder."""
+    return re.sub(r"-[0-9a-f]{12}$", "", Path(str(source)).name)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host") from None
+    sock.listen(128)
+    return sock

@@ -1,7 +1,7 @@
 """A bounded soak of `kvretrieve serve`: many requests from concurrent clients, then the server's memory.
 
-Starts a server (the default model unless --model), warms it with one request per kind, records its
-resident memory, then sends --requests requests from --clients threads: a mix of chat and text
+Starts a server (the default model unless --model), warms it with --warm requests sent the same way
+(so threads, allocator arenas and caches exist), records its resident memory, then sends --requests requests from --clients threads: a mix of chat and text
 completions, streamed and not, streams dropped after a few chunks, and malformed or oversized
 requests. Afterwards: the status counts, latency p50/p99 of the answered requests, throughput, the
 resident memory again (flat = no leak), and that the server still answers.
@@ -77,11 +77,38 @@ def one(port: int, rng: random.Random) -> tuple[str, float]:
     return outcome, time.perf_counter() - t
 
 
+def soak(port: int, n: int, clients: int, seed: int = 0) -> tuple[dict, list[float], float]:
+    """n requests from `clients` threads -> (outcome counts, latencies of the answered, seconds)."""
+    outcomes, latencies, lock, left = {}, [], threading.Lock(), [n]
+
+    def client(i: int) -> None:
+        rng = random.Random(seed + i)
+        while True:
+            with lock:
+                if left[0] == 0:
+                    return
+                left[0] -= 1
+            outcome, seconds = one(port, rng)
+            with lock:
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                if outcome == "answered":
+                    latencies.append(seconds)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes, latencies, time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="checkpoint (default: the default model)")
     ap.add_argument("--requests", type=int, default=500)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--warm", type=int, default=100, help="requests sent the same way before memory is read")
     ap.add_argument("--out", default=os.environ.get("OUT", str(RESULTS)))
     add_provenance_args(ap)
     args = ap.parse_args()
@@ -101,33 +128,10 @@ def main() -> None:
                 if proc.poll() is not None:
                     raise SystemExit(f"error: the server did not start: {proc.stderr.read()[-2000:]}")
                 time.sleep(0.3)
-        warm = random.Random(0)
-        for _ in range(20):
-            one(port, warm)
         server = psutil.Process(proc.pid)
+        soak(port, args.warm, args.clients, seed=1000)  # the same concurrency first: threads, arenas, caches
         before = server.memory_info().rss
-        outcomes, latencies, lock, left = {}, [], threading.Lock(), [args.requests]
-
-        def client(seed: int) -> None:
-            rng = random.Random(seed)
-            while True:
-                with lock:
-                    if left[0] == 0:
-                        return
-                    left[0] -= 1
-                outcome, seconds = one(port, rng)
-                with lock:
-                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
-                    if outcome == "answered":
-                        latencies.append(seconds)
-
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(i + 1,)) for i in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        seconds = time.perf_counter() - t0
+        outcomes, latencies, seconds = soak(port, args.requests, args.clients)
         time.sleep(1)
         after = server.memory_info().rss
         alive = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30).read())["status"]

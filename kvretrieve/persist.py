@@ -88,6 +88,8 @@ def save(llm, path: str | Path, extra: dict[str, bytes] | None = None, ident: di
     ids = llm.cached_ids
     if not ids:
         raise SavedPrefillError("the KV cache is empty: prefill a prompt first (llm.prefill or generate), then save")
+    if llm.engine.length > len(ids):  # a Ctrl-C left K,V past the token list: the next prefill would drop them
+        llm.engine.truncate(len(ids))
     ident = ident or identity(llm)
     manifest = {"kvretrieve_version": __version__,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

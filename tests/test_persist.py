@@ -32,7 +32,7 @@ CONFIGS = {
 def tiny(tmp_path_factory, smol_dir):
     """A tiny random model with the default model's tokenizer (saved prefills fingerprint both)."""
     out = tmp_path_factory.mktemp("tiny-persist")
-    return save_with_tokenizer(tiny_hf_model(vocab=49152, max_pos=4096, layers=3, heads=8, kv_heads=2, seed=5), out,
+    return save_with_tokenizer(tiny_hf_model(vocab=49152, max_pos=8192, layers=3, heads=8, kv_heads=2, seed=5), out,
                                smol_dir)
 
 
@@ -207,3 +207,28 @@ def test_saving_an_empty_cache_is_refused(tiny, tmp_path):
     with pytest.raises(SavedPrefillError, match="the KV cache is empty"):
         load(tiny, None).save(tmp_path / "e.kvr")
     assert not (tmp_path / "e.kvr").exists()
+
+
+def test_a_reopened_store_maps_whole_segments_from_the_file_and_never_writes_it(tiny, tmp_path):
+    """On the CPU, a reopened store keeps the saved file's whole segments as copy-on-write mappings
+    (no copy at reopen); decoding and a rewrite into them (a truncated, re-prefilled document) give what
+    the saved session gives, and the file stays as saved (its checksums hold for the next reopen)."""
+    cfg = RetrievalConfig(index="lowrank", store_dtype="int8", **SMALL)
+    ids, other = prompt(4200), prompt(300, seed=5)  # blocks of 4: the first 1,024-block segment is full
+    a = load(tiny, cfg, max_context=5000)
+    logits = a.prefill(ids)
+    a.save(tmp_path / "big.kvr")
+    b = load(tiny, cfg, max_context=5000, resume=tmp_path / "big.kvr")
+    manifest = json.loads((tmp_path / "big.kvr" / "manifest.json").read_text())
+    part = tmp_path / "big.kvr" / manifest["tensors"]["kv.store.0.0"]
+    store = b.engine.backend.store
+    assert store.segments[0][0].untyped_storage().nbytes() == part.stat().st_size  # the file's mapping
+    assert store.scales[0][0].untyped_storage().nbytes() == \
+        (tmp_path / "big.kvr" / manifest["tensors"]["kv.store.0.0.scale"]).stat().st_size
+    want = greedy(a, logits, 12, other[:20])
+    assert all(torch.equal(x, y) for x, y in zip(want, greedy(b, logits, 12, other[:20])))
+    rewritten = ids[:2000] + other  # blocks 500.. of segment 0 are written again
+    assert torch.equal(a.prefill(rewritten), b.prefill(rewritten))
+    c = load(tiny, cfg, max_context=5000, resume=tmp_path / "big.kvr")  # verify=True: the file is intact
+    assert torch.equal(c.prefill(ids + other[:5]), load(tiny, cfg, max_context=5000,
+                                                        resume=tmp_path / "big.kvr").prefill(ids + other[:5]))

@@ -22,11 +22,13 @@ before the prefill reaches that layer.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 
 import torch
 
 from ..config import KVGeometry
 from ..errors import SavedPrefillError
+from .saved import Tensors
 from ..memory import GiB, check_allocation
 from .quant import channel_scales, copy_per_head, dequantize, quantize
 
@@ -257,8 +259,12 @@ class KVStore:
                     out[f"{layer}.{seg}.scale"] = self.scales[layer][seg][:, :, :n]
         return out
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Take back what state() gave, into this store's own segments (their size may differ)."""
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Take back what state() gave, into this store's own segments (their size may differ). A
+        whole segment of a private state (store.saved.Tensors: copy-on-write mappings of a saved
+        file) becomes the segment itself when the store is not pinned: reopening copies nothing, and
+        its pages are read from the file when decoding first touches them."""
+        adopt = isinstance(state, Tensors) and state.private and not self.pin
         stored = torch.int8 if self.quantized else self.dtype
         for layer in range(self.L):
             first, seg = 0, 0
@@ -270,7 +276,13 @@ class KVStore:
                                             "with the model, dtype and store_dtype it was saved with")
                 self.ensure(first + n)
                 self._wait(layer)
-                self._copy_in(layer, first, kv, state.get(f"{layer}.{seg}.scale"))
+                scale = state.get(f"{layer}.{seg}.scale")
+                if adopt and n == self.seg_blocks and first % n == 0:
+                    self.segments[layer][first // n] = kv
+                    if scale is not None:
+                        self.scales[layer][first // n] = scale
+                else:
+                    self._copy_in(layer, first, kv, scale)
                 first, seg = first + n, seg + 1
         self.channels.copy_(state["channels"])
         self.fitted = [bool(f) for f in state["fitted"].tolist()]

@@ -11,7 +11,9 @@
 The folder is written under a temporary name and renamed into place when every file is in
 (kvretrieve.files): Ctrl-C, SIGTERM, a full disk or a crash never leave one under the final name.
 What a power cut or a damaged disk does to a finished one is caught by the checksums on open.
-Tensors are read through safetensors' memory map, so a part costs only what is taken from it.
+Tensors are read as views of a private (copy-on-write) memory map of their part: opening costs no
+copy, pages come from the file as they are touched, and a store may keep such a view as its own
+segment (Tensors.private): writing to it copies that page in memory, never into the file.
 """
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import SavedPrefillError
@@ -37,10 +38,11 @@ PART_BYTES = 1 << 30
 
 class Tensors(Mapping):
     """Tensors by name, each read only when it is asked for (a saved 128K store is GiBs: loading a
-    part at a time keeps one segment in flight, not a second copy of the store)."""
+    part at a time keeps one segment in flight, not a second copy of the store). private: each
+    tensor is the reader's own (a copy-on-write mapping), which a store may keep instead of copying."""
 
-    def __init__(self, names: list[str], read: Callable[[str], torch.Tensor]):
-        self._names, self._read = set(names), read
+    def __init__(self, names: list[str], read: Callable[[str], torch.Tensor], private: bool = False):
+        self._names, self._read, self.private = set(names), read, private
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:
@@ -57,7 +59,8 @@ class Tensors(Mapping):
 def under(tensors: Mapping[str, torch.Tensor], prefix: str) -> Tensors:
     """The tensors named PREFIX.NAME, by NAME (read lazily, whatever mapping holds them)."""
     cut = len(prefix) + 1
-    return Tensors([n[cut:] for n in tensors if n.startswith(prefix + ".")], lambda n: tensors[prefix + "." + n])
+    return Tensors([n[cut:] for n in tensors if n.startswith(prefix + ".")], lambda n: tensors[prefix + "." + n],
+                   isinstance(tensors, Tensors) and tensors.private)
 
 
 def _sha256(path: Path) -> str:
@@ -161,13 +164,38 @@ class SavedPrefill:
 
     def tensors(self) -> Tensors:
         """Every saved tensor, read when asked for."""
-        return Tensors(list(self.manifest.get("tensors", {})), self.tensor)
+        return Tensors(list(self.manifest.get("tensors", {})), self.tensor, private=True)
 
     def tensor(self, name: str) -> torch.Tensor:
+        """A view of the tensor in a private memory map of its part (no copy is made)."""
         part = self.manifest["tensors"].get(name)
         if part is None:
             raise SavedPrefillError(f"{self.path} lacks the tensor {name!r}; it was saved by another version of "
                                     "kvretrieve: delete it and prefill the document again")
         if part not in self._open:
-            self._open[part] = safe_open(str(self.path / part), framework="pt", device="cpu")
-        return self._open[part].get_tensor(name)
+            self._open[part] = _map_part(self.path / part)
+        data, header = self._open[part]
+        spec = header[name]
+        begin, end = spec["data_offsets"]
+        dtype = _DTYPES[spec["dtype"]]
+        raw = data[begin:end]
+        if begin % dtype.itemsize:  # safetensors aligns tensors; a view of another dtype needs it
+            raw = raw.clone()
+        return raw.view(dtype).view(spec["shape"])
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _map_part(path: Path) -> tuple[torch.Tensor, dict]:
+    """(the part's data as a uint8 tensor over a private memory map, its safetensors header). The
+    format: an 8-byte little-endian header length, the JSON header (name -> dtype, shape, offsets from
+    the end of the header), the data."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    size = path.stat().st_size
+    whole = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+    return whole[8 + n:], header

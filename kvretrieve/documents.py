@@ -225,3 +225,16 @@ class ReadProgress:
         if self.shown and self.stream.isatty():
             self.stream.write("\n")
             self.stream.flush()
+
+
+def with_documents(turns: list[dict], documents: str, system: str | None) -> list[dict]:
+    """Chat messages as `kvretrieve chat` sends them: the documents in front of the first user message,
+    and the system message first unless the turns bring their own. A prefill of the documents (saved
+    or live) is then a prefix of every turn's tokens."""
+    turns = list(turns)
+    user = next((i for i, m in enumerate(turns) if m.get("role") == "user"), None)
+    if documents and user is not None:
+        turns[user] = {**turns[user], "content": f"{documents}\n\n{turns[user]['content']}"}
+    own_system = bool(turns) and turns[0].get("role") == "system"
+    return ([{"role": "system", "content": system}] if system and not own_system else []) + turns
+

@@ -205,3 +205,27 @@ def test_sigterm_exits_0_and_a_taken_port_is_one_line(smol_dir, server):
     s = ServerProcess(smol_dir)
     code, err = s.stop(signal.SIGTERM)
     assert code == 0 and "stopped" in err and "Traceback" not in err
+
+
+def test_served_documents_come_before_every_chat_request_and_are_prefilled_once(smol_dir, local):
+    """`serve -d FILE`: a chat request gets the documents in front of its first user message, as `kvretrieve
+    chat` sends them; their prefill happens at start (the request reuses it) and goes to the document
+    cache, which the next server start reopens."""
+    from kvretrieve.cli.conversation import documents_block
+    from kvretrieve.documents import with_documents
+    from test_cli import DOC
+
+    s = ServerProcess(smol_dir, "-d", str(DOC))
+    try:
+        question = [{"role": "user", "content": "Who was the first keeper of the lighthouse?"}]
+        r = s.client.chat.completions.create(model=NAME, messages=question, max_tokens=24, temperature=0)
+    finally:
+        code, err = s.stop()
+    want = local.generate(with_documents(question, documents_block([str(DOC)], local), None),
+                          sampling=SamplingParams(max_new_tokens=24, temperature=0), return_details=True)
+    assert r.choices[0].message.content == want.text and "Margaret" in want.text
+    assert r.usage.prompt_tokens == want.prompt_tokens and r.usage.prompt_tokens_details.cached_tokens > 300
+    assert code == 0 and "saved for next time" in err
+    again = ServerProcess(smol_dir, "-d", str(DOC))
+    code, err = again.stop()
+    assert code == 0 and "reopened their saved prefill" in err

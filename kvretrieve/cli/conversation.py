@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..documents import ReadProgress, read_document as read_measured
+from ..documents import ReadProgress, read_document as read_measured, with_documents
 from ..errors import InputError
 
 _MARK = "\x00question\x00"  # stands for the first question while the documents are prefilled
@@ -33,11 +33,7 @@ class Conversation:
         self.turns: list[dict] = []
 
     def messages(self, question: str) -> list[dict]:
-        msgs = [{"role": "system", "content": self.system}] if self.system else []
-        turns = self.turns + [{"role": "user", "content": question}]
-        if self.documents:
-            turns[0] = {"role": "user", "content": f"{self.documents}\n\n{turns[0]['content']}"}
-        return msgs + turns
+        return with_documents(self.turns + [{"role": "user", "content": question}], self.documents, self.system)
 
     def document_ids(self) -> list[int]:
         """The tokens of everything that comes before the first question."""

@@ -9,7 +9,10 @@ from pathlib import Path
 import click
 
 from ..errors import KVRetrieveError
-from .options import load_from_options, model_options, retrieval_options
+from ..models.tokenizer import check_utf8
+from .conversation import Conversation, documents_block
+from .options import PrefillProgress, load_from_options, model_options, retrieval_options
+from .saved import cache_options, document_cache, prefill_documents, resumed_conversation
 
 
 class ServeError(KVRetrieveError):
@@ -25,9 +28,16 @@ class ServeError(KVRetrieveError):
                                                  "checkpoint's folder name).")
 @click.option("--max-waiting", type=click.IntRange(1, 1024), default=16, show_default=True,
               help="Requests that may wait or run at once; more get HTTP 429.")
+@click.option("--document", "-d", "documents", multiple=True, metavar="FILE",
+              help="Serve documents (repeatable): every chat request gets them in front of its first user "
+                   "message, as `kvretrieve chat` does; prefilled (or reopened from the document cache) once, at start.")
+@click.option("--system", default=None, help="System message for chat requests that bring none (with --document).")
+@click.option("--resume", metavar="FILE.kvr", help="Serve the documents of a `kvretrieve prefill` save instead of "
+                                                    "--document: no prefill at start.")
+@cache_options
 @model_options
 @retrieval_options
-def serve(host, port, model_name, max_waiting, **opts):
+def serve(host, port, model_name, max_waiting, documents, system, resume, **opts):
     """Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions
     (streamed or not), GET /v1/models, /health and /metrics (Prometheus). Requests take turns on the
     model; a prompt that starts with what the previous request left in the KV cache (the same document,
@@ -38,9 +48,16 @@ def serve(host, port, model_name, max_waiting, **opts):
         from ..serve import Server
     except ImportError as e:
         raise ServeError(f"serve needs {e.name}: `pip install starlette uvicorn` (or kvretrieve[serve])") from None
+    if resume and (documents or system is not None):
+        raise click.UsageError("--resume brings its documents and system message; pass --resume alone, or "
+                               "--document/--system without it")
+    if system is not None:
+        check_utf8(system, "the --system message")
+    cache = document_cache(opts)
     sock = _listen(host, port)
     llm = load_from_options(opts)
-    server = Server(llm, model_name or default_name(llm.source), max_waiting)
+    conv = served_documents(llm, documents, system, resume, cache)
+    server = Server(llm, model_name or default_name(llm.source), max_waiting, conv.documents, conv.system)
     config = uvicorn.Config(server.app(), log_level="warning", timeout_graceful_shutdown=60)
     uv = uvicorn.Server(config)
     click.echo(f"serving {server.name} on http://{host}:{sock.getsockname()[1]}/v1 (OpenAI API); Ctrl-C stops",
@@ -55,6 +72,16 @@ def serve(host, port, model_name, max_waiting, **opts):
             signal.signal(s, handler)
         server.close()
     click.echo("stopped", err=True)
+
+
+def served_documents(llm, documents, system, resume, cache) -> Conversation:
+    """The documents every chat request gets, their prefill done (or reopened) now."""
+    if resume:
+        return resumed_conversation(llm, resume)
+    conv = Conversation(llm, documents_block(list(documents), llm) if documents else "", system)
+    if conv.documents:
+        prefill_documents(conv, cache, lambda n: PrefillProgress(n, llm.model.cfg.num_layers))
+    return conv
 
 
 def default_name(source) -> str:

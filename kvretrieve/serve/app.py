@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP server over one LLM (Starlette on uvicorn).
 
-Generation is blocking torch work, so each request runs in a worker thread; the LLM's turn lock
+With served documents (`kvretrieve serve -d FILE` or `--resume F.kvr`) every chat request gets them
+in front of its first user message, as `kvretrieve chat` does. Generation is blocking torch work, so each request runs in a worker thread; the LLM's turn lock
 (llm.LLM: one call at a time) makes requests take turns on the model and its KV cache, so a request
 whose prompt starts with what the previous one left in the cache (a document asked about again)
 prefills only the rest, and `usage.prompt_tokens_details.cached_tokens` says how much was reused.
@@ -14,12 +15,14 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..documents import with_documents
 from ..errors import BusyError, InputError, KVRetrieveError, NumericsError, ResourceError
 from .protocol import FINISH, ApiError, Request, chunk, new_id, parse, response
 
@@ -42,8 +45,11 @@ class Metrics:
 
 
 class Server:
-    def __init__(self, llm, model_name: str, max_waiting: int = 16):
+    def __init__(self, llm, model_name: str, max_waiting: int = 16, documents: str = "", system: str | None = None):
+        """documents, system: put in front of every chat request as `kvretrieve chat` does (served
+        documents: their prefill, done or reopened at start, is a prefix of every such request)."""
         self.llm, self.name, self.max_waiting = llm, model_name, max_waiting
+        self.documents, self.system = documents, system
         self.waiting = 0
         self.metrics = Metrics()
         self.pool = ThreadPoolExecutor(max_workers=max_waiting, thread_name_prefix="kvretrieve-request")
@@ -91,6 +97,8 @@ class Server:
         try:
             body = await self._json(http)
             req = parse(body, kind, self.llm.max_context)
+            if kind == "chat" and (self.documents or self.system):
+                req = replace(req, prompt=with_documents(req.prompt, self.documents, self.system))
             model = body.get("model")
             if model not in (None, self.name):
                 raise ApiError(404, f"the model '{model}' does not exist; this server runs '{self.name}'",

@@ -79,11 +79,10 @@ class Server:
         finally:
             stream.close()
 
-    async def _admit(self) -> None:
+    def _admit(self) -> None:
         if self.waiting >= self.max_waiting:
             raise ApiError(429, f"{self.waiting} requests are already waiting or running (--max-waiting "
                                 f"{self.max_waiting}); retry later", kind="rate_limit_error", code="rate_limit_exceeded")
-        self.waiting += 1
 
     # ---- endpoints -----------------------------------------------------------------------------------
     async def completions(self, http: HttpRequest) -> Response:
@@ -103,13 +102,14 @@ class Server:
             if model not in (None, self.name):
                 raise ApiError(404, f"the model '{model}' does not exist; this server runs '{self.name}'",
                                param="model", code="model_not_found")
-            await self._admit()
+            self._admit()
         except ApiError as e:
             self.metrics.count(endpoint, e.status)
             return error_response(e)
-        if req.stream:
+        if req.stream:  # counted once its body starts: a body never started (the client gone) runs no cleanup
             return StreamingResponse(self._events(req, endpoint), media_type="text/event-stream")
         loop, cancelled = asyncio.get_running_loop(), threading.Event()
+        self.waiting += 1
         try:
             result = await loop.run_in_executor(self.pool, self._run, req, lambda piece: None, cancelled)
         except BaseException as e:
@@ -138,9 +138,10 @@ class Server:
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, done)
 
-        task = loop.run_in_executor(self.pool, work)
         status = 200
+        self.waiting += 1
         try:
+            task = loop.run_in_executor(self.pool, work)
             yield _sse(chunk(req, rid, self.name, first=True))
             while (piece := await queue.get()) is not done:
                 yield _sse(chunk(req, rid, self.name, text=piece))

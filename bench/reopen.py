@@ -47,7 +47,7 @@ def config(kind: str) -> RetrievalConfig | None:
     return RetrievalConfig(index=name, **config_fields(opts, f"--kinds {kind}"))
 
 
-def document(tokenizer, n: int, vocab: int, device) -> tuple[list[int], list[int]]:
+def document(tokenizer, n: int, vocab: int) -> tuple[list[int], list[int]]:
     """n document ids (real text, or random ids without a tokenizer) and 16 question ids."""
     if tokenizer is None:
         g = torch.Generator().manual_seed(0)
@@ -106,7 +106,7 @@ def main() -> None:
     runtime = RuntimeConfig(device=args.device, dtype=args.dtype, max_context=n + 64)
     decoder, tok, source = load_decoder(args.model, runtime, dense_kv=False, shape=args.shape)
     meta = provenance(str(decoder.device), args.allow_dirty)
-    doc, question = document(tok, n - 16, decoder.cfg.vocab_size, decoder.device)
+    doc, question = document(tok, n - 16, decoder.cfg.vocab_size)
     folder = Path(args.dir or tempfile.mkdtemp(prefix="kvretrieve-reopen-"))
     rows = []
     try:

@@ -8,7 +8,6 @@ the documents (and earlier turns) already in the KV cache and prefills only the 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 

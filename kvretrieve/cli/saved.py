@@ -67,7 +67,8 @@ def prefill_documents(conv: Conversation, cache: DocumentCache | None, progress)
     except SavedPrefillError as e:
         say(f"prefilled in {prefill_s:.1f} s; not saved for next time ({e})")
         return
-    if path in cache.evict(keep=path) or info.bytes > cache.cap_bytes():
+    cache.evict(keep=path)  # older saves go first, least recently used first
+    if info.bytes > cache.cap_bytes():  # this one alone is over the cap: it goes too
         cache.evict()
         say(f"prefilled in {prefill_s:.1f} s; not kept: {_mb(info.bytes)} is over the document cache's cap of "
             f"{_mb(cache.cap_bytes())} (--doc-cache-gb)")

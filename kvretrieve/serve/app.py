@@ -189,16 +189,15 @@ class Server:
                       f'kvretrieve_block_cache_total{{result="miss"}} {int(counters["misses"])}']
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
-    async def _json(self, http: HttpRequest):
-        if "body" not in http.scope.setdefault("kvretrieve", {}):
-            raw = await http.body()
-            if len(raw) > MAX_BODY:
-                raise ApiError(413, f"the request body has {len(raw):,} bytes, more than {MAX_BODY:,}")
-            try:
-                http.scope["kvretrieve"]["body"] = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ApiError(400, f"the request body is not valid JSON ({e})") from None
-        return http.scope["kvretrieve"]["body"]
+    @staticmethod
+    async def _json(http: HttpRequest):
+        raw = await http.body()
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, f"the request body has {len(raw):,} bytes, more than {MAX_BODY:,}")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
 
     def app(self) -> Starlette:
         routes = [Route("/v1/chat/completions", self.chat, methods=["POST"]),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -33,13 +33,17 @@ def model_fingerprint(model) -> str:
     any two checkpoints that differ anywhere but in a few values."""
     h = hashlib.sha256(repr(model.cfg).encode() + str(model.dtype).encode())
     w = model.w
-    tensors = [w.embed, w.final_norm, w.lm_head] + [t for layer in w.layers for t in asdict(layer).values()
+    # fields(), not asdict(): asdict deep-copies every weight (the whole model, once more, on its device)
+    tensors = [w.embed, w.final_norm, w.lm_head] + [t for layer in w.layers for t in
+                                                    (getattr(layer, f.name) for f in fields(layer))
                                                     if isinstance(t, torch.Tensor)]
+    samples = []
     for t in tensors:
         flat = t.reshape(-1)
         n = min(4096, flat.numel())
         idx = torch.arange(n, device=flat.device) * (flat.numel() - 1) // max(1, n - 1)  # integers: exact ends
-        h.update(flat[idx].float().cpu().numpy().tobytes())
+        samples.append(flat[idx].float())
+    h.update(torch.cat(samples).cpu().numpy().tobytes())  # one device-to-host copy, not one per tensor
     return h.hexdigest()
 
 

@@ -100,7 +100,7 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
     engine = None
     try:
         cfg = RetrievalConfig(index=kind, **extra) if kind else None
-        bs = cfg.block_size if cfg else 16
+        bs = (cfg.block_size or 16) if cfg else 16  # capacity's slack: 16 is the largest block auto picks
         t = time.perf_counter()
         # as kvretrieve.load leaves it: every "auto" resolved, warmed up (compiles, cuDNN plans) while
         # the store pins
@@ -114,7 +114,8 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
         row["speculative"] = chosen.speculative if chosen else None
         row["store_dtype"] = chosen.store_dtype if chosen else None
         row["ready_s"] = time.perf_counter() - t
-        r = profile_context(engine, prompt(context, decoder.cfg.vocab_size, dev), steps, bs)
+        r = profile_context(engine, prompt(context, decoder.cfg.vocab_size, dev), steps,
+                            chosen.block_size if chosen else 16)
         row.update({k: r.get(k) for k in COLUMNS if k in r}, index_build_s=r.get("index_build_s"),
                    graphs=len(engine._captured), step_ms=r.get("step_ms"), attention=choice.reason)
         if kernels:

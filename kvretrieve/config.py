@@ -118,6 +118,9 @@ class RuntimeConfig:
 # head (and the window at 512), which keeps long-context decode fast. Beyond 8K tokens the cap is a
 # speed choice that the default model (trained for 8K) cannot test.
 AUTO_DENSITY, AUTO_MIN_ATTENDED, AUTO_MAX_BUDGET, AUTO_MAX_WINDOW = 0.25, 1024, 2048, 512
+# The layout auto gives lowrank up to FINE_MAX_CAPACITY tokens (kvretrieve.resolve): blocks of 4 scored
+# by mass, retrieving up to FINE_MAX_BUDGET (1/8 of 32K attended with the window and sinks).
+FINE_MAX_CAPACITY, FINE_BLOCK, FINE_MAX_BUDGET = 40_960, 4, 3456
 
 
 @dataclass(slots=True, frozen=True)
@@ -126,7 +129,13 @@ class RetrievalConfig:
 
     Each decode step attends, per KV head, to sink_tokens + window_tokens + budget_tokens tokens:
     the first tokens, the most recent ones, and the blocks of block_size tokens the index picks.
-    budget_tokens / window_tokens None (the default) follow the context: see plan().
+    budget_tokens / window_tokens None (the default) follow the context: see plan(); an automatic
+    budget retrieves at most max_budget_tokens.
+    block_size, block_scores and max_budget_tokens left to auto (None, "auto", None) are set by
+    kvretrieve.resolve from the capacity: lowrank up to FINE_MAX_CAPACITY (40K) tokens takes blocks of
+    4, mass scores and up to 3,456 retrieved (Qwen2.5-Coder-1.5B at 32K: top-1 0.981, KL 0.0033 against
+    0.951 / 0.0175, bench/results/longctx_levers2.md); longer contexts keep blocks of 16, Loki's max
+    scores and 2,048, which hold 128K of the 8B shape at 10.8 ms/token (blocks of 4: 21.9 ms).
     cache_blocks: GPU slots per layer and KV head for retrieved blocks (None = 2x the budget).
     index: auto (the default) is dense attention while the whole KV of the context fits on the
     device next to the weights (exact, and faster), else lowrank, the most accurate kind, unless
@@ -137,13 +146,14 @@ class RetrievalConfig:
     """
 
     index: str = "auto"
-    block_size: int = 16
+    block_size: int | None = None
     budget_tokens: int | None = None
     sink_tokens: int = 16
     window_tokens: int | None = None
     rank: int = 32
-    block_scores: str = "max"     # lowrank: max (Loki's) or mass (each block's estimated attention share:
-                                  # better at <= 32K, slower at 128K; index/lowrank.py)
+    block_scores: str = "auto"    # lowrank: max (Loki's), mass (each block's estimated attention share:
+                                  # better, 3x the scoring time at 128K; index/lowrank.py) or auto
+    max_budget_tokens: int | None = None  # the most an automatic budget retrieves (None: by the layout)
     cache_blocks: int | None = None
     speculative: bool = False
     reselect_every: int = 1       # decode steps one selection serves (LServe-style reuse, a speed knob)
@@ -158,31 +168,39 @@ class RetrievalConfig:
         _check_types(self, "RetrievalConfig.")
         _check(self.index in INDEX_KINDS,
                f"unknown RetrievalConfig.index {self.index!r}; choose one of {', '.join(INDEX_KINDS)}")
-        _check(_power_of_two(self.block_size) and 4 <= self.block_size <= 256,
-               f"block_size must be a power of two in [4, 256], got {self.block_size}")
-        _check(self.budget_tokens is None or self.budget_tokens >= self.block_size,
-               f"budget_tokens ({self.budget_tokens}) must be at least one block ({self.block_size} tokens)")
+        bs = self.block_size
+        _check(bs is None or (_power_of_two(bs) and 4 <= bs <= 256),
+               f"block_size must be a power of two in [4, 256] (or None: by the capacity), got {bs}")
+        for name in ("budget_tokens", "max_budget_tokens"):
+            value = getattr(self, name)
+            _check(value is None or value >= (bs or 4),
+                   f"{name} ({value}) must be at least one block ({bs or 4} tokens)")
         _check(self.sink_tokens >= 0, f"sink_tokens must be >= 0, got {self.sink_tokens}")
         _check(self.window_tokens is None or self.window_tokens >= 0,
                f"window_tokens must be >= 0, got {self.window_tokens}")
         _check(self.rank >= 1, f"RetrievalConfig.rank must be >= 1, got {self.rank}")
-        _check(self.block_scores in ("mass", "max"),
-               f"RetrievalConfig.block_scores must be 'mass' or 'max', got {self.block_scores!r}")
+        _check(self.block_scores in ("auto", "mass", "max"),
+               f"RetrievalConfig.block_scores must be 'auto', 'mass' or 'max', got {self.block_scores!r}")
         _check(self.reselect_every >= 1, f"reselect_every must be >= 1 (1 = select every step), got {self.reselect_every}")
         _check(self.estimate_tokens >= 0, f"estimate_tokens must be >= 0, got {self.estimate_tokens}")
         _check(not (self.estimate_tokens and self.estimate_rest),
                "estimate_tokens and estimate_rest both estimate left-out blocks; choose one")
-        _check(self.cluster_tokens >= 64 * self.block_size,
-               f"cluster_tokens must be at least 64 blocks ({64 * self.block_size} tokens), got {self.cluster_tokens}")
+        _check(bs is None or self.cluster_tokens >= 64 * bs,
+               f"cluster_tokens must be at least 64 blocks ({64 * (bs or 0)} tokens), got {self.cluster_tokens}")
         _check(self.store_dtype in ("auto", "model", "int8"),
                f"store_dtype must be 'auto', 'model' or 'int8', got {self.store_dtype!r}")
-        _check(self.cache_blocks is None or self.cache_blocks >= self.budget_blocks,
-               f"cache_blocks ({self.cache_blocks}) must hold at least the budget ({self.budget_blocks} blocks)")
+        if self.cache_blocks is not None and bs is not None:
+            _check(self.cache_blocks >= self.budget_blocks,
+                   f"cache_blocks ({self.cache_blocks}) must hold at least the budget ({self.budget_blocks} blocks)")
 
     @property
     def budget_blocks(self) -> int:
         """The most blocks a step retrieves per KV head (what the GPU pool is sized for)."""
-        return (self.budget_tokens if self.budget_tokens is not None else AUTO_MAX_BUDGET) // self.block_size
+        return (self.budget_tokens if self.budget_tokens is not None else self.auto_budget_cap) // self.block_size
+
+    @property
+    def auto_budget_cap(self) -> int:
+        return self.max_budget_tokens if self.max_budget_tokens is not None else AUTO_MAX_BUDGET
 
     @property
     def sink_blocks(self) -> int:
@@ -196,12 +214,14 @@ class RetrievalConfig:
     @property
     def resolved(self) -> bool:
         """True once kvretrieve.resolve has made every "auto" concrete (what backends accept)."""
-        return self.index != "auto" and self.store_dtype != "auto" and self.kmeans != "auto"
+        return (self.index != "auto" and self.store_dtype != "auto" and self.kmeans != "auto"
+                and self.block_size is not None and self.block_scores != "auto")
 
     def plan(self, context: int) -> tuple[int, int]:
         """(window blocks, budget blocks) for a context of this many tokens. Set values are used as
         they are; None follows the context: attended = max(context / 4, 1024) tokens, of which a
-        quarter is window, one block the partly filled tail, the sinks, and the rest retrieved."""
+        quarter is window, one block the partly filled tail, the sinks, and the rest retrieved (up to
+        max_budget_tokens)."""
         bs = self.block_size
         attended = max(int(context * AUTO_DENSITY), AUTO_MIN_ATTENDED)
         window = self.window_tokens
@@ -209,7 +229,7 @@ class RetrievalConfig:
             window = min(AUTO_MAX_WINDOW, max(bs, attended // 4 // bs * bs))
         budget = self.budget_tokens
         if budget is None:
-            budget = min(AUTO_MAX_BUDGET, max(bs, attended - self.sink_blocks * bs - window - bs))
+            budget = min(self.auto_budget_cap, max(bs, attended - self.sink_blocks * bs - window - bs))
         return -(-window // bs), max(1, budget // bs)
 
     @property

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .config import KVGeometry, RetrievalConfig
+from .config import (AUTO_MAX_BUDGET, FINE_BLOCK, FINE_MAX_BUDGET, FINE_MAX_CAPACITY, KVGeometry,
+                     RetrievalConfig)
 from .errors import ConfigError, ResourceError
 from .index.ivf import resolve_kmeans
 from .index.lowrank import LowRankIndex
@@ -154,11 +155,13 @@ def resolve_retrieval(cfg: RetrievalConfig, mc: ModelConfig, capacity: int, devi
       top-1 0.927 -> 0.951, bench/results/longctx_levers.md; ivf gained nothing on the 0.5B at 8K,
       its centroids already rank mixed clusters) and unless estimate_tokens is set; its summaries
       (2 x head_dim values per block and KV head) count in index auto's choice;
-    kmeans: see index.ivf.resolve_kmeans."""
+    kmeans: see index.ivf.resolve_kmeans;
+    block_size, block_scores, max_budget_tokens: see fine_layout."""
     index = cfg.index
     if index == "auto":
-        geo = geometry(mc, capacity, cfg.block_size, device, dtype)
-        mass = cfg.block_scores == "mass"
+        lowrank = fine_layout(cfg, "lowrank", capacity)
+        geo = geometry(mc, capacity, lowrank.block_size, device, dtype)
+        mass = lowrank.block_scores == "mass"
         sketch = LowRankIndex.nbytes_for(geo, cfg.rank, mass)
         if cfg.estimate_rest is not False and not cfg.estimate_tokens:
             sketch += BlockSummary.nbytes_for(geo, shared_means=mass)
@@ -166,4 +169,21 @@ def resolve_retrieval(cfg: RetrievalConfig, mc: ModelConfig, capacity: int, devi
         index = "lowrank" if sketch <= AUTO_SKETCH_SHARE * free else "ivf"
     store = cfg.store_dtype if cfg.store_dtype != "auto" else "int8" if device.type == "cuda" else "model"
     rest = cfg.estimate_rest if cfg.estimate_rest is not None else index != "ivf" and not cfg.estimate_tokens
-    return replace(cfg, index=index, store_dtype=store, estimate_rest=rest, kmeans=resolve_kmeans(cfg.kmeans, device))
+    return replace(fine_layout(cfg, index, capacity), index=index, store_dtype=store, estimate_rest=rest,
+                   kmeans=resolve_kmeans(cfg.kmeans, device))
+
+
+def fine_layout(cfg: RetrievalConfig, index: str, capacity: int) -> RetrievalConfig:
+    """cfg with block_size, block_scores and max_budget_tokens concrete. Left to auto, a lowrank index
+    over at most FINE_MAX_CAPACITY tokens takes blocks of 4, mass scores and up to 3,456 retrieved: at
+    32K (1/8 attended) Qwen2.5-Coder-1.5B's top-1 / KL against dense go from 0.951 / 0.0175 (blocks of
+    16, max, 2,048) to 0.981 / 0.0033, above the oracle's 0.979 at the same tokens
+    (bench/results/longctx_levers2.md; the 0.5B 0.979 / 0.0020). Beyond, blocks of 16, Loki's max and
+    2,048: the 8B shape decodes 128K at 10.8 ms/token that way and at 21.9 ms with the fine layout,
+    whose block summaries also take 4x the memory (bench/results/decode_b4mass_h200.md)."""
+    fine = index == "lowrank" and capacity <= FINE_MAX_CAPACITY
+    block = cfg.block_size if cfg.block_size is not None else FINE_BLOCK if fine else 16
+    scores = cfg.block_scores if cfg.block_scores != "auto" else "mass" if fine else "max"
+    cap = (cfg.max_budget_tokens if cfg.max_budget_tokens is not None
+           else FINE_MAX_BUDGET if fine and cfg.block_size is None else AUTO_MAX_BUDGET)
+    return replace(cfg, block_size=block, block_scores=scores, max_budget_tokens=cap)

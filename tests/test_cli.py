@@ -147,8 +147,8 @@ def test_cuda_without_gpu(smol_dir):
 
 def test_bad_option_values(smol_dir):
     assert_user_error(run("generate", "hi", "--model", str(smol_dir), "--temperature", "-1"), "temperature")
-    assert_user_error(run("generate", "hi", "--model", str(smol_dir), "--retrieval", "lowrank", "--budget", "8"),
-                      "--budget (8) must be at least one block")
+    assert_user_error(run("generate", "hi", "--model", str(smol_dir), "--retrieval", "lowrank", "--budget", "8",
+                          "--block-size", "16"), "--budget (8) must be at least one block")
     result = run("generate", "hi", "--max-context", "lots")
     assert result.exit_code == 2 and "not a token count" in result.output
 

@@ -15,7 +15,7 @@ from kvretrieve.engine.engine import Engine
 from kvretrieve.index import ExactIndex, IVFIndex, LowRankIndex, top_blocks
 from kvretrieve.memory import free_device_bytes
 from kvretrieve.models.llama import Decoder
-from kvretrieve.resolve import resolve_retrieval
+from kvretrieve.resolve import fine_layout, resolve_retrieval
 from kvretrieve.backends import RetrievalKV
 from kvretrieve.store import KVStore
 
@@ -103,7 +103,8 @@ def planted_run(kind: str, sabotage: str | None = None, reselect: int = 1, steps
     observer(backend), if given, makes the backend's observer."""
     L, H, G, d, bs, n = 2, 2, 2, 32, 8, 1024
     cfg = RetrievalConfig(index=kind, block_size=bs, budget_tokens=8 * bs, sink_tokens=bs, window_tokens=4 * bs,
-                          rank=8, reselect_every=reselect, cluster_tokens=512, kmeans="torch", store_dtype="model")
+                          rank=8, reselect_every=reselect, cluster_tokens=512, kmeans="torch", store_dtype="model",
+                          block_scores="max")
     backend = RetrievalKV(cfg, kv_geometry(L, H, d, bs, n // bs + 8), n + 32, append_chunk_blocks=5)
     if sabotage:
         scores = backend.index.scores
@@ -338,9 +339,11 @@ def test_store_reserves_in_the_background_and_writes_wait_for_their_layer():
 
 
 def test_retrieval_config_validation():
-    for bad, msg in [(dict(budget_tokens=8), "at least one block"), (dict(window_tokens=-1), "window_tokens"),
+    for bad, msg in [(dict(budget_tokens=2), "at least one block"), (dict(block_size=16, budget_tokens=8), "16 tokens"),
+                     (dict(max_budget_tokens=2), "max_budget_tokens"), (dict(window_tokens=-1), "window_tokens"),
                      (dict(index="faiss"), "unknown RetrievalConfig.index"), (dict(block_size=12), "power of two"),
-                     (dict(cache_blocks=4), "cache_blocks"), (dict(store_dtype="fp8"), "store_dtype")]:
+                     (dict(block_size=16, cache_blocks=4), "cache_blocks"), (dict(store_dtype="fp8"), "store_dtype"),
+                     (dict(block_scores="best"), "block_scores")]:
         with pytest.raises(ConfigError, match=msg):
             RetrievalConfig(**bad)
 
@@ -534,20 +537,49 @@ def test_estimating_the_left_out_blocks_in_decode(tiny_dir, kind):
 
 
 def test_auto_budget_is_the_measured_default():
-    """RetrievalConfig() follows the context exactly as the configuration the accuracy benchmark
-    chose (bench/accuracy.py default_cell), and caps retrieval for long contexts."""
+    """The layout auto gives beyond 40K tokens (blocks of 16) follows the context exactly as the
+    configuration the accuracy benchmark chose (bench/accuracy.py default_cell), and caps retrieval
+    for long contexts."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from accuracy import default_cell
 
-    cfg = RetrievalConfig()
+    cfg = fine_layout(RetrievalConfig(), "lowrank", 131072)
+    assert (cfg.block_size, cfg.block_scores, cfg.max_budget_tokens) == (16, "max", 2048)
     for context in (2048, 4096, 8192):
         sink, window, budget = default_cell(context).split()
         assert (cfg.sink_blocks * 16, *[n * 16 for n in cfg.plan(context)]) == (sink, window, budget)
     assert [n * 16 for n in cfg.plan(131072)] == [512, 2048]
-    assert RetrievalConfig(budget_tokens=64, window_tokens=32).plan(131072) == (2, 4)
+    assert RetrievalConfig(block_size=16, budget_tokens=64, window_tokens=32).plan(131072) == (2, 4)
+
+
+def test_auto_layout_follows_the_capacity(tiny_dir):
+    """Left to auto, lowrank up to 40K tokens of capacity takes blocks of 4, mass scores and at most
+    3,456 retrieved: at 32K that attends 1/8 of the context (the measured quality default,
+    bench/results/longctx_levers2.md); beyond, blocks of 16, max and 2,048 (128K's speed). Set fields
+    are kept, and kinds other than lowrank keep blocks of 16."""
+    mc, cpu = decoder(tiny_dir).cfg, torch.device("cpu")
+
+    def layout(cfg, capacity):
+        got = resolve_retrieval(cfg, mc, capacity, cpu, torch.float32)
+        assert got.resolved
+        return got.index, got.block_size, got.block_scores, got.max_budget_tokens
+
+    assert layout(RetrievalConfig(rank=8), 32768) == ("lowrank", 4, "mass", 3456)
+    assert layout(RetrievalConfig(rank=8), 40960) == ("lowrank", 4, "mass", 3456)
+    assert layout(RetrievalConfig(rank=8), 40961) == ("lowrank", 16, "max", 2048)
+    assert layout(RetrievalConfig(index="lowrank", rank=8), 131072) == ("lowrank", 16, "max", 2048)
+    assert layout(RetrievalConfig(index="exact"), 32768) == ("exact", 16, "max", 2048)
+    assert layout(RetrievalConfig(rank=8, block_size=8), 32768) == ("lowrank", 8, "mass", 2048)
+    assert layout(RetrievalConfig(rank=8, block_scores="max"), 32768) == ("lowrank", 4, "max", 3456)
+    assert layout(RetrievalConfig(rank=8, max_budget_tokens=1024), 131072)[3] == 1024
+    fine = resolve_retrieval(RetrievalConfig(rank=8), mc, 32768, cpu, torch.float32)
+    window, budget = fine.plan(32768)
+    attended = fine.sink_tokens + (window + budget + 1) * fine.block_size   # + the partly filled tail block
+    assert (window * 4, budget * 4) == (512, 3456) and attended <= 32768 / 8
+    assert [n * 4 for n in fine.plan(8192)] == [512, 1516]   # shorter contexts follow it: a quarter attended
 
 
 def test_auto_budget_in_decode(tiny_dir):
@@ -742,7 +774,7 @@ def test_cuda_store_is_pinned_from_load_and_a_context_beyond_ram_is_refused_ther
 def test_auto_index_takes_lowrank_while_its_sketches_fit_and_ivf_beyond(tiny_dir, monkeypatch):
     """index="auto" (the default) is lowrank while its key sketches take at most half of the free
     memory, ivf past that; explicit kinds are kept as asked."""
-    cfg = RetrievalConfig(rank=8)
+    cfg = RetrievalConfig(rank=8, block_size=16)
     assert cfg.index == "auto"
     mc, cpu = decoder(tiny_dir).cfg, torch.device("cpu")
     capacity = 1000 * cfg.block_size - 16             # 1,000 blocks with the tail block

@@ -97,18 +97,19 @@ def retrieval_options(f):
         _tokens_option("--budget", default=None, metavar="TOKENS",
                        help="Retrieved tokens per KV head (default: a quarter of the context, at least 1K "
                             "attended, at most 2K retrieved)."),
-        click.option("--block-size", type=int, default=16, show_default=True,
-                     help="Tokens per KV block: the unit the index scores and the GPU cache holds (a power of two)."),
+        click.option("--block-size", type=int, default=None,
+                     help="Tokens per KV block: the unit the index scores and the GPU cache holds (a power of two). "
+                          "Default: 4 for lowrank up to 40K tokens of context, else 16."),
         _tokens_option("--sink", default="16", show_default=True, metavar="TOKENS",
                        help="First tokens always attended (attention sinks)."),
         _tokens_option("--window", default=None, metavar="TOKENS",
                        help="Recent tokens always attended (default: a quarter of the attended tokens, <= 512)."),
         click.option("--rank", type=int, default=32, show_default=True,
                      help="Dimensions of the low-rank key sketches the lowrank index scores with (<= head_dim)."),
-        click.option("--block-scores", default="max", show_default=True, type=click.Choice(["max", "mass"]),
+        click.option("--block-scores", default="auto", show_default=True, type=click.Choice(["auto", "max", "mass"]),
                      help="How lowrank ranks blocks: max, Loki's largest approximate score, or mass, each "
-                          "block's estimated share of the attention (closer to dense at <= 32K, slower at "
-                          "128K; accuracy in the README)."),
+                          "block's estimated share of the attention (closer to dense, 3x the scoring time at "
+                          "128K; accuracy in the README). auto: mass up to 40K tokens of context, else max."),
         click.option("--reselect-every", type=int, default=1, show_default=True, metavar="STEPS",
                      help="Decode steps one block selection serves (2 is faster; accuracy in the README)."),
         click.option("--store-dtype", default="auto", show_default=True, type=click.Choice(["auto", "model", "int8"]),

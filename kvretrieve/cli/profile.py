@@ -85,16 +85,17 @@ def profile(model_path, shape, contexts, decode_steps, seed, as_json, **opts):
     runtime = RuntimeConfig(device=opts["device"], dtype=opts["dtype"], prefill_chunk=opts["prefill_chunk"],
                             gpu_mem_gb=opts["gpu_mem_gb"])
     retrieval = retrieval_from_options(opts)
-    block_size = retrieval.block_size if retrieval else 16
+    room = (retrieval.block_size or 16) if retrieval else 16  # capacity's slack: 16 is the largest block auto picks
     decoder, tokenizer, source = load_decoder(model_path, runtime, dense_kv=retrieval is None,
                                               log=lambda m: click.echo(m, err=True), shape=shape, seed=seed,
-                                              dense_tokens=capacity_for(max(contexts), decode_steps, block_size))
+                                              dense_tokens=capacity_for(max(contexts), decode_steps, room))
     name, dev, dt = Path(source).name, decoder.device, decoder.dtype
     rows = []
     for n in contexts:
         reset_memory(dev)
-        llm = build(decoder, tokenizer, name, capacity_for(n, decode_steps, block_size), runtime.prefill_chunk,
+        llm = build(decoder, tokenizer, name, capacity_for(n, decode_steps, room), runtime.prefill_chunk,
                     retrieval)
+        block_size = llm.retrieval.block_size if llm.retrieval else 16
         row = profile_context(llm.engine, prompt_ids(tokenizer, n, decoder.cfg.vocab_size, dev, seed), decode_steps,
                               block_size)
         chosen = llm.retrieval

@@ -59,5 +59,25 @@ def apply_gpu_cap(device: torch.device, gib: float) -> None:
     torch.cuda.set_per_process_memory_fraction(cap / total, index)
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the OS has one)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def process_rss_bytes() -> int:
     return psutil.Process().memory_info().rss
+
+
+def fast_pinning() -> None:
+    """Make torch pin host memory by registering malloc'd pages on several threads instead of
+    cudaHostAlloc: on the H200 host, 9.4 GiB of store segments pin in 1.2 s with 16 threads against
+    4.2 s (bench/results/reopen_cuda_8b_128k.md), and a reopened or first prefill waits for them.
+    A process-wide torch setting: left alone where PYTORCH_CUDA_ALLOC_CONF already says how to pin."""
+    if "pinned" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        return
+    threads = 1 << (min(16, usable_cores()).bit_length() - 1)  # torch takes a power of two
+    settings = f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}"
+    try:  # torch >= 2.10 names it per accelerator; the CUDA one is deprecated there
+        torch._C._accelerator_setAllocatorSettings(settings)
+    except (AttributeError, RuntimeError):
+        torch.cuda.memory._set_allocator_settings(settings)

@@ -20,7 +20,7 @@ from helpers import save_with_tokenizer, tiny_hf_model
 SMALL = dict(block_size=4, budget_tokens=32, window_tokens=16, sink_tokens=4, rank=8, cluster_tokens=256)
 CONFIGS = {
     "dense": None,
-    "lowrank": RetrievalConfig(index="lowrank", **SMALL),
+    "lowrank": RetrievalConfig(index="lowrank", block_scores="max", **SMALL),
     "lowrank-mass-int8": RetrievalConfig(index="lowrank", block_scores="mass", store_dtype="int8", **SMALL),
     "bounds": RetrievalConfig(index="bounds", **SMALL),
     "exact-zone": RetrievalConfig(index="exact", estimate_tokens=16, estimate_rest=False, **SMALL),
@@ -130,6 +130,25 @@ def test_a_damaged_save_is_refused_and_the_session_goes_on(tiny, tmp_path, how, 
     assert torch.equal(a.prefill(more), fresh.prefill(more))
     with pytest.raises(SavedPrefillError, match="no saved prefill at"):
         a.resume(tmp_path / "nowhere.kvr")
+
+
+def test_a_save_in_many_parts_reopens_whole_and_checks_every_part(tiny, tmp_path, monkeypatch):
+    """Parts are what the checksums run in parallel over: a save cut into many reopens to the same
+    logits, and a byte changed in its last part is caught."""
+    monkeypatch.setattr(saved_mod, "PART_BYTES", 16 << 10)
+    a = load(tiny, CONFIGS["lowrank-mass-int8"])
+    ids, follow = prompt(300), prompt(9, seed=4)
+    a.prefill(ids)
+    a.save(tmp_path / "many.kvr")
+    parts = sorted((tmp_path / "many.kvr").glob("part-*.safetensors"))
+    assert len(parts) > 8
+    b = load(tiny, CONFIGS["lowrank-mass-int8"], resume=tmp_path / "many.kvr")
+    assert torch.equal(a.prefill(ids + follow), b.prefill(ids + follow))
+    data = bytearray(parts[-1].read_bytes())
+    data[-1] ^= 0xFF
+    parts[-1].write_bytes(bytes(data))
+    with pytest.raises(SavedPrefillError, match=f"{parts[-1].name} does not match its checksum"):
+        b.resume(tmp_path / "many.kvr")
 
 
 def test_a_save_from_another_model_dtype_layout_or_a_shorter_context_is_refused(tiny, tmp_path):

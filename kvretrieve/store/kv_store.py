@@ -29,7 +29,7 @@ import torch
 from ..config import KVGeometry
 from ..errors import SavedPrefillError
 from .saved import Tensors
-from ..memory import GiB, check_allocation
+from ..memory import GiB, check_allocation, fast_pinning
 from .quant import channel_scales, copy_per_head, dequantize, quantize
 
 
@@ -49,6 +49,8 @@ class KVStore:
         self.reserved = 0             # segments per layer that exist or are being allocated
         # Writes from the device run on their own stream (D2H overlaps compute); this event marks the last.
         self.d2h = torch.cuda.Stream(geo.device) if self.pin else None
+        if self.pin:
+            fast_pinning()
         self._written: torch.cuda.Event | None = None
         self._layer_ready = [threading.Event() for _ in range(num_layers)]
         for e in self._layer_ready:

@@ -4,8 +4,8 @@
       manifest.json        format version, what the state was made with (model, tokenizer, dtype,
                            layout), which part holds each tensor, and every file's size and sha256
       part-000.safetensors tensors, in parts of about PART_BYTES, so that checking the checksums runs
-      part-001.safetensors on several threads (sha256 runs ~1.7 GB/s a core: 9 GiB of the 8B shape's
-      ...                  128K int8 store would take 5 s on one)
+      part-001.safetensors on every core (sha256 ran ~0.6 GB/s a thread on the H200 host: the 12 GB of a
+      ...                  128K save of the 8B shape took 2.7 s in 1 GiB parts on 8 threads)
       <extra files>        small files a caller adds (chat keeps its documents' text)
 
 The folder is written under a temporary name and renamed into place when every file is in
@@ -30,10 +30,11 @@ from safetensors.torch import save_file
 
 from ..errors import SavedPrefillError
 from ..files import publish_dir, sweep_stale_temporaries, temporary_dir, terminations_unwind
+from ..memory import usable_cores
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-PART_BYTES = 1 << 30
+PART_BYTES = 256 << 20
 
 
 class Tensors(Mapping):
@@ -72,8 +73,8 @@ def _sha256(path: Path) -> str:
 
 
 def _checksums(folder: Path, names: list[str]) -> dict[str, str]:
-    """sha256 of each file, the files on threads (one core hashes ~1.7 GB/s)."""
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    """sha256 of each file, the files on a thread per core."""
+    with ThreadPoolExecutor(max_workers=max(1, min(usable_cores(), len(names)))) as pool:
         return dict(zip(names, pool.map(_sha256, (folder / n for n in names))))
 
 

@@ -12,10 +12,10 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, SavedPrefillError
 from .files import TMP_PREFIX, cache_root, sweep_stale_temporaries
 
 DEFAULT_CAP_SHARE, DEFAULT_CAP_MAX = 0.25, 64 << 30  # of the free disk, and at most
@@ -28,6 +28,17 @@ class Entry:
     last_used: float
     tokens: int
     source: str
+    manifest: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens two id lists share from their start."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _size(path: Path) -> int:
@@ -73,10 +84,30 @@ class DocumentCache:
         for p in folders:
             try:
                 m = json.loads((p / "manifest.json").read_text())
-                out.append(Entry(p, _size(p), p.stat().st_mtime, int(m.get("tokens", 0)), str(m.get("source", "?"))))
+                out.append(Entry(p, _size(p), p.stat().st_mtime, int(m.get("tokens", 0)), str(m.get("source", "?")), m))
             except (OSError, ValueError):
                 out.append(Entry(p, _size(p) if p.is_dir() else 0, 0.0, 0, "(damaged)"))
         return sorted(out, key=lambda e: -e.last_used)
+
+    def longest_prefix(self, ident: dict, ids: list[int], longer_than: int = 0) -> tuple[Entry, int] | None:
+        """The save made with `ident` (persist.identity: model, tokenizer, KV layout) that shares the
+        longest start with `ids`, and how many tokens, if more than `longer_than`. A save may end past
+        the shared part (its last token may merge with the text that follows, e.g. "\n\n"): reopening
+        it and cutting it back is still cheaper than a prefill. The save is checked when reopened."""
+        from .store.saved import SavedPrefill
+
+        best, best_n = None, longer_than
+        for e in self.entries():
+            if e.tokens <= best_n or any(e.manifest.get(k) != v for k, v in ident.items()):
+                continue
+            try:
+                saved = SavedPrefill(e.path, verify=False).tensor("ids").tolist()
+            except (OSError, ValueError, KeyError, RuntimeError, SavedPrefillError):
+                continue  # damaged: passed over here, replaced when its document is prefilled again
+            n = shared_prefix(saved, ids)
+            if n > best_n:
+                best, best_n = e, n
+        return (best, best_n) if best is not None else None
 
     def evict(self, keep: Path | None = None) -> list[Path]:
         """Remove the least recently used saves until the rest fit the cap (never `keep`); returns them."""

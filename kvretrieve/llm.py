@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Callable, Generator, Union
 import torch
 
 from .config import RetrievalConfig, SamplingParams
+from .doc_cache import DocumentCache, shared_prefix
 from .engine.engine import Engine
 from .engine.sampling import Sampler
-from .errors import BusyError, InputError
+from .errors import BusyError, InputError, SavedPrefillError
 from .models.llama import Decoder
 from .models.tokenizer import StreamDecoder, Tokenizer
 from .resolve import AttentionChoice
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
     from .store.saved import SavedPrefill
 
 Prompt = Union[str, list[dict]]
+# A prompt reopens a saved prefill it starts with (LLM.document_cache) when that gives at least this
+# many tokens more than the live cache shares with it: below, prefilling them costs about as much.
+REOPEN_MIN_GAIN = 256
 
 
 @dataclass(slots=True)
@@ -43,15 +47,6 @@ class GenerationResult:
     @property
     def decode_ms_per_token(self) -> float:
         return 1e3 * self.decode_s / max(1, len(self.token_ms))
-
-
-def _shared_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -93,6 +88,10 @@ class LLM:
         self._ids: list[int] = []  # the tokens whose K,V the cache holds, in order
         self._turn = _Turns()
         self.last: GenerationResult | None = None
+        # Saved prefills (doc_cache.DocumentCache) a prompt may start with: reopened instead of
+        # prefilled (serve sets it; None: only the live cache's prefix is reused).
+        self.document_cache: DocumentCache | None = None
+        self._identity: dict | None = None
 
     @property
     def mode(self) -> str:
@@ -141,19 +140,40 @@ class LLM:
         layout (retrieval options) and fit max_context; SavedPrefillError names what differs, or a
         damaged file (verify: check every file's checksum first). Returns the opened save (its
         manifest, its extra files)."""
+        with self._turn("resume()"):
+            return self._resume(path, verify)
+
+    def _resume(self, path: str | Path, verify: bool) -> "SavedPrefill":
         from .persist import open_checked
         from .store.saved import under
 
-        with self._turn("resume()"):
-            saved, ids = open_checked(self, path, verify)  # refused here: the cache stays as it was
+        saved, ids = open_checked(self, path, verify)  # refused here: the cache stays as it was
+        self._reset()
+        try:
+            self.engine.load_state(under(saved.tensors(), "kv"), len(ids))
+        except BaseException:  # Ctrl-C or a damaged part: empty, not half loaded
             self._reset()
-            try:
-                self.engine.load_state(under(saved.tensors(), "kv"), len(ids))
-            except BaseException:  # Ctrl-C or a damaged part: empty, not half loaded
-                self._reset()
-                raise
-            self._ids = ids
+            raise
+        self._ids = ids
         return saved
+
+    def _reopen_saved_start(self, ids: list[int]) -> None:
+        """Reopen the document cache's longest save that `ids` start with, where it gives more than
+        the live cache does; a save that cannot be reopened is passed over (the prompt is prefilled)."""
+        from .persist import identity
+
+        if self.document_cache is None:
+            return
+        have = min(shared_prefix(self._ids, ids), self.engine.length)
+        if self._identity is None:
+            self._identity = identity(self)
+        hit = self.document_cache.longest_prefix(self._identity, ids, have + REOPEN_MIN_GAIN)
+        if hit is not None:
+            try:
+                self._resume(hit[0].path, verify=True)  # the prefill after cuts it back to what ids share
+                self.document_cache.touch(hit[0].path)
+            except SavedPrefillError:
+                pass
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """A string is encoded as is; a list of {"role", "content"} messages goes through the chat template."""
@@ -183,12 +203,13 @@ class LLM:
     def prefill(self, ids: list[int], on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Make the cache hold exactly `ids`, reusing the shared prefix; returns the next-token logits."""
         with self._turn("prefill()"):
+            self._reopen_saved_start(ids)
             return self._prefill(ids, on_layer)
 
     def _prefill(self, ids: list[int], on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         # The last token is always run again: its logits are needed. A Ctrl-C may have left the cache
         # shorter than the token list (or longer): only what both hold is reused.
-        keep = min(_shared_prefix(self._ids, ids), len(ids) - 1, self.engine.length)
+        keep = min(shared_prefix(self._ids, ids), len(ids) - 1, self.engine.length)
         self._ids = self._ids[:keep]
         self.engine.truncate(keep)
         logits = self.engine.prefill(ids[keep:], on_layer)
@@ -213,7 +234,8 @@ class LLM:
         return (sampling if sampling is not None else SamplingParams(**kwargs)), self.tokenize(prompt)
 
     def _stream(self, ids: list[int], params: SamplingParams, on_layer) -> Generator[str, None, GenerationResult]:
-        reused = min(_shared_prefix(self._ids, ids), len(ids) - 1, self.engine.length)
+        self._reopen_saved_start(ids)
+        reused = min(shared_prefix(self._ids, ids), len(ids) - 1, self.engine.length)
         t0 = time.perf_counter()
         logits = self._prefill(ids, on_layer)
         sampler = Sampler(params, self.device, ids)  # the penalty counts the prompt's tail, as in llama.cpp

@@ -229,3 +229,12 @@ def test_served_documents_come_before_every_chat_request_and_are_prefilled_once(
     again = ServerProcess(smol_dir, "-d", str(DOC))
     code, err = again.stop()
     assert code == 0 and "reopened their saved prefill" in err
+    # a server without -d: a request that carries the same documents itself starts with the saved
+    # prefill's tokens, which the document cache reopens instead of prefilling
+    plain = ServerProcess(smol_dir)
+    try:
+        messages = with_documents(question, documents_block([str(DOC)], local), None)
+        r = plain.client.chat.completions.create(model=NAME, messages=messages, max_tokens=24, temperature=0)
+    finally:
+        code, _ = plain.stop()
+    assert r.choices[0].message.content == want.text and r.usage.prompt_tokens_details.cached_tokens > 300

@@ -41,7 +41,8 @@ def serve(host, port, model_name, max_waiting, documents, system, resume, **opts
     """Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions
     (streamed or not), GET /v1/models, /health and /metrics (Prometheus). Requests take turns on the
     model; a prompt that starts with what the previous request left in the KV cache (the same document,
-    asked again) prefills only the rest. Ctrl-C or SIGTERM: in-flight answers finish, then it exits."""
+    asked again), or with a document whose prefill the document cache holds (saved by chat, prefill or
+    serve --document), prefills only the rest. Ctrl-C or SIGTERM: in-flight answers finish, then it exits."""
     try:
         import uvicorn
 
@@ -57,6 +58,7 @@ def serve(host, port, model_name, max_waiting, documents, system, resume, **opts
     sock = _listen(host, port)
     llm = load_from_options(opts)
     conv = served_documents(llm, documents, system, resume, cache)
+    llm.document_cache = cache  # any request that starts with a saved document reopens it
     server = Server(llm, model_name or default_name(llm.source), max_waiting, conv.documents, conv.system)
     config = uvicorn.Config(server.app(), log_level="warning", timeout_graceful_shutdown=60)
     uv = uvicorn.Server(config)

@@ -170,6 +170,34 @@ class Decoder:
         attn.end_layer(layer)
         return x
 
+    def decode_rows(self, ids: torch.Tensor, positions: torch.Tensor, attns: list[AttentionBackend]) -> torch.Tensor:
+        """One decode step of B sequences at once: ids, positions [B] (int64, on the device), attns[b]
+        the backend of row b. The projections and the MLP read each weight once for all rows (decode
+        is bound by those reads); attention runs per row against the row's own cache. Returns the
+        hidden rows [B, hidden]."""
+        c = self.cfg
+        x = self.embed(ids)
+        if c.rope.kind == "dynamic":  # its frequencies follow each sequence's own length
+            tables = [self.rope.cos_sin(p.view(1), self.dtype, seq_len=int(p) + 1) for p in positions]
+            cos, sin = torch.cat([t[0] for t in tables]), torch.cat([t[1] for t in tables])
+        else:
+            cos, sin = self.rope.cos_sin(positions, self.dtype, seq_len=1)
+        rows = range(len(attns))
+        for layer in range(c.num_layers):
+            w = self.w.layers[layer]
+            if any(a.lookahead(layer) for a in attns):
+                nxt = self.w.layers[layer + 1]
+                q_next = self._project(layer + 1, rms_norm(x, nxt.attn_norm, c.rms_eps),
+                                       slice(0, c.num_heads * c.head_dim), c.num_heads, cos, sin, True)
+                for b in rows:
+                    if attns[b].lookahead(layer):
+                        attns[b].prefetch(layer + 1, q_next[b:b + 1])
+            q, k, v = self.project_qkv(layer, rms_norm(x, w.attn_norm, c.rms_eps), cos, sin)
+            out = torch.cat([attns[b].decode(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]) for b in rows])
+            x += F.linear(out.reshape(len(attns), -1), w.o, w.o_bias)
+            x += self.mlp(layer, rms_norm(x, w.mlp_norm, c.rms_eps))
+        return x
+
     def mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         w = self.w.layers[layer]
         return F.linear(silu_mul(F.linear(h, w.gate_up)), w.down)

@@ -1,0 +1,68 @@
+"""Continuous batching's first step (kvretrieve.engine.batch): several sequences decode in one step
+over one Decoder, each against its own cache; a sequence's greedy tokens equal its tokens alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvretrieve import RetrievalConfig
+from kvretrieve.api import build
+from kvretrieve.engine.batch import Batch, decode_step
+
+PROMPTS = ["The lighthouse keeper wrote in his log that the storm", "def fibonacci(n):\n    \"\"\"Return",
+           "List three colours of the rainbow:" * 12]
+CONFIGS = {"dense": None,
+           "lowrank": RetrievalConfig(index="lowrank", budget_tokens=32, window_tokens=16, sink_tokens=4, rank=8)}
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax()
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_batched_sequences_decode_as_each_alone(smol, kind):
+    """Three prompts of different lengths; the third joins after four steps, the first leaves early
+    (a smaller token budget): each row's greedy tokens equal what LLM.generate gives for it alone."""
+    decoder, tok = smol.model, smol.tokenizer
+    llms = [build(decoder, tok, "smol", 1024, 256, CONFIGS[kind]) for _ in PROMPTS]
+    budgets = [6, 14, 10]
+    alone = [llm.generate(p, max_new_tokens=n, temperature=0, return_details=True).token_ids
+             for llm, p, n in zip(llms, PROMPTS, budgets)]
+    for llm in llms:
+        llm.reset()
+    batch, rows = Batch(), []
+    for llm, p, n in zip(llms[:2], PROMPTS, budgets):
+        rows.append(batch.join(llm.engine, llm.prefill(llm.tokenize(p)), greedy, n, tok.eos_ids))
+    left = []
+    for i in range(40):
+        if i == 4:
+            rows.append(batch.join(llms[2].engine, llms[2].prefill(llms[2].tokenize(PROMPTS[2])), greedy,
+                                   budgets[2], tok.eos_ids))
+        left += batch.step()
+        if not batch.rows and i > 4:
+            break
+    assert [r.ids for r in rows] == alone, kind
+    assert {id(r) for r in left} == {id(r) for r in rows} and all(r.finish for r in rows)
+    # each cache holds its prompt and every generated token but the last, as after generate()
+    for llm, p, r in zip(llms, PROMPTS, rows):
+        assert llm.engine.length == len(llm.tokenize(p)) + len(r.ids) - (r.finish == "length")
+
+
+def test_a_failed_batched_step_leaves_every_cache_as_it_was(smol):
+    """A step is a transaction for every row: a token the model cannot embed fails it, and both rows'
+    caches keep their length; the next good step goes on as if the failed one never ran."""
+    decoder, tok = smol.model, smol.tokenizer
+    a, b = (build(decoder, tok, "smol", 512, 256, None) for _ in range(2))
+    la, lb = a.prefill(a.tokenize(PROMPTS[0])), b.prefill(b.tokenize(PROMPTS[1]))
+    before = (a.engine.length, b.engine.length)
+    bad = torch.tensor([int(la.argmax()), decoder.cfg.vocab_size + 5])
+    with pytest.raises(IndexError):
+        decode_step([a.engine, b.engine], bad)
+    assert (a.engine.length, b.engine.length) == before
+    good = torch.stack([la.argmax(), lb.argmax()])
+    got = decode_step([a.engine, b.engine], good)
+    ref_a = build(decoder, tok, "smol", 512, 256, None)
+    ref_a.prefill(ref_a.tokenize(PROMPTS[0]))
+    assert torch.allclose(got[0], ref_a.engine.step(la.argmax()), atol=1e-4)
+    with pytest.raises(ValueError, match="twice"):
+        decode_step([a.engine, a.engine], good)

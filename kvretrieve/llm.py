@@ -20,8 +20,9 @@ from .engine.engine import Engine
 from .engine.sampling import Sampler
 from .errors import BusyError, InputError, SavedPrefillError
 from .models.llama import Decoder
-from .models.tokenizer import StreamDecoder, Tokenizer
+from .models.tokenizer import Tokenizer
 from .resolve import AttentionChoice
+from .textout import TextOut
 
 if TYPE_CHECKING:
     from .persist import SaveInfo
@@ -47,11 +48,6 @@ class GenerationResult:
     @property
     def decode_ms_per_token(self) -> float:
         return 1e3 * self.decode_s / max(1, len(self.token_ms))
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest end of `text` that could be the start of a stop string."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 class _Turns:
@@ -233,6 +229,20 @@ class LLM:
             kwargs["max_new_tokens"] = max_new_tokens
         return (sampling if sampling is not None else SamplingParams(**kwargs)), self.tokenize(prompt)
 
+    def prefill_for_batch(self, ids: list[int]) -> tuple[int, torch.Tensor]:
+        """prefill() for a decode that engine.batch runs (serve's sessions): returns the prompt tokens
+        reused (from the cache or a saved prefill) and the next-token logits."""
+        with self._turn("prefill()"):
+            self._reopen_saved_start(ids)
+            reused = min(shared_prefix(self._ids, ids), len(ids) - 1, self.engine.length)
+            return reused, self._prefill(ids, None)
+
+    def record_decoded(self, ids: list[int]) -> None:
+        """A batched decode appended the first of `ids` to the cache after the prompt (not the last one
+        sampled, which no step has run): the token list follows the cache."""
+        with self._turn("record_decoded()"):
+            self._ids += ids[:max(0, self.engine.length - len(self._ids))]
+
     def _stream(self, ids: list[int], params: SamplingParams, on_layer) -> Generator[str, None, GenerationResult]:
         self._reopen_saved_start(ids)
         reused = min(shared_prefix(self._ids, ids), len(ids) - 1, self.engine.length)
@@ -241,45 +251,30 @@ class LLM:
         sampler = Sampler(params, self.device, ids)  # the penalty counts the prompt's tail, as in llama.cpp
         room = self.max_context - self.engine.length  # decode steps the cache can still take
         steps = max(0, min(params.max_new_tokens - 1, room))
-        decoder, out, sent, new_ids, step_ms = StreamDecoder(self.tokenizer), "", 0, [], []
-        finish, prefill_s = "context", time.perf_counter() - t0
+        text, step_ms, prefill_s = TextOut(self.tokenizer, params), [], time.perf_counter() - t0
         if params.max_new_tokens == 0:
-            finish, tokens = "length", (t for t in ())
+            text.finish, tokens = "length", (t for t in ())
         else:
             tokens = self.engine.decode(sampler(logits), sampler, steps)
         with closing(tokens):
-            while True:
+            while text.finish is None:
                 t = time.perf_counter()
                 token_id = next(tokens, None)  # the one host sync per token
                 if token_id is None:
+                    text.finish = "context"
                     break
-                if not new_ids:
+                if not text.ids and not step_ms:
                     prefill_s = time.perf_counter() - t0
                 else:
                     step_ms.append(1e3 * (time.perf_counter() - t))
-                    self._ids.append(new_ids[-1])  # asking for this id appended the previous one to the cache
-                if token_id in self.tokenizer.eos_ids:
-                    finish = "eos"
-                    break
-                new_ids.append(token_id)
-                out += decoder.push(token_id)
-                cut = min((i for i in (out.find(s, max(0, sent - len(s))) for s in params.stop) if i >= 0),
-                          default=-1)
-                if cut >= 0:
-                    yield out[sent:cut]
-                    out, finish = out[:cut], "stop"
-                    break
-                safe = len(out) - _held_back(out, params.stop)
-                if safe > sent:
-                    yield out[sent:safe]
-                    sent = safe
-                if len(new_ids) == params.max_new_tokens:
-                    finish = "length"
-                    break
-        if finish != "stop":
-            out += decoder.flush()
-            if len(out) > sent:
-                yield out[sent:]
+                if text.ids:
+                    self._ids.append(text.ids[-1])  # asking for this id appended the previous one to the cache
+                piece = text.push(token_id)
+                if piece:
+                    yield piece
+        if piece := text.close():
+            yield piece
+        out, new_ids, finish = text.text, text.ids, text.finish
         self.last = GenerationResult(text=out, token_ids=new_ids, prompt_tokens=len(ids), reused_tokens=reused,
                                      finish_reason=finish, prefill_s=prefill_s,
                                      decode_s=sum(step_ms) / 1e3, token_ms=step_ms)

@@ -137,6 +137,10 @@ def test_concurrent_clients_get_their_own_answers(server, local):
         t.join(timeout=300)
     assert not errors, errors
     assert [got[i] for i in range(8)] == [want[i % len(CHATS)] for i in range(8)]
+    # they decoded together: several sessions, several requests in one step
+    values = dict(line.split(" ", 1) for line in server.get("/metrics").splitlines() if not line.startswith("#"))
+    sessions, rows = int(values["kvretrieve_sessions"]), int(values["kvretrieve_batch_rows_max"])
+    assert sessions > 1 and rows > 1, (sessions, rows)
 
 
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):

@@ -11,6 +11,7 @@ import click
 from ..errors import KVRetrieveError
 from ..models.tokenizer import check_utf8
 from .conversation import Conversation, documents_block
+from ..api import build
 from .options import PrefillProgress, load_from_options, model_options, retrieval_options
 from .saved import cache_options, document_cache, prefill_documents, resumed_conversation
 
@@ -28,6 +29,9 @@ class ServeError(KVRetrieveError):
                                                  "checkpoint's folder name).")
 @click.option("--max-waiting", type=click.IntRange(1, 1024), default=16, show_default=True,
               help="Requests that may wait or run at once; more get HTTP 429.")
+@click.option("--sessions", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="Requests that decode together, each in its own KV cache (made as requests come, while "
+                   "memory allows); more wait their turn.")
 @click.option("--document", "-d", "documents", multiple=True, metavar="FILE",
               help="Serve documents (repeatable): every chat request gets them in front of its first user "
                    "message, as `kvretrieve chat` does; prefilled (or reopened from the document cache) once, at start.")
@@ -37,7 +41,7 @@ class ServeError(KVRetrieveError):
 @cache_options
 @model_options
 @retrieval_options
-def serve(host, port, model_name, max_waiting, documents, system, resume, **opts):
+def serve(host, port, model_name, max_waiting, sessions, documents, system, resume, **opts):
     """Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions
     (streamed or not), GET /v1/models, /health and /metrics (Prometheus). Requests take turns on the
     model; a prompt that starts with what the previous request left in the KV cache (the same document,
@@ -59,7 +63,13 @@ def serve(host, port, model_name, max_waiting, documents, system, resume, **opts
     llm = load_from_options(opts)
     conv = served_documents(llm, documents, system, resume, cache)
     llm.document_cache = cache  # any request that starts with a saved document reopens it
-    server = Server(llm, model_name or default_name(llm.source), max_waiting, conv.documents, conv.system)
+    def make_session():
+        session = build(llm.model, llm.tokenizer, llm.source, llm.max_context, llm.engine.chunk, llm.retrieval)
+        session.document_cache = cache
+        return session
+
+    server = Server(llm, model_name or default_name(llm.source), max_waiting, conv.documents, conv.system,
+                    sessions, make_session)
     config = uvicorn.Config(server.app(), log_level="warning", timeout_graceful_shutdown=60)
     uv = uvicorn.Server(config)
     click.echo(f"serving {server.name} on http://{host}:{sock.getsockname()[1]}/v1 (OpenAI API); Ctrl-C stops",

@@ -37,7 +37,7 @@ def decode_step(engines: list[Engine], tokens: torch.Tensor) -> torch.Tensor:
         return model.logits(model.decode_rows(tokens, positions, [e.backend for e in engines]))
 
 
-@dataclass
+@dataclass(eq=False)  # rows are compared by identity (their fields hold tensors)
 class Row:
     """One sequence of a Batch: `token` is sampled and not yet in its cache."""
     engine: Engine
@@ -80,6 +80,11 @@ class Batch:
         if row.finish is None:
             self.rows.append(row)
         return row
+
+    def leave(self, row: Row) -> None:
+        """Take a row out between steps (its answer ended on a stop string, or its reader went away)."""
+        self.rows = [r for r in self.rows if r is not row]
+        row.finish = row.finish or "left"
 
     def step(self) -> list[Row]:
         """Every row appends its token and takes the next; returns the rows that left (finished)."""

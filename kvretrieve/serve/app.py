@@ -1,12 +1,12 @@
 """An OpenAI-compatible HTTP server over one LLM (Starlette on uvicorn).
 
 With served documents (`kvretrieve serve -d FILE` or `--resume F.kvr`) every chat request gets them
-in front of its first user message, as `kvretrieve chat` does. Generation is blocking torch work, so each request runs in a worker thread; the LLM's turn lock
-(llm.LLM: one call at a time) makes requests take turns on the model and its KV cache, so a request
-whose prompt starts with what the previous one left in the cache (a document asked about again)
-prefills only the rest, and `usage.prompt_tokens_details.cached_tokens` says how much was reused.
-At most max_waiting requests wait or run; more get 429. A streamed answer whose client goes away
-is closed after the step in flight, which gives the model to the next request.
+in front of its first user message, as `kvretrieve chat` does. Each request waits in a worker
+thread while the batcher (batcher.py) decodes it together with the others, each in its own session
+(KV cache); a request whose prompt starts with what a session's cache holds (a document asked about
+again) prefills only the rest, and `usage.prompt_tokens_details.cached_tokens` says how much was
+reused. At most max_waiting requests wait or run; more get 429. A streamed answer whose client goes
+away leaves the batch after the step in flight.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from ..documents import with_documents
 from ..errors import BusyError, InputError, KVRetrieveError, NumericsError, ResourceError
+from .batcher import Batcher
 from .protocol import FINISH, ApiError, Request, chunk, new_id, parse, response
 
 MAX_BODY = 64 << 20  # bytes of JSON a request may send (a 128K-token prompt is ~0.5 MB of text)
@@ -45,10 +46,14 @@ class Metrics:
 
 
 class Server:
-    def __init__(self, llm, model_name: str, max_waiting: int = 16, documents: str = "", system: str | None = None):
+    def __init__(self, llm, model_name: str, max_waiting: int = 16, documents: str = "", system: str | None = None,
+                 sessions: int = 1, make_session=None):
         """documents, system: put in front of every chat request as `kvretrieve chat` does (served
-        documents: their prefill, done or reopened at start, is a prefix of every such request)."""
+        documents: their prefill, done or reopened at start, is a prefix of every such request).
+        sessions: requests that decode together (batcher.Batcher), each in its own KV cache:
+        `llm`'s, then ones make_session() makes as requests come."""
         self.llm, self.name, self.max_waiting = llm, model_name, max_waiting
+        self.batcher = Batcher(llm, sessions if make_session else 1, make_session)
         self.documents, self.system = documents, system
         self.waiting = 0
         self.metrics = Metrics()
@@ -59,25 +64,15 @@ class Server:
     def close(self) -> None:
         """Stop: generations still running end after their current step; returns when they have."""
         self.stopping.set()
+        self.batcher.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     # ---- one generation, in a worker thread ------------------------------------------------------------
     def _run(self, req: Request, emit, cancelled: threading.Event):
-        """Run the generation, emit(piece) for each piece; returns the GenerationResult (None when the
-        client went away and the stream was closed)."""
-        stream = self.llm.stream(req.prompt, sampling=req.sampling)
-        try:
-            while True:
-                if cancelled.is_set() or self.stopping.is_set():
-                    stream.close()  # ends the LLM's turn after the step in flight: the next request goes on
-                    return None
-                try:
-                    piece = next(stream)
-                except StopIteration as done:
-                    return done.value
-                emit(piece)
-        finally:
-            stream.close()
+        """Run the generation, emit(piece) for each piece (from the batcher's thread); returns the
+        GenerationResult (None when the client went away first)."""
+        ids = self.llm.tokenize(req.prompt)
+        return self.batcher.submit(ids, req.sampling, emit, cancelled).result()
 
     def _admit(self) -> None:
         if self.waiting >= self.max_waiting:
@@ -181,7 +176,9 @@ class Server:
         lines += ["# TYPE kvretrieve_waiting_requests gauge", f"kvretrieve_waiting_requests {self.waiting}",
                   "# TYPE kvretrieve_kv_bytes gauge"]
         lines += [f'kvretrieve_kv_bytes{{part="{k}"}} {v}' for k, v in backend.memory().items()]
-        lines += ["# TYPE kvretrieve_cached_tokens gauge", f"kvretrieve_cached_tokens {self.llm.cached_tokens}"]
+        lines += ["# TYPE kvretrieve_cached_tokens gauge", f"kvretrieve_cached_tokens {self.llm.cached_tokens}",
+                  "# TYPE kvretrieve_sessions gauge", f"kvretrieve_sessions {self.batcher.made}",
+                  "# TYPE kvretrieve_batch_rows_max gauge", f"kvretrieve_batch_rows_max {self.batcher.most_rows}"]
         counters = backend.counters()
         if counters:
             lines += ["# TYPE kvretrieve_block_cache_total counter",

@@ -1,0 +1,184 @@
+"""Requests decoding together: the server's sessions stepped as one batch (engine.batch).
+
+A session is an LLM over the server's one Decoder with its own KV cache; the first is the LLM the
+server was started with (its served documents already prefilled), more are made when requests wait
+and none is free, up to `sessions`, until one cannot be made for want of memory (then requests
+queue). One thread owns every session: between batched decode steps it admits waiting requests,
+each into the free session whose cache shares the longest start with its prompt (a document asked
+about again is not prefilled again; a saved one is reopened from the document cache), prefills it
+there alone, and joins it to the batch; after each step it hands every request its text, and a
+request that ends, or whose client went away, leaves. The next step goes on with the others.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..config import SamplingParams
+from ..doc_cache import shared_prefix
+from ..engine.batch import Batch, Row
+from ..engine.sampling import Sampler
+from ..errors import ResourceError
+from ..llm import GenerationResult, LLM
+from ..textout import TextOut
+
+
+@dataclass(eq=False)
+class Job:
+    ids: list[int]
+    params: SamplingParams
+    emit: Callable[[str], None]
+    cancelled: threading.Event
+    done: Future = field(default_factory=Future)
+
+
+@dataclass(eq=False)
+class _Running:
+    job: Job
+    session: LLM
+    row: Row
+    text: TextOut
+    reused: int
+    prefill_s: float
+    step_ms: list[float] = field(default_factory=list)
+    seen: int = 0           # row ids already given to text
+
+
+class Batcher:
+    def __init__(self, first: LLM, sessions: int, make_session: Callable[[], LLM]):
+        self.free, self.made, self.limit, self.make = [first], 1, sessions, make_session
+        self.inbox: queue.Queue[Job | None] = queue.Queue()
+        self.batch, self.running = Batch(), []
+        self.waiting: list[Job] = []
+        self.most_rows = 0      # the most requests one step has decoded (/metrics)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="kvretrieve-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, ids: list[int], params: SamplingParams, emit: Callable[[str], None],
+               cancelled: threading.Event) -> Future:
+        """Queue a request; its Future gives the GenerationResult (None when cancelled first)."""
+        job = Job(ids, params, emit, cancelled)
+        self.inbox.put(job)
+        return job.done
+
+    def close(self) -> None:
+        """Stop: running answers end after the step in flight, waiting ones get None."""
+        self.stopping.set()
+        self.inbox.put(None)
+        self.thread.join()
+
+    # ---- the thread -----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            self._collect(block=not self.running and not self.waiting)
+            if self.stopping.is_set():
+                for r in list(self.running):
+                    self._leave(r)
+                for j in self.waiting:
+                    j.done.set_result(None)
+                return
+            self._admit()
+            if self.running:
+                self._step()
+
+    def _collect(self, block: bool) -> None:
+        """Move the inbox's requests to the waiting list; with block, wait for one (None wakes it to stop)."""
+        try:
+            job = self.inbox.get() if block else self.inbox.get_nowait()
+            while True:
+                if job is not None:
+                    self.waiting.append(job)
+                job = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _admit(self) -> None:
+        for job in [j for j in self.waiting if j.cancelled.is_set()]:
+            self.waiting.remove(job)
+            job.done.set_result(None)
+        while self.waiting:
+            session = self._session_for(self.waiting[0].ids)
+            if session is None:
+                return
+            self._start(self.waiting.pop(0), session)
+
+    def _session_for(self, ids: list[int]) -> LLM | None:
+        if not self.free and self.made < self.limit:
+            try:
+                self.free.append(self.make())
+                self.made += 1
+            except (ResourceError, torch.OutOfMemoryError):
+                self.limit = self.made  # no memory for another cache: requests wait for a free session
+        if not self.free:
+            return None
+        best = max(self.free, key=lambda s: shared_prefix(s.cached_ids, ids))
+        self.free.remove(best)
+        return best
+
+    def _start(self, job: Job, session: LLM) -> None:
+        t0 = time.perf_counter()
+        try:
+            reused, logits = session.prefill_for_batch(job.ids)
+            room = session.max_context - session.engine.length
+            row = self.batch.join(session.engine, logits, Sampler(job.params, session.device, job.ids),
+                                  min(job.params.max_new_tokens, room + 1) if job.params.max_new_tokens else 0)
+        except BaseException as e:  # noqa: BLE001 - the request's error; the session goes back as it is
+            self.free.append(session)
+            job.done.set_exception(e)
+            return
+        r = _Running(job, session, row, TextOut(session.tokenizer, job.params), reused, time.perf_counter() - t0)
+        if job.params.max_new_tokens == 0:
+            r.text.finish = "length"
+        self.running.append(r)
+        self._hand_over(r)
+
+    def _step(self) -> None:
+        self.most_rows = max(self.most_rows, len(self.batch.rows))
+        t = time.perf_counter()
+        try:
+            self.batch.step()
+        except BaseException as e:  # noqa: BLE001 - every row was rolled back: each request gets the error
+            for r in list(self.running):
+                self._leave(r, error=e)
+            return
+        ms = 1e3 * (time.perf_counter() - t)
+        for r in list(self.running):
+            r.step_ms.append(ms)
+            self._hand_over(r)
+
+    def _hand_over(self, r: _Running) -> None:
+        """Give the row's new ids to its text, send what may be sent, and end it if it is over."""
+        while r.seen < len(r.row.ids) and r.text.finish is None:
+            piece = r.text.push(r.row.ids[r.seen])
+            r.seen += 1
+            if piece:
+                r.job.emit(piece)
+        if r.text.finish is None and r.row.finish is not None:
+            r.text.finish = "context"  # the row ran out of cache (its token budget ends the text first)
+        if r.text.finish is not None or r.job.cancelled.is_set():
+            self._leave(r)
+
+    def _leave(self, r: _Running, error: BaseException | None = None) -> None:
+        self.batch.leave(r.row)
+        self.running.remove(r)
+        r.session.record_decoded(r.row.ids)
+        self.free.append(r.session)
+        if error is not None:
+            r.job.done.set_exception(error)
+            return
+        if r.job.cancelled.is_set() or r.text.finish is None:
+            r.job.done.set_result(None)
+            return
+        if piece := r.text.close():
+            r.job.emit(piece)
+        r.job.done.set_result(GenerationResult(
+            text=r.text.text, token_ids=r.text.ids, prompt_tokens=len(r.job.ids), reused_tokens=r.reused,
+            finish_reason=r.text.finish, prefill_s=r.prefill_s, decode_s=sum(r.step_ms) / 1e3, token_ms=r.step_ms))
+

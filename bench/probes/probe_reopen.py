@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from reopen import config, document  # noqa: E402
 
 from kvretrieve.api import build, load_decoder  # noqa: E402
+from kvretrieve.cli.options import parse_tokens  # noqa: E402
 from kvretrieve.config import RuntimeConfig  # noqa: E402
 from kvretrieve.store.saved import SavedPrefill  # noqa: E402
 
@@ -84,7 +85,7 @@ def main() -> None:
     ap.add_argument("--kind", default="lowrank")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    n = int(args.context[:-1]) * 1024 if args.context.upper().endswith("K") else int(args.context)
+    n = parse_tokens(args.context)
     runtime = RuntimeConfig(max_context=n + 64)
     decoder, tok, source = load_decoder(None, runtime, dense_kv=False, shape=args.shape)
     doc, _ = document(tok, n - 16, decoder.cfg.vocab_size)

@@ -66,3 +66,38 @@ def test_a_failed_batched_step_leaves_every_cache_as_it_was(smol):
     assert torch.allclose(got[0], ref_a.engine.step(la.argmax()), atol=1e-4)
     with pytest.raises(ValueError, match="twice"):
         decode_step([a.engine, a.engine], good)
+
+
+def test_a_long_prompt_prefills_in_slices_while_the_running_request_goes_on(smol):
+    """serve's batcher: a long prompt that arrives while another request decodes goes in 64 tokens at
+    a time between that request's steps (it keeps streaming meanwhile), and both answers equal their
+    answers alone."""
+    import threading
+    import time
+
+    from kvretrieve.config import SamplingParams
+    from kvretrieve.serve.batcher import Batcher
+
+    decoder, tok = smol.model, smol.tokenizer
+
+    def make():
+        return build(decoder, tok, "smol", 2048, 256, None)
+
+    short, long = PROMPTS[1], " ".join(PROMPTS * 8)
+    params = [SamplingParams(max_new_tokens=40, temperature=0), SamplingParams(max_new_tokens=4, temperature=0)]
+    alone = [make().generate(p, sampling=s, return_details=True).token_ids for p, s in zip((short, long), params)]
+    batcher, events = Batcher(make(), 2, make, prefill_slice=64), []
+    try:
+        fa = batcher.submit(smol.tokenize(short), params[0], lambda piece: events.append("a"), threading.Event())
+        deadline = time.monotonic() + 60
+        while "a" not in events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        long_ids = smol.tokenize(long)
+        assert len(long_ids) > 10 * 64
+        at = len(events)
+        fb = batcher.submit(long_ids, params[1], lambda piece: events.append("b"), threading.Event())
+        ra, rb = fa.result(timeout=120), fb.result(timeout=120)
+    finally:
+        batcher.close()
+    assert [ra.token_ids, rb.token_ids] == alone
+    assert events[at:events.index("b")].count("a") >= 5  # a kept decoding during b's slices

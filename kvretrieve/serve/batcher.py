@@ -5,8 +5,8 @@ server was started with (its served documents already prefilled), more are made 
 and none is free, up to `sessions`, until one cannot be made for want of memory (then requests
 queue). One thread owns every session: between batched decode steps it admits waiting requests,
 each into the free session whose cache shares the longest start with its prompt (a document asked
-about again is not prefilled again; a saved one is reopened from the document cache), prefills it
-there alone, and joins it to the batch; after each step it hands every request its text, and a
+about again is not prefilled again; a saved one is reopened from the document cache), prefills its
+prompt there a slice at a time between the others' steps (PREFILL_SLICE), and joins it to the batch; after each step it hands every request its text, and a
 request that ends, or whose client went away, leaves. The next step goes on with the others.
 """
 from __future__ import annotations
@@ -29,6 +29,15 @@ from ..llm import GenerationResult, LLM
 from ..textout import TextOut
 
 
+# Prompt tokens a request prefills between two decode steps of the requests already running: a long
+# prompt then holds them for a slice at a time, not for its whole prefill (vLLM's chunked prefill).
+PREFILL_SLICE = 2048
+
+
+class _Cancelled(Exception):
+    pass
+
+
 @dataclass(eq=False)
 class Job:
     ids: list[int]
@@ -36,6 +45,16 @@ class Job:
     emit: Callable[[str], None]
     cancelled: threading.Event
     done: Future = field(default_factory=Future)
+
+
+@dataclass(eq=False)
+class _Prefilling:
+    """A request in its session, its prompt prefilled up to `upto` so far."""
+    job: Job
+    session: LLM
+    upto: int = 0
+    reused: int | None = None
+    t0: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(eq=False)
@@ -51,8 +70,12 @@ class _Running:
 
 
 class Batcher:
-    def __init__(self, first: LLM, sessions: int, make_session: Callable[[], LLM]):
-        self.free, self.made, self.limit, self.make = [first], 1, sessions, make_session
+    def __init__(self, first: LLM, sessions: int, make_session: Callable[[], LLM] | None,
+                 prefill_slice: int = PREFILL_SLICE):
+        """prefill_slice: prompt tokens a new request prefills between two steps of the others."""
+        self.free, self.made, self.make = [first], 1, make_session
+        self.limit = sessions if make_session is not None else 1
+        self.slice, self.prefilling = prefill_slice, []
         self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.batch, self.running = Batch(), []
         self.waiting: list[Job] = []
@@ -77,14 +100,17 @@ class Batcher:
     # ---- the thread -----------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            self._collect(block=not self.running and not self.waiting)
+            self._collect(block=not self.running and not self.waiting and not self.prefilling)
             if self.stopping.is_set():
                 for r in list(self.running):
                     self._leave(r)
-                for j in self.waiting:
+                for p in self.prefilling:
+                    self.free.append(p.session)
+                for j in self.waiting + [p.job for p in self.prefilling]:
                     j.done.set_result(None)
                 return
             self._admit()
+            self._prefill_slice()
             if self.running:
                 self._step()
 
@@ -107,7 +133,7 @@ class Batcher:
             session = self._session_for(self.waiting[0].ids)
             if session is None:
                 return
-            self._start(self.waiting.pop(0), session)
+            self.prefilling.append(_Prefilling(self.waiting.pop(0), session))
 
     def _session_for(self, ids: list[int]) -> LLM | None:
         if not self.free and self.made < self.limit:
@@ -122,18 +148,32 @@ class Batcher:
         self.free.remove(best)
         return best
 
-    def _start(self, job: Job, session: LLM) -> None:
-        t0 = time.perf_counter()
+    def _prefill_slice(self) -> None:
+        """The first prefilling request's next slice of prompt; once all of it is in, its first token
+        and a row in the batch. With no row running, the whole prompt goes at once."""
+        if not self.prefilling:
+            return
+        p = self.prefilling[0]
+        job, session = p.job, p.session
+        end = len(job.ids) if not self.running else min(len(job.ids), p.upto + self.slice)
         try:
-            reused, logits = session.prefill_for_batch(job.ids)
+            if job.cancelled.is_set():
+                raise _Cancelled
+            reused, logits = session.prefill_for_batch(job.ids[:end])  # reuses what earlier slices put in
+            p.reused = reused if p.reused is None else p.reused
+            p.upto = end
+            if end < len(job.ids):
+                return
             room = session.max_context - session.engine.length
             row = self.batch.join(session.engine, logits, Sampler(job.params, session.device, job.ids),
                                   min(job.params.max_new_tokens, room + 1) if job.params.max_new_tokens else 0)
         except BaseException as e:  # noqa: BLE001 - the request's error; the session goes back as it is
+            self.prefilling.remove(p)
             self.free.append(session)
-            job.done.set_exception(e)
+            job.done.set_result(None) if isinstance(e, _Cancelled) else job.done.set_exception(e)
             return
-        r = _Running(job, session, row, TextOut(session.tokenizer, job.params), reused, time.perf_counter() - t0)
+        self.prefilling.remove(p)
+        r = _Running(job, session, row, TextOut(session.tokenizer, job.params), p.reused, time.perf_counter() - p.t0)
         if job.params.max_new_tokens == 0:
             r.text.finish = "length"
         self.running.append(r)

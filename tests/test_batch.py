@@ -114,3 +114,29 @@ def test_a_long_prompt_prefills_in_slices_while_the_running_request_goes_on(smol
         batcher.close()
     assert [ra.token_ids, rb.token_ids] == alone
     assert events[at:events.index("b")].count("a") >= 5  # a kept decoding during b's slices
+
+
+def test_the_batcher_answers_every_request_when_a_reader_fails_or_after_it_stops(smol):
+    """A reader whose callback raises gets that error (the thread goes on serving the next request,
+    which answers as alone); after close(), a request is answered None at once instead of waiting."""
+    import threading
+
+    from kvretrieve.config import SamplingParams
+    from kvretrieve.serve.batcher import Batcher
+
+    def failing(piece: str) -> None:
+        raise RuntimeError("the reader went away")
+
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    llm = build(smol.model, smol.tokenizer, "smol", 1024, 256, None)
+    want = build(smol.model, smol.tokenizer, "smol", 1024, 256, None).generate(PROMPTS[0], sampling=params,
+                                                                               return_details=True)
+    batcher = Batcher(llm, 1, None)
+    try:
+        with pytest.raises(RuntimeError, match="went away"):
+            batcher.submit(smol.tokenize(PROMPTS[0]), params, failing, threading.Event()).result(timeout=60)
+        got = batcher.submit(smol.tokenize(PROMPTS[0]), params, lambda p: None, threading.Event()).result(timeout=60)
+        assert got.token_ids == want.token_ids
+    finally:
+        batcher.close()
+    assert batcher.submit(smol.tokenize(PROMPTS[0]), params, lambda p: None, threading.Event()).result(timeout=5) is None

@@ -6,8 +6,10 @@ and none is free, up to `sessions`, until one cannot be made for want of memory 
 queue). One thread owns every session: between batched decode steps it admits waiting requests,
 each into the free session whose cache shares the longest start with its prompt (a document asked
 about again is not prefilled again; a saved one is reopened from the document cache), prefills its
-prompt there a slice at a time between the others' steps (PREFILL_SLICE), and joins it to the batch; after each step it hands every request its text, and a
-request that ends, or whose client went away, leaves. The next step goes on with the others.
+prompt there a slice at a time between the others' steps (PREFILL_SLICE), and joins it to the
+batch; after each step it hands every request its text, and a request that ends, or whose client
+went away, leaves. The next step goes on with the others. Every request's Future is answered, also
+when the server stops or the thread meets an error it did not expect (then every request gets it).
 """
 from __future__ import annotations
 
@@ -80,7 +82,7 @@ class Batcher:
         self.batch, self.running = Batch(), []
         self.waiting: list[Job] = []
         self.most_rows = 0      # the most requests one step has decoded (/metrics)
-        self.stopping = threading.Event()
+        self.stopping, self._lock, self._closed = threading.Event(), threading.Lock(), False
         self.thread = threading.Thread(target=self._loop, name="kvretrieve-batcher", daemon=True)
         self.thread.start()
 
@@ -88,31 +90,59 @@ class Batcher:
                cancelled: threading.Event) -> Future:
         """Queue a request; its Future gives the GenerationResult (None when cancelled first)."""
         job = Job(ids, params, emit, cancelled)
-        self.inbox.put(job)
+        with self._lock:
+            if self._closed:
+                job.done.set_result(None)
+            else:
+                self.inbox.put(job)
         return job.done
 
     def close(self) -> None:
         """Stop: running answers end after the step in flight, waiting ones get None."""
-        self.stopping.set()
-        self.inbox.put(None)
+        with self._lock:
+            self._closed = True
+            self.stopping.set()
+            self.inbox.put(None)
         self.thread.join()
+        self._collect(block=False)  # what came after the thread's last look
+        for job in self.waiting:
+            job.done.set_result(None)
+        self.waiting = []
 
     # ---- the thread -----------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             self._collect(block=not self.running and not self.waiting and not self.prefilling)
             if self.stopping.is_set():
-                for r in list(self.running):
-                    self._leave(r)
-                for p in self.prefilling:
-                    self.free.append(p.session)
-                for j in self.waiting + [p.job for p in self.prefilling]:
-                    j.done.set_result(None)
+                self._end_all()
                 return
-            self._admit()
-            self._prefill_slice()
-            if self.running:
-                self._step()
+            try:
+                self._admit()
+                self._prefill_slice()
+                if self.running:
+                    self._step()
+            except BaseException as e:  # noqa: BLE001 - a thread that died would leave every request waiting
+                self._end_all(e)
+
+    def _end_all(self, error: BaseException | None = None) -> None:
+        """Every request ends: with `error`, or None (stopping); every session is free again."""
+        for r in list(self.running):
+            self.batch.leave(r.row)
+            self.running.remove(r)
+            r.session.record_decoded(r.row.ids)
+            self.free.append(r.session)
+            self._answer(r.job, error)
+        for p in self.prefilling:
+            self.free.append(p.session)
+            self._answer(p.job, error)
+        for job in self.waiting:
+            self._answer(job, error)
+        self.prefilling, self.waiting = [], []
+
+    @staticmethod
+    def _answer(job: Job, error: BaseException | None) -> None:
+        if not job.done.done():
+            job.done.set_exception(error) if error is not None else job.done.set_result(None)
 
     def _collect(self, block: bool) -> None:
         """Move the inbox's requests to the waiting list; with block, wait for one (None wakes it to stop)."""

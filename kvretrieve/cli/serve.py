@@ -11,7 +11,6 @@ import click
 from ..errors import KVRetrieveError
 from ..models.tokenizer import check_utf8
 from .conversation import Conversation, documents_block
-from ..api import build
 from .options import PrefillProgress, load_from_options, model_options, retrieval_options
 from .saved import cache_options, document_cache, prefill_documents, resumed_conversation
 
@@ -64,6 +63,8 @@ def serve(host, port, model_name, max_waiting, sessions, documents, system, resu
     conv = served_documents(llm, documents, system, resume, cache)
     llm.document_cache = cache  # any request that starts with a saved document reopens it
     def make_session():
+        from ..api import build  # not at the top: `kvretrieve --help` must not import torch
+
         session = build(llm.model, llm.tokenizer, llm.source, llm.max_context, llm.engine.chunk, llm.retrieval)
         session.document_cache = cache
         return session

@@ -163,6 +163,8 @@ class RetrievalConfig:
                                        # None: on, except for ivf and beside estimate_tokens (kvretrieve.resolve)
     cluster_tokens: int = 8192    # ivf: tokens per clustered prefill segment
     store_dtype: str = "auto"     # the CPU store: model (its dtype), int8 (a scale per token and head), auto
+    store: str = "auto"           # where the CPU store lives: ram, disk (memory-mapped files), auto (ram
+                                  # while the KV cache fits in the free RAM, else disk)
 
     def __post_init__(self) -> None:
         _check_types(self, "RetrievalConfig.")
@@ -189,6 +191,7 @@ class RetrievalConfig:
                f"cluster_tokens must be at least 64 blocks ({64 * (bs or 0)} tokens), got {self.cluster_tokens}")
         _check(self.store_dtype in ("auto", "model", "int8"),
                f"store_dtype must be 'auto', 'model' or 'int8', got {self.store_dtype!r}")
+        _check(self.store in ("auto", "ram", "disk"), f"store must be 'auto', 'ram' or 'disk', got {self.store!r}")
         if self.cache_blocks is not None and bs is not None:
             _check(self.cache_blocks >= self.budget_blocks,
                    f"cache_blocks ({self.cache_blocks}) must hold at least the budget ({self.budget_blocks} blocks)")
@@ -214,7 +217,7 @@ class RetrievalConfig:
     @property
     def resolved(self) -> bool:
         """True once kvretrieve.resolve has made every "auto" concrete (what backends accept)."""
-        return (self.index != "auto" and self.store_dtype != "auto" and self.kmeans != "auto"
+        return (self.index != "auto" and self.store_dtype != "auto" and self.kmeans != "auto" and self.store != "auto"
                 and self.block_size is not None and self.block_scores != "auto")
 
     def plan(self, context: int) -> tuple[int, int]:

@@ -31,6 +31,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvretrieve"
 
 
+def store_dir() -> Path:
+    """Where disk stores (RetrievalConfig(store="disk")) make their segment files, unlinked at once."""
+    return cache_root() / "stores"
+
+
 def temporary_dir(parent: Path) -> Path:
     """A new temporary folder in `parent` (made if missing) whose name says which process owns it."""
     parent.mkdir(parents=True, exist_ok=True)

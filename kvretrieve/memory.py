@@ -3,6 +3,8 @@ message instead of an OOM kill halfway through a prefill."""
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import psutil
 import torch
@@ -46,6 +48,16 @@ def check_allocation(nbytes: int, device: torch.device, what: str, fix: str) -> 
     if nbytes > _HEADROOM * free:
         where = "CPU RAM" if device.type == "cpu" else f"GPU memory on {device}"
         raise ResourceError(f"not enough {where} for {what}: needs {nbytes / GiB:.2f} GiB, "
+                            f"{free / GiB:.2f} GiB free; {fix}")
+
+
+def check_disk_space(nbytes: int, folder: Path, what: str, fix: str) -> None:
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if nbytes > _HEADROOM * free:
+        raise ResourceError(f"not enough disk space for {what} in {folder}: needs {nbytes / GiB:.2f} GiB, "
                             f"{free / GiB:.2f} GiB free; {fix}")
 
 

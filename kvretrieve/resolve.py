@@ -15,7 +15,8 @@ from .errors import ConfigError, ResourceError
 from .index.ivf import resolve_kmeans
 from .index.lowrank import LowRankIndex
 from .index.summary import BlockSummary
-from .memory import GiB, check_allocation, free_bytes
+from .files import store_dir
+from .memory import GiB, check_allocation, check_disk_space, free_bytes, free_host_bytes
 from .models.llama import ModelConfig
 from .models.shapes import weight_bytes
 
@@ -138,7 +139,8 @@ def resolve_attention(retrieval: RetrievalConfig | None, mc: ModelConfig, capaci
     attended = cfg.sink_tokens + (window + budget) * cfg.block_size
     rest = ", the rest estimated" if cfg.estimate_rest else ""
     scores = " with mass scores" if cfg.index == "lowrank" and cfg.block_scores == "mass" else ""
-    return AttentionChoice(cfg, f"retrieval ({cfg.index} index{scores}, {cfg.store_dtype} CPU store, "
+    where_kept = " on disk" if cfg.store == "disk" else ""
+    return AttentionChoice(cfg, f"retrieval ({cfg.index} index{scores}, {cfg.store_dtype} CPU store{where_kept}, "
                                 f"{attended:,} tokens attended per step at {capacity:,}{rest}): {why}")
 
 
@@ -169,8 +171,27 @@ def resolve_retrieval(cfg: RetrievalConfig, mc: ModelConfig, capacity: int, devi
         index = "lowrank" if sketch <= AUTO_SKETCH_SHARE * free else "ivf"
     store = cfg.store_dtype if cfg.store_dtype != "auto" else "int8" if device.type == "cuda" else "model"
     rest = cfg.estimate_rest if cfg.estimate_rest is not None else index != "ivf" and not cfg.estimate_tokens
-    return replace(fine_layout(cfg, index, capacity), index=index, store_dtype=store, estimate_rest=rest,
-                   kmeans=resolve_kmeans(cfg.kmeans, device))
+    cfg = replace(fine_layout(cfg, index, capacity), index=index, store_dtype=store, estimate_rest=rest,
+                  kmeans=resolve_kmeans(cfg.kmeans, device))
+    return replace(cfg, store=resolve_store(cfg, mc, capacity, dtype))
+
+
+def resolve_store(cfg: RetrievalConfig, mc: ModelConfig, capacity: int, dtype: torch.dtype) -> str:
+    """store auto: RAM while the whole store of `capacity` tokens fits in the free RAM, else disk
+    (memory-mapped files under KVRETRIEVE_CACHE: what fits stays in RAM, the rest is read as decode
+    selects it), where the disk has the room; else RAM, which the store then refuses by name."""
+    if cfg.store != "auto":
+        return cfg.store
+    per_token = mc.head_dim + 4 if cfg.store_dtype == "int8" else mc.head_dim * dtype.itemsize
+    need = 2 * mc.num_layers * mc.num_kv_heads * per_token * capacity
+    if need <= HEADROOM * free_host_bytes():
+        return "ram"
+    try:
+        check_disk_space(need, store_dir(), "", "")
+    except ResourceError:
+        return "ram"
+    return "disk"
+
 
 
 def fine_layout(cfg: RetrievalConfig, index: str, capacity: int) -> RetrievalConfig:

@@ -317,9 +317,13 @@ def test_not_enough_ram_for_the_context(tmp_path, tiny):
     auto = generate(tiny, "--max-context", "32K", env=env)  # the default, auto: what does not fit dense is retrieved
     assert auto.exit_code == 0 and "attention: retrieval" in auto.stderr and "does not fit" in auto.stderr, auto.stderr
     long_prompt = " ".join(f"w{i % 500}" for i in range(15_000))
-    result = generate(tiny, "--raw", "--max-context", "64K", "--retrieval", "bounds", prompt="-", input=long_prompt,
-                      env=env)
-    assert_user_error(result, "not enough CPU RAM", "KVRETRIEVE_FREE_RAM_GB")
+    result = generate(tiny, "--raw", "--max-context", "64K", "--retrieval", "bounds", "--store", "ram", prompt="-",
+                      input=long_prompt, env=env)
+    assert_user_error(result, "not enough CPU RAM", "KVRETRIEVE_FREE_RAM_GB", "--store disk")
+    # left to auto, a store that does not fit the free RAM goes to disk (memory-mapped files), and runs
+    on_disk = generate(tiny, "--raw", "--max-context", "64K", "--retrieval", "bounds", prompt="-", input=long_prompt,
+                       env=env)
+    assert on_disk.exit_code == 0 and "CPU store on disk" in on_disk.stderr, on_disk.stderr
 
 
 # ---- Ctrl-C ----------------------------------------------------------------------------------------

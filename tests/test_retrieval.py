@@ -104,7 +104,7 @@ def planted_run(kind: str, sabotage: str | None = None, reselect: int = 1, steps
     L, H, G, d, bs, n = 2, 2, 2, 32, 8, 1024
     cfg = RetrievalConfig(index=kind, block_size=bs, budget_tokens=8 * bs, sink_tokens=bs, window_tokens=4 * bs,
                           rank=8, reselect_every=reselect, cluster_tokens=512, kmeans="torch", store_dtype="model",
-                          block_scores="max")
+                          block_scores="max", store="ram")
     backend = RetrievalKV(cfg, kv_geometry(L, H, d, bs, n // bs + 8), n + 32, append_chunk_blocks=5)
     if sabotage:
         scores = backend.index.scores
@@ -963,3 +963,26 @@ def test_key_channel_scales_fit_once_per_conversation():
     store.forget_from(0)  # a new conversation
     store.write(0, 0, k3, k3)
     assert torch.equal(store.channels[0], channel_scales(k3))
+
+
+def test_a_disk_store_decodes_as_the_ram_store_from_unlinked_mapped_files(tiny_dir, tmp_path, monkeypatch):
+    """RetrievalConfig(store="disk"): the store's segments are shared maps of files under
+    KVRETRIEVE_CACHE/stores, unlinked as soon as they are mapped (nothing is left on disk, even by a
+    crash); prefill, decode and a truncation give bitwise the logits of the same store in RAM."""
+    from pathlib import Path
+
+    monkeypatch.setenv("KVRETRIEVE_CACHE", str(tmp_path))
+    cfg = RetrievalConfig(index="lowrank", rank=8, budget_tokens=64, window_tokens=16, sink_tokens=4)
+    g = torch.Generator().manual_seed(21)
+    prompt, more = torch.randint(0, 256, (700,), generator=g), torch.randint(0, 256, (40,), generator=g)
+    steps = torch.randint(0, 256, (6,), generator=g)
+    _, ram = engines(tiny_dir, dataclasses.replace(cfg, store="ram"))
+    _, disk = engines(tiny_dir, dataclasses.replace(cfg, store="disk"))
+    assert disk.backend.cfg.store == "disk" and ram.backend.cfg.store == "ram"
+    want = run_script(ram, prompt, more, steps, 720)
+    got = run_script(disk, prompt, more, steps, 720)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    stores = tmp_path / "stores"
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(stores) in line]
+    assert mapped and all(line.endswith("(deleted)") for line in mapped)
+    assert not any(stores.iterdir())

@@ -23,6 +23,7 @@ from .. import kernels
 from ..cache import BlockPool
 from ..config import KVGeometry, RetrievalConfig
 from ..errors import ConfigError
+from ..files import store_dir
 from ..index import BlockSummary, make_index
 from ..store import KVStore
 from ..store.saved import under
@@ -41,7 +42,8 @@ class RetrievalKV(AttentionBackend):
             raise ConfigError(f"RetrievalKV needs a resolved RetrievalConfig (no 'auto' left), got {cfg}")
         self.cfg, self.geo, self.capacity, self.length = cfg, geo, capacity, 0
         self.bs, self.L, self.H, self.scale = geo.block_size, geo.layers, geo.kv_heads, geo.head_dim ** -0.5
-        self.store = KVStore(geo, quantize=cfg.store_dtype == "int8")
+        self.store = KVStore(geo, quantize=cfg.store_dtype == "int8",
+                             disk_dir=store_dir() if cfg.store == "disk" else None)
         self.index = make_index(cfg, geo)
         self.pool = BlockPool(cfg, geo)
         if geo.device.type == "cuda":

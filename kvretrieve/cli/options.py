@@ -116,6 +116,10 @@ def retrieval_options(f):
                      help="CPU KV store: the model's dtype, or int8 with a scale per token (half the RAM and "
                           "half the copies; accuracy in the README); auto: int8 on a GPU, the model's dtype "
                           "on the CPU."),
+        click.option("--store", default="auto", show_default=True, type=click.Choice(["auto", "ram", "disk"]),
+                     help="Where the CPU KV store lives: ram, or disk (memory-mapped files under "
+                          "KVRETRIEVE_CACHE: the RAM holds what fits, the rest is read as decode selects it); "
+                          "auto: ram while the KV cache fits in the free RAM, else disk."),
         click.option("--estimate-rest/--no-estimate-rest", default=None,
                      help="Count the blocks a step does not attend through a summary of each (mean key, value "
                           "sum) merged into the attention (default: on, except for ivf; accuracy in the README)."),
@@ -133,7 +137,7 @@ def retrieval_from_options(opts: dict) -> RetrievalConfig | None:
     return RetrievalConfig(index=opts["retrieval"], budget_tokens=opts["budget"], block_size=opts["block_size"],
                            sink_tokens=opts["sink"], window_tokens=opts["window"], rank=opts["rank"],
                            block_scores=opts["block_scores"], reselect_every=opts["reselect_every"],
-                           store_dtype=opts["store_dtype"],
+                           store_dtype=opts["store_dtype"], store=opts["store"],
                            speculative=opts["speculative"], estimate_rest=opts["estimate_rest"])
 
 
@@ -197,7 +201,7 @@ def require_stdin(what: str, fix: str) -> None:
 _RETRIEVAL_FLAGS = {"index": "--retrieval", "budget_tokens": "--budget", "window_tokens": "--window",
                     "sink_tokens": "--sink", "block_size": "--block-size", "rank": "--rank",
                     "block_scores": "--block-scores", "reselect_every": "--reselect-every",
-                    "store_dtype": "--store-dtype",
+                    "store_dtype": "--store-dtype", "store": "--store",
                     "estimate_rest": "--estimate-rest"}
 PARAM_FLAGS = {
     "max_context": "--max-context", "gpu_mem_gb": "--gpu-mem-gb", "prefill_chunk": "--prefill-chunk",

@@ -23,25 +23,30 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
 from ..config import KVGeometry
 from ..errors import SavedPrefillError
 from .saved import Tensors
-from ..memory import GiB, check_allocation, fast_pinning
+from ..memory import GiB, fast_pinning
+from .segments import SegmentHome
 from .quant import channel_scales, copy_per_head, dequantize, quantize
 
 
 class KVStore:
-    def __init__(self, geo: KVGeometry, quantize: bool = False, segment_blocks: int = 1024):
+    def __init__(self, geo: KVGeometry, quantize: bool = False, segment_blocks: int = 1024,
+                 disk_dir: Path | None = None):
         """geo: the cache's shape; its device is the compute device (pinned segments, async copies and
-        kernels reading the store when it is CUDA). quantize: int8 with a scale per token and head."""
+        kernels reading the store when it is CUDA). quantize: int8 with a scale per token and head.
+        disk_dir: segments as memory-mapped files there (store.segments), not in RAM."""
         num_layers = geo.layers
         self.L, self.H, self.d, self.bs = geo.layers, geo.kv_heads, geo.head_dim, geo.block_size
         self.max_blocks = geo.max_blocks
         self.seg_blocks = min(segment_blocks, self.max_blocks)
-        self.device, self.pin = geo.device, geo.device.type == "cuda"
+        self.home = SegmentHome(geo.device.type == "cuda", disk_dir)
+        self.device, self.pin = geo.device, self.home.pin
         self.dtype, self.quantized = geo.dtype, quantize  # dtype: what reads give back
         self.n_segments = -(-self.max_blocks // self.seg_blocks)
         self.segments: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
@@ -105,10 +110,8 @@ class KVStore:
         missing = -(-n_tokens // self.bs) - self.capacity_blocks
         if missing > 0:
             need = -(-missing // self.seg_blocks) * self.seg_blocks * self.bytes_per_block
-            check_allocation(need, torch.device("cpu"), f"the KV cache of {n_tokens:,} tokens in CPU memory "
-                             f"({self.bytes_per_block * n_tokens / self.bs / GiB:.1f} GiB)",
-                             "lower max_context, or set KVRETRIEVE_FREE_RAM_GB if this host reports less "
-                             "free memory than it can hand out")
+            self.home.check_fits(need, f"the KV cache of {n_tokens:,} tokens "
+                                       f"({self.bytes_per_block * n_tokens / self.bs / GiB:.1f} GiB)")
 
     def ensure(self, n_blocks: int, background: bool = False) -> None:
         """Make room for n_blocks; with background=True the segments are allocated on a thread and
@@ -139,7 +142,7 @@ class KVStore:
             for layer in range(self.L):
                 for i in range(have, want):
                     for t, (segs, shp, dt) in enumerate(tables):
-                        seg = torch.empty(shp, dtype=dt, pin_memory=self.pin)
+                        seg = self.home.new(shp, dt)
                         first = segs[0][0] if segs[0] else seg
                         self._host_offsets[t, layer, i] = (seg.data_ptr() - first.data_ptr()) // seg.element_size()
                         segs[layer].append(seg)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import ConfigError, SavedPrefillError
 from .files import TMP_PREFIX, cache_root, sweep_stale_temporaries
+from .memory import free_disk_bytes
 
 DEFAULT_CAP_SHARE, DEFAULT_CAP_MAX = 0.25, 64 << 30  # of the free disk, and at most
 
@@ -58,10 +59,7 @@ class DocumentCache:
     def cap_bytes(self) -> int:
         if self.cap is not None:
             return self.cap
-        probe = self.root if self.root.exists() else self.root.parent
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        free = shutil.disk_usage(probe).free + sum(e.bytes for e in self.entries())
+        free = free_disk_bytes(self.root) + sum(e.bytes for e in self.entries())
         return int(min(DEFAULT_CAP_MAX, DEFAULT_CAP_SHARE * free))
 
     def path_for(self, key: str) -> Path:

@@ -51,11 +51,16 @@ def check_allocation(nbytes: int, device: torch.device, what: str, fix: str) -> 
                             f"{free / GiB:.2f} GiB free; {fix}")
 
 
-def check_disk_space(nbytes: int, folder: Path, what: str, fix: str) -> None:
+def free_disk_bytes(folder: Path) -> int:
+    """Free space on the disk that holds `folder` (or would: its nearest existing parent)."""
     probe = Path(folder)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    return shutil.disk_usage(probe).free
+
+
+def check_disk_space(nbytes: int, folder: Path, what: str, fix: str) -> None:
+    free = free_disk_bytes(folder)
     if nbytes > _HEADROOM * free:
         raise ResourceError(f"not enough disk space for {what} in {folder}: needs {nbytes / GiB:.2f} GiB, "
                             f"{free / GiB:.2f} GiB free; {fix}")

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, SavedPrefillError
-from .files import TMP_PREFIX, cache_root, sweep_stale_temporaries
-from .memory import free_disk_bytes
+from .files import TMP_PREFIX, cache_root, free_disk_bytes, sweep_stale_temporaries
 
 DEFAULT_CAP_SHARE, DEFAULT_CAP_MAX = 0.25, 64 << 30  # of the free disk, and at most
 

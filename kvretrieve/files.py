@@ -31,6 +31,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvretrieve"
 
 
+def free_disk_bytes(folder: Path) -> int:
+    """Free space on the disk that holds `folder` (or would: its nearest existing parent)."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
 def store_dir() -> Path:
     """Where disk stores (RetrievalConfig(store="disk")) make their segment files, unlinked at once."""
     return cache_root() / "stores"

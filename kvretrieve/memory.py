@@ -3,13 +3,13 @@ message instead of an OOM kill halfway through a prefill."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import psutil
 import torch
 
 from .errors import ResourceError
+from .files import free_disk_bytes
 
 GiB = 1 << 30
 # Some hosts (VMs with memory ballooning) report far less free RAM than they will hand out. This
@@ -49,14 +49,6 @@ def check_allocation(nbytes: int, device: torch.device, what: str, fix: str) -> 
         where = "CPU RAM" if device.type == "cpu" else f"GPU memory on {device}"
         raise ResourceError(f"not enough {where} for {what}: needs {nbytes / GiB:.2f} GiB, "
                             f"{free / GiB:.2f} GiB free; {fix}")
-
-
-def free_disk_bytes(folder: Path) -> int:
-    """Free space on the disk that holds `folder` (or would: its nearest existing parent)."""
-    probe = Path(folder)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
 
 
 def check_disk_space(nbytes: int, folder: Path, what: str, fix: str) -> None:

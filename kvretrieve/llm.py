@@ -202,10 +202,13 @@ class LLM:
             self._reopen_saved_start(ids)
             return self._prefill(ids, on_layer)
 
+    def _reusable(self, ids: list[int]) -> int:
+        """Tokens of `ids` the cache already holds and a prefill keeps: never the last (its logits are
+        needed), never past what the cache holds (a Ctrl-C may have left it shorter than the token list)."""
+        return min(shared_prefix(self._ids, ids), len(ids) - 1, self.engine.length)
+
     def _prefill(self, ids: list[int], on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
-        # The last token is always run again: its logits are needed. A Ctrl-C may have left the cache
-        # shorter than the token list (or longer): only what both hold is reused.
-        keep = min(shared_prefix(self._ids, ids), len(ids) - 1, self.engine.length)
+        keep = self._reusable(ids)
         self._ids = self._ids[:keep]
         self.engine.truncate(keep)
         logits = self.engine.prefill(ids[keep:], on_layer)
@@ -234,7 +237,7 @@ class LLM:
         reused (from the cache or a saved prefill) and the next-token logits."""
         with self._turn("prefill()"):
             self._reopen_saved_start(ids)
-            reused = min(shared_prefix(self._ids, ids), len(ids) - 1, self.engine.length)
+            reused = self._reusable(ids)
             return reused, self._prefill(ids, None)
 
     def record_decoded(self, ids: list[int]) -> None:
@@ -245,7 +248,7 @@ class LLM:
 
     def _stream(self, ids: list[int], params: SamplingParams, on_layer) -> Generator[str, None, GenerationResult]:
         self._reopen_saved_start(ids)
-        reused = min(shared_prefix(self._ids, ids), len(ids) - 1, self.engine.length)
+        reused = self._reusable(ids)
         t0 = time.perf_counter()
         logits = self._prefill(ids, on_layer)
         sampler = Sampler(params, self.device, ids)  # the penalty counts the prompt's tail, as in llama.cpp

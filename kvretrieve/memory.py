@@ -80,7 +80,7 @@ def process_rss_bytes() -> int:
 def fast_pinning() -> None:
     """Make torch pin host memory by registering malloc'd pages on several threads instead of
     cudaHostAlloc: on the H200 host, 9.4 GiB of store segments pin in 1.2 s with 16 threads against
-    4.2 s (bench/results/reopen_cuda_8b_128k.md), and a reopened or first prefill waits for them.
+    4.2 s (bench/results/logs/pinning_h200_5a8ff8c.txt), and a reopened or first prefill waits for them.
     A process-wide torch setting: left alone where PYTORCH_CUDA_ALLOC_CONF already says how to pin."""
     if "pinned" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
         return

@@ -127,11 +127,7 @@ class Batcher:
     def _end_all(self, error: BaseException | None = None) -> None:
         """Every request ends: with `error`, or None (stopping); every session is free again."""
         for r in list(self.running):
-            self.batch.leave(r.row)
-            self.running.remove(r)
-            r.session.record_decoded(r.row.ids)
-            self.free.append(r.session)
-            self._answer(r.job, error)
+            self._leave(r, error)  # a running answer is unfinished: None, or the error
         for p in self.prefilling:
             self.free.append(p.session)
             self._answer(p.job, error)

@@ -31,11 +31,16 @@ def free_host_bytes() -> int:
 
 def free_device_bytes(device: torch.device) -> int:
     """Bytes this process may still allocate on a CUDA device, honouring a per-process cap
-    (set_per_process_memory_fraction, as apply_gpu_cap sets it: cudaMemGetInfo does not see it)."""
+    (set_per_process_memory_fraction, as apply_gpu_cap sets it: cudaMemGetInfo does not see it).
+    Blocks torch's allocator caches count as free: it hands them back to the driver before it would
+    fail an allocation. (Counted as used, the temporaries of making random 8B weights, or of an
+    earlier session's warm-up, refused a 128K session a 24 GiB card holds.)"""
     index = device.index if device.index is not None else torch.cuda.current_device()
     free, total = torch.cuda.mem_get_info(index)
     cap = int(torch.cuda.get_per_process_memory_fraction(index) * total)
-    return max(0, min(free, cap - torch.cuda.memory_reserved(index)))
+    allocated = torch.cuda.memory_allocated(index)
+    cached = torch.cuda.memory_reserved(index) - allocated
+    return max(0, min(free + cached, cap - allocated))
 
 
 def free_bytes(device: torch.device) -> int:

@@ -140,3 +140,56 @@ def test_the_batcher_answers_every_request_when_a_reader_fails_or_after_it_stops
     finally:
         batcher.close()
     assert batcher.submit(smol.tokenize(PROMPTS[0]), params, lambda p: None, threading.Event()).result(timeout=5) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_graphed_batched_steps_decode_as_each_alone(tmp_path_factory, kind):
+    """On CUDA a Batch runs each row's attention on its own stream and, once its rows' step shapes
+    repeat, replays a CUDA graph of the step: three rows (a tiny model, prompts long enough for a
+    full retrieval budget) give every logit of each row alone, step after step, through the graph;
+    when a row leaves, the graphs it was in go, and the two left decode on as alone."""
+    from helpers import dense_backend, retrieval_backend, saved_tiny_model, tiny_decoder
+    from kvretrieve.engine.engine import Engine
+
+    path = saved_tiny_model(tmp_path_factory, vocab=256, layers=3, heads=8, kv_heads=2, head_dim=16, max_pos=4096,
+                            seed=7)
+    dec = tiny_decoder(path, "cuda", torch.float32)
+
+    def engine():
+        cfg = CONFIGS[kind]
+        return Engine(dec, dense_backend(dec, 1024) if cfg is None else retrieval_backend(dec, cfg, 1024), 256)
+
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (300, 411, 367)]
+    steps = 12
+    alone = []
+    for p in prompts:
+        e, out = engine(), []
+        logits = e.prefill(p)
+        for _ in range(steps):
+            out.append(logits)
+            logits = e.step(logits.argmax())
+        alone.append(torch.stack(out))
+    batch, got = Batch(), [[] for _ in prompts]
+
+    def recorder(i):
+        def take(logits):
+            got[i].append(logits.clone())
+            return logits.argmax()
+        return take
+
+    budgets = [steps - 4, steps, steps]
+    rows = [batch.join(e, e.prefill(p), recorder(i), n)
+            for i, (e, p, n) in enumerate(zip([engine() for _ in prompts], prompts, budgets))]
+    for step in range(steps + 2):
+        left = batch.step()
+        if step == 5:
+            assert 1 <= len(batch.runner.graphs) <= 2 and batch.runner.replays >= 3
+        if left:
+            assert not batch.runner.graphs  # the graphs the rows that left were in are gone
+        if not batch.rows:
+            break
+    assert all(r.finish == "length" for r in rows) and [len(x) for x in got] == budgets
+    for i in range(len(prompts)):
+        assert torch.allclose(torch.stack(got[i]), alone[i][:budgets[i]], atol=1e-4), (kind, i)

@@ -4,6 +4,7 @@ with a clear message and leave the session usable."""
 from __future__ import annotations
 
 import json
+import mmap
 import shutil
 from pathlib import Path
 
@@ -133,9 +134,10 @@ def test_a_damaged_save_is_refused_and_the_session_goes_on(tiny, tmp_path, how, 
 
 
 def test_a_save_in_many_parts_reopens_whole_and_checks_every_part(tiny, tmp_path, monkeypatch):
-    """Parts are what the checksums run in parallel over: a save cut into many reopens to the same
-    logits, and a byte changed in its last part is caught."""
+    """Pieces of parts are what the checksums run in parallel over: a save cut into many parts reopens
+    to the same logits, and a byte changed inside a later piece of its last part is caught."""
     monkeypatch.setattr(saved_mod, "PART_BYTES", 16 << 10)
+    monkeypatch.setattr(saved_mod, "PIECE_BYTES", mmap.ALLOCATIONGRANULARITY)
     a = load(tiny, CONFIGS["lowrank-mass-int8"])
     ids, follow = prompt(300), prompt(9, seed=4)
     a.prefill(ids)
@@ -144,8 +146,10 @@ def test_a_save_in_many_parts_reopens_whole_and_checks_every_part(tiny, tmp_path
     assert len(parts) > 4
     b = load(tiny, CONFIGS["lowrank-mass-int8"], resume=tmp_path / "many.kvr")
     assert torch.equal(a.prefill(ids + follow), b.prefill(ids + follow))
+    sums = json.loads((tmp_path / "many.kvr" / "manifest.json").read_text())["files"][parts[-1].name]["crc32"]
+    assert len(sums) >= 3
     data = bytearray(parts[-1].read_bytes())
-    data[-1] ^= 0xFF
+    data[mmap.ALLOCATIONGRANULARITY + 100] ^= 0xFF
     parts[-1].write_bytes(bytes(data))
     with pytest.raises(SavedPrefillError, match=f"{parts[-1].name} does not match its checksum"):
         b.resume(tmp_path / "many.kvr")

@@ -760,15 +760,19 @@ def test_lowrank_mass_at_full_rank_decodes_as_the_oracle(tiny_dir, device):
 @pytest.mark.cuda
 def test_cuda_store_is_pinned_from_load_and_a_context_beyond_ram_is_refused_there(tiny_dir, monkeypatch):
     """On CUDA the CPU store is reserved (pinned) on a thread from the moment the backend is made, so the
-    first prefill does not pin; a capacity the RAM cannot hold is refused then, before any prefill."""
+    first prefill does not pin; a capacity the RAM cannot hold is refused then, before any prefill, by a
+    RAM store, while store="auto" (the default) puts it on disk, unpinned."""
     cfg = RetrievalConfig(index="lowrank", block_size=8, budget_tokens=64, window_tokens=16, rank=8)
     _, engine = engines(tiny_dir, cfg, device="cuda", capacity=4096)
     store = engine.backend.store
     store.join()
+    assert store.pin and store.home.disk_dir is None
     assert store.reserved == store.n_segments and store.nbytes() >= store.max_blocks * store.bytes_per_block
     monkeypatch.setenv("KVRETRIEVE_FREE_RAM_GB", str(store.nbytes() / 2 / 2**30))
     with pytest.raises(ResourceError, match="max_context"):
-        engines(tiny_dir, cfg, device="cuda", capacity=4096)
+        engines(tiny_dir, dataclasses.replace(cfg, store="ram"), device="cuda", capacity=4096)
+    on_disk = engines(tiny_dir, cfg, device="cuda", capacity=4096)[1].backend.store
+    assert not on_disk.pin and on_disk.home.disk_dir is not None
 
 
 def test_auto_index_takes_lowrank_while_its_sketches_fit_and_ivf_beyond(tiny_dir, monkeypatch):
@@ -841,7 +845,7 @@ def test_auto_index_on_a_capped_gpu_turns_to_ivf(tiny_dir):
     # 3 layers x 2 heads x 8 ranks x fp32 = 192 B of sketches per token: 600 MiB at 3.3M tokens
     capacity = 600 * 2**20 // 192
     try:
-        torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(dev) + 2**30) / total, dev)
+        torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated(dev) + 2**30) / total, dev)
         assert free_device_bytes(dev) <= 2**30
         backend = retrieval_backend(dec, cfg, capacity)
         assert backend.cfg.index == "ivf" and isinstance(backend.index, IVFIndex)

@@ -7,7 +7,11 @@ per row against the row's own cache. A sequence joins after its own prefill and 
 both happen between steps. A step is a transaction for every row, as Engine.step is for one: if it
 fails (Ctrl-C included), every row's cache is rolled back to before it.
 
-Not yet: CUDA graphs of a batched step (it runs eagerly) and kernels that take the batch in one launch.
+On CUDA (StepRunner) each row's attention runs on its own stream, and a step whose rows and shapes
+repeat (the same engines, each with the same graph key) replays a CUDA graph of it: an eager step of
+the 8B shape launches some 30 small kernels per row and layer, and the host, not the GPU, set its
+pace (bench/results/batch_decode_h200_32k_c51cedd.md: 79 ms a step for one row or two, eager).
+Not yet: kernels that take the batch in one launch.
 """
 from __future__ import annotations
 
@@ -21,20 +25,95 @@ from .engine import Engine
 
 
 @torch.inference_mode()
-def decode_step(engines: list[Engine], tokens: torch.Tensor) -> torch.Tensor:
+def decode_step(engines: list[Engine], tokens: torch.Tensor, streams: list | None = None) -> torch.Tensor:
     """Append tokens[b] (a [B] int64 device tensor) to engines[b]'s cache for every b at once; returns
-    the logits [B, V] (fp32) that follow them. The engines share one model."""
+    the logits [B, V] (fp32) that follow them. The engines share one model; on CUDA, streams (one per
+    row) run the rows' attention side by side."""
+    _check(engines)
+    with ExitStack() as passes:
+        starts = [passes.enter_context(e._pass(1)) for e in engines]
+        positions = torch.tensor(starts, dtype=torch.long, device=engines[0].model.device)
+        return _forward(engines, tokens, positions, streams)
+
+
+def _check(engines: list[Engine]) -> None:
     model = engines[0].model
     if any(e.model is not model for e in engines):
         raise ValueError("decode_step: every engine of a batch must run the same Decoder")
     if len({id(e) for e in engines}) != len(engines):
         raise ValueError("decode_step: an engine appears twice in the batch (one sequence, one row)")
-    with ExitStack() as passes:
-        starts = [passes.enter_context(e._pass(1)) for e in engines]
-        for e in engines:
-            e.backend.prologue()
-        positions = torch.tensor(starts, dtype=torch.long, device=model.device)
-        return model.logits(model.decode_rows(tokens, positions, [e.backend for e in engines]))
+
+
+def _forward(engines: list[Engine], tokens: torch.Tensor, positions: torch.Tensor, streams) -> torch.Tensor:
+    """The device work of a batched step (what a graph of it records)."""
+    for e in engines:
+        e.backend.prologue()
+    model = engines[0].model
+    return model.logits(model.decode_rows(tokens, positions, [e.backend for e in engines], streams))
+
+
+@dataclass(eq=False)
+class _Captured:
+    engines: list[Engine]  # held, so that no other engine can take an id in the key while it lives
+    graph: "torch.cuda.CUDAGraph"
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    logits: torch.Tensor
+
+
+class StepRunner:
+    """Runs a Batch's steps: decode_step, on CUDA with a stream per row and, once a step's rows and
+    their graph keys repeat, as the replay of a CUDA graph captured from that step (as Engine.step
+    does for one sequence). Graphs of rows that left are dropped (forget)."""
+
+    MAX_GRAPHS = 8  # compositions kept; each holds its activations (a few MiB for 8 rows of the 8B shape)
+
+    def __init__(self):
+        self.streams: list = []
+        self.graphs: dict = {}  # key -> _Captured
+        self._pool = None       # the memory pool all captured graphs share
+        self.replays = 0
+
+    @torch.inference_mode()
+    def step(self, engines: list[Engine], tokens: torch.Tensor) -> torch.Tensor:
+        dev = engines[0].model.device
+        if dev.type != "cuda":
+            return decode_step(engines, tokens)
+        while len(self.streams) < len(engines):
+            self.streams.append(torch.cuda.Stream(dev))
+        _check(engines)
+        with ExitStack() as passes:
+            starts = torch.tensor([passes.enter_context(e._pass(1)) for e in engines], dtype=torch.long)
+            keys = [e.backend.graph_key() if e.graphs else None for e in engines]
+            key = None if None in keys else tuple(zip(map(id, engines), keys))
+            got = self.graphs.get(key) if key is not None else None
+            if got is not None:
+                got.tokens.copy_(tokens)
+                got.positions.copy_(starts, non_blocking=True)
+                got.graph.replay()
+                self.replays += 1
+                return got.logits.clone()  # the graph's output buffer is overwritten by the next replay
+            tokens, positions = tokens.clone(), starts.to(dev)
+            logits = _forward(engines, tokens, positions, self.streams)
+            if key is not None:
+                self._capture(key, engines, tokens, positions)
+            return logits
+
+    def _capture(self, key, engines: list[Engine], tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        """Record the step just run (every kernel compiled, the allocator warm); capture only records."""
+        while len(self.graphs) >= self.MAX_GRAPHS:
+            del self.graphs[next(iter(self.graphs))]
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(tokens.device)
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = _forward(engines, tokens, positions, self.streams)
+        self._pool = graph.pool()
+        self.graphs[key] = _Captured(list(engines), graph, tokens, positions, logits)
+
+    def forget(self, engines) -> None:
+        """Drop the graphs of steps that any of these engines took part in (they left the batch)."""
+        gone = {id(e) for e in engines}
+        self.graphs = {k: g for k, g in self.graphs.items() if not gone & {id(e) for e in g.engines}}
 
 
 @dataclass(eq=False)  # rows are compared by identity (their fields hold tensors)
@@ -65,6 +144,7 @@ class Batch:
 
     def __init__(self):
         self.rows: list[Row] = []
+        self.runner = StepRunner()
 
     def join(self, engine: Engine, logits: torch.Tensor, next_token: Callable[[torch.Tensor], torch.Tensor],
              max_new_tokens: int, stop_ids=()) -> Row:
@@ -85,6 +165,7 @@ class Batch:
         """Take a row out between steps (its answer ended on a stop string, or its reader went away)."""
         self.rows = [r for r in self.rows if r is not row]
         row.finish = row.finish or "left"
+        self.runner.forget([row.engine])
 
     def step(self) -> list[Row]:
         """Every row appends its token and takes the next; returns the rows that left (finished)."""
@@ -95,9 +176,10 @@ class Batch:
                 r.finish = "length"
         rows = [r for r in self.rows if r.finish is None]
         if rows:
-            logits = decode_step([r.engine for r in rows], torch.stack([r.token for r in rows]))
+            logits = self.runner.step([r.engine for r in rows], torch.stack([r.token for r in rows]))
             for r, row_logits in zip(rows, logits):
                 r._take(r.next_token(row_logits))
         left = [r for r in self.rows if r.finish is not None]
         self.rows = [r for r in self.rows if r.finish is None]
+        self.runner.forget([r.engine for r in left])
         return left

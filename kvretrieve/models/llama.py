@@ -170,11 +170,12 @@ class Decoder:
         attn.end_layer(layer)
         return x
 
-    def decode_rows(self, ids: torch.Tensor, positions: torch.Tensor, attns: list[AttentionBackend]) -> torch.Tensor:
+    def decode_rows(self, ids: torch.Tensor, positions: torch.Tensor, attns: list[AttentionBackend],
+                    streams: list | None = None) -> torch.Tensor:
         """One decode step of B sequences at once: ids, positions [B] (int64, on the device), attns[b]
         the backend of row b. The projections and the MLP read each weight once for all rows (decode
-        is bound by those reads); attention runs per row against the row's own cache. Returns the
-        hidden rows [B, hidden]."""
+        is bound by those reads); attention runs per row against the row's own cache, on streams[b]
+        where CUDA streams are given. Returns the hidden rows [B, hidden]."""
         c = self.cfg
         x = self.embed(ids)
         if c.rope.kind == "dynamic":  # its frequencies follow each sequence's own length
@@ -193,10 +194,28 @@ class Decoder:
                     if attns[b].lookahead(layer):
                         attns[b].prefetch(layer + 1, q_next[b:b + 1])
             q, k, v = self.project_qkv(layer, rms_norm(x, w.attn_norm, c.rms_eps), cos, sin)
-            out = torch.cat([attns[b].decode(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]) for b in rows])
+            out = self._attend_rows(layer, q, k, v, attns, streams)
             x += F.linear(out.reshape(len(attns), -1), w.o, w.o_bias)
             x += self.mlp(layer, rms_norm(x, w.mlp_norm, c.rms_eps))
         return x
+
+    def _attend_rows(self, layer: int, q, k, v, attns: list[AttentionBackend], streams: list | None) -> torch.Tensor:
+        """Each row's decode attention; with streams, row b's runs on streams[b]. A row's selection
+        is a chain of small latency-bound kernels (scores, top-k, lookup, fetch, sparse attention)
+        that fills a few SMs: on their own streams (and as branches of a captured graph) the rows'
+        chains run side by side instead of one after another. Every stream joins the current one
+        before the outputs are read, so tensors freed after this layer are free on all of them."""
+        if streams is None:
+            return torch.cat([a.decode(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]) for b, a in enumerate(attns)])
+        main = torch.cuda.current_stream(self.device)
+        outs = []
+        for b, (a, stream) in enumerate(zip(attns, streams)):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                outs.append(a.decode(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]))
+        for stream in streams[:len(attns)]:
+            main.wait_stream(stream)
+        return torch.cat(outs)
 
     def mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         w = self.w.layers[layer]

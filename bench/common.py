@@ -25,7 +25,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CONFIG_OPTIONS = {"budget": "budget_tokens", "window": "window_tokens", "sink": "sink_tokens", "block": "block_size",
                   "rank": "rank", "zone": "estimate_tokens", "rest": "estimate_rest",  # rest=1: estimate what is left out
                   "int8": "store_dtype",  # int8=0: the CPU store in the model's dtype
-                  "mass": "block_scores"}  # mass=1: lowrank scores blocks by estimated mass, not Loki's max
+                  "mass": "block_scores",  # mass=1: lowrank scores blocks by estimated mass, not Loki's max
+                  "cache": "cache_blocks",  # GPU slots per layer and head for retrieved blocks
+                  "disk": "store"}  # disk=1: the CPU store's segments are memory-mapped files
 
 
 def config_fields(options: list[str], spec: str) -> dict:
@@ -37,7 +39,7 @@ def config_fields(options: list[str], spec: str) -> dict:
         if key not in CONFIG_OPTIONS or not value.isdigit():
             raise SystemExit(f"error: bad option {o!r} in {spec!r}; use {'|'.join(CONFIG_OPTIONS)}=N")
         n = int(value)
-        named = {"rest": (False, True), "int8": ("model", "int8"), "mass": ("max", "mass")}
+        named = {"rest": (False, True), "int8": ("model", "int8"), "mass": ("max", "mass"), "disk": ("ram", "disk")}
         fields[CONFIG_OPTIONS[key]] = named[key][bool(n)] if key in named else n
     return fields
 

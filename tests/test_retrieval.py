@@ -771,8 +771,17 @@ def test_cuda_store_is_pinned_from_load_and_a_context_beyond_ram_is_refused_ther
     monkeypatch.setenv("KVRETRIEVE_FREE_RAM_GB", str(store.nbytes() / 2 / 2**30))
     with pytest.raises(ResourceError, match="max_context"):
         engines(tiny_dir, dataclasses.replace(cfg, store="ram"), device="cuda", capacity=4096)
-    on_disk = engines(tiny_dir, cfg, device="cuda", capacity=4096)[1].backend.store
-    assert not on_disk.pin and on_disk.home.disk_dir is not None
+    on_disk = engines(tiny_dir, cfg, device="cuda", capacity=4096)[1]
+    assert not on_disk.backend.store.pin and on_disk.backend.store.home.disk_dir is not None
+    # it decodes as the pinned store does, eagerly (its fetches read the selection on the host: no graph)
+    g = torch.Generator().manual_seed(9)
+    prompt, steps = torch.randint(0, 256, (600,), generator=g).cuda(), torch.randint(0, 256, (6,), generator=g)
+    outs = []
+    for e in (engine, on_disk):
+        e.forward(prompt)
+        outs.append(torch.stack([e.step(t.cuda()) for t in steps]))
+    assert on_disk.backend.graph_key() is None and not on_disk._captured
+    assert torch.allclose(outs[0], outs[1], atol=1e-4)
 
 
 def test_auto_index_takes_lowrank_while_its_sketches_fit_and_ivf_beyond(tiny_dir, monkeypatch):

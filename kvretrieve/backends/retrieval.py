@@ -120,8 +120,9 @@ class RetrievalKV(AttentionBackend):
         self._open = False  # last: until here, the next begin redoes this truncation
 
     def graph_key(self):
-        """None while an observer watches the step (it runs host code) or the step is no decode."""
-        return self.plan.key() if self.decoding and self.observer is None else None
+        """None while an observer watches the step (it runs host code), the step is no decode, or the
+        store is not pinned (on disk: its fetches read the selection on the host)."""
+        return self.plan.key() if self.decoding and self.observer is None and self.store.pin else None
 
     def prologue(self) -> None:
         if self.decoding:

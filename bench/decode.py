@@ -47,8 +47,19 @@ from kvretrieve.profiling import capacity_for, profile_context, reset_memory  # 
 COLUMNS = ["system", "index", "options", "default", "reselect_every", "speculative", "store_dtype", "context", "ready_s", "prefill_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_mean",
            "peak_gpu_gib",
            "gpu_cap_gib", "pinned_host_gib", "h2d_mb_per_token", "cache_hit", "x_hf_dense", "x_hf_offload",
-           "commit", "derived", "error"]
+           "store", "ram_cap_gib", "rss_gib", "disk_read_mb_per_token", "commit", "derived", "error"]
 CAP_GIB = 24.0
+
+
+def ram_cap_gib() -> float | None:
+    """The memory limit of this process's cgroup (v2), if one is set: a store on disk is shown
+    decoding under a RAM cap that way (the caller makes the cgroup)."""
+    try:
+        rel = Path("/proc/self/cgroup").read_text().strip().split("::", 1)[1]
+        limit = (Path("/sys/fs/cgroup") / rel.lstrip("/") / "memory.max").read_text().strip()
+    except (OSError, IndexError):
+        return None
+    return None if limit == "max" else int(limit) / 2**30
 
 
 def tokens(text: str) -> int:
@@ -113,6 +124,8 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
         row["reselect_every"] = chosen.reselect_every if chosen else None
         row["speculative"] = chosen.speculative if chosen else None
         row["store_dtype"] = chosen.store_dtype if chosen else None
+        row["store"] = chosen.store if chosen else None
+        row["ram_cap_gib"] = ram_cap_gib()
         row["ready_s"] = time.perf_counter() - t
         r = profile_context(engine, prompt(context, decoder.cfg.vocab_size, dev), steps,
                             chosen.block_size if chosen else 16)

@@ -8,7 +8,7 @@ from contextlib import closing
 
 import torch
 
-from .memory import GiB, process_rss_bytes
+from .memory import GiB, process_disk_read_bytes, process_rss_bytes
 
 
 def sync(device: torch.device) -> None:
@@ -52,11 +52,12 @@ def profile_context(engine, ids: torch.Tensor, decode_steps: int, block_size: in
             next(tokens)
         counters0 = backend.counters()
         next(tokens)  # reading the counters waited for the step launched ahead: that step is not timed
-        step_ms = []
+        step_ms, read0 = [], process_disk_read_bytes()
         for _ in range(decode_steps):
             t = time.perf_counter()
             next(tokens)
             step_ms.append(1e3 * (time.perf_counter() - t))
+        read1 = process_disk_read_bytes()
     counters = backend.counters()
     delta = {k: counters.get(k, 0) - counters0.get(k, 0) for k in counters}
     lookups = delta.get("hits", 0) + delta.get("misses", 0)
@@ -68,6 +69,7 @@ def profile_context(engine, ids: torch.Tensor, decode_steps: int, block_size: in
         "decode_ms_p50": statistics.median(step_ms), "decode_ms_p90": q[8],
         "decode_ms_mean": statistics.fmean(step_ms), "step_ms": [round(t, 3) for t in step_ms],
         "h2d_mb_per_token": delta.get("h2d_bytes", 0) / 1e6 / max(1, decode_steps) if lookups else None,
+        "disk_read_mb_per_token": (read1 - read0) / 1e6 / max(1, decode_steps) if read0 is not None else None,
         "cache_hit": delta["hits"] / lookups if lookups else None,
         "spec_hit": delta["spec_hits"] / delta["spec_total"] if delta.get("spec_total") else None,
         "peak_gpu_gib": peak_gpu_gib(device),

@@ -101,7 +101,7 @@ class StepRunner:
 
     def _capture(self, key, engines: list[Engine], tokens: torch.Tensor, positions: torch.Tensor) -> None:
         """Record the step just run (every kernel compiled, the allocator warm); capture only records."""
-        while len(self.graphs) >= self.MAX_GRAPHS:
+        while len(self.graphs) >= self.MAX_GRAPHS:  # others remain, so the shared pool lives on
             del self.graphs[next(iter(self.graphs))]
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(tokens.device)
@@ -114,6 +114,10 @@ class StepRunner:
         """Drop the graphs of steps that any of these engines took part in (they left the batch)."""
         gone = {id(e) for e in engines}
         self.graphs = {k: g for k, g in self.graphs.items() if not gone & {id(e) for e in g.engines}}
+        if not self.graphs:
+            # The pool dies with its last graph; capturing into it again trips torch's allocator
+            # (an internal assert, seen on the H200 with torch 2.11): the next capture starts a new one.
+            self._pool = None
 
 
 @dataclass(eq=False)  # rows are compared by identity (their fields hold tensors)

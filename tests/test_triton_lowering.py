@@ -70,6 +70,16 @@ def _launches(cuda, kv_store):
                     cuda(3, 25, dt=i32), cuda(3, 25, dt=i32), cuda(1, dt=i32), counts)))
     for n in (300, 8704):  # one slice; several slices, then a pass over their survivors (HAS_IDX)
         out.append((f"n={n}", "topk.topk_indices", (cuda(8, n), 128)))
+    from kvretrieve.models.quant import QuantWeight
+
+    for bits, group in ((8, 32), (8, 4096), (4, 32), (4, 128)):  # weights kept quantized (kernels.qlinear)
+        codes = cuda(512, 4096 if bits == 8 else 2048, dt=torch.int8 if bits == 8 else torch.uint8)
+        scales = [cuda(512, 4096 // group, dt=torch.float16) for _ in range(2)]
+        w = QuantWeight(bits, codes, scales[0], scales[1] if bits == 4 else None, group)
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            for t, bias in ((1, True), (1, False), (8, True), (40, True)):  # GEMV, tensor cores (+ K splits), prefill
+                out.append((f"int{bits} g{group} {dt} T={t}", "qlinear.quant_linear",
+                            (cuda(t, 4096, dt=dt), w, cuda(512, dt=dt) if bias else None)))
     return out
 
 

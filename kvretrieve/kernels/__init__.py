@@ -14,6 +14,7 @@ try:
     from kvretrieve.kernels import fused as _tfused
     from kvretrieve.kernels import lru as _tlru
     from kvretrieve.kernels import merge as _tmerge
+    from kvretrieve.kernels import qlinear as _tqlinear
     from kvretrieve.kernels import scoring as _tscore
     from kvretrieve.kernels import sparse_decode as _tdecode
     from kvretrieve.kernels import topk as _ttopk
@@ -117,6 +118,15 @@ def topk_indices(scores, k):
     return (_ttopk.topk_indices if triton_ok else _ref.topk_indices)(scores, k)
 
 
+def quant_linear(x, w, bias=None):
+    """x [T, K] @ w^T + bias for a QuantWeight w [N, K] (kvretrieve.models.quant; bits 8 or 4) and
+    bias [N] in x's dtype or None -> [T, N] in x.dtype, accumulated in fp32. On CUDA, T <= 16 reads
+    the codes once for all rows (decode is bound by the weight's bytes); longer T dequantizes the
+    weight into a buffer and calls F.linear."""
+    impl = _tqlinear.quant_linear if _use_triton(x) else _ref.quant_linear
+    return impl(x, w, bias)
+
+
 __all__ = ["HAS_TRITON", "sparse_decode", "lowrank_block_scores", "lowrank_block_mass", "bounds_block_scores", "merge_attention",
            "lru_lookup", "fetch_blocks", "store_blocks", "max_dot_block_scores", "rms_norm", "apply_rope",
-           "silu_mul", "topk_indices"]
+           "silu_mul", "topk_indices", "quant_linear"]

@@ -13,6 +13,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from kvretrieve.models.quant import QuantWeight, dequantize
+
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INTS = (torch.int32, torch.int64)
 
@@ -429,3 +431,34 @@ def topk_indices(scores, k):
     particular order (among equal scores, any)."""
     check_topk(scores, k)
     return torch.topk(scores, k, dim=1, sorted=False).indices
+
+
+def check_quant_linear(x, w, bias) -> tuple[int, int, int]:
+    """Validate quant_linear inputs -> (T, N, K)."""
+    op = "quant_linear"
+    if not isinstance(w, QuantWeight):
+        _fail(op, f"w must be a QuantWeight, got {type(w).__name__}")
+    _float(op, "x", x)
+    n, k = w.shape
+    if x.dim() != 2 or x.shape[1] != k:
+        _fail(op, f"x must be [T, K] with K = {k}, the input features of w [{n}, {k}], got shape {tuple(x.shape)}")
+    if k == 0 or w.group % 16:
+        _fail(op, f"w's group ({w.group}) must be a multiple of 16 and K ({k}) positive")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,) or bias.dtype != x.dtype):
+        _fail(op, f"bias must be [N] = [{n}] in x's dtype {x.dtype}, got {getattr(bias, 'dtype', type(bias))} "
+                  f"{tuple(getattr(bias, 'shape', ()))}")
+    parts = {"x": x, "codes": w.codes, "scales": w.scales, "mins": w.mins, "bias": bias}
+    _same_device(op, **{name: t for name, t in parts.items() if t is not None})
+    return x.shape[0], n, k
+
+
+def quant_linear(x, w, bias=None):
+    """x [T, K] @ w^T + bias [N] for a QuantWeight w [N, K] -> [T, N] in x.dtype: the weight
+    dequantized in fp32, products, sums and bias in fp32, one rounding to x.dtype at the end (what
+    the kernels approximate; they differ by accumulation order, and 2..16 rows by rounding the
+    dequantized weight to x's dtype for the tensor cores)."""
+    check_quant_linear(x, w, bias)
+    out = x.float() @ dequantize(w).t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)

@@ -5,10 +5,14 @@ it alive, the operating system keeps in RAM what fits and writes the rest back t
 the disk space returns when the store lets go of the segment or the process ends (even by a crash:
 no file is left behind). So a context whose KV cache is larger than the RAM still runs, its blocks
 read from disk as decode selects them (a CUDA store on disk is not pinned: its fetches take the
-reference path, a host sync a layer).
+reference path, a host sync a layer). A disk segment is advised random: by default a page fault
+reads the pages about it too, and a decode step, whose selection is scattered rows of 2 KiB, read
+the whole file for the 4% of it that it selected (bench/results/probe_disk_gather_cpu.json).
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import tempfile
 from pathlib import Path
@@ -23,6 +27,9 @@ class SegmentHome:
         """pin: page-locked RAM segments (a CUDA store); disk_dir: file-backed segments there instead."""
         self.disk_dir = Path(disk_dir) if disk_dir is not None else None
         self.pin = pin and self.disk_dir is None
+        # madvise where the OS has it (Linux, macOS); elsewhere reads only lose the advice
+        libc = ctypes.CDLL(None) if self.disk_dir is not None and hasattr(mmap, "MADV_RANDOM") else None
+        self._madvise = getattr(libc, "madvise", None)
 
     def new(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if self.disk_dir is None:
@@ -34,7 +41,10 @@ class SegmentHome:
         fd, path = tempfile.mkstemp(dir=self.disk_dir, prefix="kvstore-", suffix=".seg")
         try:
             os.ftruncate(fd, numel * dtype.itemsize)  # sparse: blocks take disk space once written
-            return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
+            seg = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
+            if self._madvise is not None:  # no read-around on a fault: decode reads scattered rows
+                self._madvise(ctypes.c_void_p(seg.data_ptr()), ctypes.c_size_t(seg.nbytes), mmap.MADV_RANDOM)
+            return seg
         finally:
             os.close(fd)
             os.unlink(path)
@@ -48,3 +58,4 @@ class SegmentHome:
                              "hand out")
             return
         check_disk_space(nbytes, self.disk_dir, what, "lower max_context or point KVRETRIEVE_CACHE at a larger disk")
+

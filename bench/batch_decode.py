@@ -35,10 +35,11 @@ from kvretrieve.memory import process_rss_bytes  # noqa: E402
 
 WARM_STEPS = 3
 COLUMNS = ["sessions", "context", "attention", "tokens_per_s", "x_one_session", "step_ms_p50", "step_ms_p99",
-           "ttft_s_p50", "ttft_s_max", "peak_gpu_gib", "host_rss_gib", "steps"]
+           "ttft_s_p50", "ttft_s_max", "h2d_mb_per_token", "cache_hit", "peak_gpu_gib", "host_rss_gib", "steps"]
 NOTES = ("tokens_per_s: sessions x 1000 / step_ms_p50, the rate of a typical step. step_ms: the time of one "
          "batched step, which is each session's time per token. ttft_s: each session's prefill alone (to its first "
-         "token). x_one_session: tokens_per_s over the 1-session row of this run. peak_gpu_gib: torch's peak "
+         "token). x_one_session: tokens_per_s over the 1-session row of this run. h2d_mb_per_token: blocks copied "
+         "from the CPU store per token of a session; cache_hit: the share of selected blocks already on the GPU. peak_gpu_gib: torch's peak "
          "allocation over the row; host_rss_gib: the process's resident memory after it.")
 
 
@@ -64,16 +65,23 @@ def measure(decoder, tok, n: int, context: int, steps: int, chunk: int, cfg: Ret
     for _ in range(WARM_STEPS):  # eager launches, then the capture of the step's graph (up to 2 s on the H200)
         batch.step()
     sync(dev)
+    before = [llm.engine.backend.counters() for llm in sessions]
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         batch.step()  # reads each row's token on the host: one sync a step, as a server streaming them does
         times.append(time.perf_counter() - t)
     times.sort()
+    hits = misses = h2d = 0
+    for llm, c0 in zip(sessions, before):
+        c = llm.engine.backend.counters()
+        hits, misses = hits + c.get("hits", 0) - c0.get("hits", 0), misses + c.get("misses", 0) - c0.get("misses", 0)
+        h2d += c.get("h2d_bytes", 0) - c0.get("h2d_bytes", 0)
     row = {"sessions": n, "context": context, "attention": sessions[0].mode_reason.split(":")[0],
            "step_ms_p50": 1e3 * statistics.median(times),
            "step_ms_p99": 1e3 * times[min(len(times) - 1, int(0.99 * len(times)))],
            "ttft_s_p50": statistics.median(ttft), "ttft_s_max": max(ttft), "steps": steps,
+           "h2d_mb_per_token": h2d / 1e6 / (n * steps), "cache_hit": hits / (hits + misses) if hits + misses else None,
            "peak_gpu_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
            "host_rss_gib": process_rss_bytes() / 2**30}
     del sessions, batch

@@ -322,11 +322,14 @@ def fetch_blocks(store, layer, ids, fetch, slots, pool_k, pool_v):
     if len(heads) == 0:
         return
     blocks, dst = ids.cpu()[heads, cols], slots.cpu()[heads, cols].long()
-    rows = torch.empty(2, len(heads), store.bs * store.d, dtype=store.dtype)
+    # Gathered into pinned staging (torch caches pinned blocks, so this allocates once per size) for
+    # a GPU pool: the copy up is then one async DMA, not a pageable copy the host waits for.
+    rows = torch.empty(2, len(heads), store.bs * store.d, dtype=store.dtype, pin_memory=pool_k.is_cuda)
     store.gather(layer, heads, blocks, rows)
     flat = (heads * pool_k.shape[1] + dst).to(pool_k.device)
-    pool_k.view(-1, rows.shape[2]).index_copy_(0, flat, rows[0].to(pool_k.device))
-    pool_v.view(-1, rows.shape[2]).index_copy_(0, flat, rows[1].to(pool_v.device))
+    up = rows.to(pool_k.device, non_blocking=True)
+    pool_k.view(-1, rows.shape[2]).index_copy_(0, flat, up[0])
+    pool_v.view(-1, rows.shape[2]).index_copy_(0, flat, up[1])
 
 
 def check_store(store, block, slot, pool_k, pool_v) -> None:

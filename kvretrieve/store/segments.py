@@ -5,7 +5,8 @@ it alive, the operating system keeps in RAM what fits and writes the rest back t
 the disk space returns when the store lets go of the segment or the process ends (even by a crash:
 no file is left behind). So a context whose KV cache is larger than the RAM still runs, its blocks
 read from disk as decode selects them (a CUDA store on disk is not pinned: its fetches take the
-reference path, a host sync a layer). A disk segment is advised random: by default a page fault
+reference path: a host sync a layer, the selected rows gathered into pinned staging and copied up
+asynchronously). A disk segment is advised random: by default a page fault
 reads the pages about it too, and a decode step, whose selection is scattered rows of 2 KiB, read
 the whole file for the 4% of it that it selected (bench/results/probe_disk_gather_cpu.json).
 """

@@ -5,7 +5,8 @@
 2. bench/decode.py with the given arguments (this tree), results under $OUT/new;
 3. with --longctx ARGS, bench/longctx.py with them (the evaluation model uploaded first:
    bench/gpu_upload.py), results under $OUT/longctx;
-4. with --baseline DIR (a copy of an earlier commit's kvretrieve/ and bench/, e.g. made with
+4. each --extra "SCRIPT ARGS" (e.g. bench/reopen.py, bench/batch_decode.py), logged under $OUT;
+5. with --baseline DIR (a copy of an earlier commit's kvretrieve/ and bench/, e.g. made with
    `git archive REV kvretrieve bench pyproject.toml | tar -x -C .base`), the same decode rows for
    that code in the same call, under $OUT/old, so a refactor's speed is compared within one run.
 
@@ -59,6 +60,9 @@ def main() -> None:
     ap.add_argument("--longctx", default="", help="arguments of bench/longctx.py ('' = no run)")
     ap.add_argument("--baseline", default="", help="a copy of an earlier tree to time with --baseline-decode")
     ap.add_argument("--baseline-decode", default="")
+    ap.add_argument("--extra", action="append", default=[],
+                    help="another bench script and its arguments (repeatable), e.g. \"bench/reopen.py --shape "
+                         "llama3-8b --context 128K\"; its output goes to $OUT/extra_N.log, its --out is the caller's")
     ap.add_argument("--timeout", type=int, default=540, help="seconds per step")
     args = ap.parse_args()
     py = sys.executable
@@ -71,6 +75,8 @@ def main() -> None:
     if args.longctx:
         run([py, "bench/longctx.py", *shlex.split(args.longctx), "--out", str(OUT / "longctx")],
             OUT / "longctx" / "longctx.log", args.timeout)
+    for i, extra in enumerate(args.extra):
+        run([py, *shlex.split(extra)], OUT / f"extra_{i}.log", args.timeout)
     if args.baseline and args.baseline_decode:
         base = (REPO / args.baseline).resolve()
         # The baseline copy proves its commit as this tree does (bench/common.py): its own hash.

@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from kvretrieve.kernels import rms_norm
 
@@ -141,7 +140,7 @@ def batched_step(model, backends, tokens: torch.Tensor, pos: int) -> torch.Tenso
     for layer in range(model.cfg.num_layers):
         w = model.w.layers[layer]
         q, k, v = model.project_qkv(layer, rms_norm(x, w.attn_norm, eps), cos, sin)
-        x += F.linear(fan(layer, q, k, v).reshape(len(backends), -1), w.o, w.o_bias)
+        x += model.linear(fan(layer, q, k, v).reshape(len(backends), -1), w.o, w.o_bias)
         x += model.mlp(layer, rms_norm(x, w.mlp_norm, eps))
     for b in backends:
         b.commit(pos + 1)

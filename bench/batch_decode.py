@@ -110,7 +110,7 @@ def rewrite(path: Path) -> None:
     rows = data.pop("rows")
     add_rates(rows)
     data["derived"] = ("tokens_per_s and x_one_session recomputed from step_ms_p50 by `bench/batch_decode.py "
-                       f"--rewrite` (the run's own figures summed every timed step)")
+                       "--rewrite` (the run's own figures summed every timed step)")
     print(write_results(path.stem, data, rows, COLUMNS + ["error"], NOTES + " " + data["derived"] + ".", path.parent))
 
 

@@ -40,7 +40,7 @@ from kvretrieve.config import RetrievalConfig  # noqa: E402
 from kvretrieve.engine.engine import Engine  # noqa: E402
 from kvretrieve.errors import KVRetrieveError  # noqa: E402
 from kvretrieve.models.llama import Decoder  # noqa: E402
-from kvretrieve.models.loader import random_weights  # noqa: E402
+from kvretrieve.models.shapes import random_weights  # noqa: E402
 from kvretrieve.models.shapes import shape_config  # noqa: E402
 from kvretrieve.profiling import capacity_for, profile_context, reset_memory  # noqa: E402
 

@@ -10,8 +10,9 @@ from .engine.engine import Engine
 from .llm import LLM
 from .memory import apply_gpu_cap
 from .models.llama import Decoder, ModelConfig
-from .models.loader import load_model, notice, random_weights
-from .models.shapes import shape_config
+from .models.loader import load_model, model_source, notice
+from .models.quant_load import resolve_weights
+from .models.shapes import random_weights, shape_config
 from .models.tokenizer import Tokenizer
 from .resolve import (AttentionChoice, check_weights_fit, geometry, resolve_attention, resolve_device,
                       resolve_dtype)
@@ -24,7 +25,7 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str = 
 
     model: an HF checkpoint directory, a .gguf file, or None for the default (SmolLM2-135M-Instruct).
     device / dtype / max_context (and any other RuntimeConfig field, or a whole `runtime=`) say where
-    and how it runs.
+    and how it runs; weights='int8' or 'int4' keeps the weights quantized on a GPU (RuntimeConfig).
     retrieval: how attention runs. The default, RetrievalConfig() (index="auto"), is dense attention
     while the whole KV cache of max_context tokens fits in the device's memory next to the weights
     (exact, and faster), and retrieval from a CPU-resident cache otherwise; RetrievalConfig(index=...)
@@ -48,24 +49,26 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str = 
 
 def load_decoder(model: str | Path | None, runtime: RuntimeConfig, dense_kv: bool, log=None,
                  shape: str | None = None, seed: int = 0, dense_tokens: int | None = None):
-    """Resolve device and dtype (and apply the GPU cap), then read the weights (or make random ones of
-    a named shape: kvretrieve profile --shape). Refuses before reading any weight what cannot fit: the
-    weights, and with dense_kv a dense KV cache of dense_tokens (default: max_context or the model's
-    maximum). -> (Decoder, Tokenizer or None, the checkpoint directory or the shape's name)."""
+    """Resolve device, dtype and weights (and apply the GPU cap), then read the weights (or make random
+    ones of a named shape: kvretrieve profile --shape; int8/int4 quantize them as they are drawn).
+    Refuses before reading any weight what cannot fit: the weights (their quantized bytes on CUDA),
+    and with dense_kv a dense KV cache of dense_tokens (default: max_context or the model's maximum).
+    -> (Decoder, Tokenizer or None, the checkpoint directory or the shape's name)."""
     dev = resolve_device(runtime.device)
     if runtime.gpu_mem_gb is not None and dev.type == "cuda":
         apply_gpu_cap(dev, runtime.gpu_mem_gb)
     dt = resolve_dtype(runtime.dtype, dev)
+    weights = resolve_weights(runtime.weights, shape is None and model_source(model).suffix == ".gguf")
 
-    def check(cfg: ModelConfig) -> None:
+    def check(cfg: ModelConfig, weight_bytes: int | None = None) -> None:
         kv_tokens = (dense_tokens or runtime.max_context or cfg.max_position) if dense_kv else 0
-        check_weights_fit(cfg, dev, dt, runtime.gpu_mem_gb, kv_tokens)
+        check_weights_fit(cfg, dev, dt, runtime.gpu_mem_gb, kv_tokens, weights, weight_bytes)
 
     if shape is not None:
         cfg = shape_config(shape)
         check(cfg)
-        return Decoder(cfg, random_weights(cfg, dev, dt, seed)), None, shape
-    return load_model(model, dev, dt, log, check=check)
+        return Decoder(cfg, random_weights(cfg, dev, dt, seed, weights)), None, shape
+    return load_model(model, dev, dt, log, check=check, weights=weights)
 
 
 def trained_length(cfg: ModelConfig) -> int | None:

@@ -9,6 +9,7 @@ from .errors import ConfigError
 
 INDEX_KINDS = ("auto", "lowrank", "bounds", "exact", "ivf", "oracle")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+WEIGHTS = ("auto", "dense", "int8", "int4")
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -92,6 +93,13 @@ class RuntimeConfig:
     max_context: KV capacity in tokens (None = the model's own maximum, capped by what fits).
     prefill_chunk: tokens per projection/MLP chunk during prefill; bounds activation memory.
     gpu_mem_gb: cap on the GPU memory this process may use (emulates a smaller card).
+    weights: how the projection weights are kept (models/quant_load.py): dense (the model dtype); int8
+      (per output channel, round-to-nearest: about half of bf16's bytes); int4 (groups of 128 with a
+      min, round-to-nearest: about a quarter); auto: a GGUF file's own Q8_0, Q4_0, Q4_K and Q6_K
+      tensors as they are (other kinds dense), and dense for HF checkpoints and random shapes. On CUDA
+      quantized weights stay quantized (decode reads a quarter to a half of the bytes); on the CPU they
+      are dequantized to the model dtype at load, so the CPU path runs as before with the same
+      rounding the GPU sees.
     """
 
     device: str = "auto"
@@ -99,10 +107,12 @@ class RuntimeConfig:
     max_context: int | None = None
     prefill_chunk: int = 4096
     gpu_mem_gb: float | None = None
+    weights: str = "auto"
 
     def __post_init__(self) -> None:
         _check_types(self)
         _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _check(self.weights in WEIGHTS, f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
         kind, colon, index = str(self.device).partition(":")
         _check(self.device == "auto" or (kind in ("cpu", "cuda") and (not colon or index.isdigit())),
                f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")

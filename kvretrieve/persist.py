@@ -20,6 +20,8 @@ import torch
 
 from . import __version__
 from .errors import SavedPrefillError
+from .models.linear import RowStack
+from .models.quant import QuantWeight
 from .store.saved import SavedPrefill, write_saved
 
 # The RetrievalConfig fields that shape the saved state (the rest, like the budget, only steer decoding).
@@ -34,9 +36,10 @@ def model_fingerprint(model) -> str:
     h = hashlib.sha256(repr(model.cfg).encode() + str(model.dtype).encode())
     w = model.w
     # fields(), not asdict(): asdict deep-copies every weight (the whole model, once more, on its device)
-    tensors = [w.embed, w.final_norm, w.lm_head] + [t for layer in w.layers for t in
-                                                    (getattr(layer, f.name) for f in fields(layer))
-                                                    if isinstance(t, torch.Tensor)]
+    tensors = [t for weight in [w.embed, w.final_norm, w.lm_head] + [getattr(layer, f.name) for layer in w.layers
+                                                                      for f in fields(layer)]
+               for t in _tensors_of(weight)]
+    h.update(repr([(str(t.dtype), tuple(t.shape)) for t in tensors]).encode())  # int8 and int4 differ here
     samples = []
     for t in tensors:
         flat = t.reshape(-1)
@@ -45,6 +48,17 @@ def model_fingerprint(model) -> str:
         samples.append(flat[idx].float())
     h.update(torch.cat(samples).cpu().numpy().tobytes())  # one device-to-host copy, not one per tensor
     return h.hexdigest()
+
+
+def _tensors_of(weight) -> list[torch.Tensor]:
+    """The tensors a weight is made of: itself, a QuantWeight's codes, scales and mins, a RowStack's parts'."""
+    if isinstance(weight, torch.Tensor):
+        return [weight]
+    if isinstance(weight, QuantWeight):
+        return [t for t in (weight.codes, weight.scales, weight.mins) if t is not None]
+    if isinstance(weight, RowStack):
+        return [t for part in weight.parts for t in _tensors_of(part)]
+    return []  # None (an absent bias)
 
 
 def ids_sha256(ids: list[int]) -> str:

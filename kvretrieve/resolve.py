@@ -81,21 +81,30 @@ def prefill_workspace_bytes(mc: ModelConfig, tokens: int, chunk: int, dtype: tor
 
 
 def check_weights_fit(mc: ModelConfig, device: torch.device, dtype: torch.dtype, gpu_mem_gb: float | None,
-                      kv_tokens: int = 0) -> None:
+                      kv_tokens: int = 0, weights: str = "dense", weights_bytes: int | None = None) -> None:
     """Refuse before reading any weight when the weights (plus a dense KV cache of kv_tokens tokens on
-    the same device) cannot fit: over the GPU memory cap, or over the free CPU RAM."""
-    need, kv = weight_bytes(mc, dtype.itemsize), dense_kv_bytes(mc, kv_tokens, dtype)
+    the same device) cannot fit: over the GPU memory cap, or over the free CPU RAM.
+
+    weights: the resolved mode (models/quant_load.py); on CUDA the weights take their quantized bytes
+    (weights_bytes where the loader counted them: a GGUF file's own kinds), on the CPU the model
+    dtype's (quantized weights are dequantized there). Refusals on CUDA name the int8/int4 modes that
+    would fit."""
+    kv = dense_kv_bytes(mc, kv_tokens, dtype)
     if device.type == "cuda":
         if gpu_mem_gb is None:
             return
-        if need > gpu_mem_gb * GiB:
+        need = weights_bytes if weights_bytes is not None else weight_bytes(mc, dtype.itemsize, weights)
+        cap = gpu_mem_gb * GiB
+        if need > cap:
             raise ResourceError(f"the weights alone need {need / GiB:.1f} GiB, more than gpu_mem_gb={gpu_mem_gb}; "
-                                "raise the cap or use a smaller model")
-        if need + kv > gpu_mem_gb * GiB:
+                                f"{_smaller_weights(mc, dtype, weights, cap, 0)}raise the cap or use a smaller model")
+        if need + kv > cap:
             raise ResourceError(f"the weights ({need / GiB:.1f} GiB) and the dense KV cache of {kv_tokens:,} tokens "
-                                f"({kv / GiB:.1f} GiB) need more than gpu_mem_gb={gpu_mem_gb}; lower max_context, "
-                                "or use retrieval to keep the KV cache in CPU memory")
+                                f"({kv / GiB:.1f} GiB) need more than gpu_mem_gb={gpu_mem_gb}; "
+                                f"{_smaller_weights(mc, dtype, weights, cap, kv)}lower max_context, or use retrieval "
+                                "to keep the KV cache in CPU memory")
         return
+    need = weight_bytes(mc, dtype.itemsize)
     what = f"the weights ({need / GiB:.2f} GiB)" + (f" and the KV cache of {kv_tokens:,} tokens ({kv / GiB:.2f} GiB)"
                                                      if kv else "")
     fixes = ["lower max_context or use retrieval"] if kv else []
@@ -103,6 +112,15 @@ def check_weights_fit(mc: ModelConfig, device: torch.device, dtype: torch.dtype,
     fix = ", ".join(fixes) + (", or set KVRETRIEVE_FREE_RAM_GB if this host reports less free memory than it can "
                               "hand out")
     check_allocation(need + kv, device, what, fix)
+
+
+def _smaller_weights(mc: ModelConfig, dtype: torch.dtype, weights: str, cap: float, kv: int) -> str:
+    """'load with weights='int4' (4.7 GiB), ' for each quantized mode smaller than `weights` whose
+    weights and kv bytes fit in cap; '' when none does."""
+    modes = {"dense": ("int8", "int4"), "file": ("int8", "int4"), "int8": ("int4",)}.get(weights, ())
+    fits = [(m, weight_bytes(mc, dtype.itemsize, m)) for m in modes]
+    fits = [f"weights='{m}' ({b / GiB:.1f} GiB)" for m, b in fits if b + kv <= cap]
+    return f"load with {' or '.join(fits)}, " if fits else ""
 
 
 @dataclass(frozen=True)

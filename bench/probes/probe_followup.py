@@ -23,7 +23,7 @@ from decode import CAP_GIB, prompt, tokens  # noqa: E402
 
 from kvretrieve.config import RetrievalConfig  # noqa: E402
 from kvretrieve.models.llama import Decoder  # noqa: E402
-from kvretrieve.models.loader import random_weights  # noqa: E402
+from kvretrieve.models.shapes import random_weights  # noqa: E402
 from kvretrieve.models.shapes import shape_config  # noqa: E402
 from kvretrieve.memory import apply_gpu_cap  # noqa: E402
 from kvretrieve.api import build_engine  # noqa: E402

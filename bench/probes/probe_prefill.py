@@ -22,7 +22,7 @@ from decode import tokens  # noqa: E402
 
 from kvretrieve.config import RetrievalConfig  # noqa: E402
 from kvretrieve.models.llama import Decoder  # noqa: E402
-from kvretrieve.models.loader import random_weights  # noqa: E402
+from kvretrieve.models.shapes import random_weights  # noqa: E402
 from kvretrieve.models.shapes import shape_config  # noqa: E402
 from kvretrieve.api import backend_for  # noqa: E402
 from kvretrieve.engine.engine import Engine  # noqa: E402

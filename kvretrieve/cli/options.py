@@ -65,6 +65,13 @@ def runtime_options(context: bool = True):
         click.option("--dtype", default="auto", show_default=True,
                      type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
                      help="Weights and KV dtype; auto: bfloat16 on GPUs and CPUs with native bf16, else float32."),
+        click.option("--weights", default="auto", show_default=True,
+                     type=click.Choice(["auto", "dense", "int8", "int4"]),
+                     help="How the weight matrices are kept on a GPU: dense (the --dtype); int8 (per output channel, "
+                          "round-to-nearest: about half the memory); int4 (groups of 128 with a min, "
+                          "round-to-nearest: about a quarter; an 8B model in ~5 GB); auto: a .gguf file's own "
+                          "Q8_0/Q4_0/Q4_K/Q6_K tensors as they are, anything else dense. On the CPU they are "
+                          "dequantized at load (same rounding, dense speed)."),
         click.option("--gpu-mem-gb", type=float, default=None, metavar="GIB",
                      help="Cap the GPU memory this process may use (emulates a smaller card)."),
         click.option("--prefill-chunk", type=int, default=4096, show_default=True, metavar="TOKENS",
@@ -166,7 +173,7 @@ def load_from_options(opts: dict):
     from ..api import load
 
     llm = load(opts["model_path"], device=opts["device"], dtype=opts["dtype"], max_context=opts["max_context"],
-               gpu_mem_gb=opts["gpu_mem_gb"], prefill_chunk=opts["prefill_chunk"],
+               gpu_mem_gb=opts["gpu_mem_gb"], prefill_chunk=opts["prefill_chunk"], weights=opts["weights"],
                retrieval=retrieval_from_options(opts), log=lambda m: click.echo(m, err=True))
     click.echo(f"attention: {llm.mode_reason}", err=True)
     return llm
@@ -197,7 +204,7 @@ def require_stdin(what: str, fix: str) -> None:
 
 # Library messages name Python parameters (kvretrieve.load's, SamplingParams' and RetrievalConfig's,
 # the latter also qualified: RetrievalConfig.rank); the CLI says flags. Names that are plain words
-# (device, dtype) are parameters only where a value follows: device='cpu'.
+# (device, dtype, weights) are parameters only where a value follows: device='cpu'.
 _RETRIEVAL_FLAGS = {"index": "--retrieval", "budget_tokens": "--budget", "window_tokens": "--window",
                     "sink_tokens": "--sink", "block_size": "--block-size", "rank": "--rank",
                     "block_scores": "--block-scores", "reselect_every": "--reselect-every",
@@ -205,14 +212,16 @@ _RETRIEVAL_FLAGS = {"index": "--retrieval", "budget_tokens": "--budget", "window
                     "estimate_rest": "--estimate-rest"}
 PARAM_FLAGS = {
     "max_context": "--max-context", "gpu_mem_gb": "--gpu-mem-gb", "prefill_chunk": "--prefill-chunk",
-    "device": "--device", "dtype": "--dtype", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
+    "device": "--device", "dtype": "--dtype", "weights": "--weights", "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
     "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed", "repeat_penalty": "--repeat-penalty",
     "repeat_last_n": "--repeat-last-n",
     **{f"RetrievalConfig.{k}": v for k, v in _RETRIEVAL_FLAGS.items()},
     **{k: v for k, v in _RETRIEVAL_FLAGS.items() if "_" in k},
 }
+_PLAIN_WORDS = ("device", "dtype", "weights")
 _PARAM_RE = re.compile(r"(?<![\w.-])(" + "|".join(
-    re.escape(p) + ("(?==)" if p in ("device", "dtype") else "") for p in sorted(PARAM_FLAGS, key=len, reverse=True))
+    re.escape(p) + ("(?==)" if p in _PLAIN_WORDS else "") for p in sorted(PARAM_FLAGS, key=len, reverse=True))
     + r")(?![\w.])(?:=(?:'([^']*)'|([^\s,;)]+)))?")
 
 

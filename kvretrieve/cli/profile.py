@@ -83,7 +83,7 @@ def profile(model_path, shape, contexts, decode_steps, seed, as_json, **opts):
     if decode_steps < 1:
         raise InputError("--decode-steps must be at least 1")
     runtime = RuntimeConfig(device=opts["device"], dtype=opts["dtype"], prefill_chunk=opts["prefill_chunk"],
-                            gpu_mem_gb=opts["gpu_mem_gb"])
+                            gpu_mem_gb=opts["gpu_mem_gb"], weights=opts["weights"])
     retrieval = retrieval_from_options(opts)
     room = (retrieval.block_size or 16) if retrieval else 16  # capacity's slack: 16 is the largest block auto picks
     decoder, tokenizer, source = load_decoder(model_path, runtime, dense_kv=retrieval is None,

@@ -22,6 +22,7 @@ from ..errors import ModelLoadError
 from ..files import cache_root, sweep_stale_temporaries, temporary_dir, terminations_unwind
 
 FORMAT_VERSION = 1  # bump when the converted layout changes, so old caches are rebuilt
+TYPES_FILE = "gguf_tensors.json"  # tensor_types' record
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -82,10 +83,53 @@ def _convert_into(gguf_path: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     # llama.cpp stores q/k rows interleaved per head for its rotary layout; undo it to get back the
-    # rotate-half layout of HF checkpoints.
+    # rotate-half layout of HF checkpoints. Whole rows move: quant_load applies it to np.arange(N) to
+    # reorder the rows of quantized tensors.
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The HF checkpoint name of a GGUF tensor (blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight),
+    or None for a tensor kvretrieve does not know."""
+    stem, _, kind = gguf_name.rpartition(".")
+    if stem.startswith("blk.") and stem.count(".") >= 2:
+        _, idx, part = stem.split(".", 2)
+        return f"model.layers.{idx}.{_LAYER_NAMES[part]}.{kind}" if part in _LAYER_NAMES else None
+    return f"{_TOP_NAMES[stem]}.{kind}" if stem in _TOP_NAMES else None
+
+
+def _types_of(reader) -> dict[str, list]:
+    out = {}
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is not None:  # GGUF lists dimensions innermost first: (K, N) for a [N, K] matrix
+            dims = [int(n) for n in reversed(t.shape)]
+            out[name] = [t.tensor_type.name, dims[0], dims[1] if len(dims) > 1 else 1]
+    return out
+
+
+def tensor_types(gguf_path: Path, model_dir: Path) -> dict[str, list]:
+    """HF name -> [GGML type name, rows, columns] of every tensor of the GGUF file, from a record in its
+    converted directory: deciding what a load keeps quantized then needs no GGUFReader, whose parsing
+    of the vocabulary takes seconds (2.3 s for SmolLM2's 49K tokens here). Caches converted before the
+    record existed get it on their first such load."""
+    record = model_dir / TYPES_FILE
+    try:
+        return json.loads(record.read_text())
+    except (OSError, ValueError):
+        pass
+    import gguf
+
+    types = _types_of(gguf.GGUFReader(str(gguf_path)))
+    tmp = record.with_name(f".{TYPES_FILE}.{os.getpid()}")
+    try:  # written aside and renamed, so a reader never sees half a record
+        tmp.write_text(json.dumps(types))
+        os.replace(tmp, record)
+    except OSError:  # a read-only cache still loads, it only pays the reader again next time
+        tmp.unlink(missing_ok=True)
+    return types
 
 
 def _field(reader, key: str, default=None):
@@ -121,16 +165,8 @@ def convert(gguf_path: Path, out: Path) -> None:
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             raise ModelLoadError(f"{gguf_path} bakes its RoPE scaling into rope_freqs; load the HF checkpoint instead")
-        stem, _, kind = t.name.rpartition(".")
-        if stem.startswith("blk."):
-            _, idx, part = stem.split(".", 2)
-            if part not in _LAYER_NAMES:
-                raise ModelLoadError(f"unexpected tensor {t.name} in {gguf_path}; kvretrieve converts plain "
-                                     f"{' and '.join(SUPPORTED)} GGUF files only")
-            name = f"model.layers.{idx}.{_LAYER_NAMES[part]}.{kind}"
-        elif stem in _TOP_NAMES:
-            name = f"{_TOP_NAMES[stem]}.{kind}"
-        else:
+        name, stem = hf_name(t.name), t.name.rpartition(".")[0]
+        if name is None:
             raise ModelLoadError(f"unexpected tensor {t.name} in {gguf_path}; kvretrieve converts plain "
                                  f"{' and '.join(SUPPORTED)} GGUF files only")
         try:
@@ -139,9 +175,9 @@ def convert(gguf_path: Path, out: Path) -> None:
             raise ModelLoadError(f"cannot decode tensor {t.name} of {gguf_path} ({e}); the file is corrupt") from None
         w = w.reshape([int(n) for n in reversed(t.shape)])
         if arch == "llama" and stem.endswith("attn_q"):
-            w = _unpermute(w, heads)
+            w = unpermute(w, heads)
         elif arch == "llama" and stem.endswith("attn_k"):
-            w = _unpermute(w, kv_heads)
+            w = unpermute(w, kv_heads)
         tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
 
     tokens = _field(reader, "tokenizer.ggml.tokens") or []
@@ -169,6 +205,7 @@ def convert(gguf_path: Path, out: Path) -> None:
                                   "original_max_position_embeddings":
                                       int(_field(reader, f"{arch}.rope.scaling.original_context_length", 0)) or None}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / TYPES_FILE).write_text(json.dumps(_types_of(reader)))
     (out / "config.json").write_text(json.dumps(config, indent=2))
     _convert_tokenizer(gguf_path, out)
 

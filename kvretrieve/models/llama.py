@@ -3,6 +3,9 @@
 Attention is whatever backend the engine passes in (backends.base.AttentionBackend): q, k, v arrive
 already rotated. The dense backend writes k, v into a preallocated cache; the retrieval backend
 streams them to CPU memory. Batch size is 1: activations are [T, hidden].
+
+Projection weights may be dense tensors, QuantWeights or RowStacks (models/linear.py): every matmul
+goes through linear.linear.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import torch.nn.functional as F
 from ..backends.base import AttentionBackend
 from ..errors import ModelLoadError
 from ..kernels import apply_rope, rms_norm, silu_mul
+from .linear import RowStack, WeightBuffer, linear, row_slice
+from .quant import QuantWeight
 from .rope import Rope, RopeConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -72,14 +77,18 @@ class ModelConfig:
         return out
 
 
+# A projection weight: a dense Tensor, a QuantWeight or a RowStack of either (models/linear.py).
+Weight = torch.Tensor | QuantWeight | RowStack
+
+
 @dataclass(slots=True)
 class LayerWeights:
     attn_norm: torch.Tensor
-    qkv: torch.Tensor            # [(Hq + 2 Hkv) d, hidden]: one GEMM for q, k and v
-    o: torch.Tensor
+    qkv: Weight                  # [(Hq + 2 Hkv) d, hidden]: one GEMM for q, k and v
+    o: Weight
     mlp_norm: torch.Tensor
-    gate_up: torch.Tensor        # [2 ffn, hidden]: one GEMM for gate and up
-    down: torch.Tensor
+    gate_up: Weight              # [2 ffn, hidden]: one GEMM for gate and up
+    down: Weight
     qkv_bias: torch.Tensor | None = None
     o_bias: torch.Tensor | None = None
 
@@ -89,7 +98,7 @@ class DecoderWeights:
     embed: torch.Tensor
     layers: list[LayerWeights]
     final_norm: torch.Tensor
-    lm_head: torch.Tensor        # the embedding itself when tied
+    lm_head: Weight              # the embedding itself when tied (the embedding is always dense)
 
 
 class Decoder:
@@ -99,6 +108,11 @@ class Decoder:
         self.cfg, self.w = cfg, weights
         self.device, self.dtype = weights.embed.device, weights.embed.dtype
         self.rope = Rope(cfg.rope, cfg.head_dim, self.device)
+        self.buffer = WeightBuffer.for_weights(weights.layers, weights.lm_head, self.device, self.dtype)
+
+    def linear(self, x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, K] through any projection weight; quantized ones dequantize into self.buffer in prefill."""
+        return linear(x, w, bias, self.buffer)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.w.embed)
@@ -111,7 +125,7 @@ class Decoder:
     def project_qkv(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Normalised hidden rows [T, hidden] -> rotated q [T, Hq, d], k, v [T, Hkv, d]."""
         c, w = self.cfg, self.w.layers[layer]
-        qkv = F.linear(h, w.qkv, w.qkv_bias)
+        qkv = self.linear(h, w.qkv, w.qkv_bias)
         nqk = (c.num_heads + c.num_kv_heads) * c.head_dim
         # q and k heads are adjacent in the fused projection, so one RoPE launch rotates both.
         qk = apply_rope(qkv[:, :nqk].view(-1, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)
@@ -122,7 +136,8 @@ class Decoder:
         """One part of the fused q|k|v projection: the weight rows `rows`, viewed as `heads` heads."""
         w = self.w.layers[layer]
         bias = None if w.qkv_bias is None else w.qkv_bias[rows]
-        out = F.linear(h, w.qkv[rows], bias).view(h.shape[0], heads, self.cfg.head_dim)
+        a, b, _ = rows.indices(w.qkv.shape[0])
+        out = self.linear(h, row_slice(w.qkv, a, b), bias).view(h.shape[0], heads, self.cfg.head_dim)
         return apply_rope(out, cos, sin) if rotate else out
 
     def layer(self, layer: int, x: torch.Tensor, start: int, attn: AttentionBackend, chunk: int,
@@ -147,7 +162,7 @@ class Decoder:
                                        c.num_heads, *rope, True)
                 attn.prefetch(layer + 1, q_next)
             q, k, v = self.project_qkv(layer, rms_norm(x, w.attn_norm, c.rms_eps), *rope)
-            x += F.linear(attn.decode(layer, q, k, v).reshape(1, -1), w.o, w.o_bias)
+            x += self.linear(attn.decode(layer, q, k, v).reshape(1, -1), w.o, w.o_bias)
             x += self.mlp(layer, rms_norm(x, w.mlp_norm, c.rms_eps))
             return x
         nq, nkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
@@ -165,7 +180,7 @@ class Decoder:
             cos, sin = self.rope_tables(start + s, e - s, end)
             h = rms_norm(x[s:e], w.attn_norm, c.rms_eps)
             q = self._project(layer, h, slice(0, nq), c.num_heads, cos, sin, True)
-            x[s:e] += F.linear(attn.attend(layer, q, s).reshape(e - s, -1), w.o, w.o_bias)
+            x[s:e] += self.linear(attn.attend(layer, q, s).reshape(e - s, -1), w.o, w.o_bias)
             x[s:e] += self.mlp(layer, rms_norm(x[s:e], w.mlp_norm, c.rms_eps))
         attn.end_layer(layer)
         return x
@@ -195,7 +210,7 @@ class Decoder:
                         attns[b].prefetch(layer + 1, q_next[b:b + 1])
             q, k, v = self.project_qkv(layer, rms_norm(x, w.attn_norm, c.rms_eps), cos, sin)
             out = self._attend_rows(layer, q, k, v, attns, streams)
-            x += F.linear(out.reshape(len(attns), -1), w.o, w.o_bias)
+            x += self.linear(out.reshape(len(attns), -1), w.o, w.o_bias)
             x += self.mlp(layer, rms_norm(x, w.mlp_norm, c.rms_eps))
         return x
 
@@ -219,11 +234,11 @@ class Decoder:
 
     def mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         w = self.w.layers[layer]
-        return F.linear(silu_mul(F.linear(h, w.gate_up)), w.down)
+        return self.linear(silu_mul(self.linear(h, w.gate_up)), w.down)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head for the given rows, returned in fp32."""
-        return F.linear(rms_norm(x, self.w.final_norm, self.cfg.rms_eps), self.w.lm_head).float()
+        return self.linear(rms_norm(x, self.w.final_norm, self.cfg.rms_eps), self.w.lm_head).float()
 
     def forward(self, ids: torch.Tensor, start: int, attn: AttentionBackend, chunk: int = 4096,
                 on_layer: Callable[[int], None] | None = None, position: torch.Tensor | None = None) -> torch.Tensor:

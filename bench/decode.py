@@ -44,7 +44,7 @@ from kvretrieve.models.shapes import random_weights  # noqa: E402
 from kvretrieve.models.shapes import shape_config  # noqa: E402
 from kvretrieve.profiling import capacity_for, profile_context, reset_memory  # noqa: E402
 
-COLUMNS = ["system", "index", "options", "default", "reselect_every", "speculative", "store_dtype", "context", "ready_s", "prefill_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_mean",
+COLUMNS = ["system", "weights", "index", "options", "default", "reselect_every", "speculative", "store_dtype", "context", "ready_s", "prefill_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_mean",
            "peak_gpu_gib",
            "gpu_cap_gib", "pinned_host_gib", "h2d_mb_per_token", "cache_hit", "x_hf_dense", "x_hf_offload",
            "store", "ram_cap_gib", "rss_gib", "disk_read_mb_per_token", "commit", "derived", "error"]
@@ -90,7 +90,7 @@ def kernel_times(engine: Engine, steps: int) -> list[dict]:
 
 
 def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int, chunk: int,
-                   kernels: int = 0) -> dict:
+                   kernels: int = 0, cap_gib: float = CAP_GIB) -> dict:
     """One kvretrieve row; kind None is the dense backend (no cap), "auto" the default index (the row
     names the kind it chose and says default=True); "lowrank@4": reselect_every=4,
     "lowrank+spec": speculative prefetch, "lowrank+int8" / "lowrank+model": the int8 / model-dtype CPU
@@ -101,10 +101,10 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
     kind = kind or None
     dev = decoder.device
     torch.cuda.set_per_process_memory_fraction(1.0 if kind is None else
-                                               CAP_GIB * 2**30 / torch.cuda.get_device_properties(dev).total_memory)
+                                               cap_gib * 2**30 / torch.cuda.get_device_properties(dev).total_memory)
     reset_memory(dev)
     row = {"system": "kvretrieve" if kind else "kvretrieve-dense", "index": kind, "default": kind == "auto" or None,
-           "options": ":".join(options) or None, "context": context, "gpu_cap_gib": CAP_GIB if kind else None}
+           "options": ":".join(options) or None, "context": context, "gpu_cap_gib": cap_gib if kind else None}
     extra = ({"reselect_every": int(every)} if every else {}) | ({"speculative": True} if "spec" in flags else {}) \
         | ({"store_dtype": "int8"} if "int8" in flags else {}) | ({"store_dtype": "model"} if "model" in flags else {}) \
         | config_fields(options, f"--kinds {kind}")
@@ -170,6 +170,9 @@ def main() -> None:
                     help="a longer context for kvretrieve rows only, with kinds (at 512K only auto's choice, ivf, fits "
                          "24 GiB; the other kinds' rows say why they do not)")
     ap.add_argument("--systems", default="kvretrieve,kvretrieve-dense,hf-dense,hf-offload")
+    ap.add_argument("--cap-gib", type=float, default=CAP_GIB, help="GPU memory cap of kvretrieve rows (an emulated card)")
+    ap.add_argument("--weights", default="dense", choices=["dense", "int8", "int4"],
+                    help="kvretrieve rows' weight matrices: bf16, or kept quantized (issue 18)")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps (kvretrieve; hf-offload takes 6)")
     ap.add_argument("--chunk", type=int, default=4096, help="prefill chunk")
     ap.add_argument("--kernels", type=int, default=0,
@@ -201,7 +204,7 @@ def main() -> None:
         def key(r):
             return (r["system"], r["index"] or "", r.get("options") or "", bool(r.get("default")), r.get("reselect_every") or 0,
                     bool(r.get("speculative")),
-                    r.get("store_dtype") or "model", r["context"])
+                    r.get("store_dtype") or "model", r.get("weights") or "dense", r.get("gpu_cap_gib") or 0, r["context"])
 
         merged = [r for r in old if not any(key(r) == key(n) for n in rows)] + stamp(rows, meta)
         merged.sort(key=lambda r: (r["context"], *key(r)))
@@ -212,14 +215,15 @@ def main() -> None:
     t0 = time.time()
     if "kvretrieve" in systems or "kvretrieve-dense" in systems:
         cfg = shape_config("llama3-8b")
-        decoder = Decoder(cfg, random_weights(cfg, dev, torch.bfloat16, 0))
+        decoder = Decoder(cfg, random_weights(cfg, dev, torch.bfloat16, 0, args.weights))
         plan = [(n, k) for n in contexts for k in kinds] if "kvretrieve" in systems else []
         if args.long and "kvretrieve" in systems:
             n, *long_kinds = args.long.split(":")
             plan += [(tokens(n), k) for k in long_kinds]
         plan += [(n, None) for n in contexts] if "kvretrieve-dense" in systems else []
         for n, kind in plan:
-            rows.append(kvretrieve_row(decoder, n, kind, args.steps, args.chunk, args.kernels) | {"commit": meta["commit"]})
+            rows.append(kvretrieve_row(decoder, n, kind, args.steps, args.chunk, args.kernels, args.cap_gib)
+                        | {"commit": meta["commit"], "weights": args.weights})
             print(f"[{time.time() - t0:4.0f} s] {rows[-1]}", flush=True)
             save()
         del decoder

@@ -29,7 +29,7 @@ def test_replay_and_batched_steps_equal_prefill_and_engine_steps(smol_dir):
     as one batch; each must still produce what its own prefill and Engine.step produce. A budget
     covering the whole context must show recall 1 and no output error."""
     llm = kvretrieve.load(smol_dir, device="cpu", dtype="float32", max_context=700, retrieval=None)
-    model, P, steps = llm.engine.model, 600, 24
+    model, P, steps = llm.engine.model, 600, 12
     ids = llm.tokenizer.encode(pydoc_text())[:P + steps]
     cfgs = [RetrievalConfig(index=k, block_size=16, budget_tokens=64, sink_tokens=32, window_tokens=64, rank=16)
             for k in KINDS] + [RetrievalConfig(index="exact", block_size=16, budget_tokens=1024)]

@@ -112,7 +112,7 @@ def test_damaged_checkpoint_files(tiny, tmp_path_factory, name, cut, flip):
         pass
 
 
-@CASES
+@settings(CASES, max_examples=20)  # each example loads a GGUF (1-2 s): the suite's time, not its reach, is the limit
 @given(st.floats(0, 1), st.one_of(st.none(), st.integers(0)))
 def test_damaged_gguf(tmp_path_factory, monkeypatch, cut, flip):
     from kvretrieve.models.loader import default_model_path

@@ -14,8 +14,11 @@ every expected value is in the greedy answer (longctx_tasks.score).
 
 --configs: `default` (RetrievalConfig(index="lowrank"): the budget follows the context) and
 `KIND[:budget=N][:window=N][:sink=N][:block=N][:rank=N][:zone=N][:rest=1][:int8=0|1]` (KIND: lowrank, ivf, bounds,
-oracle, exact), and `dense`; any of them `@DTYPE` to run over a second copy of the weights in that dtype
-(`--dtype float32 --configs dense@bfloat16,default@bfloat16,default`: bf16's own distance from fp32).
+oracle, exact), and `dense`; any of them `@DTYPE`, `@WEIGHTS` or `@DTYPE+WEIGHTS` to run over a second copy
+of the weights in that dtype or kept that way (WEIGHTS: int8, int4, file = a GGUF's own quantized
+tensors; the reference is always dense weights in --dtype): `--dtype float32 --configs
+dense@bfloat16,default@bfloat16,default` measures bf16's own distance from fp32, `dense@int8,dense@file`
+issue 18's quantized weights against the same file dequantized.
 Results go to bench/results/longctx.json and .md ($OUT or --out DIR), rewritten after every task and
 length, so a run that is stopped keeps what it finished; progress lines say task, length and time.
 
@@ -64,9 +67,9 @@ FULL = {"model": "1.5b", "lengths": "8K,16K,32K", "samples": 20, "per_doc": 10, 
 
 
 def parse_config(spec: str) -> RetrievalConfig | None:
-    """`default`, `dense` (None) or KIND[:key=value...] -> RetrievalConfig, any of them with an `@DTYPE`
-    suffix (see split_dtype). index="auto" is avoided on purpose: its meaning is "dense when it fits"."""
-    spec, _ = split_dtype(spec)
+    """`default`, `dense` (None) or KIND[:key=value...] -> RetrievalConfig, any of them with an `@...`
+    suffix (see split_variant). index="auto" is avoided on purpose: its meaning is "dense when it fits"."""
+    spec = split_variant(spec)[0]
     if spec == "dense":
         return None
     if spec == "default":
@@ -76,14 +79,25 @@ def parse_config(spec: str) -> RetrievalConfig | None:
     return RetrievalConfig(index=kind, **fields)
 
 
-def split_dtype(spec: str) -> tuple[str, str | None]:
-    """"default@bfloat16" -> ("default", "bfloat16"): that configuration runs over a second copy of the
-    weights in that dtype while the reference (dense) keeps --dtype, which measures how far the model's
-    own rounding moves it (`dense@bfloat16` against an fp32 reference is bf16's noise floor)."""
-    base, _, dtype = spec.partition("@")
-    if dtype and dtype not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"error: --configs {spec}: unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    return base, dtype or None
+DTYPES, WEIGHTS = ("float32", "bfloat16", "float16"), ("dense", "int8", "int4", "file")
+
+
+def split_variant(spec: str) -> tuple[str, str | None, str | None]:
+    """"default@bfloat16+int8" -> ("default", "bfloat16", "int8"): that configuration runs over a second
+    decoder in that dtype and with those weights (RuntimeConfig.weights; file: a GGUF's own quantized
+    tensors) while the reference (dense) keeps --dtype and dense weights. `dense@bfloat16` against an
+    fp32 reference is bf16's noise floor, `dense@int4` what 4-bit weights move."""
+    base, _, variant = spec.partition("@")
+    dtype = weights = None
+    for part in filter(None, variant.split("+")):
+        if part in DTYPES and dtype is None:
+            dtype = part
+        elif part in WEIGHTS and weights is None:
+            weights = part
+        else:
+            raise SystemExit(f"error: --configs {spec}: unknown variant {part!r}; use a dtype ({', '.join(DTYPES)}) "
+                             f"and/or weights ({', '.join(WEIGHTS)}), e.g. @bfloat16+int8")
+    return base, dtype, weights
 
 
 def tokens_of(s: str) -> int:
@@ -268,20 +282,27 @@ def rescore(path: Path, allow_dirty: bool = False) -> Path:
 
 
 def load_all(path: Path, args, configs: dict, max_context: int) -> dict:
-    """One LLM per configuration ("dense" first: the reference) over ONE decoder per dtype: each keeps
-    its own cache, so the questions of a document reuse its prefill in every configuration, and the
-    weights are read (and on a GPU held) once: 7 separate loads of the 1.5B took 112 s of a 180 s H200 call."""
+    """One LLM per configuration ("dense" first: the reference) over ONE decoder per dtype and weights:
+    each keeps its own cache, so the questions of a document reuse its prefill in every configuration,
+    and the weights are read (and on a GPU held) once: 7 separate loads of the 1.5B took 112 s of a 180 s
+    H200 call."""
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    dense = kvretrieve.load(str(path), device=device, dtype=dtype, max_context=max_context, retrieval=None)
-    decoders = {dtype: dense.model}
+
+    def decoder(want: tuple[str, str]):
+        weights = "auto" if want[1] == "file" else want[1]  # auto keeps a GGUF's own quantized tensors
+        return kvretrieve.load(str(path), device=device, dtype=want[0], weights=weights, max_context=max_context,
+                               retrieval=None)
+
+    dense = decoder((dtype, "dense"))
+    decoders = {(dtype, "dense"): dense.model}
     chunk = RuntimeConfig().prefill_chunk
     llms = {"dense": dense}
     for name, cfg in configs.items():
-        want = split_dtype(name)[1] or dtype
+        _, want_dtype, want_weights = split_variant(name)
+        want = (want_dtype or dtype, want_weights or "dense")
         if want not in decoders:
-            decoders[want] = kvretrieve.load(str(path), device=device, dtype=want, max_context=max_context,
-                                             retrieval=None).model
+            decoders[want] = decoder(want).model
         llms[name] = build(decoders[want], dense.tokenizer, dense.source, max_context, chunk, cfg)
     return llms
 
@@ -290,7 +311,7 @@ def run(args) -> Path:
     t0 = time.perf_counter()
     configs = {spec: parse_config(spec) for spec in args.configs.split(",") if spec}
     if "dense" in configs:
-        raise SystemExit("error: --configs dense: dense is always run (the reference); dense@DTYPE runs it in another dtype")
+        raise SystemExit("error: --configs dense: dense is always run (the reference); dense@DTYPE or dense@WEIGHTS runs it in another dtype or with quantized weights")
     lengths, tasks = [tokens_of(s) for s in args.lengths.split(",")], [t for t in args.tasks.split(",") if t]
     if unknown := set(tasks) - set(TASKS):
         raise SystemExit(f"error: unknown task(s) {', '.join(sorted(unknown))}; tasks: {', '.join(TASKS)}")

@@ -135,10 +135,13 @@ def test_configs_parse():
     with pytest.raises(SystemExit, match="bad option"):
         longctx.parse_config("lowrank:budgt=4096")
     assert longctx.parse_config("dense@bfloat16") is None
-    assert longctx.split_dtype("lowrank:rest=1@float32") == ("lowrank:rest=1", "float32")
+    assert longctx.split_variant("lowrank:rest=1@float32") == ("lowrank:rest=1", "float32", None)
+    assert longctx.split_variant("dense@int4") == ("dense", None, "int4")
+    assert longctx.split_variant("default@bfloat16+file") == ("default", "bfloat16", "file")
     assert longctx.parse_config("lowrank:rest=1@float32").estimate_rest is True
-    with pytest.raises(SystemExit, match="unknown dtype"):
-        longctx.parse_config("default@fp8")
+    for bad in ("default@fp8", "dense@int8+int4", "dense@float32+bfloat16"):
+        with pytest.raises(SystemExit, match="unknown variant"):
+            longctx.parse_config(bad)
 
 
 def test_eval_model_is_read_from_wheels_and_refused_on_a_wrong_sha256(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """What a decode step's reads cost from a KV store on disk whose file the RAM cannot cache (issue 16,
-item 5), its segments advised random (as SegmentHome makes them) or normal (read-around on faults).
+item 5), its segments advised random with the selected rows' pages asked for before the gather (as
+the store does), random alone, or normal (read-around on faults).
 
 Writes an int8 store of the Llama-3.1-8B KV shape (32 layers, 8 KV heads, d 128, blocks of 16) on
 disk, --tokens long, then gathers one decode step's selection per layer as the reference fetch path
@@ -12,7 +13,6 @@ below the store's size, or the page cache holds the whole file and no read reach
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import mmap
 import os
@@ -45,10 +45,14 @@ def fill(store: KVStore, tokens: int) -> float:
 
 
 def steps(store: KVStore, n_blocks: int, blocks: int, count: int, advice: str) -> dict:
-    """`count` decode steps' gathers, every segment advised `advice` ("random" or "normal") first."""
+    """`count` decode steps' gathers, every segment advised first: "normal" (read-around on a fault),
+    "random", or "random+willneed" (what the store does: random, and the selected rows' pages asked
+    for before the gather)."""
     for seg in (t for layer in store.segments + store.scales for t in layer if t is not None):
-        store.home._madvise(ctypes.c_void_p(seg.data_ptr()), ctypes.c_size_t(seg.nbytes),
-                            getattr(mmap, f"MADV_{advice.upper()}"))
+        store.home._advise(seg.data_ptr(), seg.nbytes, getattr(mmap, f"MADV_{advice.split('+')[0].upper()}"))
+    home = type(store.home)
+    # without willneed: the instance's own no-op shadows the method (the store as before the prefetch)
+    store.home.willneed = home.willneed.__get__(store.home) if "willneed" in advice else (lambda table, rows: None)
     g = torch.Generator().manual_seed(len(advice))
     heads = torch.arange(store.H).repeat_interleave(blocks)
     out = torch.empty(2, len(heads), store.bs * store.d, dtype=torch.bfloat16)
@@ -65,6 +69,9 @@ def steps(store: KVStore, n_blocks: int, blocks: int, count: int, advice: str) -
             "disk_read_mb_per_step": read / 1e6 / count if read is not None else None}
 
 
+ADVICE = ("normal", "random", "random+willneed")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=48 * 1024, help="store length (48K: 3.2 GB in int8)")
@@ -78,7 +85,7 @@ def main() -> None:
         store = KVStore(geo, quantize=True, disk_dir=Path(folder))
         row = {"tokens": args.tokens, "store_gb": None, "write_gb_s": fill(store, args.tokens)}
         row["store_gb"] = store.nbytes() / 1e9
-        rows = [row | steps(store, nb, args.blocks, args.steps, a) for a in ("normal", "random", "normal", "random")]
+        rows = [row | steps(store, nb, args.blocks, args.steps, a) for a in ADVICE + ADVICE]
     limit = Path("/sys/fs/cgroup/memory/kvcap/memory.limit_in_bytes")
     meta = provenance("cpu", allow_dirty=True) | {"ram_cap": limit.read_text().strip() if limit.exists() else None}
     out = Path(args.out) / "probe_disk_gather.json"

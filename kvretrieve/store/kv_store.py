@@ -286,6 +286,8 @@ class KVStore:
                     self.segments[layer][first // n] = kv
                     if scale is not None:
                         self.scales[layer][first // n] = scale
+                    for t in (kv, scale) if scale is not None else (kv,):
+                        self.home.advise_random(t)  # the file is the store (store="disk"): no read-around
                 else:
                     self._copy_in(layer, first, kv, scale)
                 first, seg = first + n, seg + 1
@@ -347,6 +349,13 @@ class KVStore:
         k = dequantize(raw[0], scale[0], self.dtype, self._channels(layer, device))
         return k, dequantize(raw[1], scale[1], self.dtype)  # one at a time: half the fp32 temporary
 
+    def _table(self, layer: int, seg: int) -> torch.Tensor:
+        """Segment seg of a layer as [K|V, Hkv * seg_blocks, bs * d]: row head * SB + block % SB."""
+        return self.segments[layer][seg].view(2, self.H * self.seg_blocks, self.bs * self.d)
+
+    def _scale_table(self, layer: int, seg: int) -> torch.Tensor:
+        return self.scales[layer][seg].view(2, self.H * self.seg_blocks, self.bs)
+
     def gather(self, layer: int, heads: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
         """out[0, i], out[1, i] = K and V of block blocks[i] of head heads[i]; out [2, m, bs*d] (CPU,
         the model's dtype).
@@ -360,13 +369,21 @@ class KVStore:
         width = self.bs * self.d
         # Each gathered row's head's key channel scales, [m, 1, d] (read once: a CUDA store keeps them there).
         ch = self.channels[layer].cpu().index_select(0, heads)[:, None, :] if self.quantized else None
+        picks = []
         for s in torch.unique(seg).tolist():
             pick = (seg == s).nonzero().flatten()
-            table = self.segments[layer][s].view(2, self.H * self.seg_blocks, width)
-            r = rows.index_select(0, pick) if len(pick) != len(rows) else rows
+            picks.append((s, pick, rows.index_select(0, pick) if len(pick) != len(rows) else rows))
+        if self.home.disk_dir is not None:  # every read of the step in flight before the first fault waits
+            for s, _, r in picks:
+                for kv in (0, 1):
+                    self.home.willneed(self._table(layer, s)[kv], r)
+                    if self.quantized:
+                        self.home.willneed(self._scale_table(layer, s)[kv], r)
+        for s, pick, r in picks:
+            table = self._table(layer, s)
             for kv in (0, 1):
                 if self.quantized:
-                    scales = self.scales[layer][s].view(2, self.H * self.seg_blocks, self.bs)[kv].index_select(0, r)
+                    scales = self._scale_table(layer, s)[kv].index_select(0, r)
                     row_ch = ch.index_select(0, pick) if kv == 0 else None
                     got = dequantize(table[kv].index_select(0, r).view(-1, self.bs, self.d), scales, self.dtype, row_ch)
                     out[kv].index_copy_(0, pick, got.view(-1, width))

@@ -8,7 +8,9 @@ read from disk as decode selects them (a CUDA store on disk is not pinned: its f
 reference path: a host sync a layer, the selected rows gathered into pinned staging and copied up
 asynchronously). A disk segment is advised random: by default a page fault
 reads the pages about it too, and a decode step, whose selection is scattered rows of 2 KiB, read
-the whole file for the 4% of it that it selected (bench/results/probe_disk_gather_cpu.json).
+the whole file for the 4% of it that it selected (bench/results/probe_disk_gather_cpu.json). Before
+a gather, the pages of the selected rows are asked for all at once (willneed): a page fault waits for
+one read, so faulting the rows in one after another reads at the disk's latency, not its throughput.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..memory import check_allocation, check_disk_space
@@ -43,12 +46,36 @@ class SegmentHome:
         try:
             os.ftruncate(fd, numel * dtype.itemsize)  # sparse: blocks take disk space once written
             seg = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
-            if self._madvise is not None:  # no read-around on a fault: decode reads scattered rows
-                self._madvise(ctypes.c_void_p(seg.data_ptr()), ctypes.c_size_t(seg.nbytes), mmap.MADV_RANDOM)
+            self.advise_random(seg)
             return seg
         finally:
             os.close(fd)
             os.unlink(path)
+
+    def advise_random(self, seg: torch.Tensor) -> None:
+        """No read-around on a fault: decode reads scattered rows (a disk home only)."""
+        if self._madvise is not None:
+            self._advise(seg.data_ptr(), seg.nbytes, mmap.MADV_RANDOM)
+
+    def willneed(self, table: torch.Tensor, rows: torch.Tensor) -> None:
+        """Start reading the pages of rows `rows` of a 2-D disk-backed `table` (no wait): the reads go
+        to the disk together, and the gather's faults then find them done or in flight. Adjacent
+        pages are asked for in one call."""
+        if self._madvise is None or not len(rows):
+            return
+        row_bytes = table.stride(0) * table.element_size()
+        start = table.data_ptr() + rows.numpy().astype(np.int64) * row_bytes
+        first, last = start // mmap.PAGESIZE, (start + row_bytes - 1) // mmap.PAGESIZE
+        span = first[:, None] + np.arange(row_bytes // mmap.PAGESIZE + 2)
+        pages = np.unique(span[span <= last[:, None]])
+        breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+        for run in np.split(pages, breaks):
+            self._advise(int(run[0]) * mmap.PAGESIZE, len(run) * mmap.PAGESIZE, mmap.MADV_WILLNEED)
+
+    def _advise(self, address: int, nbytes: int, advice: int) -> None:
+        start = address - address % mmap.PAGESIZE  # madvise takes whole pages (a view may start mid-page)
+        address, nbytes = start, nbytes + address - start
+        self._madvise(ctypes.c_void_p(address), ctypes.c_size_t(nbytes), advice)
 
     def check_fits(self, nbytes: int, what: str) -> None:
         """Refuse up front a store that cannot fit where its segments go."""

@@ -978,6 +978,35 @@ def test_key_channel_scales_fit_once_per_conversation():
     assert torch.equal(store.channels[0], channel_scales(k3))
 
 
+@pytest.mark.parametrize("vector", [True, False], ids=["process_madvise", "madvise"])
+def test_a_disk_store_reads_ahead_exactly_the_pages_a_gather_selects(tmp_path, vector):
+    """SegmentHome.willneed: the pages of the selected rows of a disk segment come into RAM, and no
+    others (mincore), in one process_madvise call or, where the kernel refuses it, a madvise a range."""
+    import ctypes
+    import mmap
+    import platform
+
+    from kvretrieve.store.segments import SegmentHome
+
+    home = SegmentHome(False, tmp_path)
+    if home._madvise is None:
+        pytest.skip("no madvise on this OS")
+    if not vector:
+        home._pidfd = None
+    P = mmap.PAGESIZE
+    seg = home.new((64, 2 * P), torch.uint8)  # never written: a sparse file, no page in RAM
+    rows = torch.tensor([3, 4, 17, 40, 63])
+    home.willneed(home.pages(seg, rows))
+    vec = (ctypes.c_ubyte * (seg.nbytes // P))()
+    assert ctypes.CDLL(None).mincore(ctypes.c_void_p(seg.data_ptr()), ctypes.c_size_t(seg.nbytes), vec) == 0
+    assert {i for i, b in enumerate(vec) if b & 1} == {2 * r + j for r in rows.tolist() for j in (0, 1)}
+    release = tuple(int(x) for x in platform.release().split("-")[0].split(".")[:2])
+    if vector and platform.system() == "Linux" and release >= (5, 10):  # the one call was taken, not the fallback
+        assert home._pidfd is not None
+    half = seg.view(256, P // 2)  # half-page rows: a row's page once, however many rows share it
+    assert home.pages(half, torch.tensor([0, 1, 5])).tolist() == [0 + half.data_ptr() // P] * 2 + [2 + half.data_ptr() // P]
+
+
 def test_a_disk_store_decodes_as_the_ram_store_from_unlinked_mapped_files(tiny_dir, tmp_path, monkeypatch):
     """RetrievalConfig(store="disk"): the store's segments are shared maps of files under
     KVRETRIEVE_CACHE/stores, unlinked as soon as they are mapped (nothing is left on disk, even by a

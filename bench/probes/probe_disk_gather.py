@@ -52,7 +52,7 @@ def steps(store: KVStore, n_blocks: int, blocks: int, count: int, advice: str) -
         store.home._advise(seg.data_ptr(), seg.nbytes, getattr(mmap, f"MADV_{advice.split('+')[0].upper()}"))
     home = type(store.home)
     # without willneed: the instance's own no-op shadows the method (the store as before the prefetch)
-    store.home.willneed = home.willneed.__get__(store.home) if "willneed" in advice else (lambda table, rows: None)
+    store.home.willneed = home.willneed.__get__(store.home) if "willneed" in advice else (lambda pages: None)
     g = torch.Generator().manual_seed(len(advice))
     heads = torch.arange(store.H).repeat_interleave(blocks)
     out = torch.empty(2, len(heads), store.bs * store.d, dtype=torch.bfloat16)

@@ -25,6 +25,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import KVGeometry
@@ -374,11 +375,9 @@ class KVStore:
             pick = (seg == s).nonzero().flatten()
             picks.append((s, pick, rows.index_select(0, pick) if len(pick) != len(rows) else rows))
         if self.home.disk_dir is not None:  # every read of the step in flight before the first fault waits
-            for s, _, r in picks:
-                for kv in (0, 1):
-                    self.home.willneed(self._table(layer, s)[kv], r)
-                    if self.quantized:
-                        self.home.willneed(self._scale_table(layer, s)[kv], r)
+            tables = [(t[kv], r) for s, _, r in picks for kv in (0, 1) for t in
+                      ((self._table(layer, s), self._scale_table(layer, s)) if self.quantized else (self._table(layer, s),))]
+            self.home.willneed(np.concatenate([self.home.pages(t, r) for t, r in tables]))
         for s, pick, r in picks:
             table = self._table(layer, s)
             for kv in (0, 1):

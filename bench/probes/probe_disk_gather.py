@@ -79,6 +79,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    limit = Path("/sys/fs/cgroup/memory/kvcap/memory.limit_in_bytes")
+    # the tree as it is when the run starts (a later edit elsewhere must not mark these rows dirty)
+    meta = provenance("cpu", allow_dirty=True) | {"ram_cap": limit.read_text().strip() if limit.exists() else None}
     nb = args.tokens // 16
     with tempfile.TemporaryDirectory(dir=os.environ.get("KVRETRIEVE_CACHE")) as folder:
         geo = KVGeometry(32, 8, 128, 16, nb, torch.device("cpu"), torch.bfloat16)
@@ -86,8 +89,6 @@ def main() -> None:
         row = {"tokens": args.tokens, "store_gb": None, "write_gb_s": fill(store, args.tokens)}
         row["store_gb"] = store.nbytes() / 1e9
         rows = [row | steps(store, nb, args.blocks, args.steps, a) for a in ADVICE + ADVICE]
-    limit = Path("/sys/fs/cgroup/memory/kvcap/memory.limit_in_bytes")
-    meta = provenance("cpu", allow_dirty=True) | {"ram_cap": limit.read_text().strip() if limit.exists() else None}
     out = Path(args.out) / "probe_disk_gather.json"
     out.write_text(json.dumps({**meta, "rows": rows}, indent=1))
     for r in rows:

@@ -229,8 +229,10 @@ def convert_and_signal(cache: Path, sig: int) -> tuple[int, str]:
     """Start a conversion into `cache`, send `sig` once its temporary folder holds files; (exit code,
     stderr)."""
     env = dict(os.environ, KVRETRIEVE_CACHE=str(cache), PYTHONPATH=str(REPO))
+    # The child starts with sig at its default action: under nohup (SIGHUP ignored, inherited) the
+    # conversion would rightly keep the ignored signal ignored and finish.
     proc = subprocess.Popen([sys.executable, "-c", CONVERT], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not any(p.iterdir() for p in cache.glob(".tmp-*")):  # mid-way: files being written

@@ -38,10 +38,8 @@ class SegmentHome:
         # madvise where the OS has it (Linux, macOS); elsewhere reads only lose the advice
         libc = ctypes.CDLL(None, use_errno=True) if self.disk_dir is not None and hasattr(mmap, "MADV_RANDOM") else None
         self._madvise = getattr(libc, "madvise", None)
-        # Linux >= 5.10: process_madvise takes a whole vector of ranges in one system call. Measured on
-        # the CPU host, a layer's gather of 1,024 rows of the 8B shape (~2,900 pages in ~2,500 ranges,
-        # all already in RAM): 1.2 ms in one call against ~6 ms as single madvise calls from Python,
-        # beside ~5 ms for the gather itself. None: one call a range.
+        # Linux >= 5.10: process_madvise takes a whole layer's ranges (~2,500 for 1,024 rows of the 8B
+        # shape) in one system call instead of one call each from Python. None: one call a range.
         self._pidfd = None
         if libc is not None and hasattr(os, "pidfd_open"):
             try:

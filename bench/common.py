@@ -27,7 +27,8 @@ CONFIG_OPTIONS = {"budget": "budget_tokens", "window": "window_tokens", "sink": 
                   "int8": "store_dtype",  # int8=0: the CPU store in the model's dtype
                   "mass": "block_scores",  # mass=1: lowrank scores blocks by estimated mass, not Loki's max
                   "cache": "cache_blocks",  # GPU slots per layer and head for retrieved blocks
-                  "disk": "store"}  # disk=1: the CPU store's segments are memory-mapped files
+                  "disk": "store",  # disk=1: the CPU store's segments are memory-mapped files
+                  "dense": "dense_layers"}  # dense=N: the first N layers attend densely
 
 
 def config_fields(options: list[str], spec: str) -> dict:

@@ -175,6 +175,8 @@ class RetrievalConfig:
     store_dtype: str = "auto"     # the CPU store: model (its dtype), int8 (a scale per token and head), auto
     store: str = "auto"           # where the CPU store lives: ram, disk (memory-mapped files), auto (ram
                                   # while the KV cache fits in the free RAM, else disk)
+    dense_layers: int = 0         # the first N layers attend densely, their K,V whole on the device
+                                  # (DELTA / DuoAttention; backends/split.py)
 
     def __post_init__(self) -> None:
         _check_types(self, "RetrievalConfig.")
@@ -202,6 +204,7 @@ class RetrievalConfig:
         _check(self.store_dtype in ("auto", "model", "int8"),
                f"store_dtype must be 'auto', 'model' or 'int8', got {self.store_dtype!r}")
         _check(self.store in ("auto", "ram", "disk"), f"store must be 'auto', 'ram' or 'disk', got {self.store!r}")
+        _check(self.dense_layers >= 0, f"dense_layers must be >= 0 (0: every layer retrieves), got {self.dense_layers}")
         if self.cache_blocks is not None and bs is not None:
             _check(self.cache_blocks >= self.budget_blocks,
                    f"cache_blocks ({self.cache_blocks}) must hold at least the budget ({self.budget_blocks} blocks)")

@@ -158,8 +158,9 @@ def resolve_attention(retrieval: RetrievalConfig | None, mc: ModelConfig, capaci
     rest = ", the rest estimated" if cfg.estimate_rest else ""
     scores = " with mass scores" if cfg.index == "lowrank" and cfg.block_scores == "mass" else ""
     where_kept = " on disk" if cfg.store == "disk" else ""
+    first = f", the first {cfg.dense_layers} layers dense" if cfg.dense_layers else ""
     return AttentionChoice(cfg, f"retrieval ({cfg.index} index{scores}, {cfg.store_dtype} CPU store{where_kept}, "
-                                f"{attended:,} tokens attended per step at {capacity:,}{rest}): {why}")
+                                f"{attended:,} tokens attended per step at {capacity:,}{rest}{first}): {why}")
 
 
 def resolve_retrieval(cfg: RetrievalConfig, mc: ModelConfig, capacity: int, device: torch.device,

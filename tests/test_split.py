@@ -71,10 +71,10 @@ def tiny_dir(tmp_path_factory):
                             seed=7)
 
 
-def split_engine(tiny_dir, first: int, capacity: int = 512, device: str = "cpu") -> Engine:
+def split_engine(tiny_dir, first: int, capacity: int = 512, device: str = "cpu", **fields) -> Engine:
     dec = tiny_decoder(tiny_dir, device)
     cfg = resolve_retrieval(dataclasses.replace(CFG, dense_layers=first, store_dtype="auto", block_size=8,
-                                                budget_tokens=32, window_tokens=16, sink_tokens=8),
+                                                budget_tokens=32, window_tokens=16, sink_tokens=8, **fields),
                             dec.cfg, capacity, dec.device, dec.dtype)
     from kvretrieve.resolve import geometry
     return Engine(dec, make_backend(cfg, geometry(dec.cfg, capacity, cfg.block_size, dec.device, dec.dtype), capacity),
@@ -94,6 +94,20 @@ def test_saved_state_of_a_split_backend_decodes_as_the_original(tiny_dir):
     b.backend.load_state(state, a.backend.length)
     for t in steps[10:]:
         torch.testing.assert_close(b.step(t), a.step(t), atol=0, rtol=0)
+
+
+def test_speculative_prefetch_reaches_the_retrieving_layers_only(tiny_dir):
+    """The model asks for layer + 1's blocks while layer runs: with the first layer dense only layer 1
+    asks (for layer 2, the retrieval part's layer 1); outputs equal those without speculation."""
+    g = torch.Generator().manual_seed(2)
+    prompt, steps = torch.randint(0, 256, (300,), generator=g), torch.randint(0, 256, (12,), generator=g)
+    plain, spec = split_engine(tiny_dir, 1), split_engine(tiny_dir, 1, speculative=True)
+    plain.prefill(prompt.tolist())
+    spec.prefill(prompt.tolist())
+    for t in steps:
+        torch.testing.assert_close(spec.step(t), plain.step(t), atol=0, rtol=0)
+    c = spec.backend.counters()
+    assert c["spec_total"] == 12 * 1 * 2 * 4 and 0 < c["spec_hits"] <= c["spec_total"]  # 12 steps, 1 layer, 2 heads
 
 
 def test_dense_layers_out_of_range_are_refused(tiny_dir):

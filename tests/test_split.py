@@ -11,7 +11,7 @@ from kvretrieve.backends import DenseKV, RetrievalKV, SplitKV, make_backend
 from kvretrieve.config import RetrievalConfig
 from kvretrieve.engine.engine import Engine
 from kvretrieve.errors import ConfigError
-from kvretrieve.resolve import resolve_retrieval
+from kvretrieve.resolve import geometry, resolve_retrieval
 
 from helpers import kv_geometry, saved_tiny_model, tiny_decoder
 
@@ -76,7 +76,6 @@ def split_engine(tiny_dir, first: int, capacity: int = 512, device: str = "cpu",
     cfg = resolve_retrieval(dataclasses.replace(CFG, dense_layers=first, store_dtype="auto", block_size=8,
                                                 budget_tokens=32, window_tokens=16, sink_tokens=8, **fields),
                             dec.cfg, capacity, dec.device, dec.dtype)
-    from kvretrieve.resolve import geometry
     return Engine(dec, make_backend(cfg, geometry(dec.cfg, capacity, cfg.block_size, dec.device, dec.dtype), capacity),
                   64)
 

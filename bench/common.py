@@ -28,7 +28,8 @@ CONFIG_OPTIONS = {"budget": "budget_tokens", "window": "window_tokens", "sink": 
                   "mass": "block_scores",  # mass=1: lowrank scores blocks by estimated mass, not Loki's max
                   "cache": "cache_blocks",  # GPU slots per layer and head for retrieved blocks
                   "disk": "store",  # disk=1: the CPU store's segments are memory-mapped files
-                  "dense": "dense_layers"}  # dense=N: the first N layers attend densely
+                  "dense": "dense_layers",  # dense=N: the first N layers attend densely
+                  "vrank": "rest_rank"}  # vrank=R: the rest token by token, with value sketches of rank R
 
 
 def config_fields(options: list[str], spec: str) -> dict:

@@ -171,6 +171,8 @@ class RetrievalConfig:
     estimate_tokens: int = 0      # next-ranked tokens that count through block summaries (RetroInfer's zone)
     estimate_rest: bool | None = None  # every candidate block not attended counts through its summary;
                                        # None: on, except for ivf and beside estimate_tokens (kvretrieve.resolve)
+    rest_rank: int = 0            # lowrank: value sketches of this rank estimate the rest token by token
+                                  # (index/summary.py); 0: each left-out block counts at its mean key and value
     cluster_tokens: int = 8192    # ivf: tokens per clustered prefill segment
     store_dtype: str = "auto"     # the CPU store: model (its dtype), int8 (a scale per token and head), auto
     store: str = "auto"           # where the CPU store lives: ram, disk (memory-mapped files), auto (ram
@@ -197,6 +199,12 @@ class RetrievalConfig:
                f"RetrievalConfig.block_scores must be 'auto', 'mass' or 'max', got {self.block_scores!r}")
         _check(self.reselect_every >= 1, f"reselect_every must be >= 1 (1 = select every step), got {self.reselect_every}")
         _check(self.estimate_tokens >= 0, f"estimate_tokens must be >= 0, got {self.estimate_tokens}")
+        _check(self.rest_rank >= 0, f"rest_rank must be >= 0 (0: the rest by block summaries), got {self.rest_rank}")
+        _check(not self.rest_rank or (self.estimate_rest is not False and not self.estimate_tokens
+                                      and self.index in ("auto", "lowrank")),
+               f"rest_rank ({self.rest_rank}) estimates the rest from a lowrank index's key sketches: it needs "
+               f"index 'lowrank' (or 'auto'), estimate_rest left on and estimate_tokens 0, got index={self.index!r}, "
+               f"estimate_rest={self.estimate_rest}, estimate_tokens={self.estimate_tokens}")
         _check(not (self.estimate_tokens and self.estimate_rest),
                "estimate_tokens and estimate_rest both estimate left-out blocks; choose one")
         _check(bs is None or self.cluster_tokens >= 64 * bs,

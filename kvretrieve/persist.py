@@ -74,8 +74,8 @@ def layout(llm) -> dict:
         out |= {f: getattr(cfg, f) for f in _LAYOUT_FIELDS
                 if (f not in ("rank", "block_scores") or cfg.index == "lowrank") and (f != "cluster_tokens" or cfg.index == "ivf")}
         out["summaries"] = bool(cfg.estimate_rest or cfg.estimate_tokens)
-        if cfg.dense_layers:  # named only when set: saves made before the field existed still match
-            out["dense_layers"] = cfg.dense_layers
+        # named only when set: saves made before these fields existed still match
+        out |= {f: getattr(cfg, f) for f in ("dense_layers", "rest_rank") if getattr(cfg, f)}
     return out
 
 

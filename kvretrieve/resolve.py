@@ -156,6 +156,7 @@ def resolve_attention(retrieval: RetrievalConfig | None, mc: ModelConfig, capaci
            if retrieval.index == "auto" else f"RetrievalConfig(index={retrieval.index!r})")
     attended = cfg.sink_tokens + (window + budget) * cfg.block_size
     rest = ", the rest estimated" if cfg.estimate_rest else ""
+    rest += f" token by token (value sketches of rank {cfg.rest_rank})" if cfg.rest_rank else ""
     scores = " with mass scores" if cfg.index == "lowrank" and cfg.block_scores == "mass" else ""
     where_kept = " on disk" if cfg.store == "disk" else ""
     first = f", the first {cfg.dense_layers} layers dense" if cfg.dense_layers else ""
@@ -176,6 +177,7 @@ def resolve_retrieval(cfg: RetrievalConfig, mc: ModelConfig, capacity: int, devi
       top-1 0.927 -> 0.951, bench/results/longctx_levers.md; ivf gained nothing on the 0.5B at 8K,
       its centroids already rank mixed clusters) and unless estimate_tokens is set; its summaries
       (2 x head_dim values per block and KV head) count in index auto's choice;
+    rest_rank: kept for lowrank, 0 for ivf (whose index has no key sketches to score tokens with);
     kmeans: see index.ivf.resolve_kmeans;
     block_size, block_scores, max_budget_tokens: see fine_layout."""
     index = cfg.index
@@ -185,13 +187,13 @@ def resolve_retrieval(cfg: RetrievalConfig, mc: ModelConfig, capacity: int, devi
         mass = lowrank.block_scores == "mass"
         sketch = LowRankIndex.nbytes_for(geo, cfg.rank, mass)
         if cfg.estimate_rest is not False and not cfg.estimate_tokens:
-            sketch += BlockSummary.nbytes_for(geo, shared_means=mass)
+            sketch += BlockSummary.nbytes_for(geo, shared_means=mass, rank=cfg.rest_rank)
         free = free_bytes(device) if free is None else free
         index = "lowrank" if sketch <= AUTO_SKETCH_SHARE * free else "ivf"
     store = cfg.store_dtype if cfg.store_dtype != "auto" else "int8" if device.type == "cuda" else "model"
     rest = cfg.estimate_rest if cfg.estimate_rest is not None else index != "ivf" and not cfg.estimate_tokens
     cfg = replace(fine_layout(cfg, index, capacity), index=index, store_dtype=store, estimate_rest=rest,
-                  kmeans=resolve_kmeans(cfg.kmeans, device))
+                  rest_rank=cfg.rest_rank if index == "lowrank" else 0, kmeans=resolve_kmeans(cfg.kmeans, device))
     return replace(cfg, store=resolve_store(cfg, mc, capacity, dtype))
 
 

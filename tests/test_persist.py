@@ -27,6 +27,7 @@ CONFIGS = {
     "exact-zone": RetrievalConfig(index="exact", estimate_tokens=16, estimate_rest=False, **SMALL),
     "ivf-int8": RetrievalConfig(index="ivf", store_dtype="int8", **SMALL),
     "lowrank-dense-first": RetrievalConfig(index="lowrank", block_scores="max", dense_layers=1, **SMALL),
+    "lowrank-token-rest": RetrievalConfig(index="lowrank", block_scores="mass", rest_rank=4, **SMALL),
 }
 
 
@@ -195,6 +196,7 @@ def test_a_save_from_another_model_dtype_layout_or_a_shorter_context_is_refused(
              ({}, RetrievalConfig(index="lowrank", **(SMALL | {"block_size": 8, "cluster_tokens": 512})), r"block_size=4 \(here 8\)"),
              ({}, CONFIGS["bounds"], r"index='lowrank' \(here 'bounds'\)"),
              ({}, CONFIGS["lowrank-dense-first"], r"dense_layers=None \(here 1\)"),
+             ({}, RetrievalConfig(index="lowrank", rest_rank=4, **SMALL), r"rest_rank=None \(here 4\)"),
              ({}, None, "saved with retrieval attention, this model runs dense"),
              (dict(max_context=256), CONFIGS["lowrank"], "holds 300 tokens but this context holds 256")]
     for kw, cfg, message in cases:

@@ -53,8 +53,8 @@ class RetrievalKV(AttentionBackend):
             # that cannot fit in RAM is refused here, before any prefill; one whose index or pool
             # cannot fit on the device was refused just above, before any pinning.
             self.store.ensure(self.store.max_blocks, background=True)
-        self.summary = (BlockSummary(geo, means=self.index.block_means) if cfg.estimate_tokens or cfg.estimate_rest
-                        else None)
+        self.summary = (BlockSummary(geo, means=self.index.block_means, keys=self.index if cfg.rest_rank else None,
+                                     rank=cfg.rest_rank) if cfg.estimate_tokens or cfg.estimate_rest else None)
         self.placement = BlockPlacement(cfg, geo, self.store, self.index, self.pool, self.summary, append_chunk_blocks)
         self.plan = DecodePlan(cfg, geo, self.pool)
         self.selector = Selector(cfg, self.index, self.pool, self.store, self.plan)
@@ -139,6 +139,8 @@ class RetrievalKV(AttentionBackend):
         P = self._start
         if P == 0:
             self.index.fit(layer, k)
+            if self.summary is not None:
+                self.summary.fit(layer, v)
             self._seg_kv = (k, v, k, v)
         else:
             pk, pv = self.layer_kv(layer, P)

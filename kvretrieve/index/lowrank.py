@@ -25,6 +25,19 @@ from ..errors import ConfigError
 from ..memory import check_allocation
 
 
+def pca(x: torch.Tensor, rank: int, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, Hkv, d] -> (mean [Hkv, d], the top `rank` principal directions [Hkv, d, rank]), fp32. Mean
+    and covariance accumulate in fp32 over chunks, so a 128K prompt never needs an fp32 copy of x."""
+    T = x.shape[0]
+    mean = sum(x[s:s + chunk].float().sum(0) for s in range(0, T, chunk)) / T             # [Hkv, d]
+    cov = 0
+    for s in range(0, T, chunk):
+        c = (x[s:s + chunk].float() - mean).transpose(0, 1)                               # [Hkv, t, d]
+        cov = cov + c.transpose(1, 2) @ c
+    _, vecs = torch.linalg.eigh(cov / T)                                                  # ascending
+    return mean, vecs.flip(-1)[:, :, :rank]
+
+
 class LowRankIndex(BlockIndex):
     kind = "lowrank"
 
@@ -48,18 +61,10 @@ class LowRankIndex(BlockIndex):
         self.proj = torch.zeros(geo.layers, geo.kv_heads, geo.head_dim, rank, **like)
         self.block_means = torch.zeros(geo.layers, geo.kv_heads, geo.max_blocks, geo.head_dim, **like) if mass else None
 
-    def fit(self, layer: int, keys: torch.Tensor, chunk: int = 8192) -> None:
-        """keys [T, Hkv, d]. Mean and covariance accumulate in fp32 over chunks, so a 128K prompt
-        never needs an fp32 copy of all its keys."""
-        T = keys.shape[0]
-        mean = sum(keys[s:s + chunk].float().sum(0) for s in range(0, T, chunk)) / T     # [Hkv, d]
-        cov = 0
-        for s in range(0, T, chunk):
-            x = (keys[s:s + chunk].float() - mean).transpose(0, 1)                       # [Hkv, t, d]
-            cov = cov + x.transpose(1, 2) @ x
-        _, vecs = torch.linalg.eigh(cov / T)                                             # ascending
-        self.proj[layer] = vecs.flip(-1)[:, :, :self.rank].to(self.proj.dtype)
-        self.mean[layer] = mean.to(self.mean.dtype)
+    def fit(self, layer: int, keys: torch.Tensor) -> None:
+        """keys [T, Hkv, d] of the first prefill: the sketches' basis."""
+        mean, proj = pca(keys, self.rank)
+        self.proj[layer], self.mean[layer] = proj.to(self.proj.dtype), mean.to(self.mean.dtype)
 
     def add(self, layer: int | slice, first_block: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         nb, bs = keys.shape[-3:-1]

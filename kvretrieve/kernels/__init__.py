@@ -50,6 +50,13 @@ def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale
     return impl(q, proj, sketch, block_means, n_blocks, block_size, scale)
 
 
+def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale):
+    """Attention of q [Hq, d] over the tokens of the blocks left_out [Hkv, n] marks, estimated token by
+    token from key and value sketches -> (out [Hq, d] in q.dtype, lse [Hq] float32). Torch on every
+    device for now (a few small kernels a layer; see kvretrieve.kernels.reference.lowrank_rest)."""
+    return _ref.lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale)
+
+
 def max_dot_block_scores(q, keys, n_blocks, block_size):
     """Exact block scores: q [Hq, d], keys [Hkv, cap, d] -> [Hkv, n_blocks] float32, the max of q.k
     over a block's block_size keys and the group's query heads."""
@@ -127,6 +134,6 @@ def quant_linear(x, w, bias=None):
     return impl(x, w, bias)
 
 
-__all__ = ["HAS_TRITON", "sparse_decode", "lowrank_block_scores", "lowrank_block_mass", "bounds_block_scores", "merge_attention",
+__all__ = ["HAS_TRITON", "sparse_decode", "lowrank_block_scores", "lowrank_block_mass", "lowrank_rest", "bounds_block_scores", "merge_attention",
            "lru_lookup", "fetch_blocks", "store_blocks", "max_dot_block_scores", "rms_norm", "apply_rope",
            "silu_mul", "topk_indices", "quant_linear"]

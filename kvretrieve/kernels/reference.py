@@ -211,6 +211,31 @@ def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale
     return (x - x.logsumexp(-1, keepdim=True)).logsumexp(1)
 
 
+def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale):
+    """Attention of q [Hq, d] over every token of the blocks where left_out [Hkv, n] is True, each token
+    estimated from sketches: token t of block b scores scale * (q.mean_b + (q @ proj).(sketch_t - mean of
+    b's sketches)), as lowrank_block_mass, and carries the value vsums_b / bs + (vsketch_t - mean of b's
+    vsketches) @ vproj^T: the block's exact mean value plus the value sketches' spread around it.
+    proj [Hkv, d, r], sketch [Hkv, cap, r], block_means [Hkv, cap_blocks, d], vproj [Hkv, d, rv],
+    vsketch [Hkv, cap, rv], vsums [Hkv, cap_blocks, d] -> (out [Hq, d] in q.dtype, lse [Hq] f32); a
+    head with no block left out gets 0 and -inf (what merge_attention treats as no contribution)."""
+    hkv, n = left_out.shape
+    hq, d = q.shape
+    g, bs, r, rv = _group("lowrank_rest", hq, hkv), block_size, proj.shape[-1], vproj.shape[-1]
+    qg = q.float().view(hkv, g, d)
+    sk = sketch[:, :n * bs].float().view(hkv, n, bs, r)
+    st = torch.einsum("hgr,hbtr->hgbt", torch.einsum("hgd,hdr->hgr", qg, proj.float()), sk - sk.mean(2, keepdim=True))
+    st = (st + torch.einsum("hgd,hbd->hgb", qg, block_means[:, :n].float())[..., None]) * scale
+    st = st.masked_fill(~left_out[:, None, :, None], float("-inf"))
+    lse = st.flatten(2).logsumexp(-1)                                                # [Hkv, G]
+    w = torch.exp(st - lse[..., None, None]).nan_to_num(0.0)                         # no block: lse -inf, w 0
+    vc = vsketch[:, :n * bs].float().view(hkv, n, bs, rv)
+    spread = torch.einsum("hgbt,hbtr->hgr", w, vc - vc.mean(2, keepdim=True))
+    out = (torch.einsum("hgb,hbd->hgd", w.sum(-1), vsums[:, :n].float()) / bs
+           + torch.einsum("hgr,hdr->hgd", spread, vproj.float()))
+    return out.reshape(hq, d).to(q.dtype), lse.reshape(hq)
+
+
 def max_dot_block_scores(q, keys, n_blocks, block_size):
     """Block maxima [Hkv, n_blocks] f32 of q.k over a block's keys and the group's query heads (the
     exact index's scores; block_size 1 over centroids: ivf's). q [Hq, d], keys [Hkv, cap, d]."""

@@ -65,6 +65,20 @@ def errors(b, layer, q, ids, lo, hi, n) -> dict:
         spread = st.logsumexp(-1) - log_bs - st.mean(-1)
         ests["sketch_spread"] = (sb.mean(-1) + spread, None)
         ests["sketch_spread_half"] = (sb.mean(-1) + spread / 2, None)
+        # Token-level weights from the sketches (each token: its block's mean score plus its sketch's
+        # deviation), over the exact values and over the values' own rank-r PCA (a value sketch).
+        tok = sb.mean(-1, keepdim=True) + st - st.mean(-1, keepdim=True)            # [H, G, b, bs]
+        ests["token_sketch_exact_v"] = (tok.logsumexp(-1) - log_bs, torch.einsum("hgbt,hbtd->hgbd", tok.softmax(-1), vb))
+        vm = v.mean(1, keepdim=True)                                                  # [H, 1, d]
+        _, _, vecs = torch.linalg.svd(v - vm, full_matrices=False)                    # [H, d, d] rows: components
+        for r in (8, 16, 32):
+            U = vecs[:, :r]                                                           # [H, r, d]
+            vr = vm[:, None] + torch.einsum("hbtr,hrd->hbtd", torch.einsum("hbtd,hrd->hbtr", vb - vm[:, None], U), U)
+            ests[f"token_sketch_v{r}"] = (tok.logsumexp(-1) - log_bs, torch.einsum("hgbt,hbtd->hgbd", tok.softmax(-1), vr))
+            vbr = vb.mean(2, keepdim=True) + vr - vr.mean(2, keepdim=True)            # exact block mean + spread
+            ests[f"token_sketch_vb{r}"] = (tok.logsumexp(-1) - log_bs, torch.einsum("hgbt,hbtd->hgbd", tok.softmax(-1), vbr))
+        ests["exact_weights_v16"] = (exact_mass, torch.einsum("hgbt,hbtd->hgbd", sb.softmax(-1), vm[:, None] + torch.einsum(
+            "hbtr,hrd->hbtd", torch.einsum("hbtd,hrd->hbtr", vb - vm[:, None], vecs[:, :16]), vecs[:, :16])))
     for name, (est, val) in ests.items():
         lse_b = (est + log_bs).masked_fill(~left[:, None], float("-inf"))
         w = lse_b.softmax(-1).nan_to_num()

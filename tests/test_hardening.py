@@ -247,6 +247,8 @@ def test_prompt_or_turn_longer_than_context(tiny):
     (["--retrieval", "lowrank", "--rank", "0"], ("--rank must be >= 1",)),
     (["--retrieval", "lowrank", "--reselect-every", "0"], ("--reselect-every must be >= 1",)),
     (["--retrieval", "lowrank", "--rank", "64"], ("--rank 64 is above the model's head_dim 16", "rank <= 16")),
+    (["--retrieval", "lowrank", "--rank", "8", "--rest-rank", "64"], ("--rest-rank 64 is above the model's head_dim 16",)),
+    (["--retrieval", "ivf", "--rest-rank", "8"], ("--rest-rank (8) estimates the rest from a lowrank index",)),
     (["--max-context", "0"], ("--max-context must be >= 16",)),
     (["--max-new-tokens", "-1"], ("--max-new-tokens must be >= 0",)),
     (["--top-p", "0"], ("--top-p must be in (0, 1]",)),

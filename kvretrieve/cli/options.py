@@ -130,6 +130,10 @@ def retrieval_options(f):
         click.option("--estimate-rest/--no-estimate-rest", default=None,
                      help="Count the blocks a step does not attend through a summary of each (mean key, value "
                           "sum) merged into the attention (default: on, except for ivf; accuracy in the README)."),
+        click.option("--rest-rank", type=int, default=0, show_default=True, metavar="R",
+                     help="lowrank: estimate the rest token by token, from the key sketches and value sketches "
+                          "of rank R kept on the device (0: each left-out block at its mean key and value; "
+                          "accuracy in the README)."),
         click.option("--speculative", is_flag=True,
                      help="Prefetch the next layer's blocks from an approximate query (slower with random "
                           "weights; see bench/NOTES.md)."),
@@ -145,7 +149,8 @@ def retrieval_from_options(opts: dict) -> RetrievalConfig | None:
                            sink_tokens=opts["sink"], window_tokens=opts["window"], rank=opts["rank"],
                            block_scores=opts["block_scores"], reselect_every=opts["reselect_every"],
                            store_dtype=opts["store_dtype"], store=opts["store"],
-                           speculative=opts["speculative"], estimate_rest=opts["estimate_rest"])
+                           speculative=opts["speculative"], estimate_rest=opts["estimate_rest"],
+                           rest_rank=opts["rest_rank"])
 
 
 def sampling_options(repeat_penalty: float, why: str):
@@ -209,7 +214,7 @@ _RETRIEVAL_FLAGS = {"index": "--retrieval", "budget_tokens": "--budget", "window
                     "sink_tokens": "--sink", "block_size": "--block-size", "rank": "--rank",
                     "block_scores": "--block-scores", "reselect_every": "--reselect-every",
                     "store_dtype": "--store-dtype", "store": "--store",
-                    "estimate_rest": "--estimate-rest"}
+                    "estimate_rest": "--estimate-rest", "rest_rank": "--rest-rank"}
 PARAM_FLAGS = {
     "max_context": "--max-context", "gpu_mem_gb": "--gpu-mem-gb", "prefill_chunk": "--prefill-chunk",
     "device": "--device", "dtype": "--dtype", "weights": "--weights", "max_new_tokens": "--max-new-tokens",

@@ -299,6 +299,39 @@ def _interp_cases(device="cpu", big=False):
         mag = qs.float().abs().sum(1).max().item()
         return [("lowrank", e1 / mag, 2e-5), ("bounds", e2 / mag, 2e-5), ("mass", e3 / (mag * 32 ** -0.5), 2e-5)]
 
+    def rest(dt, G, d, r, rv, bs, nb, few_programs=False):
+        # The token-level rest: a head with nothing left out (lse -inf, out 0), one with most
+        # blocks; few_programs makes each program loop over several tiles, whose partial softmaxes
+        # the launcher merges.
+        import kvretrieve.kernels.rest as t_rest
+
+        g = torch.Generator().manual_seed(12)
+        hkv = 2
+        qs, proj, _, sk, bm, _ = scoring_case(G, dt, d, r, bs, nb, Hkv=hkv, seed=13, device=device)
+        vproj = (torch.randn(hkv, d, rv, generator=g) / math.sqrt(d)).to(dt).to(device)
+        vk = torch.randn(hkv, nb * bs + 5, rv, generator=g).to(dt).to(device)
+        vs = torch.randn(hkv, nb + 3, d, generator=g).to(dt).to(device)
+        left = torch.rand(hkv, nb, generator=g) < 0.7
+        left[-1] = False
+        args = (qs, proj, sk, bm, vproj, vk, vs, left.to(device), bs, d ** -0.5)
+        old = t_rest._LOWRANK_PROGRAMS
+        t_rest._LOWRANK_PROGRAMS = 2 if few_programs else old
+        try:
+            out, lse = t_rest.lowrank_rest(*args, **({"tile_elems": 256} if few_programs else {}))
+        finally:
+            t_rest._LOWRANK_PROGRAMS = old
+        want, want_lse = R.lowrank_rest(*args)
+        tol = 1e-5 if dt == torch.float32 else 2e-2
+        empty = bool((lse[G:] == -INF).all() and (out[G:] == 0).all())
+        return [("out", err(out[:G], want[:G]), tol), ("lse", err(lse[:G], want_lse[:G]), 1e-5),
+                ("empty head", 0.0 if empty else 1.0, 0.0)]
+
+    for dn, (dt, _) in dts.items():
+        size = (6, 128, 32, 16, 4, 2000) if big else (3, 16, 8, 8, 4, 20)
+        cases[f"lowrank-rest-{dn}"] = lambda t=dt, z=size: rest(t, *z)
+    cases["lowrank-rest-many-tiles"] = lambda: rest(torch.float32, 4, 16, 8, 4, 4, 300, True)
+    cases["lowrank-rest-odd-sizes"] = lambda: rest(torch.float32, 1, 24, 5, 3, 6, 7)
+
     def lru_sequence():
         # Many lookups of random selections through both implementations, each on its own copy of
         # the state: slots, fetch flags, maps, stamps and counters must agree exactly.

@@ -15,6 +15,7 @@ try:
     from kvretrieve.kernels import lru as _tlru
     from kvretrieve.kernels import merge as _tmerge
     from kvretrieve.kernels import qlinear as _tqlinear
+    from kvretrieve.kernels import rest as _trest
     from kvretrieve.kernels import scoring as _tscore
     from kvretrieve.kernels import sparse_decode as _tdecode
     from kvretrieve.kernels import topk as _ttopk
@@ -52,9 +53,11 @@ def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale
 
 def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale):
     """Attention of q [Hq, d] over the tokens of the blocks left_out [Hkv, n] marks, estimated token by
-    token from key and value sketches -> (out [Hq, d] in q.dtype, lse [Hq] float32). Torch on every
-    device for now (a few small kernels a layer; see kvretrieve.kernels.reference.lowrank_rest)."""
-    return _ref.lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale)
+    token from key sketches proj [Hkv, d, r], sketch [Hkv, cap, r], block_means [Hkv, cap_blocks, d] and
+    value sketches vproj [Hkv, d, rv], vsketch [Hkv, cap, rv], vsums [Hkv, cap_blocks, d]
+    -> (out [Hq, d] in q.dtype, lse [Hq] float32; nothing left out: 0 and -inf)."""
+    impl = _trest.lowrank_rest if _use_triton(q) else _ref.lowrank_rest
+    return impl(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale)
 
 
 def max_dot_block_scores(q, keys, n_blocks, block_size):

@@ -1,0 +1,128 @@
+"""Triton estimate of the rest token by token: reference.lowrank_rest in one pass over the sketches.
+
+Grid (Hkv, P), as the mass-scoring kernel it follows (scoring._lowrank_mass_kernel): a program loops
+over a run of block tiles of one KV head, loads each tile's key sketches, block mean keys, value
+sketches and value sums once for the G query heads, and keeps per head an online softmax over the
+left-out blocks. A block's weight is its estimated mass (the log-sum-exp of its tokens' sketch scores
+less their mean, plus the exact mean-key score); its value is its exact mean value plus the value
+sketches' spread weighted by the tokens' softmax inside the block. Programs write (max, sum, the
+d-wide and the rv-wide accumulators); the launcher merges them and maps the rv part back through
+the value basis (torch: a few small kernels on [Hq, P] and [Hq, d] tensors).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvretrieve.kernels.reference import check_launch_device
+from kvretrieve.kernels.scoring import _LOWRANK_PROGRAMS, _group_queries, _split_work
+
+
+@triton.jit
+def _rest_kernel(
+    q_ptr, proj_ptr, sk_ptr, bm_ptr, vk_ptr, vs_ptr, left_ptr, m_ptr, l_ptr, od_ptr, or_ptr,
+    n_blocks, iters, scale,
+    stride_qh, stride_qd, stride_ph, stride_pd, stride_pr, stride_sh, stride_st, stride_sr,
+    stride_bh, stride_bb, stride_bd, stride_kh, stride_kt, stride_kr, stride_vh, stride_vb, stride_vd,
+    stride_lh, stride_lb,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+    RV: tl.constexpr, RVP: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr, TB: tl.constexpr,
+):
+    kvh = tl.program_id(0)
+    pid = tl.program_id(1)
+    progs = tl.num_programs(1)
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, DP)
+    offs_r = tl.arange(0, RP)
+    offs_v = tl.arange(0, RVP)
+    d_mask, r_mask, v_mask = offs_d < D, offs_r < R, offs_v < RV
+    q = _group_queries(q_ptr, kvh, stride_qh, stride_qd, G, GP, D, DP) * scale
+    proj = tl.load(proj_ptr + kvh.to(tl.int64) * stride_ph + offs_d[:, None] * stride_pd + offs_r[None, :] * stride_pr,
+                   mask=d_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+    qr = tl.sum(q[:, :, None] * proj[None, :, :], 1)                                          # [GP, RP]
+    j = tl.arange(0, BSP)
+    head = kvh.to(tl.int64)
+    run_m = tl.full([GP], float("-inf"), tl.float32)
+    run_l = tl.zeros([GP], dtype=tl.float32)
+    acc_d = tl.zeros([GP, DP], dtype=tl.float32)
+    acc_r = tl.zeros([GP, RVP], dtype=tl.float32)
+    for i in range(0, iters):
+        blocks = (pid * iters + i) * TB + tl.arange(0, TB)
+        b_in = blocks < n_blocks
+        left = tl.load(left_ptr + kvh * stride_lh + blocks * stride_lb, mask=b_in, other=0) != 0
+        ok2 = left[:, None] & (j[None, :] < BS)
+        tok = blocks.to(tl.int64)[:, None] * BS + j[None, :]                                   # [TB, BSP]
+        # Tiles of blocks nobody left out are never read (masked loads fetch nothing).
+        sk = tl.load(sk_ptr + head * stride_sh + tok[:, :, None] * stride_st + offs_r[None, None, :] * stride_sr,
+                     mask=ok2[:, :, None] & r_mask[None, None, :], other=0.0).to(tl.float32)   # [TB, BSP, RP]
+        vk = tl.load(vk_ptr + head * stride_kh + tok[:, :, None] * stride_kt + offs_v[None, None, :] * stride_kr,
+                     mask=ok2[:, :, None] & v_mask[None, None, :], other=0.0).to(tl.float32)   # [TB, BSP, RVP]
+        vk = vk - (tl.sum(vk, 1) / BS)[:, None, :]                                              # spread in a block
+        bm = tl.load(bm_ptr + head * stride_bh + blocks.to(tl.int64)[:, None] * stride_bb + offs_d[None, :] * stride_bd,
+                     mask=left[:, None] & d_mask[None, :], other=0.0).to(tl.float32)            # [TB, DP]
+        vs = tl.load(vs_ptr + head * stride_vh + blocks.to(tl.int64)[:, None] * stride_vb + offs_d[None, :] * stride_vd,
+                     mask=left[:, None] & d_mask[None, :], other=0.0).to(tl.float32) / BS       # mean values
+        for g in tl.static_range(G):
+            row = offs_g == g
+            s = tl.sum(sk * tl.sum(tl.where(row[:, None], qr, 0.0), 0)[None, None, :], 2)     # [TB, BSP]
+            m = tl.where(left, tl.max(tl.where(ok2, s, float("-inf")), 1), 0.0)
+            p = tl.where(ok2, tl.exp(s - m[:, None]), 0.0)
+            e = tl.sum(p, 1)
+            e_safe = tl.where(left, e, 1.0)
+            spread = tl.sum(p[:, :, None] * vk, 1) / e_safe[:, None]                           # [TB, RVP]
+            x = m + tl.log(e_safe) - tl.sum(tl.where(ok2, s, 0.0), 1) / BS \
+                + tl.sum(bm * tl.sum(tl.where(row[:, None], q, 0.0), 0)[None, :], 1)
+            x = tl.where(left, x, float("-inf"))
+            rm = tl.max(tl.where(row, run_m, float("-inf")), 0)
+            nm = tl.maximum(rm, tl.max(x, 0))
+            sf = tl.where(nm == float("-inf"), 0.0, nm)
+            alpha = tl.exp(rm - sf)
+            w = tl.exp(x - sf)                                                                  # [TB], 0 where not left
+            run_l = tl.where(row, tl.sum(tl.where(row, run_l, 0.0), 0) * alpha + tl.sum(w, 0), run_l)
+            run_m = tl.where(row, nm, run_m)
+            acc_d = tl.where(row[:, None], acc_d * alpha + tl.sum(w[:, None] * vs, 0)[None, :], acc_d)
+            acc_r = tl.where(row[:, None], acc_r * alpha + tl.sum(w[:, None] * spread, 0)[None, :], acc_r)
+    g_mask = offs_g < G
+    out = (kvh * G + offs_g) * progs + pid                                                      # [Hq, P] rows
+    tl.store(m_ptr + out, run_m, mask=g_mask)
+    tl.store(l_ptr + out, run_l, mask=g_mask)
+    tl.store(od_ptr + out[:, None] * D + offs_d[None, :], acc_d, mask=g_mask[:, None] & d_mask[None, :])
+    tl.store(or_ptr + out[:, None] * RV + offs_v[None, :], acc_r, mask=g_mask[:, None] & v_mask[None, :])
+
+
+def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale,
+                 tile_elems: int = 2048, num_warps: int = 4):
+    """Triton version of reference.lowrank_rest -> (out [Hq, d] in q.dtype, lse [Hq] float32).
+    tile_elems (key-sketch values a tile) and num_warps are tuning knobs."""
+    hkv, n = left_out.shape
+    hq, d = q.shape
+    g, r, rv, bs = hq // hkv, proj.shape[-1], vproj.shape[-1], int(block_size)
+    check_launch_device("lowrank_rest", q, proj, sketch, block_means, vproj, vsketch, vsums, left_out)
+    if hq % hkv or n * bs > sketch.shape[1] or n > block_means.shape[1] or n > vsums.shape[1]:
+        raise ValueError(f"lowrank_rest: {hq} query heads over {hkv} KV heads, {n} blocks of {bs} against "
+                         f"sketch {tuple(sketch.shape)}, block means {tuple(block_means.shape)}, vsums {tuple(vsums.shape)}")
+    if n == 0:
+        return q.new_zeros(hq, d), torch.full((hq,), float("-inf"), device=q.device)
+    rp, bsp = triton.next_power_of_2(r), triton.next_power_of_2(bs)
+    tb = max(1, min(tile_elems // rp // bsp, triton.next_power_of_2(n)))
+    progs, iters = _split_work(triton.cdiv(n, tb), hkv, _LOWRANK_PROGRAMS)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    m, l_ = torch.empty(hq, progs, **f32), torch.empty(hq, progs, **f32)
+    od, orv = torch.empty(hq, progs, d, **f32), torch.empty(hq, progs, rv, **f32)
+    left = left_out.to(torch.int8)
+    _rest_kernel[(hkv, progs)](
+        q, proj, sketch, block_means, vsketch, vsums, left, m, l_, od, orv, n, iters, float(scale),
+        q.stride(0), q.stride(1), *proj.stride(), *sketch.stride(), *block_means.stride(), *vsketch.stride(),
+        *vsums.stride(), left.stride(0), left.stride(1),
+        G=g, GP=max(2, triton.next_power_of_2(g)), D=d, DP=max(16, triton.next_power_of_2(d)), R=r, RP=rp,
+        RV=rv, RVP=max(2, triton.next_power_of_2(rv)), BS=bs, BSP=bsp, TB=tb, num_warps=num_warps)
+    # The programs' partial softmaxes merge at the largest max; the program holding it contributes at
+    # least exp(0) = 1, so a head with anything left out has total >= 1 and one with nothing total 0
+    # (out 0, lse log 0 = -inf). Clamps, not where() with Python scalars: no host tensors, no syncs.
+    top = m.amax(1, keepdim=True).clamp(min=-1e30)
+    w = torch.exp(m - top) * (l_ > 0)                                                           # [Hq, P]
+    total = (w * l_).sum(1)
+    out = (torch.einsum("hp,hpd->hd", w, od) + torch.einsum(
+        "hp,hpr,hdr->hd", w, orv, vproj.float().repeat_interleave(g, 0))) / total.clamp(min=1.0).unsqueeze(1)
+    return out.to(q.dtype), top.squeeze(1) + torch.log(total)

@@ -130,7 +130,7 @@ class RuntimeConfig:
 AUTO_DENSITY, AUTO_MIN_ATTENDED, AUTO_MAX_BUDGET, AUTO_MAX_WINDOW = 0.25, 1024, 2048, 512
 # The layout auto gives lowrank up to FINE_MAX_CAPACITY tokens (kvretrieve.resolve): blocks of 4 scored
 # by mass, retrieving up to FINE_MAX_BUDGET (1/8 of 32K attended with the window and sinks).
-FINE_MAX_CAPACITY, FINE_BLOCK, FINE_MAX_BUDGET = 40_960, 4, 3456
+FINE_MAX_CAPACITY, FINE_BLOCK, FINE_MAX_BUDGET, FINE_REST_RANK = 40_960, 4, 3456, 16
 
 
 @dataclass(slots=True, frozen=True)
@@ -171,8 +171,9 @@ class RetrievalConfig:
     estimate_tokens: int = 0      # next-ranked tokens that count through block summaries (RetroInfer's zone)
     estimate_rest: bool | None = None  # every candidate block not attended counts through its summary;
                                        # None: on, except for ivf and beside estimate_tokens (kvretrieve.resolve)
-    rest_rank: int = 0            # lowrank: value sketches of this rank estimate the rest token by token
-                                  # (index/summary.py); 0: each left-out block counts at its mean key and value
+    rest_rank: int | None = None  # lowrank: value sketches of this rank estimate the rest token by token
+                                  # (index/summary.py); 0: each left-out block counts at its mean key and
+                                  # value; None: by the layout (kvretrieve.resolve.fine_layout)
     cluster_tokens: int = 8192    # ivf: tokens per clustered prefill segment
     store_dtype: str = "auto"     # the CPU store: model (its dtype), int8 (a scale per token and head), auto
     store: str = "auto"           # where the CPU store lives: ram, disk (memory-mapped files), auto (ram
@@ -199,7 +200,8 @@ class RetrievalConfig:
                f"RetrievalConfig.block_scores must be 'auto', 'mass' or 'max', got {self.block_scores!r}")
         _check(self.reselect_every >= 1, f"reselect_every must be >= 1 (1 = select every step), got {self.reselect_every}")
         _check(self.estimate_tokens >= 0, f"estimate_tokens must be >= 0, got {self.estimate_tokens}")
-        _check(self.rest_rank >= 0, f"rest_rank must be >= 0 (0: the rest by block summaries), got {self.rest_rank}")
+        _check(self.rest_rank is None or self.rest_rank >= 0,
+               f"rest_rank must be >= 0 (0: the rest by block summaries), got {self.rest_rank}")
         _check(not self.rest_rank or (self.estimate_rest is not False and not self.estimate_tokens
                                       and self.index in ("auto", "lowrank")),
                f"rest_rank ({self.rest_rank}) estimates the rest from a lowrank index's key sketches: it needs "
@@ -239,7 +241,7 @@ class RetrievalConfig:
     def resolved(self) -> bool:
         """True once kvretrieve.resolve has made every "auto" concrete (what backends accept)."""
         return (self.index != "auto" and self.store_dtype != "auto" and self.kmeans != "auto" and self.store != "auto"
-                and self.block_size is not None and self.block_scores != "auto")
+                and self.block_size is not None and self.block_scores != "auto" and self.rest_rank is not None)
 
     def plan(self, context: int) -> tuple[int, int]:
         """(window blocks, budget blocks) for a context of this many tokens. Set values are used as

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import (AUTO_MAX_BUDGET, FINE_BLOCK, FINE_MAX_BUDGET, FINE_MAX_CAPACITY, KVGeometry,
+from .config import (AUTO_MAX_BUDGET, FINE_BLOCK, FINE_MAX_BUDGET, FINE_MAX_CAPACITY, FINE_REST_RANK, KVGeometry,
                      RetrievalConfig)
 from .errors import ConfigError, ResourceError
 from .index.ivf import resolve_kmeans
@@ -177,7 +177,8 @@ def resolve_retrieval(cfg: RetrievalConfig, mc: ModelConfig, capacity: int, devi
       top-1 0.927 -> 0.951, bench/results/longctx_levers.md; ivf gained nothing on the 0.5B at 8K,
       its centroids already rank mixed clusters) and unless estimate_tokens is set; its summaries
       (2 x head_dim values per block and KV head) count in index auto's choice;
-    rest_rank: kept for lowrank, 0 for ivf (whose index has no key sketches to score tokens with);
+    rest_rank: kept for lowrank (auto: see fine_layout, at most head_dim), 0 for other kinds (no key
+      sketches to score tokens with) and where the rest is off;
     kmeans: see index.ivf.resolve_kmeans;
     block_size, block_scores, max_budget_tokens: see fine_layout."""
     index = cfg.index
@@ -187,13 +188,15 @@ def resolve_retrieval(cfg: RetrievalConfig, mc: ModelConfig, capacity: int, devi
         mass = lowrank.block_scores == "mass"
         sketch = LowRankIndex.nbytes_for(geo, cfg.rank, mass)
         if cfg.estimate_rest is not False and not cfg.estimate_tokens:
-            sketch += BlockSummary.nbytes_for(geo, shared_means=mass, rank=cfg.rest_rank)
+            sketch += BlockSummary.nbytes_for(geo, shared_means=mass, rank=min(lowrank.rest_rank, mc.head_dim))
         free = free_bytes(device) if free is None else free
         index = "lowrank" if sketch <= AUTO_SKETCH_SHARE * free else "ivf"
     store = cfg.store_dtype if cfg.store_dtype != "auto" else "int8" if device.type == "cuda" else "model"
     rest = cfg.estimate_rest if cfg.estimate_rest is not None else index != "ivf" and not cfg.estimate_tokens
-    cfg = replace(fine_layout(cfg, index, capacity), index=index, store_dtype=store, estimate_rest=rest,
-                  rest_rank=cfg.rest_rank if index == "lowrank" else 0, kmeans=resolve_kmeans(cfg.kmeans, device))
+    layout = fine_layout(cfg, index, capacity)
+    cfg = replace(layout, index=index, store_dtype=store, estimate_rest=rest, kmeans=resolve_kmeans(cfg.kmeans, device),
+                  rest_rank=(layout.rest_rank if cfg.rest_rank is not None else min(layout.rest_rank, mc.head_dim))
+                  if index == "lowrank" and rest else 0)
     return replace(cfg, store=resolve_store(cfg, mc, capacity, dtype))
 
 
@@ -222,10 +225,16 @@ def fine_layout(cfg: RetrievalConfig, index: str, capacity: int) -> RetrievalCon
     16, max, 2,048) to 0.981 / 0.0033, above the oracle's 0.979 at the same tokens
     (bench/results/longctx_levers2.md; the 0.5B 0.979 / 0.0020). Beyond, blocks of 16, Loki's max and
     2,048: the 8B shape decodes 128K at 10.8 ms/token that way and at 21.9 ms with the fine layout,
-    whose block summaries also take 4x the memory (bench/results/decode_b4mass_h200.md)."""
+    whose block summaries also take 4x the memory (bench/results/decode_b4mass_h200.md).
+    rest_rank left to auto (None) is FINE_REST_RANK in that fine layout where the rest is estimated:
+    the rest then counts token by token through value sketches of rank 16 (the 0.5B at 4K, 1/8
+    attended: top-1 0.979 -> 0.992, KL 0.0029 -> 0.0009, past the oracle's 0.984 / 0.0020;
+    bench/results/token_rest_05b_cpu.md); elsewhere 0."""
     fine = index == "lowrank" and capacity <= FINE_MAX_CAPACITY
     block = cfg.block_size if cfg.block_size is not None else FINE_BLOCK if fine else 16
     scores = cfg.block_scores if cfg.block_scores != "auto" else "mass" if fine else "max"
     cap = (cfg.max_budget_tokens if cfg.max_budget_tokens is not None
            else FINE_MAX_BUDGET if fine and cfg.block_size is None else AUTO_MAX_BUDGET)
-    return replace(cfg, block_size=block, block_scores=scores, max_budget_tokens=cap)
+    rest_on = cfg.estimate_rest is not False and not cfg.estimate_tokens
+    rank = cfg.rest_rank if cfg.rest_rank is not None else FINE_REST_RANK if fine and rest_on else 0
+    return replace(cfg, block_size=block, block_scores=scores, max_budget_tokens=cap, rest_rank=rank)

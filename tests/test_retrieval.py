@@ -104,7 +104,7 @@ def planted_run(kind: str, sabotage: str | None = None, reselect: int = 1, steps
     L, H, G, d, bs, n = 2, 2, 2, 32, 8, 1024
     cfg = RetrievalConfig(index=kind, block_size=bs, budget_tokens=8 * bs, sink_tokens=bs, window_tokens=4 * bs,
                           rank=8, reselect_every=reselect, cluster_tokens=512, kmeans="torch", store_dtype="model",
-                          block_scores="max", store="ram")
+                          block_scores="max", store="ram", rest_rank=0)
     backend = RetrievalKV(cfg, kv_geometry(L, H, d, bs, n // bs + 8), n + 32, append_chunk_blocks=5)
     if sabotage:
         scores = backend.index.scores
@@ -518,7 +518,7 @@ def test_estimating_the_left_out_blocks_in_decode(tiny_dir, kind):
                            cluster_tokens=256, kmeans="torch", estimate_rest=False)
     dense, plain = engines(tiny_dir, base)
     _, zoned = engines(tiny_dir, dataclasses.replace(base, estimate_tokens=1024))
-    _, rest = engines(tiny_dir, dataclasses.replace(base, estimate_rest=True))
+    _, rest = engines(tiny_dir, dataclasses.replace(base, estimate_rest=True, rest_rank=0))  # by block summaries
     g = torch.Generator().manual_seed(11)
     prompt, steps = torch.randint(0, 256, (500,), generator=g), torch.randint(0, 256, (6,), generator=g)
     errs = {"plain": [], "zoned": [], "rest": []}
@@ -744,7 +744,7 @@ def test_lowrank_mass_at_full_rank_decodes_as_the_oracle(tiny_dir, device):
     max scores do not."""
     base = RetrievalConfig(index="oracle", block_size=8, budget_tokens=32, sink_tokens=8, window_tokens=16,
                            store_dtype="model")
-    mass = dataclasses.replace(base, index="lowrank", rank=16, block_scores="mass")
+    mass = dataclasses.replace(base, index="lowrank", rank=16, block_scores="mass", rest_rank=0)  # the oracle's rest
     loki = dataclasses.replace(mass, block_scores="max")
     engines_ = [engines(tiny_dir, c, device=device)[1] for c in (base, mass, loki)]
     g = torch.Generator().manual_seed(8)
@@ -793,8 +793,11 @@ def test_auto_index_takes_lowrank_while_its_sketches_fit_and_ivf_beyond(tiny_dir
     capacity = 1000 * cfg.block_size - 16             # 1,000 blocks with the tail block
     sketch = mc.num_layers * mc.num_kv_heads * 1000 * cfg.block_size * cfg.rank * 4  # fp32
     means = mc.num_layers * mc.num_kv_heads * 1000 * mc.head_dim * 4  # block mean keys (mass scores, the rest)
-    # the rest adds the value sums; its mean keys are the mass scores' own
-    for rest, scores, need in ((None, "mass", sketch + 2 * means), (False, "mass", sketch + means),
+    # the rest adds the value sums; its mean keys are the mass scores' own; at this capacity (the fine
+    # layout) it counts token by token through value sketches of rank 16 (= head_dim): a basis and a mean
+    # per layer and head, 16 values per token
+    values = mc.num_layers * mc.num_kv_heads * (1000 * cfg.block_size * 16 + mc.head_dim * 17) * 4
+    for rest, scores, need in ((None, "mass", sketch + 2 * means + values), (False, "mass", sketch + means),
                                (False, "max", sketch)):
         for free, kind in [(2 * need, "lowrank"), (2 * need - 4096, "ivf")]:
             monkeypatch.setenv("KVRETRIEVE_FREE_RAM_GB", str(free / 2**30))

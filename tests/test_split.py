@@ -17,7 +17,8 @@ from helpers import kv_geometry, saved_tiny_model, tiny_decoder
 
 L, HKV, HQ, D = 4, 2, 4, 16
 CFG = RetrievalConfig(index="lowrank", block_size=4, budget_tokens=8, sink_tokens=4, window_tokens=8, rank=4,
-                      store_dtype="model", store="ram", kmeans="torch", block_scores="max", estimate_rest=False)
+                      store_dtype="model", store="ram", kmeans="torch", block_scores="max", estimate_rest=False,
+                      rest_rank=0)
 
 
 def protocol_outputs(backend, steps: int, truncate_to: int, seed: int = 0) -> list[torch.Tensor]:

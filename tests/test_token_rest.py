@@ -70,7 +70,7 @@ def test_decode_with_full_rank_sketches_equals_dense(tiny_dir):  # noqa: F811
     """rank = rest_rank = head_dim: what the selection leaves out is estimated exactly, so every decode
     step's logits equal dense attention's; with block summaries (rest_rank 0) they do not."""
     base = RetrievalConfig(index="lowrank", block_size=4, budget_tokens=16, sink_tokens=4, window_tokens=8, rank=D,
-                           block_scores="mass")
+                           block_scores="mass", rest_rank=0)
     dense, full = engines(tiny_dir, dataclasses.replace(base, rest_rank=D))
     _, blocks = engines(tiny_dir, base)
     g = torch.Generator().manual_seed(4)
@@ -88,7 +88,7 @@ def test_decode_with_full_rank_sketches_equals_dense(tiny_dir):  # noqa: F811
 def test_low_rank_values_move_decode_toward_dense(tiny_dir):  # noqa: F811
     """At a rank below head_dim the token-level rest is closer to dense than block summaries."""
     base = RetrievalConfig(index="lowrank", block_size=4, budget_tokens=16, sink_tokens=4, window_tokens=8, rank=8,
-                           block_scores="mass")
+                           block_scores="mass", rest_rank=0)
     dense, blocks = engines(tiny_dir, base)
     _, tokens = engines(tiny_dir, dataclasses.replace(base, rest_rank=8))
     g = torch.Generator().manual_seed(5)

@@ -130,10 +130,10 @@ def retrieval_options(f):
         click.option("--estimate-rest/--no-estimate-rest", default=None,
                      help="Count the blocks a step does not attend through a summary of each (mean key, value "
                           "sum) merged into the attention (default: on, except for ivf; accuracy in the README)."),
-        click.option("--rest-rank", type=int, default=0, show_default=True, metavar="R",
+        click.option("--rest-rank", type=int, default=None, metavar="R",
                      help="lowrank: estimate the rest token by token, from the key sketches and value sketches "
-                          "of rank R kept on the device (0: each left-out block at its mean key and value; "
-                          "accuracy in the README)."),
+                          "of rank R kept on the device; 0: each left-out block at its mean key and value "
+                          "(default: 16 for lowrank up to 40K tokens of context, else 0; accuracy in the README)."),
         click.option("--speculative", is_flag=True,
                      help="Prefetch the next layer's blocks from an approximate query (slower with random "
                           "weights; see bench/NOTES.md)."),

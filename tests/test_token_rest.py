@@ -66,41 +66,35 @@ def test_low_rank_sketches_keep_each_blocks_mean_value_and_mass_ordering():
     assert torch.allclose(lse, st.flatten(2).logsumexp(-1).reshape(-1), atol=1e-5)
 
 
+def _decode_steps(tiny_dir, rank: int, rest_rank: int, seed: int, prompt_len: int) -> dict[str, torch.Tensor]:
+    """Logits [8, V] of 8 decode steps after a random prompt: dense attention ("dense"), the rest by
+    block summaries ("blocks") and token by token at rest_rank ("tokens"), 16 tokens retrieved."""
+    base = RetrievalConfig(index="lowrank", block_size=4, budget_tokens=16, sink_tokens=4, window_tokens=8,
+                           rank=rank, block_scores="mass", rest_rank=0)
+    dense, blocks = engines(tiny_dir, base)
+    _, tokens = engines(tiny_dir, dataclasses.replace(base, rest_rank=rest_rank))
+    g = torch.Generator().manual_seed(seed)
+    prompt, steps = torch.randint(0, 256, (prompt_len,), generator=g), torch.randint(0, 256, (8,), generator=g)
+    runs = {"dense": dense, "blocks": blocks, "tokens": tokens}
+    for e in runs.values():
+        e.forward(prompt)
+    return {name: torch.cat([e.model.logits(e.forward(t.view(1))) for t in steps]) for name, e in runs.items()}
+
+
 def test_decode_with_full_rank_sketches_equals_dense(tiny_dir):  # noqa: F811
     """rank = rest_rank = head_dim: what the selection leaves out is estimated exactly, so every decode
     step's logits equal dense attention's; with block summaries (rest_rank 0) they do not."""
-    base = RetrievalConfig(index="lowrank", block_size=4, budget_tokens=16, sink_tokens=4, window_tokens=8, rank=D,
-                           block_scores="mass", rest_rank=0)
-    dense, full = engines(tiny_dir, dataclasses.replace(base, rest_rank=D))
-    _, blocks = engines(tiny_dir, base)
-    g = torch.Generator().manual_seed(4)
-    prompt, steps = torch.randint(0, 256, (300,), generator=g), torch.randint(0, 256, (8,), generator=g)
-    for e in (dense, full, blocks):
-        e.forward(prompt)
-    worst = {"full": 0.0, "blocks": 0.0}
-    for t in steps:
-        ref_logits = dense.model.logits(dense.forward(t.view(1)))
-        for name, e in (("full", full), ("blocks", blocks)):
-            worst[name] = max(worst[name], (e.model.logits(e.forward(t.view(1))) - ref_logits).abs().max().item())
-    assert worst["full"] < 1e-3 < worst["blocks"], worst
+    out = _decode_steps(tiny_dir, D, D, seed=4, prompt_len=300)
+    worst = {name: (out[name] - out["dense"]).abs().max().item() for name in ("tokens", "blocks")}
+    assert worst["tokens"] < 1e-3 < worst["blocks"], worst
 
 
 def test_low_rank_values_move_decode_toward_dense(tiny_dir):  # noqa: F811
     """At a rank below head_dim the token-level rest is closer to dense than block summaries."""
-    base = RetrievalConfig(index="lowrank", block_size=4, budget_tokens=16, sink_tokens=4, window_tokens=8, rank=8,
-                           block_scores="mass", rest_rank=0)
-    dense, blocks = engines(tiny_dir, base)
-    _, tokens = engines(tiny_dir, dataclasses.replace(base, rest_rank=8))
-    g = torch.Generator().manual_seed(5)
-    prompt, steps = torch.randint(0, 256, (400,), generator=g), torch.randint(0, 256, (8,), generator=g)
-    for e in (dense, blocks, tokens):
-        e.forward(prompt)
-    kl = {"blocks": 0.0, "tokens": 0.0}
-    for t in steps:
-        want = dense.model.logits(dense.forward(t.view(1))).log_softmax(-1)
-        for name, e in (("blocks", blocks), ("tokens", tokens)):
-            got = e.model.logits(e.forward(t.view(1))).log_softmax(-1)
-            kl[name] += torch.nn.functional.kl_div(got, want, log_target=True, reduction="sum").item()
+    out = _decode_steps(tiny_dir, 8, 8, seed=5, prompt_len=400)
+    want = out["dense"].log_softmax(-1)
+    kl = {name: torch.nn.functional.kl_div(out[name].log_softmax(-1), want, log_target=True, reduction="sum").item()
+          for name in ("tokens", "blocks")}
     assert kl["tokens"] < kl["blocks"], kl
 
 

@@ -146,6 +146,9 @@ class RetrievalConfig:
     4, mass scores and up to 3,456 retrieved (Qwen2.5-Coder-1.5B at 32K: top-1 0.981, KL 0.0033 against
     0.951 / 0.0175, bench/results/longctx_levers2.md); longer contexts keep blocks of 16, Loki's max
     scores and 2,048, which hold 128K of the 8B shape at 10.8 ms/token (blocks of 4: 21.9 ms).
+    rest_rank left to auto (None) is 16 in that fine layout: the rest is estimated token by token
+    through value sketches (the 0.5B at 8K, 1/8 attended: KL 0.0018 -> 0.00075, the oracle 0.0013;
+    bench/results/token_rest_05b_8k_cpu.md), else 0.
     cache_blocks: GPU slots per layer and KV head for retrieved blocks (None = 2x the budget).
     index: auto (the default) is dense attention while the whole KV of the context fits on the
     device next to the weights (exact, and faster), else lowrank, the most accurate kind, unless

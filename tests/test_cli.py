@@ -66,17 +66,6 @@ def test_chat_over_document_with_piped_questions(smol_dir):
     assert result.stderr.count("attention: dense: the KV cache of") == 2, result.stderr
 
 
-def test_the_rest_rank_default_and_flag_reach_the_backend(smol_dir):
-    """--rest-rank left out keeps the layout's default (token by token, rank 16, for lowrank up to 40K);
-    --rest-rank 0 asks for the per-block estimate; the attention line says which ran."""
-    base = ("generate", "hi", "--model", str(smol_dir), "--max-new-tokens", "1", "--retrieval", "lowrank",
-            "--max-context", "2K")
-    default, per_block = run(*base), run(*base, "--rest-rank", "0")
-    assert default.exit_code == 0 and per_block.exit_code == 0, (default.output, per_block.output)
-    assert "the rest estimated token by token (value sketches of rank 16)" in default.stderr, default.stderr
-    assert "the rest estimated" in per_block.stderr and "token by token" not in per_block.stderr
-
-
 def test_installed_console_script(smol_dir):
     script = shutil.which("kvretrieve", path=str(Path(sys.executable).parent))
     assert script, "the kvretrieve console script is not installed next to this Python"

@@ -264,6 +264,16 @@ def test_invalid_option_values(tiny, args, fragments):
     assert_user_error(generate(tiny, *args), *fragments)
 
 
+def test_the_rest_rank_default_and_flag_reach_the_backend(tiny):
+    """--rest-rank left out keeps the layout's default (token by token, rank 16, for lowrank up to 40K);
+    --rest-rank 0 asks for the per-block estimate; the attention line says which ran."""
+    default = generate(tiny, "--retrieval", "lowrank", "--rank", "8")
+    per_block = generate(tiny, "--retrieval", "lowrank", "--rank", "8", "--rest-rank", "0")
+    assert default.exit_code == 0 and per_block.exit_code == 0, (default.output, per_block.output)
+    assert "the rest estimated token by token (value sketches of rank 16)" in default.stderr, default.stderr
+    assert "the rest estimated" in per_block.stderr and "token by token" not in per_block.stderr
+
+
 def test_usage_errors_exit_2_without_traceback(tiny):
     for args, fragment in [(["--retrieval", "faiss"], "'faiss' is not one of"),
                            (["--budget", "inf"], "not a token count"), (["--max-context", "nan"], "not a token count")]:

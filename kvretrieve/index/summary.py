@@ -118,7 +118,9 @@ class ValueSketch:
 
     @staticmethod
     def nbytes_for(geo: KVGeometry, rank: int) -> int:
-        return geo.nbytes(geo.layers, geo.kv_heads, geo.max_tokens, rank) + geo.nbytes(geo.layers, geo.kv_heads, geo.head_dim, rank + 1)
+        """Device bytes: rank values per token, and a basis and a mean per layer and KV head."""
+        return (geo.nbytes(geo.layers, geo.kv_heads, geo.max_tokens, rank)
+                + geo.nbytes(geo.layers, geo.kv_heads, geo.head_dim, rank + 1))
 
     def __init__(self, geo: KVGeometry, rank: int):
         if rank > geo.head_dim:

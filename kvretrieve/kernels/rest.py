@@ -101,7 +101,8 @@ def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, 
     check_launch_device("lowrank_rest", q, proj, sketch, block_means, vproj, vsketch, vsums, left_out)
     if hq % hkv or n * bs > sketch.shape[1] or n > block_means.shape[1] or n > vsums.shape[1]:
         raise ValueError(f"lowrank_rest: {hq} query heads over {hkv} KV heads, {n} blocks of {bs} against "
-                         f"sketch {tuple(sketch.shape)}, block means {tuple(block_means.shape)}, vsums {tuple(vsums.shape)}")
+                         f"sketch {tuple(sketch.shape)}, block means {tuple(block_means.shape)}, "
+                         f"vsums {tuple(vsums.shape)}")
     if n == 0:
         return q.new_zeros(hq, d), torch.full((hq,), float("-inf"), device=q.device)
     rp, bsp = triton.next_power_of_2(r), triton.next_power_of_2(bs)

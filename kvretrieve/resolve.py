@@ -188,16 +188,21 @@ def resolve_retrieval(cfg: RetrievalConfig, mc: ModelConfig, capacity: int, devi
         mass = lowrank.block_scores == "mass"
         sketch = LowRankIndex.nbytes_for(geo, cfg.rank, mass)
         if cfg.estimate_rest is not False and not cfg.estimate_tokens:
-            sketch += BlockSummary.nbytes_for(geo, shared_means=mass, rank=min(lowrank.rest_rank, mc.head_dim))
+            sketch += BlockSummary.nbytes_for(geo, shared_means=mass, rank=rest_rank(cfg, lowrank, mc))
         free = free_bytes(device) if free is None else free
         index = "lowrank" if sketch <= AUTO_SKETCH_SHARE * free else "ivf"
     store = cfg.store_dtype if cfg.store_dtype != "auto" else "int8" if device.type == "cuda" else "model"
     rest = cfg.estimate_rest if cfg.estimate_rest is not None else index != "ivf" and not cfg.estimate_tokens
     layout = fine_layout(cfg, index, capacity)
     cfg = replace(layout, index=index, store_dtype=store, estimate_rest=rest, kmeans=resolve_kmeans(cfg.kmeans, device),
-                  rest_rank=(layout.rest_rank if cfg.rest_rank is not None else min(layout.rest_rank, mc.head_dim))
-                  if index == "lowrank" and rest else 0)
+                  rest_rank=rest_rank(cfg, layout, mc) if index == "lowrank" and rest else 0)
     return replace(cfg, store=resolve_store(cfg, mc, capacity, dtype))
+
+
+def rest_rank(asked: RetrievalConfig, layout: RetrievalConfig, mc: ModelConfig) -> int:
+    """The layout's rest_rank; an automatic one (asked.rest_rank None) at most the model's head_dim,
+    while one asked for is kept as it is (a rank above head_dim is then refused by name)."""
+    return layout.rest_rank if asked.rest_rank is not None else min(layout.rest_rank, mc.head_dim)
 
 
 def resolve_store(cfg: RetrievalConfig, mc: ModelConfig, capacity: int, dtype: torch.dtype) -> str:

@@ -124,6 +124,7 @@ def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, 
     top = m.amax(1, keepdim=True).clamp(min=-1e30)
     w = torch.exp(m - top) * (l_ > 0)                                                           # [Hq, P]
     total = (w * l_).sum(1)
-    out = (torch.einsum("hp,hpd->hd", w, od) + torch.einsum(
-        "hp,hpr,hdr->hd", w, orv, vproj.float().repeat_interleave(g, 0))) / total.clamp(min=1.0).unsqueeze(1)
+    spread = torch.einsum("hp,hpr->hr", w, orv).view(hkv, g, rv)
+    out = (torch.einsum("hp,hpd->hd", w, od) + torch.einsum("hgr,hdr->hgd", spread, vproj.float()).reshape(hq, d)
+           ) / total.clamp(min=1.0).unsqueeze(1)
     return out.to(q.dtype), top.squeeze(1) + torch.log(total)

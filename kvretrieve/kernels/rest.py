@@ -97,7 +97,7 @@ def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, 
     tile_elems (key-sketch values a tile) and num_warps are tuning knobs."""
     hkv, n = left_out.shape
     hq, d = q.shape
-    g, r, rv, bs = hq // hkv, proj.shape[-1], vproj.shape[-1], int(block_size)
+    bs = int(block_size)
     check_launch_device("lowrank_rest", q, proj, sketch, block_means, vproj, vsketch, vsums, left_out)
     if hq % hkv or n * bs > sketch.shape[1] or n > block_means.shape[1] or n > vsums.shape[1]:
         raise ValueError(f"lowrank_rest: {hq} query heads over {hkv} KV heads, {n} blocks of {bs} against "
@@ -105,6 +105,15 @@ def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, 
                          f"vsums {tuple(vsums.shape)}")
     if n == 0:
         return q.new_zeros(hq, d), torch.full((hq,), float("-inf"), device=q.device)
+    parts = _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale, tile_elems, num_warps)
+    return _merge(*parts, vproj, q.dtype)
+
+
+def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale, tile_elems, num_warps):
+    """The kernel's launch -> per program (max, sum, d-wide and rv-wide accumulators) [Hq, P, ...]."""
+    hkv, n = left_out.shape
+    hq, d = q.shape
+    g, r, rv = hq // hkv, proj.shape[-1], vsketch.shape[-1]
     rp, bsp = triton.next_power_of_2(r), triton.next_power_of_2(bs)
     tb = max(1, min(tile_elems // rp // bsp, triton.next_power_of_2(n)))
     progs, iters = _split_work(triton.cdiv(n, tb), hkv, _LOWRANK_PROGRAMS)
@@ -118,6 +127,12 @@ def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, 
         *vsums.stride(), left.stride(0), left.stride(1),
         G=g, GP=max(2, triton.next_power_of_2(g)), D=d, DP=max(16, triton.next_power_of_2(d)), R=r, RP=rp,
         RV=rv, RVP=max(2, triton.next_power_of_2(rv)), BS=bs, BSP=bsp, TB=tb, num_warps=num_warps)
+    return m, l_, od, orv
+
+
+def _merge(m, l_, od, orv, vproj, dtype):
+    hkv, hq, rv = vproj.shape[0], m.shape[0], orv.shape[-1]
+    g, d = hq // hkv, od.shape[-1]
     # The programs' partial softmaxes merge at the largest max; the program holding it contributes at
     # least exp(0) = 1, so a head with anything left out has total >= 1 and one with nothing total 0
     # (out 0, lse log 0 = -inf). Clamps, not where() with Python scalars: no host tensors, no syncs.
@@ -127,4 +142,4 @@ def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, 
     spread = torch.einsum("hp,hpr->hr", w, orv).view(hkv, g, rv)
     out = (torch.einsum("hp,hpd->hd", w, od) + torch.einsum("hgr,hdr->hgd", spread, vproj.float()).reshape(hq, d)
            ) / total.clamp(min=1.0).unsqueeze(1)
-    return out.to(q.dtype), top.squeeze(1) + torch.log(total)
+    return out.to(dtype), top.squeeze(1) + torch.log(total)

@@ -27,68 +27,81 @@ def _rest_kernel(
     stride_bh, stride_bb, stride_bd, stride_kh, stride_kt, stride_kr, stride_vh, stride_vb, stride_vd,
     stride_lh, stride_lb,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
-    RV: tl.constexpr, RVP: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr, TB: tl.constexpr,
+    RV: tl.constexpr, RVP: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     pid = tl.program_id(1)
     progs = tl.num_programs(1)
+    head = kvh.to(tl.int64)
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, DP)
     offs_r = tl.arange(0, RP)
     offs_v = tl.arange(0, RVP)
     d_mask, r_mask, v_mask = offs_d < D, offs_r < R, offs_v < RV
-    q = _group_queries(q_ptr, kvh, stride_qh, stride_qd, G, GP, D, DP) * scale
-    proj = tl.load(proj_ptr + kvh.to(tl.int64) * stride_ph + offs_d[:, None] * stride_pd + offs_r[None, :] * stride_pr,
+    q = _group_queries(q_ptr, kvh, stride_qh, stride_qd, G, GP, D, DP) * scale                   # [GP, DP]
+    proj = tl.load(proj_ptr + head * stride_ph + offs_d[:, None] * stride_pd + offs_r[None, :] * stride_pr,
                    mask=d_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-    qr = tl.sum(q[:, :, None] * proj[None, :, :], 1)                                          # [GP, RP]
-    j = tl.arange(0, BSP)
-    head = kvh.to(tl.int64)
+    qr = tl.dot(q, proj, input_precision="ieee")                                                # [GP, RP]
     run_m = tl.full([GP], float("-inf"), tl.float32)
     run_l = tl.zeros([GP], dtype=tl.float32)
     acc_d = tl.zeros([GP, DP], dtype=tl.float32)
     acc_r = tl.zeros([GP, RVP], dtype=tl.float32)
     for i in range(0, iters):
         blocks = (pid * iters + i) * TB + tl.arange(0, TB)
-        b_in = blocks < n_blocks
-        left = tl.load(left_ptr + kvh * stride_lh + blocks * stride_lb, mask=b_in, other=0) != 0
-        ok2 = left[:, None] & (j[None, :] < BS)
-        tok = blocks.to(tl.int64)[:, None] * BS + j[None, :]                                   # [TB, BSP]
-        # Tiles of blocks nobody left out are never read (masked loads fetch nothing).
-        sk = tl.load(sk_ptr + head * stride_sh + tok[:, :, None] * stride_st + offs_r[None, None, :] * stride_sr,
-                     mask=ok2[:, :, None] & r_mask[None, None, :], other=0.0).to(tl.float32)   # [TB, BSP, RP]
-        vk = tl.load(vk_ptr + head * stride_kh + tok[:, :, None] * stride_kt + offs_v[None, None, :] * stride_kr,
-                     mask=ok2[:, :, None] & v_mask[None, None, :], other=0.0).to(tl.float32)   # [TB, BSP, RVP]
-        vk = vk - (tl.sum(vk, 1) / BS)[:, None, :]                                              # spread in a block
-        bm = tl.load(bm_ptr + head * stride_bh + blocks.to(tl.int64)[:, None] * stride_bb + offs_d[None, :] * stride_bd,
+        left = tl.load(left_ptr + kvh * stride_lh + blocks * stride_lb, mask=blocks < n_blocks, other=0) != 0
+        b64 = blocks.to(tl.int64)
+        # Masked loads fetch nothing: tiles of blocks nobody left out are never read.
+        bm = tl.load(bm_ptr + head * stride_bh + b64[:, None] * stride_bb + offs_d[None, :] * stride_bd,
                      mask=left[:, None] & d_mask[None, :], other=0.0).to(tl.float32)            # [TB, DP]
-        vs = tl.load(vs_ptr + head * stride_vh + blocks.to(tl.int64)[:, None] * stride_vb + offs_d[None, :] * stride_vd,
+        vs = tl.load(vs_ptr + head * stride_vh + b64[:, None] * stride_vb + offs_d[None, :] * stride_vd,
                      mask=left[:, None] & d_mask[None, :], other=0.0).to(tl.float32) / BS       # mean values
-        for g in tl.static_range(G):
-            row = offs_g == g
-            s = tl.sum(sk * tl.sum(tl.where(row[:, None], qr, 0.0), 0)[None, None, :], 2)     # [TB, BSP]
-            m = tl.where(left, tl.max(tl.where(ok2, s, float("-inf")), 1), 0.0)
-            p = tl.where(ok2, tl.exp(s - m[:, None]), 0.0)
-            e = tl.sum(p, 1)
-            e_safe = tl.where(left, e, 1.0)
-            spread = tl.sum(p[:, :, None] * vk, 1) / e_safe[:, None]                           # [TB, RVP]
-            x = m + tl.log(e_safe) - tl.sum(tl.where(ok2, s, 0.0), 1) / BS \
-                + tl.sum(bm * tl.sum(tl.where(row[:, None], q, 0.0), 0)[None, :], 1)
-            x = tl.where(left, x, float("-inf"))
-            rm = tl.max(tl.where(row, run_m, float("-inf")), 0)
-            nm = tl.maximum(rm, tl.max(x, 0))
-            sf = tl.where(nm == float("-inf"), 0.0, nm)
-            alpha = tl.exp(rm - sf)
-            w = tl.exp(x - sf)                                                                  # [TB], 0 where not left
-            run_l = tl.where(row, tl.sum(tl.where(row, run_l, 0.0), 0) * alpha + tl.sum(w, 0), run_l)
-            run_m = tl.where(row, nm, run_m)
-            acc_d = tl.where(row[:, None], acc_d * alpha + tl.sum(w[:, None] * vs, 0)[None, :], acc_d)
-            acc_r = tl.where(row[:, None], acc_r * alpha + tl.sum(w[:, None] * spread, 0)[None, :], acc_r)
+        # Token j of every block of the tile at once: [GP, TB] scores per position, so each step is a
+        # 2-D dot and elementwise work (3-D reshapes over the block's tokens cost the mass kernel ~2x).
+        m = tl.full([GP, TB], float("-inf"), tl.float32)
+        e = tl.zeros([GP, TB], dtype=tl.float32)
+        total = tl.zeros([GP, TB], dtype=tl.float32)
+        for j in tl.static_range(BS):
+            s = tl.dot(qr, tl.trans(_rows(sk_ptr, head, b64 * BS + j, stride_sh, stride_st, stride_sr,
+                                          offs_r, left[:, None] & r_mask[None, :])), input_precision="ieee")
+            nm = tl.maximum(m, s)
+            e = e * tl.exp(m - nm) + tl.exp(s - nm)
+            m, total = nm, total + s
+        e = tl.where(left[None, :], e, 1.0)
+        x = m + tl.log(e) - total / BS + tl.dot(q, tl.trans(bm), input_precision="ieee")
+        x = tl.where(left[None, :], x, float("-inf"))                                              # [GP, TB]
+        nm = tl.maximum(run_m, tl.max(x, 1))
+        sf = tl.where(nm == float("-inf"), 0.0, nm)
+        alpha = tl.exp(run_m - sf)
+        w = tl.exp(x - sf[:, None])                                                                  # 0 where not left
+        run_l = run_l * alpha + tl.sum(w, 1)
+        run_m = nm
+        acc_d = acc_d * alpha[:, None] + tl.dot(w, vs, input_precision="ieee")
+        # The spread: sum over tokens of w * softmax-in-block * (vsketch - the block's mean vsketch).
+        u = w / e
+        spread = tl.zeros([GP, RVP], dtype=tl.float32)
+        vmean = tl.zeros([TB, RVP], dtype=tl.float32)
+        for j in tl.static_range(BS):
+            sk = _rows(sk_ptr, head, b64 * BS + j, stride_sh, stride_st, stride_sr, offs_r,
+                       left[:, None] & r_mask[None, :])
+            vk = _rows(vk_ptr, head, b64 * BS + j, stride_kh, stride_kt, stride_kr, offs_v,
+                       left[:, None] & v_mask[None, :])
+            p = tl.exp(tl.dot(qr, tl.trans(sk), input_precision="ieee") - m)
+            spread += tl.dot(u * p, vk, input_precision="ieee")
+            vmean += vk / BS
+        acc_r = acc_r * alpha[:, None] + spread - tl.dot(w, vmean, input_precision="ieee")
     g_mask = offs_g < G
     out = (kvh * G + offs_g) * progs + pid                                                      # [Hq, P] rows
     tl.store(m_ptr + out, run_m, mask=g_mask)
     tl.store(l_ptr + out, run_l, mask=g_mask)
     tl.store(od_ptr + out[:, None] * D + offs_d[None, :], acc_d, mask=g_mask[:, None] & d_mask[None, :])
     tl.store(or_ptr + out[:, None] * RV + offs_v[None, :], acc_r, mask=g_mask[:, None] & v_mask[None, :])
+
+
+@triton.jit
+def _rows(ptr, head, tok, stride_h, stride_t, stride_c, offs_c, mask):
+    # Rows tok [TB] of a [H, T, C] sketch as [TB, CP] fp32 (0 where masked).
+    return tl.load(ptr + head * stride_h + tok[:, None] * stride_t + offs_c[None, :] * stride_c,
+                   mask=mask, other=0.0).to(tl.float32)
 
 
 def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale,
@@ -114,8 +127,9 @@ def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale,
     hkv, n = left_out.shape
     hq, d = q.shape
     g, r, rv = hq // hkv, proj.shape[-1], vsketch.shape[-1]
-    rp, bsp = triton.next_power_of_2(r), triton.next_power_of_2(bs)
-    tb = max(1, min(tile_elems // rp // bsp, triton.next_power_of_2(n)))
+    # tl.dot wants every side >= 16: the group's rows, the rank and the tile's blocks are padded to it.
+    rp = max(16, triton.next_power_of_2(r))
+    tb = max(16, min(tile_elems // rp // bs, triton.next_power_of_2(n)))
     progs, iters = _split_work(triton.cdiv(n, tb), hkv, _LOWRANK_PROGRAMS)
     f32 = dict(dtype=torch.float32, device=q.device)
     m, l_ = torch.empty(hq, progs, **f32), torch.empty(hq, progs, **f32)
@@ -125,8 +139,8 @@ def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale,
         q, proj, sketch, block_means, vsketch, vsums, left, m, l_, od, orv, n, iters, float(scale),
         q.stride(0), q.stride(1), *proj.stride(), *sketch.stride(), *block_means.stride(), *vsketch.stride(),
         *vsums.stride(), left.stride(0), left.stride(1),
-        G=g, GP=max(2, triton.next_power_of_2(g)), D=d, DP=max(16, triton.next_power_of_2(d)), R=r, RP=rp,
-        RV=rv, RVP=max(2, triton.next_power_of_2(rv)), BS=bs, BSP=bsp, TB=tb, num_warps=num_warps)
+        G=g, GP=max(16, triton.next_power_of_2(g)), D=d, DP=max(16, triton.next_power_of_2(d)), R=r, RP=rp,
+        RV=rv, RVP=max(16, triton.next_power_of_2(rv)), BS=bs, TB=tb, num_warps=num_warps)
     return m, l_, od, orv
 
 

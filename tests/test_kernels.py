@@ -302,7 +302,7 @@ def _interp_cases(device="cpu", big=False):
     def rest(dt, G, d, r, rv, bs, nb, few_programs=False):
         # The token-level rest: a head with nothing left out (lse -inf, out 0), one with most
         # blocks; few_programs makes each program loop over several tiles, whose partial softmaxes
-        # the launcher merges.
+        # the merge kernel reduces (otherwise it reduces many programs' partials 2 at a time).
         import kvretrieve.kernels.rest as t_rest
 
         g = torch.Generator().manual_seed(12)
@@ -314,12 +314,12 @@ def _interp_cases(device="cpu", big=False):
         left = torch.rand(hkv, nb, generator=g) < 0.7
         left[-1] = False
         args = (qs, proj, sk, bm, vproj, vk, vs, left.to(device), bs, d ** -0.5)
-        old = t_rest._LOWRANK_PROGRAMS
-        t_rest._LOWRANK_PROGRAMS = 2 if few_programs else old
+        old = t_rest._REST_PROGRAMS
+        t_rest._REST_PROGRAMS = 2 if few_programs else old
         try:
-            out, lse = t_rest.lowrank_rest(*args, **({"tile_elems": 256} if few_programs else {}))
+            out, lse = t_rest.lowrank_rest(*args, **({"tile_elems": 256} if few_programs else {"tile_elems": 256, "merge_chunk": 1}))
         finally:
-            t_rest._LOWRANK_PROGRAMS = old
+            t_rest._REST_PROGRAMS = old
         want, want_lse = R.lowrank_rest(*args)
         tol = 1e-5 if dt == torch.float32 else 2e-2
         empty = bool((lse[G:] == -INF).all() and (out[G:] == 0).all())

@@ -16,7 +16,11 @@ import triton
 import triton.language as tl
 
 from kvretrieve.kernels.reference import check_launch_device
-from kvretrieve.kernels.scoring import _LOWRANK_PROGRAMS, _group_queries, _split_work
+from kvretrieve.kernels.scoring import _group_queries, _split_work
+
+# Programs a launch aims at (8 an SM of an H100): the kernel waits on loads, not arithmetic, so
+# more programs in flight hide it; 4 an SM with 2 tiles each took 56 us at 32K on the 1.5B.
+_REST_PROGRAMS = 8 * 132
 
 
 @triton.jit
@@ -105,9 +109,10 @@ def _rows(ptr, head, tok, stride_h, stride_t, stride_c, offs_c, mask):
 
 
 def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale,
-                 tile_elems: int = 2048, num_warps: int = 4):
+                 tile_elems: int = 2048, num_warps: int = 4, merge_chunk: int = 64):
     """Triton version of reference.lowrank_rest -> (out [Hq, d] in q.dtype, lse [Hq] float32).
-    tile_elems (key-sketch values a tile) and num_warps are tuning knobs."""
+    tile_elems (key-sketch values a tile), num_warps and merge_chunk (partials a merge step) are
+    tuning knobs."""
     hkv, n = left_out.shape
     hq, d = q.shape
     bs = int(block_size)
@@ -119,7 +124,7 @@ def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, 
     if n == 0:
         return q.new_zeros(hq, d), torch.full((hq,), float("-inf"), device=q.device)
     parts = _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale, tile_elems, num_warps)
-    return _merge(*parts, vproj, q.dtype)
+    return _merge(*parts, vproj, q.dtype, merge_chunk)
 
 
 def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale, tile_elems, num_warps):
@@ -130,7 +135,7 @@ def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale,
     # tl.dot wants every side >= 16: the group's rows, the rank and the tile's blocks are padded to it.
     rp = max(16, triton.next_power_of_2(r))
     tb = max(16, min(tile_elems // rp // bs, triton.next_power_of_2(n)))
-    progs, iters = _split_work(triton.cdiv(n, tb), hkv, _LOWRANK_PROGRAMS)
+    progs, iters = _split_work(triton.cdiv(n, tb), hkv, _REST_PROGRAMS)
     f32 = dict(dtype=torch.float32, device=q.device)
     m, l_ = torch.empty(hq, progs, **f32), torch.empty(hq, progs, **f32)
     od, orv = torch.empty(hq, progs, d, **f32), torch.empty(hq, progs, rv, **f32)
@@ -144,16 +149,50 @@ def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale,
     return m, l_, od, orv
 
 
-def _merge(m, l_, od, orv, vproj, dtype):
-    hkv, hq, rv = vproj.shape[0], m.shape[0], orv.shape[-1]
-    g, d = hq // hkv, od.shape[-1]
-    # The programs' partial softmaxes merge at the largest max; the program holding it contributes at
-    # least exp(0) = 1, so a head with anything left out has total >= 1 and one with nothing total 0
-    # (out 0, lse log 0 = -inf). Clamps, not where() with Python scalars: no host tensors, no syncs.
-    top = m.amax(1, keepdim=True).clamp(min=-1e30)
-    w = torch.exp(m - top) * (l_ > 0)                                                           # [Hq, P]
-    total = (w * l_).sum(1)
-    spread = torch.einsum("hp,hpr->hr", w, orv).view(hkv, g, rv)
-    out = (torch.einsum("hp,hpd->hd", w, od) + torch.einsum("hgr,hdr->hgd", spread, vproj.float()).reshape(hq, d)
-           ) / total.clamp(min=1.0).unsqueeze(1)
-    return out.to(dtype), top.squeeze(1) + torch.log(total)
+def _merge(m, l_, od, orv, vproj, dtype, chunk: int = 64):
+    """The programs' partial softmaxes -> (out [Hq, d] in dtype, lse [Hq] float32), one program a query
+    head (in torch this was ~12 small kernels: 33 us a layer on an H100, probe_rest_kernel_h100.json)."""
+    hq, progs, d = od.shape
+    hkv, rv = vproj.shape[0], orv.shape[-1]
+    out = torch.empty(hq, d, dtype=dtype, device=od.device)
+    lse = torch.empty(hq, dtype=torch.float32, device=od.device)
+    pp = triton.next_power_of_2(progs)
+    _merge_kernel[(hq,)](m, l_, od, orv, vproj, out, lse, progs, *vproj.stride(),
+                         G=hq // hkv, D=d, DP=max(16, triton.next_power_of_2(d)), RV=rv,
+                         RVP=max(2, triton.next_power_of_2(rv)), PP=pp, CHUNK=min(pp, chunk))
+    return out, lse
+
+
+@triton.jit
+def _merge_kernel(m_ptr, l_ptr, od_ptr, or_ptr, vproj_ptr, out_ptr, lse_ptr, progs,
+                  stride_vh, stride_vd, stride_vr,
+                  G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, RV: tl.constexpr, RVP: tl.constexpr,
+                  PP: tl.constexpr, CHUNK: tl.constexpr):
+    # The partials merge at the largest max; the program holding it contributes at least exp(0) = 1,
+    # so a head with anything left out has total >= 1 and one with nothing total 0 (out 0, lse -inf).
+    h = tl.program_id(0)
+    offs_p = tl.arange(0, PP)
+    offs_d = tl.arange(0, DP)
+    offs_v = tl.arange(0, RVP)
+    d_mask, v_mask = offs_d < D, offs_v < RV
+    row = h.to(tl.int64) * progs
+    top = tl.maximum(tl.max(tl.load(m_ptr + row + offs_p, mask=offs_p < progs, other=float("-inf")), 0), -1e30)
+    acc_d = tl.zeros([DP], dtype=tl.float32)
+    acc_r = tl.zeros([RVP], dtype=tl.float32)
+    total = 0.0
+    for c in range(0, progs, CHUNK):
+        p = c + tl.arange(0, CHUNK)
+        p_in = p < progs
+        lc = tl.load(l_ptr + row + p, mask=p_in, other=0.0)
+        w = tl.where(lc > 0, tl.exp(tl.load(m_ptr + row + p, mask=p_in, other=float("-inf")) - top), 0.0)
+        total += tl.sum(w * lc, 0)
+        od = tl.load(od_ptr + (row + p)[:, None] * D + offs_d[None, :], mask=p_in[:, None] & d_mask[None, :], other=0.0)
+        acc_d += tl.sum(w[:, None] * od, 0)
+        orv = tl.load(or_ptr + (row + p)[:, None] * RV + offs_v[None, :], mask=p_in[:, None] & v_mask[None, :],
+                      other=0.0)
+        acc_r += tl.sum(w[:, None] * orv, 0)
+    vp = tl.load(vproj_ptr + (h // G).to(tl.int64) * stride_vh + offs_d[:, None] * stride_vd + offs_v[None, :] * stride_vr,
+                 mask=d_mask[:, None] & v_mask[None, :], other=0.0).to(tl.float32)              # [DP, RVP]
+    out = (acc_d + tl.sum(vp * acc_r[None, :], 1)) / tl.maximum(total, 1.0)
+    tl.store(out_ptr + h * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+    tl.store(lse_ptr + h, top + tl.log(total))

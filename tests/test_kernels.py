@@ -329,7 +329,7 @@ def _interp_cases(device="cpu", big=False):
     for dn, (dt, _) in dts.items():
         size = (6, 128, 32, 16, 4, 2000) if big else (3, 16, 8, 8, 4, 20)
         cases[f"lowrank-rest-{dn}"] = lambda t=dt, z=size: rest(t, *z)
-    cases["lowrank-rest-many-tiles"] = lambda: rest(torch.float32, 4, 16, 8, 4, 4, 300, True)
+    cases["lowrank-rest-many-tiles"] = lambda: rest(torch.float32, 4, 48, 8, 4, 4, 300, True)  # 2 merge programs a head
     cases["lowrank-rest-odd-sizes"] = lambda: rest(torch.float32, 1, 24, 5, 3, 6, 7)
 
     def lru_sequence():

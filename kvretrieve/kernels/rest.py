@@ -18,9 +18,9 @@ import triton.language as tl
 from kvretrieve.kernels.reference import check_launch_device
 from kvretrieve.kernels.scoring import _group_queries, _split_work
 
-# Programs a launch aims at (8 an SM of an H100): the kernel waits on loads, not arithmetic, so
-# more programs in flight hide it; 4 an SM with 2 tiles each took 56 us at 32K on the 1.5B.
-_REST_PROGRAMS = 8 * 132
+# Programs a launch aims at (4 an SM of an H100): at 32K on the 1.5B, 512 programs of 2 tiles and
+# 1,024 of one took the same 57 us, and fewer partials make the merge cheaper.
+_REST_PROGRAMS = 4 * 132
 
 
 @triton.jit
@@ -150,34 +150,36 @@ def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale,
 
 
 def _merge(m, l_, od, orv, vproj, dtype, chunk: int = 64):
-    """The programs' partial softmaxes -> (out [Hq, d] in dtype, lse [Hq] float32), one program a query
-    head (in torch this was ~12 small kernels: 33 us a layer on an H100, probe_rest_kernel_h100.json)."""
+    """The programs' partial softmaxes -> (out [Hq, d] in dtype, lse [Hq] float32). Grid (Hq, d / 32):
+    in torch this was ~12 small kernels (33 us a layer on an H100), one program a head 27 us at 512
+    partials (bench/results/probe_rest_kernel_h100.md)."""
     hq, progs, d = od.shape
     hkv, rv = vproj.shape[0], orv.shape[-1]
     out = torch.empty(hq, d, dtype=dtype, device=od.device)
     lse = torch.empty(hq, dtype=torch.float32, device=od.device)
-    pp = triton.next_power_of_2(progs)
-    _merge_kernel[(hq,)](m, l_, od, orv, vproj, out, lse, progs, *vproj.stride(),
-                         G=hq // hkv, D=d, DP=max(16, triton.next_power_of_2(d)), RV=rv,
-                         RVP=max(2, triton.next_power_of_2(rv)), PP=pp, CHUNK=min(pp, chunk))
+    pp, dc = triton.next_power_of_2(progs), min(32, max(16, triton.next_power_of_2(d)))
+    _merge_kernel[(hq, triton.cdiv(d, dc))](
+        m, l_, od, orv, vproj, out, lse, progs, *vproj.stride(), G=hq // hkv, D=d, DC=dc, RV=rv,
+        RVP=max(2, triton.next_power_of_2(rv)), PP=pp, CHUNK=min(pp, chunk))
     return out, lse
 
 
 @triton.jit
 def _merge_kernel(m_ptr, l_ptr, od_ptr, or_ptr, vproj_ptr, out_ptr, lse_ptr, progs,
                   stride_vh, stride_vd, stride_vr,
-                  G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, RV: tl.constexpr, RVP: tl.constexpr,
+                  G: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, RV: tl.constexpr, RVP: tl.constexpr,
                   PP: tl.constexpr, CHUNK: tl.constexpr):
     # The partials merge at the largest max; the program holding it contributes at least exp(0) = 1,
     # so a head with anything left out has total >= 1 and one with nothing total 0 (out 0, lse -inf).
+    # Each program takes DC of the d outputs and redoes the (small) weights and rank-space sum.
     h = tl.program_id(0)
     offs_p = tl.arange(0, PP)
-    offs_d = tl.arange(0, DP)
+    offs_d = tl.program_id(1) * DC + tl.arange(0, DC)
     offs_v = tl.arange(0, RVP)
     d_mask, v_mask = offs_d < D, offs_v < RV
     row = h.to(tl.int64) * progs
     top = tl.maximum(tl.max(tl.load(m_ptr + row + offs_p, mask=offs_p < progs, other=float("-inf")), 0), -1e30)
-    acc_d = tl.zeros([DP], dtype=tl.float32)
+    acc_d = tl.zeros([DC], dtype=tl.float32)
     acc_r = tl.zeros([RVP], dtype=tl.float32)
     total = 0.0
     for c in range(0, progs, CHUNK):
@@ -192,7 +194,7 @@ def _merge_kernel(m_ptr, l_ptr, od_ptr, or_ptr, vproj_ptr, out_ptr, lse_ptr, pro
                       other=0.0)
         acc_r += tl.sum(w[:, None] * orv, 0)
     vp = tl.load(vproj_ptr + (h // G).to(tl.int64) * stride_vh + offs_d[:, None] * stride_vd + offs_v[None, :] * stride_vr,
-                 mask=d_mask[:, None] & v_mask[None, :], other=0.0).to(tl.float32)              # [DP, RVP]
+                 mask=d_mask[:, None] & v_mask[None, :], other=0.0).to(tl.float32)              # [DC, RVP]
     out = (acc_d + tl.sum(vp * acc_r[None, :], 1)) / tl.maximum(total, 1.0)
     tl.store(out_ptr + h * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
-    tl.store(lse_ptr + h, top + tl.log(total))
+    tl.store(lse_ptr + h, top + tl.log(total), mask=tl.program_id(1) == 0)

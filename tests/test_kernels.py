@@ -317,7 +317,8 @@ def _interp_cases(device="cpu", big=False):
         old = t_rest._REST_PROGRAMS
         t_rest._REST_PROGRAMS = 2 if few_programs else old
         try:
-            out, lse = t_rest.lowrank_rest(*args, **({"tile_elems": 256} if few_programs else {"tile_elems": 256, "merge_chunk": 1}))
+            knobs = {"tile_elems": 256} | ({} if few_programs else {"merge_chunk": 1})
+            out, lse = t_rest.lowrank_rest(*args, **knobs)
         finally:
             t_rest._REST_PROGRAMS = old
         want, want_lse = R.lowrank_rest(*args)

@@ -68,7 +68,8 @@ def main() -> None:
         parts = rest._partials(*pa, bs, scale, 2048, 4)
         rows.append(base | {"what": "rest partials (2048, 4 warps)", "programs": parts[0].shape[1],
                             "us": graph_us(lambda: rest._partials(*pa, bs, scale, 2048, 4))})
-        rows.append(base | {"what": "rest merge", "us": graph_us(lambda: rest._merge(*parts, t["vproj"], t["q"].dtype))})
+        merge_us = graph_us(lambda: rest._merge(*parts, t["vproj"], t["q"].dtype))
+        rows.append(base | {"what": "rest merge", "us": merge_us})
         sweep = itertools.product((2048, 4096), (4, 8)) if (name, context) == ("1.5b", 32768) else [(2048, 4)]
         for tile, warps in sweep:
             def run():

@@ -193,7 +193,8 @@ def _merge_kernel(m_ptr, l_ptr, od_ptr, or_ptr, vproj_ptr, out_ptr, lse_ptr, pro
         orv = tl.load(or_ptr + (row + p)[:, None] * RV + offs_v[None, :], mask=p_in[:, None] & v_mask[None, :],
                       other=0.0)
         acc_r += tl.sum(w[:, None] * orv, 0)
-    vp = tl.load(vproj_ptr + (h // G).to(tl.int64) * stride_vh + offs_d[:, None] * stride_vd + offs_v[None, :] * stride_vr,
+    basis = vproj_ptr + (h // G).to(tl.int64) * stride_vh
+    vp = tl.load(basis + offs_d[:, None] * stride_vd + offs_v[None, :] * stride_vr,
                  mask=d_mask[:, None] & v_mask[None, :], other=0.0).to(tl.float32)              # [DC, RVP]
     out = (acc_d + tl.sum(vp * acc_r[None, :], 1)) / tl.maximum(total, 1.0)
     tl.store(out_ptr + h * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)

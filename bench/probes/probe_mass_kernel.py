@@ -23,7 +23,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import RESULTS, provenance  # noqa: E402
-from probe_topk import graph_us  # noqa: E402
+from probe_topk import graph_us, timed_config  # noqa: E402
 
 from kvretrieve.kernels import reference, scoring  # noqa: E402
 
@@ -48,14 +48,8 @@ def main() -> None:
         for tile, warps in itertools.product((2048, 4096, 8192), (2, 4, 8)):
             def run():
                 return scoring.lowrank_block_mass(q, proj, sketch, means, n_blocks, bs, d ** -0.5, tile, warps)
-            try:
-                err = (run() - ref).abs().max().item()
-                us = graph_us(run)
-            except Exception as e:  # noqa: BLE001 - a configuration that does not compile is a result
-                rows.append(base | {"kernel": "mass", "tile_elems": tile, "num_warps": warps,
-                                    "error": f"{type(e).__name__}: {e}"[:160]})
-                continue
-            rows.append(base | {"kernel": "mass", "tile_elems": tile, "num_warps": warps, "us": us, "max_err": err})
+            rows.append(base | {"kernel": "mass", "tile_elems": tile, "num_warps": warps}
+                        | timed_config(run, lambda res: (res - ref).abs().max().item()))
             print(rows[-1], flush=True)
     (out / "probe_mass_kernel.json").write_text(json.dumps(provenance("cuda") | {"rows": rows}, indent=1))
 

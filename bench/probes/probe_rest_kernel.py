@@ -26,7 +26,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import RESULTS, provenance  # noqa: E402
-from probe_topk import graph_us  # noqa: E402
+from probe_topk import graph_us, timed_config  # noqa: E402
 
 from kvretrieve import kernels  # noqa: E402
 from kvretrieve.kernels import reference, rest  # noqa: E402
@@ -72,17 +72,10 @@ def main() -> None:
         rows.append(base | {"what": "rest merge", "us": merge_us})
         sweep = itertools.product((2048, 4096), (4, 8)) if (name, context) == ("1.5b", 32768) else [(2048, 4)]
         for tile, warps in sweep:
-            def run():
-                return rest.lowrank_rest(*args, bs, scale, tile, warps)
-            try:
-                o, lse = run()
-                err = max((o.float() - ref.float()).abs().max().item(), (lse - ref_lse).abs().max().item())
-                us = graph_us(run)
-            except Exception as e:  # noqa: BLE001 - a configuration that does not compile is a result
-                rows.append(base | {"what": "rest", "tile_elems": tile, "num_warps": warps,
-                                    "error": f"{type(e).__name__}: {e}"[:160]})
-                continue
-            rows.append(base | {"what": "rest", "tile_elems": tile, "num_warps": warps, "us": us, "max_err": err})
+            def error(res):
+                return max((res[0].float() - ref.float()).abs().max().item(), (res[1] - ref_lse).abs().max().item())
+            rows.append(base | {"what": "rest", "tile_elems": tile, "num_warps": warps} | timed_config(
+                lambda: rest.lowrank_rest(*args, bs, scale, tile, warps), error))
         for row in rows:
             if row.get("context") == context and row.get("model") == name:
                 print(row, flush=True)

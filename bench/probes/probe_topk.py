@@ -41,6 +41,16 @@ def graph_us(fn, calls: int = 32, replays: int = 30) -> float:
     return statistics.median(times)
 
 
+def timed_config(run, error) -> dict:
+    """{"us", "max_err"} of one kernel configuration (run: the call; error: its output's max error), or
+    {"error"} where it does not compile or run: a configuration that fails is a result too."""
+    try:
+        err = error(run())
+        return {"us": graph_us(run), "max_err": err}
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"[:160]}
+
+
 def main() -> None:
     out = Path(os.environ.get("OUT", RESULTS))
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -138,5 +138,5 @@ def quant_linear(x, w, bias=None):
 
 
 __all__ = ["HAS_TRITON", "sparse_decode", "lowrank_block_scores", "lowrank_block_mass", "lowrank_rest",
-           "bounds_block_scores", "merge_attention", "lru_lookup", "fetch_blocks", "store_blocks", "max_dot_block_scores", "rms_norm", "apply_rope",
-           "silu_mul", "topk_indices", "quant_linear"]
+           "bounds_block_scores", "merge_attention", "lru_lookup", "fetch_blocks", "store_blocks",
+           "max_dot_block_scores", "rms_norm", "apply_rope", "silu_mul", "topk_indices", "quant_linear"]

@@ -81,6 +81,8 @@ def _rest_kernel(
         run_m = nm
         acc_d = acc_d * alpha[:, None] + tl.dot(w, vs, input_precision="ieee")
         # The spread: sum over tokens of w * softmax-in-block * (vsketch - the block's mean vsketch).
+        # The scores are redone rather than kept: a static loop cannot hold a list of [GP, TB] tiles,
+        # and the second read of the sketch rows hits L1/L2 (the kernel is not bandwidth-bound).
         u = w / e
         spread = tl.zeros([GP, RVP], dtype=tl.float32)
         vmean = tl.zeros([TB, RVP], dtype=tl.float32)

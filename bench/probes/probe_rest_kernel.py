@@ -5,8 +5,8 @@ token with rest_rank 16 against 7.8 with the block-summary rest, ~175 us a layer
 1.5B's and 0.5B's geometry (blocks of 4, 1/8 of the blocks attended, the rest left out), the kernel's
 partials alone, the merge alone, the whole launcher (over tile sizes and warps for the 1.5B at 32K),
 and what it replaces (BlockSummary._attend's call: sparse_decode over the blocks' mean keys and value
-sums as 1-token blocks) plus the mass-scoring kernel at the same shape. Each is 32 calls in one CUDA graph, median over replays; the launcher is checked against
-the torch reference. Writes probe_rest_kernel.json to $OUT (or bench/results).
+sums as 1-token blocks) plus the mass-scoring kernel at the same shape. Each is 32 calls in one CUDA
+graph, median over replays; the launcher is checked against the torch reference. Writes probe_rest_kernel.json to $OUT (or bench/results).
 
 Measured (bench/results/probe_rest_kernel_h100.md): at 32K on the 1.5B the rest went 184 -> 89 us a
 layer (partials 151 -> 57 with 2-D dots per token position; the merge 33 us in torch, 27 in one

@@ -155,6 +155,24 @@ def test_bounds_reference_is_upper_bound_and_tight_for_repeated_token():
     assert R.bounds_block_scores(q, kmin, kmax, 0).shape == (Hkv, 0)
 
 
+def test_block_rest_reference_is_attention_over_its_mean_keys():
+    """Each left-out block as block_size copies of its mean key carrying its mean value, written out as
+    a pool for the float64 dense attention; a head with nothing left out gets 0 and -inf."""
+    g = torch.Generator().manual_seed(15)
+    hkv, G, d, bs, nb = 2, 3, 16, 4, 9
+    q, means, vsums = torch.randn(hkv * G, d, generator=g), torch.randn(hkv, nb + 2, d, generator=g), \
+        torch.randn(hkv, nb + 2, d, generator=g) * bs
+    left = torch.rand(hkv, nb, generator=g) < 0.6
+    left[-1] = False
+    out, lse = R.block_rest(q, means, vsums, left, bs, d ** -0.5)
+    kp = means[:, :, None].expand(-1, -1, bs, -1).contiguous()
+    vp = (vsums / bs)[:, :, None].expand(-1, -1, bs, -1).contiguous()
+    slots = torch.where(left, torch.arange(nb)[None], -1).int()
+    want, want_lse = dense_decode(q, kp, vp, slots, torch.tensor([bs]), d ** -0.5)
+    assert err(out[:G], want[:G]) < 1e-5 and err(lse[:G], want_lse[:G]) < 1e-5
+    assert torch.all(lse[G:] == -INF) and torch.all(out[G:] == 0)
+
+
 def test_merge_reference_equals_attention_over_union():
     g = torch.Generator().manual_seed(5)
     H, T, d = 4, 12, 16
@@ -332,6 +350,35 @@ def _interp_cases(device="cpu", big=False):
         cases[f"lowrank-rest-{dn}"] = lambda t=dt, z=size: rest(t, *z)
     cases["lowrank-rest-many-tiles"] = lambda: rest(torch.float32, 4, 48, 8, 4, 4, 300, True)  # 2 merge programs a head
     cases["lowrank-rest-odd-sizes"] = lambda: rest(torch.float32, 1, 24, 5, 3, 6, 7)
+
+    def block_rest(dt, G, d, nb, few_programs=False, q_dt=None):
+        # The per-block rest over contiguous summary rows: a head with nothing left out, one with most
+        # blocks; few_programs loops each program over several tiles, else many programs' partials
+        # merge one at a time; q_dt: fp32 queries against 16-bit summaries (the upcast path).
+        import kvretrieve.kernels.rest as t_rest
+
+        g = torch.Generator().manual_seed(14)
+        q = torch.randn(2 * G, d, generator=g).to(q_dt or dt)
+        bm, vs = torch.randn(2, nb + 3, d, generator=g).to(dt), (torch.randn(2, nb + 3, d, generator=g) * 4).to(dt)
+        left = torch.rand(2, nb, generator=g) < 0.8
+        left[-1] = False
+        args = [t.to(device) for t in (q, bm, vs, left)] + [4, d ** -0.5]
+        old = t_rest._REST_PROGRAMS
+        t_rest._REST_PROGRAMS = 2 if few_programs else old
+        try:
+            out, lse = t_rest.block_rest(*args, tile_blocks=16, merge_chunk=64 if few_programs else 1)
+        finally:
+            t_rest._REST_PROGRAMS = old
+        want, want_lse = R.block_rest(*args)
+        tol = 1e-5 if dt == torch.float32 else 2e-2
+        empty = bool((lse[G:] == -INF).all() and (out[G:] == 0).all())
+        return [("out", err(out[:G], want[:G]), tol), ("lse", err(lse[:G], want_lse[:G]), 1e-4),
+                ("empty head", 0.0 if empty else 1.0, 0.0)]
+
+    for dn, (dt, _) in dts.items():
+        cases[f"block-rest-{dn}"] = lambda t=dt, z=(4, 128, 8192) if big else (3, 32, 70): block_rest(t, *z)
+    cases["block-rest-many-tiles"] = lambda: block_rest(torch.float32, 4, 48, 300, True)
+    cases["block-rest-fp32-q-bf16-summaries"] = lambda: block_rest(torch.bfloat16, 1, 24, 40, q_dt=torch.float32)
 
     def lru_sequence():
         # Many lookups of random selections through both implementations, each on its own copy of

@@ -477,7 +477,7 @@ def test_ivf_finds_planted_clusters():
 def test_block_summary_estimates_match_their_formula(device):
     """A block counts as block_size keys at its mean key, each with the block's mean value: the zone
     (given blocks) and the rest (a mask of blocks) against that formula written out (on CUDA through
-    the Triton sparse decode kernel, fp32 with tf32-free dots)."""
+    the Triton sparse decode and block_rest kernels, fp32 with tf32-free dots)."""
     from kvretrieve.index import BlockSummary
 
     g = torch.Generator().manual_seed(10)

@@ -59,6 +59,9 @@ def _launches(cuda, kv_store):
                     cuda(12, d, dt=qdt), cuda(hkv, d, 32, dt=qdt), cuda(hkv, 4096, 32, dt=dt), cuda(hkv, 1024, d, dt=dt),
                     cuda(hkv, d, rv, dt=dt), cuda(hkv, 4096, rv, dt=dt), cuda(hkv, 1024, d, dt=dt),
                     cuda(hkv, 200, dt=torch.bool), bs, 0.125)))
+                out.append((lbl + f" d{d}", "rest.block_rest", (cuda(12, d, dt=qdt), cuda(hkv, 1024, d, dt=dt),
+                                                               cuda(hkv, 1024, d, dt=dt), cuda(hkv, 800, dt=torch.bool),
+                                                               bs, 0.125)))
             for bs in (16, 1):  # the exact index (keys) and ivf (a centroid per block)
                 out.append((lbl, "scoring.max_dot_block_scores", (q, cuda(4, 4096, 64, dt=dt), 4096 // bs, bs)))
             out.append((lbl, "scoring.bounds_block_scores", (q, cuda(4, 256, 64, dt=dt), cuda(4, 256, 64, dt=dt),

@@ -1,12 +1,14 @@
-"""What the token-level rest (kernels.lowrank_rest) costs a layer on the GPU, and where.
+"""What the rest (kernels.lowrank_rest, kernels.block_rest) costs a layer on the GPU, and where.
 
 Measured first as a whole decode (kvretrieve profile, Qwen2.5-Coder-1.5B at 32K on an H100): 12.7 ms a
 token with rest_rank 16 against 7.8 with the block-summary rest, ~175 us a layer. This times, at the
 1.5B's and 0.5B's geometry (blocks of 4, 1/8 of the blocks attended, the rest left out), the kernel's
-partials alone, the merge alone, the whole launcher (over tile sizes and warps for the 1.5B at 32K),
-and what it replaces (BlockSummary._attend's call: sparse_decode over the blocks' mean keys and value
-sums as 1-token blocks) plus the mass-scoring kernel at the same shape. Each is 32 calls in one CUDA
-graph, median over replays; the launcher is checked against the torch reference. Writes probe_rest_kernel.json to $OUT (or bench/results).
+partials alone, the merge alone, the whole launcher (over tile sizes, warps and the fp32 dots'
+precision for the 1.5B at 32K), the block-summary rest both ways (kernels.block_rest over contiguous
+summary rows; what it replaced, sparse_decode over them as 1-token blocks) plus the mass-scoring
+kernel at the same shape; and the block-summary rest of the 8B shape at 128K (blocks of 16), where
+it is on by default. Each is 32 calls in one CUDA graph, median over replays; launchers are checked
+against the torch references. Writes probe_rest_kernel.json to $OUT (or bench/results).
 
 Measured (bench/results/probe_rest_kernel_h100.md): at 32K on the 1.5B the rest went 184 -> 89 us a
 layer (partials 151 -> 57 with 2-D dots per token position; the merge 33 us in torch, 27 in one
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -45,6 +48,25 @@ def inputs(hq, hkv, d, r, rv, bs, context, gen):
     return t
 
 
+def block_summary_rows(t, bs, scale) -> list[dict]:
+    """What rest_rank 0 runs: each left-out block as bs keys at its mean key, by block_rest, and as it was
+    attended before (sparse_decode over 1-token blocks, then the division and log(bs) outside)."""
+    n = t["left_out"].shape[1]
+    cols = torch.where(t["left_out"], torch.arange(n, device="cuda", dtype=torch.int32)[None], -1)
+    one = torch.ones(1, device="cuda", dtype=torch.int32)
+    args = (t["q"], t["block_means"], t["vsums"], t["left_out"], bs, scale)
+    ref = reference.block_rest(*args)
+
+    def error(res):
+        return max((res[0].float() - ref[0].float()).abs().max().item(), (res[1] - ref[1]).abs().max().item())
+
+    def before():
+        out, lse = kernels.sparse_decode(t["q"], t["block_means"][:, :, None], t["vsums"][:, :, None], cols, one, scale)
+        return out / bs, lse + math.log(bs)
+    return [{"what": "block summaries (sparse_decode)"} | timed_config(before, error),
+            {"what": "block summaries (block_rest)"} | timed_config(lambda: kernels.block_rest(*args), error)]
+
+
 def main() -> None:
     out = Path(os.environ.get("OUT", RESULTS))
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -56,12 +78,7 @@ def main() -> None:
         base = {"model": name, "context": context, "blocks": n}
         args = [t[k] for k in ("q", "proj", "sketch", "block_means", "vproj", "vsketch", "vsums", "left_out")]
         ref, ref_lse = reference.lowrank_rest(*args, bs, scale)
-        # What rest_rank 0 runs instead: every left-out block as one token (its mean key, its value sum).
-        cols = torch.where(t["left_out"], torch.arange(n, device="cuda", dtype=torch.int32)[None], -1)
-        one = torch.ones(1, device="cuda", dtype=torch.int32)
-        rows.append(base | {"what": "block summaries (sparse_decode)", "us": graph_us(
-            lambda: kernels.sparse_decode(t["q"], t["block_means"][:, :, None], t["vsums"][:, :, None], cols, one,
-                                          scale))})
+        rows += [base | row for row in block_summary_rows(t, bs, scale)]
         rows.append(base | {"what": "mass scores", "us": graph_us(
             lambda: kernels.lowrank_block_mass(t["q"], t["proj"], t["sketch"], t["block_means"], n, bs, scale))})
         pa = [t[k] for k in ("q", "proj", "sketch", "block_means", "vsketch", "vsums", "left_out")]
@@ -70,15 +87,19 @@ def main() -> None:
                             "us": graph_us(lambda: rest._partials(*pa, bs, scale, 2048, 4))})
         merge_us = graph_us(lambda: rest._merge(*parts, t["vproj"], t["q"].dtype))
         rows.append(base | {"what": "rest merge", "us": merge_us})
-        sweep = itertools.product((2048, 4096), (4, 8)) if (name, context) == ("1.5b", 32768) else [(2048, 4)]
-        for tile, warps in sweep:
+        sweep = itertools.product((2048, 4096), (4, 8), ("ieee", "tf32x3", "tf32")) \
+            if (name, context) == ("1.5b", 32768) else [(2048, 4, "ieee"), (2048, 4, "tf32")]
+        for tile, warps, prec in sweep:
             def error(res):
                 return max((res[0].float() - ref.float()).abs().max().item(), (res[1] - ref_lse).abs().max().item())
-            rows.append(base | {"what": "rest", "tile_elems": tile, "num_warps": warps} | timed_config(
-                lambda: rest.lowrank_rest(*args, bs, scale, tile, warps), error))
+            rows.append(base | {"what": "rest", "tile_elems": tile, "num_warps": warps, "precision": prec} |
+                        timed_config(lambda: rest.lowrank_rest(*args, bs, scale, tile, warps, precision=prec), error))
         for row in rows:
             if row.get("context") == context and row.get("model") == name:
                 print(row, flush=True)
+    t = inputs(32, 8, 128, 16, 16, 16, 131072, gen)  # the 8B shape at 128K: the block summaries only
+    rows += [{"model": "8b", "context": 131072, "blocks": 8192} | row for row in block_summary_rows(t, 16, 128 ** -0.5)]
+    print(rows[-2:], flush=True)
     (out / "probe_rest_kernel.json").write_text(json.dumps(provenance("cuda") | {"rows": rows}, indent=1))
 
 

@@ -51,7 +51,6 @@ class BlockSummary:
         self.bs, self.owns_means = geo.block_size, means is None
         self.means = torch.zeros(shape, device=geo.device, dtype=geo.dtype) if means is None else means
         self.vsums = torch.zeros(shape, device=geo.device, dtype=geo.dtype)
-        self.columns = torch.arange(geo.max_blocks, device=geo.device, dtype=torch.int32)[None]
         self.one = torch.ones(1, device=geo.device, dtype=torch.int32)  # every "block" is one full row
         self.keys, self.values = keys, ValueSketch(geo, rank) if rank else None
         if rank and keys is None:
@@ -100,11 +99,13 @@ class BlockSummary:
             k, v = self.keys, self.values
             return kernels.lowrank_rest(q, k.proj[layer], k.sketch[layer], self.means[layer], v.proj[layer],
                                         v.sketch[layer], self.vsums[layer], left_out, self.bs, scale)
-        return self._attend(layer, q, torch.where(left_out, self.columns[:, :left_out.shape[1]], -1), scale)
+        # Nearly every candidate is left out: one pass over the contiguous summary rows (the sparse
+        # decode below over them as 1-token blocks cost the 8B shape ~1 ms a step at 128K).
+        return kernels.block_rest(q, self.means[layer], self.vsums[layer], left_out, self.bs, scale)
 
     def _attend(self, layer: int, q: torch.Tensor, blocks: torch.Tensor, scale: float):
-        # The summaries are a pool of 1-token blocks: the sparse decode kernel attends the listed
-        # ones (-1: skipped, never read) with the mean keys as keys and the value sums as values.
+        # The zone's few listed blocks are a pool of 1-token blocks: the sparse decode kernel attends
+        # them (-1: skipped, never read) with the mean keys as keys and the value sums as values.
         # Measured on the H200 (8B shape, 128K): two batched matmuls over every summary took 11 ms a
         # step (cuBLAS picks a gemv for M = 4 query rows and K = 8K blocks).
         out, lse = kernels.sparse_decode(q, self.means[layer, :, :, None], self.vsums[layer, :, :, None], blocks,

@@ -51,6 +51,14 @@ def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale
     return impl(q, proj, sketch, block_means, n_blocks, block_size, scale)
 
 
+def block_rest(q, block_means, vsums, left_out, block_size, scale):
+    """Attention of q [Hq, d] over the blocks left_out [Hkv, n] marks, each block_size keys equal to its
+    mean key block_means [Hkv, cap_blocks, d] with its mean value (vsums [Hkv, cap_blocks, d] / block_size)
+    -> (out [Hq, d] in q.dtype, lse [Hq] float32; nothing left out: 0 and -inf)."""
+    impl = _trest.block_rest if _use_triton(q) else _ref.block_rest
+    return impl(q, block_means, vsums, left_out, block_size, scale)
+
+
 def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale):
     """Attention of q [Hq, d] over the tokens of the blocks left_out [Hkv, n] marks, estimated token by
     token from key sketches proj [Hkv, d, r], sketch [Hkv, cap, r], block_means [Hkv, cap_blocks, d] and
@@ -137,6 +145,6 @@ def quant_linear(x, w, bias=None):
     return impl(x, w, bias)
 
 
-__all__ = ["HAS_TRITON", "sparse_decode", "lowrank_block_scores", "lowrank_block_mass", "lowrank_rest",
-           "bounds_block_scores", "merge_attention", "lru_lookup", "fetch_blocks", "store_blocks",
+__all__ = ["HAS_TRITON", "sparse_decode", "lowrank_block_scores", "lowrank_block_mass", "block_rest",
+           "lowrank_rest", "bounds_block_scores", "merge_attention", "lru_lookup", "fetch_blocks", "store_blocks",
            "max_dot_block_scores", "rms_norm", "apply_rope", "silu_mul", "topk_indices", "quant_linear"]

@@ -8,6 +8,7 @@ stay usable on CUDA tensors too.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -209,6 +210,22 @@ def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale
     st = torch.einsum("hgr,hbtr->hgbt", qr, sk) * scale
     x = st.logsumexp(-1) - st.mean(-1) + torch.einsum("hgd,hbd->hgb", qg, block_means[:, :n_blocks].float()) * scale
     return (x - x.logsumexp(-1, keepdim=True)).logsumexp(1)
+
+
+def block_rest(q, block_means, vsums, left_out, block_size, scale):
+    """Attention of q [Hq, d] over the blocks where left_out [Hkv, n] is True, each block counted as
+    block_size keys equal to its mean key block_means [Hkv, cap_blocks, d], each with its mean value
+    vsums / block_size (vsums [Hkv, cap_blocks, d]) -> (out [Hq, d] in q.dtype, lse [Hq] f32); a head
+    with no block left out gets 0 and -inf."""
+    hkv, n = left_out.shape
+    hq, d = q.shape
+    g = _group("block_rest", hq, hkv)
+    s = torch.einsum("hgd,hbd->hgb", q.float().view(hkv, g, d), block_means[:, :n].float()) * scale
+    s = (s + math.log(block_size)).masked_fill(~left_out[:, None], float("-inf"))
+    lse = s.logsumexp(-1)                                                             # [Hkv, G]
+    w = torch.exp(s - lse[..., None]).nan_to_num(0.0)                                 # no block: lse -inf, w 0
+    out = torch.einsum("hgb,hbd->hgd", w, vsums[:, :n].float()) / block_size
+    return out.reshape(hq, d).to(q.dtype), lse.reshape(hq)
 
 
 def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale):

@@ -1,15 +1,24 @@
-"""Triton estimate of the rest token by token: reference.lowrank_rest in one pass over the sketches.
+"""Triton estimates of the rest: attention over the blocks a decode step leaves out, merged by LSE.
 
-Grid (Hkv, P): a program loops over a run of block tiles of one KV head and keeps, for all G query
-heads at once, an online softmax over the left-out blocks. A block's weight is its estimated mass
-(the log-sum-exp of its tokens' sketch scores less their mean, plus the exact mean-key score); its
-value is its exact mean value plus the value sketches' spread weighted by the tokens' softmax inside
-the block. Every step is a 2-D tl.dot over [G, tile blocks] (token j of every block at once): a
-per-head loop with 3-D products took 151 us a layer at 32K on the 1.5B's geometry, this 57 (H100,
-bench/results/probe_rest_kernel_h100.md). Programs write (max, sum, the d-wide and the rv-wide
-accumulators); a second kernel merges them and maps the rv part back through the value basis.
+block_rest (rest_rank 0): each left-out block as block_size keys equal to its mean key, each with its
+mean value; grid (Hkv, P), a program runs an online softmax over tiles of contiguous summary rows for
+all G query heads at once. It replaces sparse_decode over the summaries as 1-token blocks (a table of
+column ids, its own reduce, a division and an addition after it).
+
+lowrank_rest (rest_rank > 0): reference.lowrank_rest in one pass over the sketches, grid (Hkv, P) as
+above. A block's weight is its estimated mass (the log-sum-exp of its tokens' sketch scores less their
+mean, plus the exact mean-key score); its value is its exact mean value plus the value sketches'
+spread weighted by the tokens' softmax inside the block. Every step is a 2-D tl.dot over [G, tile
+blocks] (token j of every block at once): a per-head loop with 3-D products took 151 us a layer at
+32K on the 1.5B's geometry, this 57 (H100, bench/results/probe_rest_kernel_h100.md).
+
+Both write per program (max, sum, the d-wide and, for lowrank_rest, the rv-wide accumulators); a
+second kernel merges them and maps the rv part back through the value basis.
 """
 from __future__ import annotations
+
+import math
+import os
 
 import torch
 import triton
@@ -17,6 +26,7 @@ import triton.language as tl
 
 from kvretrieve.kernels.reference import check_launch_device
 from kvretrieve.kernels.scoring import _group_queries, _split_work
+from kvretrieve.kernels.sparse_decode import _mma
 
 # Programs a launch aims at (4 an SM of an H100): at 32K on the 1.5B, 512 programs of 2 tiles and
 # 1,024 of one took the same 57 us, and fewer partials make the merge cheaper.
@@ -31,7 +41,7 @@ def _rest_kernel(
     stride_bh, stride_bb, stride_bd, stride_kh, stride_kt, stride_kr, stride_vh, stride_vb, stride_vd,
     stride_lh, stride_lb,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
-    RV: tl.constexpr, RVP: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr,
+    RV: tl.constexpr, RVP: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr, PREC: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     pid = tl.program_id(1)
@@ -45,7 +55,7 @@ def _rest_kernel(
     q = _group_queries(q_ptr, kvh, stride_qh, stride_qd, G, GP, D, DP) * scale                   # [GP, DP]
     proj = tl.load(proj_ptr + head * stride_ph + offs_d[:, None] * stride_pd + offs_r[None, :] * stride_pr,
                    mask=d_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-    qr = tl.dot(q, proj, input_precision="ieee")                                                # [GP, RP]
+    qr = tl.dot(q, proj, input_precision=PREC)                                                # [GP, RP]
     run_m = tl.full([GP], float("-inf"), tl.float32)
     run_l = tl.zeros([GP], dtype=tl.float32)
     acc_d = tl.zeros([GP, DP], dtype=tl.float32)
@@ -66,12 +76,12 @@ def _rest_kernel(
         total = tl.zeros([GP, TB], dtype=tl.float32)
         for j in tl.static_range(BS):
             s = tl.dot(qr, tl.trans(_rows(sk_ptr, head, b64 * BS + j, stride_sh, stride_st, stride_sr,
-                                          offs_r, left[:, None] & r_mask[None, :])), input_precision="ieee")
+                                          offs_r, left[:, None] & r_mask[None, :])), input_precision=PREC)
             nm = tl.maximum(m, s)
             e = e * tl.exp(m - nm) + tl.exp(s - nm)
             m, total = nm, total + s
         e = tl.where(left[None, :], e, 1.0)
-        x = m + tl.log(e) - total / BS + tl.dot(q, tl.trans(bm), input_precision="ieee")
+        x = m + tl.log(e) - total / BS + tl.dot(q, tl.trans(bm), input_precision=PREC)
         x = tl.where(left[None, :], x, float("-inf"))                                              # [GP, TB]
         nm = tl.maximum(run_m, tl.max(x, 1))
         sf = tl.where(nm == float("-inf"), 0.0, nm)
@@ -79,7 +89,7 @@ def _rest_kernel(
         w = tl.exp(x - sf[:, None])                                                                  # 0 where not left
         run_l = run_l * alpha + tl.sum(w, 1)
         run_m = nm
-        acc_d = acc_d * alpha[:, None] + tl.dot(w, vs, input_precision="ieee")
+        acc_d = acc_d * alpha[:, None] + tl.dot(w, vs, input_precision=PREC)
         # The spread: sum over tokens of w * softmax-in-block * (vsketch - the block's mean vsketch).
         # The scores are redone rather than kept: a static loop cannot hold a list of [GP, TB] tiles,
         # and the second read of the sketch rows hits L1/L2 (the kernel is not bandwidth-bound).
@@ -91,10 +101,10 @@ def _rest_kernel(
                        left[:, None] & r_mask[None, :])
             vk = _rows(vk_ptr, head, b64 * BS + j, stride_kh, stride_kt, stride_kr, offs_v,
                        left[:, None] & v_mask[None, :])
-            p = tl.exp(tl.dot(qr, tl.trans(sk), input_precision="ieee") - m)
-            spread += tl.dot(u * p, vk, input_precision="ieee")
+            p = tl.exp(tl.dot(qr, tl.trans(sk), input_precision=PREC) - m)
+            spread += tl.dot(u * p, vk, input_precision=PREC)
             vmean += vk / BS
-        acc_r = acc_r * alpha[:, None] + spread - tl.dot(w, vmean, input_precision="ieee")
+        acc_r = acc_r * alpha[:, None] + spread - tl.dot(w, vmean, input_precision=PREC)
     g_mask = offs_g < G
     out = (kvh * G + offs_g) * progs + pid                                                      # [Hq, P] rows
     tl.store(m_ptr + out, run_m, mask=g_mask)
@@ -110,11 +120,84 @@ def _rows(ptr, head, tok, stride_h, stride_t, stride_c, offs_c, mask):
                    mask=mask, other=0.0).to(tl.float32)
 
 
+@triton.jit
+def _block_rest_kernel(
+    q_ptr, bm_ptr, vs_ptr, left_ptr, m_ptr, l_ptr, od_ptr, n_blocks, iters, scale, log_bs,
+    stride_qh, stride_qd, stride_bh, stride_bb, stride_bd, stride_vh, stride_vb, stride_vd, stride_lh, stride_lb,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    kvh = tl.program_id(0)
+    pid = tl.program_id(1)
+    progs = tl.num_programs(1)
+    head = kvh.to(tl.int64)
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, DP)
+    d_mask = offs_d < D
+    # q in the summaries' dtype (the model's: exact) so the scores run on tensor cores; UPCAST (the
+    # interpreter, or q and summaries of different dtypes) multiplies in fp32 instead.
+    q = _group_queries(q_ptr, kvh, stride_qh, stride_qd, G, GP, D, DP)
+    if not UPCAST:
+        q = q.to(bm_ptr.dtype.element_ty)
+    run_m = tl.full([GP], float("-inf"), tl.float32)
+    run_l = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, DP], dtype=tl.float32)
+    for i in range(0, iters):
+        blocks = (pid * iters + i) * TB + tl.arange(0, TB)
+        left = tl.load(left_ptr + kvh * stride_lh + blocks * stride_lb, mask=blocks < n_blocks, other=0) != 0
+        rows = blocks.to(tl.int64)[:, None]
+        tile = left[:, None] & d_mask[None, :]
+        bm = tl.load(bm_ptr + head * stride_bh + rows * stride_bb + offs_d[None, :] * stride_bd, mask=tile, other=0.0)
+        vs = tl.load(vs_ptr + head * stride_vh + rows * stride_vb + offs_d[None, :] * stride_vd, mask=tile, other=0.0)
+        # A block is bs keys equal to its mean key: its score gains log(bs), its value is the mean.
+        s = _mma(q, tl.trans(bm), UPCAST) * scale + log_bs
+        s = tl.where(left[None, :], s, float("-inf"))                                        # [GP, TB]
+        nm = tl.maximum(run_m, tl.max(s, 1))
+        sf = tl.where(nm == float("-inf"), 0.0, nm)
+        alpha = tl.exp(run_m - sf)
+        w = tl.exp(s - sf[:, None])
+        run_l = run_l * alpha + tl.sum(w, 1)
+        run_m = nm
+        # w rounded to the sums' dtype so the dot runs on tensor cores; the accumulator stays fp32.
+        acc = acc * alpha[:, None] + _mma(w.to(vs.dtype), vs, UPCAST)
+    g_mask = offs_g < G
+    out = (kvh * G + offs_g) * progs + pid                                                  # [Hq, P] rows
+    tl.store(m_ptr + out, run_m, mask=g_mask)
+    tl.store(l_ptr + out, run_l, mask=g_mask)
+    tl.store(od_ptr + out[:, None] * D + offs_d[None, :], acc / BS, mask=g_mask[:, None] & d_mask[None, :])
+
+
+def block_rest(q, block_means, vsums, left_out, block_size, scale, tile_blocks: int = 64, num_warps: int = 4,
+               merge_chunk: int = 64):
+    """Triton version of reference.block_rest -> (out [Hq, d] in q.dtype, lse [Hq] float32).
+    tile_blocks (summary rows a step), num_warps and merge_chunk (partials a merge step) are tuning knobs."""
+    hkv, n = left_out.shape
+    hq, d = q.shape
+    check_launch_device("block_rest", q, block_means, vsums, left_out)
+    if hq % hkv or n > block_means.shape[1] or n > vsums.shape[1] or block_means.dtype != vsums.dtype:
+        raise ValueError(f"block_rest: {hq} query heads over {hkv} KV heads, {n} blocks against block means "
+                         f"{tuple(block_means.shape)} {block_means.dtype}, vsums {tuple(vsums.shape)} {vsums.dtype}")
+    if n == 0:
+        return q.new_zeros(hq, d), torch.full((hq,), float("-inf"), device=q.device)
+    tb = max(16, min(triton.next_power_of_2(tile_blocks), triton.next_power_of_2(n)))
+    progs, iters = _split_work(triton.cdiv(n, tb), hkv, _REST_PROGRAMS)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    m, l_, od = torch.empty(hq, progs, **f32), torch.empty(hq, progs, **f32), torch.empty(hq, progs, d, **f32)
+    left = left_out.to(torch.int8)
+    upcast = os.environ.get("TRITON_INTERPRET") == "1" or q.dtype != block_means.dtype
+    _block_rest_kernel[(hkv, progs)](
+        q, block_means, vsums, left, m, l_, od, n, iters, float(scale), math.log(block_size),
+        q.stride(0), q.stride(1), *block_means.stride(), *vsums.stride(), left.stride(0), left.stride(1),
+        G=hq // hkv, GP=max(16, triton.next_power_of_2(hq // hkv)), D=d, DP=max(16, triton.next_power_of_2(d)),
+        BS=int(block_size), TB=tb, UPCAST=upcast, num_warps=num_warps)
+    return _merge(m, l_, od, None, None, q.dtype, merge_chunk)
+
+
 def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale,
-                 tile_elems: int = 2048, num_warps: int = 4, merge_chunk: int = 64):
+                 tile_elems: int = 2048, num_warps: int = 4, merge_chunk: int = 64, precision: str = "ieee"):
     """Triton version of reference.lowrank_rest -> (out [Hq, d] in q.dtype, lse [Hq] float32).
-    tile_elems (key-sketch values a tile), num_warps and merge_chunk (partials a merge step) are
-    tuning knobs."""
+    tile_elems (key-sketch values a tile), num_warps, merge_chunk (partials a merge step) and precision
+    (tl.dot's input_precision for the fp32 tiles: ieee, tf32x3, tf32) are tuning knobs."""
     hkv, n = left_out.shape
     hq, d = q.shape
     bs = int(block_size)
@@ -125,11 +208,13 @@ def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, 
                          f"vsums {tuple(vsums.shape)}")
     if n == 0:
         return q.new_zeros(hq, d), torch.full((hq,), float("-inf"), device=q.device)
-    parts = _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale, tile_elems, num_warps)
+    parts = _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale, tile_elems, num_warps,
+                      precision)
     return _merge(*parts, vproj, q.dtype, merge_chunk)
 
 
-def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale, tile_elems, num_warps):
+def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale, tile_elems, num_warps,
+              precision="ieee"):
     """The kernel's launch -> per program (max, sum, d-wide and rv-wide accumulators) [Hq, P, ...]."""
     hkv, n = left_out.shape
     hq, d = q.shape
@@ -147,21 +232,24 @@ def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale,
         q.stride(0), q.stride(1), *proj.stride(), *sketch.stride(), *block_means.stride(), *vsketch.stride(),
         *vsums.stride(), left.stride(0), left.stride(1),
         G=g, GP=max(16, triton.next_power_of_2(g)), D=d, DP=max(16, triton.next_power_of_2(d)), R=r, RP=rp,
-        RV=rv, RVP=max(16, triton.next_power_of_2(rv)), BS=bs, TB=tb, num_warps=num_warps)
+        RV=rv, RVP=max(16, triton.next_power_of_2(rv)), BS=bs, TB=tb, PREC=precision, num_warps=num_warps)
     return m, l_, od, orv
 
 
 def _merge(m, l_, od, orv, vproj, dtype, chunk: int = 64):
     """The programs' partial softmaxes -> (out [Hq, d] in dtype, lse [Hq] float32). Grid (Hq, d / 32):
     in torch this was ~12 small kernels (33 us a layer on an H100), one program a head 27 us at 512
-    partials (bench/results/probe_rest_kernel_h100.md)."""
+    partials (bench/results/probe_rest_kernel_h100.md). orv, vproj None: no rank-space part (block_rest)."""
     hq, progs, d = od.shape
-    hkv, rv = vproj.shape[0], orv.shape[-1]
+    if orv is None:  # no rank-space part: RV 0 masks every load of it, so od's pointer stands in
+        orv, vproj, g, rv, vstrides = od, od, 1, 0, (0, 0, 0)
+    else:
+        g, rv, vstrides = hq // vproj.shape[0], orv.shape[-1], vproj.stride()
     out = torch.empty(hq, d, dtype=dtype, device=od.device)
     lse = torch.empty(hq, dtype=torch.float32, device=od.device)
     pp, dc = triton.next_power_of_2(progs), min(32, max(16, triton.next_power_of_2(d)))
     _merge_kernel[(hq, triton.cdiv(d, dc))](
-        m, l_, od, orv, vproj, out, lse, progs, *vproj.stride(), G=hq // hkv, D=d, DC=dc, RV=rv,
+        m, l_, od, orv, vproj, out, lse, progs, *vstrides, G=g, D=d, DC=dc, RV=rv,
         RVP=max(2, triton.next_power_of_2(rv)), PP=pp, CHUNK=min(pp, chunk))
     return out, lse
 

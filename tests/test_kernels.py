@@ -317,6 +317,16 @@ def _interp_cases(device="cpu", big=False):
         mag = qs.float().abs().sum(1).max().item()
         return [("lowrank", e1 / mag, 2e-5), ("bounds", e2 / mag, 2e-5), ("mass", e3 / (mag * 32 ** -0.5), 2e-5)]
 
+    def into_checks(launch, reference, q, tol):
+        # The same launch merged into an attended part (out, lse; one head's lse -inf): what the kernel
+        # merges in must equal the reference's merge_attention of both, on every head.
+        gi = torch.Generator().manual_seed(16)
+        io, il = torch.randn(q.shape, generator=gi).to(q.dtype), torch.randn(q.shape[0], generator=gi) * 3
+        il[0] = -INF
+        into = (io.to(device), il.to(device))
+        (out, lse), (want, want_lse) = launch(into), reference(into)
+        return [("into out", err(out, want), tol), ("into lse", err(lse, want_lse), 1e-4)]
+
     def rest(dt, G, d, r, rv, bs, nb, few_programs=False):
         # The token-level rest: a head with nothing left out (lse -inf, out 0), one with most
         # blocks; few_programs makes each program loop over several tiles, whose partial softmaxes
@@ -334,16 +344,18 @@ def _interp_cases(device="cpu", big=False):
         args = (qs, proj, sk, bm, vproj, vk, vs, left.to(device), bs, d ** -0.5)
         old = t_rest._REST_PROGRAMS
         t_rest._REST_PROGRAMS = 2 if few_programs else old
+        knobs = {"tile_elems": 256} | ({} if few_programs else {"merge_chunk": 1})
         try:
-            knobs = {"tile_elems": 256} | ({} if few_programs else {"merge_chunk": 1})
             out, lse = t_rest.lowrank_rest(*args, **knobs)
+            merged = into_checks(lambda i: t_rest.lowrank_rest(*args, i, **knobs), lambda i: R.lowrank_rest(*args, i),
+                                 qs, 1e-5 if dt == torch.float32 else 2e-2)
         finally:
             t_rest._REST_PROGRAMS = old
         want, want_lse = R.lowrank_rest(*args)
         tol = 1e-5 if dt == torch.float32 else 2e-2
         empty = bool((lse[G:] == -INF).all() and (out[G:] == 0).all())
         return [("out", err(out[:G], want[:G]), tol), ("lse", err(lse[:G], want_lse[:G]), 1e-5),
-                ("empty head", 0.0 if empty else 1.0, 0.0)]
+                ("empty head", 0.0 if empty else 1.0, 0.0)] + merged
 
     for dn, (dt, _) in dts.items():
         size = (6, 128, 32, 16, 4, 2000) if big else (3, 16, 8, 8, 4, 20)
@@ -365,15 +377,18 @@ def _interp_cases(device="cpu", big=False):
         args = [t.to(device) for t in (q, bm, vs, left)] + [4, d ** -0.5]
         old = t_rest._REST_PROGRAMS
         t_rest._REST_PROGRAMS = 2 if few_programs else old
+        knobs = dict(tile_blocks=16, merge_chunk=64 if few_programs else 1)
+        tol = 1e-5 if dt == torch.float32 and q_dt is None else 2e-2
         try:
-            out, lse = t_rest.block_rest(*args, tile_blocks=16, merge_chunk=64 if few_programs else 1)
+            out, lse = t_rest.block_rest(*args, **knobs)
+            merged = into_checks(lambda i: t_rest.block_rest(*args, i, **knobs), lambda i: R.block_rest(*args, i),
+                                 q, tol)
         finally:
             t_rest._REST_PROGRAMS = old
         want, want_lse = R.block_rest(*args)
-        tol = 1e-5 if dt == torch.float32 else 2e-2
         empty = bool((lse[G:] == -INF).all() and (out[G:] == 0).all())
         return [("out", err(out[:G], want[:G]), tol), ("lse", err(lse[:G], want_lse[:G]), 1e-4),
-                ("empty head", 0.0 if empty else 1.0, 0.0)]
+                ("empty head", 0.0 if empty else 1.0, 0.0)] + merged
 
     for dn, (dt, _) in dts.items():
         cases[f"block-rest-{dn}"] = lambda t=dt, z=(4, 128, 8192) if big else (3, 32, 70): block_rest(t, *z)

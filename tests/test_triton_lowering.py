@@ -54,14 +54,15 @@ def _launches(cuda, kv_store):
                                                               cuda(4, 4096, 32, dt=dt), 200, 16)))
             out.append((lbl, "scoring.lowrank_block_mass", (q, cuda(4, 64, 32, dt=qdt), cuda(4, 4096, 32, dt=dt),
                                                             cuda(4, 256, 64, dt=dt), 200, 16, 0.125)))
-            for hkv, d, bs, rv in ((4, 64, 16, 16), (2, 128, 4, 8)):  # the token-level rest (index/summary.py)
+            for hkv, d, bs, rv in ((4, 64, 16, 16), (2, 128, 4, 8)):  # the rests (index/summary.py)
+                into = (cuda(12, d, dt=qdt), cuda(12)) if bs == 4 else None  # merged into an attended part, or not
                 out.append((lbl + f" d{d} bs{bs}", "rest.lowrank_rest", (
                     cuda(12, d, dt=qdt), cuda(hkv, d, 32, dt=qdt), cuda(hkv, 4096, 32, dt=dt), cuda(hkv, 1024, d, dt=dt),
                     cuda(hkv, d, rv, dt=dt), cuda(hkv, 4096, rv, dt=dt), cuda(hkv, 1024, d, dt=dt),
-                    cuda(hkv, 200, dt=torch.bool), bs, 0.125)))
+                    cuda(hkv, 200, dt=torch.bool), bs, 0.125, into)))
                 out.append((lbl + f" d{d}", "rest.block_rest", (cuda(12, d, dt=qdt), cuda(hkv, 1024, d, dt=dt),
                                                                cuda(hkv, 1024, d, dt=dt), cuda(hkv, 800, dt=torch.bool),
-                                                               bs, 0.125)))
+                                                               bs, 0.125, into)))
             for bs in (16, 1):  # the exact index (keys) and ivf (a centroid per block)
                 out.append((lbl, "scoring.max_dot_block_scores", (q, cuda(4, 4096, 64, dt=dt), 4096 // bs, bs)))
             out.append((lbl, "scoring.bounds_block_scores", (q, cuda(4, 256, 64, dt=dt), cuda(4, 256, 64, dt=dt),

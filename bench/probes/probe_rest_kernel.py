@@ -48,10 +48,12 @@ def inputs(hq, hkv, d, r, rv, bs, context, gen):
     return t
 
 
-def block_summary_rows(t, bs, scale) -> list[dict]:
-    """What rest_rank 0 runs: each left-out block as bs keys at its mean key, by block_rest, and as it was
-    attended before (sparse_decode over 1-token blocks, then the division and log(bs) outside)."""
-    n = t["left_out"].shape[1]
+def block_summary_rows(t, bs, scale, sweep=False) -> list[dict]:
+    """What rest_rank 0 runs: each left-out block as bs keys at its mean key, by block_rest (over tile
+    sizes and warps with sweep), and as it was attended before (sparse_decode over 1-token blocks, then
+    the division and log(bs) outside); then the whole step of a layer both ways, from the selection's ids
+    to the output merged with the attended part's (the mask, the kernels, the merge)."""
+    hkv, n = t["left_out"].shape
     cols = torch.where(t["left_out"], torch.arange(n, device="cuda", dtype=torch.int32)[None], -1)
     one = torch.ones(1, device="cuda", dtype=torch.int32)
     args = (t["q"], t["block_means"], t["vsums"], t["left_out"], bs, scale)
@@ -63,8 +65,31 @@ def block_summary_rows(t, bs, scale) -> list[dict]:
     def before():
         out, lse = kernels.sparse_decode(t["q"], t["block_means"][:, :, None], t["vsums"][:, :, None], cols, one, scale)
         return out / bs, lse + math.log(bs)
-    return [{"what": "block summaries (sparse_decode)"} | timed_config(before, error),
-            {"what": "block summaries (block_rest)"} | timed_config(lambda: kernels.block_rest(*args), error)]
+    rows = [{"what": "block summaries (sparse_decode)"} | timed_config(before, error)]
+    for tile, warps in itertools.product((32, 64, 128, 256), (4, 8)) if sweep else [(64, 4)]:
+        rows.append({"what": "block summaries (block_rest)", "tile_blocks": tile, "num_warps": warps} | timed_config(
+            lambda: rest.block_rest(*args, tile_blocks=tile, num_warps=warps), error))
+    # A layer's step: 1/8 of the candidates selected; sinks and window outside.
+    outside = torch.zeros(n, dtype=torch.bool, device="cuda")
+    outside[:4], outside[-32:] = True, True
+    cand, columns = ~outside, torch.arange(n, device="cuda", dtype=torch.int32)[None]
+    ids = torch.rand(hkv, n - 36, device="cuda").argsort(1)[:, :n // 8] + 4
+    attended = (t["q"].clone(), torch.zeros(t["q"].shape[0], device="cuda"))
+
+    def step_before():
+        left = (~outside).expand(hkv, -1).scatter(1, ids, False)
+        out, lse = kernels.sparse_decode(t["q"], t["block_means"][:, :, None], t["vsums"][:, :, None],
+                                         torch.where(left, columns, -1), one, scale)
+        return kernels.merge_attention(*attended, out / bs, lse + math.log(bs))
+
+    def step_now():
+        left = cand.expand(hkv, -1).scatter(1, ids, False)
+        return kernels.block_rest(t["q"], t["block_means"], t["vsums"], left, bs, scale, attended)
+    rows.append({"what": "block rest step (e76f2a0)", "us": graph_us(step_before)})
+    rows.append({"what": "block rest step (mask once a step, block_rest merging into the attended part)",
+                 "us": graph_us(step_now),
+                 "max_err": (step_now()[0].float() - step_before()[0].float()).abs().max().item()})
+    return rows
 
 
 def main() -> None:
@@ -82,24 +107,28 @@ def main() -> None:
         rows.append(base | {"what": "mass scores", "us": graph_us(
             lambda: kernels.lowrank_block_mass(t["q"], t["proj"], t["sketch"], t["block_means"], n, bs, scale))})
         pa = [t[k] for k in ("q", "proj", "sketch", "block_means", "vsketch", "vsums", "left_out")]
-        parts = rest._partials(*pa, bs, scale, 2048, 4)
-        rows.append(base | {"what": "rest partials (2048, 4 warps)", "programs": parts[0].shape[1],
-                            "us": graph_us(lambda: rest._partials(*pa, bs, scale, 2048, 4))})
+        parts = rest._partials(*pa, bs, scale, 2048, 4, "tf32")
+        rows.append(base | {"what": "rest partials (2048, 4 warps, tf32)", "programs": parts[0].shape[1],
+                            "us": graph_us(lambda: rest._partials(*pa, bs, scale, 2048, 4, "tf32"))})
         merge_us = graph_us(lambda: rest._merge(*parts, t["vproj"], t["q"].dtype))
         rows.append(base | {"what": "rest merge", "us": merge_us})
-        sweep = itertools.product((2048, 4096), (4, 8), ("ieee", "tf32x3", "tf32")) \
-            if (name, context) == ("1.5b", 32768) else [(2048, 4, "ieee"), (2048, 4, "tf32")]
+        sweep = [(2048, 4, "ieee"), (2048, 4, "tf32")]
+        if (name, context) == ("1.5b", 32768):  # tf32x3 was 59 us, ieee 64-100 at 2048-4096 and 4-8 warps
+            sweep += [(1024, 4, "tf32"), (4096, 4, "tf32"), (2048, 8, "tf32")]
         for tile, warps, prec in sweep:
             def error(res):
                 return max((res[0].float() - ref.float()).abs().max().item(), (res[1] - ref_lse).abs().max().item())
             rows.append(base | {"what": "rest", "tile_elems": tile, "num_warps": warps, "precision": prec} |
-                        timed_config(lambda: rest.lowrank_rest(*args, bs, scale, tile, warps, precision=prec), error))
+                        timed_config(lambda: rest.lowrank_rest(*args, bs, scale, None, tile, warps, precision=prec),
+                                     error))
         for row in rows:
             if row.get("context") == context and row.get("model") == name:
                 print(row, flush=True)
     t = inputs(32, 8, 128, 16, 16, 16, 131072, gen)  # the 8B shape at 128K: the block summaries only
-    rows += [{"model": "8b", "context": 131072, "blocks": 8192} | row for row in block_summary_rows(t, 16, 128 ** -0.5)]
-    print(rows[-2:], flush=True)
+    rows += [{"model": "8b", "context": 131072, "blocks": 8192} | row
+             for row in block_summary_rows(t, 16, 128 ** -0.5, sweep=True)]
+    for row in rows[-11:]:
+        print(row, flush=True)
     (out / "probe_rest_kernel.json").write_text(json.dumps(provenance("cuda") | {"rows": rows}, indent=1))
 
 

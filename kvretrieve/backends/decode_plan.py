@@ -35,7 +35,7 @@ class DecodePlan:
         self.sel_k: int | None = None    # its width; None: the next step selects afresh
         self.start, self.steps, self.since, self.reselect = 0, 0, 0, True
         self.window, self.budget = cfg.window_blocks, cfg.budget_blocks  # in effect this step
-        self.outside = self.ring_row = None  # made by prologue()
+        self.outside = self.candidate = self.ring_row = None  # made by prologue()
 
     def candidates(self) -> tuple[int, int, int]:
         """(n_done, lo, hi) of this step: n_done blocks precede the tail block (the new token's, in
@@ -97,6 +97,7 @@ class DecodePlan:
         lo = torch.clamp(n_done, max=pool.n_sink)
         hi = torch.maximum(lo, n_done - self.window)
         self.outside = (blocks < lo) | (blocks >= hi)
+        self.candidate = ~self.outside  # once a step, not once a layer (the rest's left-out mask)
         k, n0 = self.sel_k, pool.n_sink
         if not self.reselect and k:
             self.tables[:, :, n0:n0 + k] = torch.where(self.sel_ids[:, :, :k] < hi, self.sel_slots[:, :, :k], -1)

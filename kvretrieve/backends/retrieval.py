@@ -182,14 +182,12 @@ class RetrievalKV(AttentionBackend):
             ids, zone = plan.sel_ids[layer, :, :plan.sel_k], None
         out, lse = kernels.sparse_decode(q[0], pool.k[layer], pool.v[layer], plan.tables[layer], plan.tail_len,
                                          self.scale)
-        estimate = None  # attention over blocks left out, from their summaries: more mass, no KV moved
+        # Attention over blocks left out, from their summaries: more mass, no KV moved.
         if zone is not None:
-            estimate = self.summary.estimate(layer, q[0], zone, self.scale)
+            out, _ = kernels.merge_attention(out, lse, *self.summary.estimate(layer, q[0], zone, self.scale))
         elif self.cfg.estimate_rest:
-            left_out = (~plan.outside).expand(self.H, -1).scatter(1, ids, False)  # candidates not attended
-            estimate = self.summary.estimate_rest(layer, q[0], left_out, self.scale)
-        if estimate is not None:
-            out, _ = kernels.merge_attention(out, lse, *estimate)
+            left_out = plan.candidate.expand(self.H, -1).scatter(1, ids, False)  # candidates not attended
+            out, _ = self.summary.estimate_rest(layer, q[0], left_out, self.scale, into=(out, lse))
         if self.observer is not None:
             _, lo, hi = plan.candidates()
             self.observer(layer, q[0], ids, lo, hi, self._start + 1, out)

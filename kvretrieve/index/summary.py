@@ -92,16 +92,17 @@ class BlockSummary:
         """Attention of q [Hq, d] over blocks [Hkv, z] -> (out [Hq, d] in q.dtype, lse [Hq] fp32)."""
         return self._attend(layer, q, blocks.to(torch.int32), scale)
 
-    def estimate_rest(self, layer: int, q: torch.Tensor, left_out: torch.Tensor, scale: float):
+    def estimate_rest(self, layer: int, q: torch.Tensor, left_out: torch.Tensor, scale: float, into=None):
         """Attention of q [Hq, d] over the blocks where left_out [Hkv, n] is True -> (out, lse); an
-        empty set gives out 0 and lse -inf (what merge_attention treats as no contribution)."""
+        empty set gives out 0 and lse -inf (what merge_attention treats as no contribution). into:
+        (out, lse) of the attended blocks, merged in (in the same kernel on CUDA)."""
         if self.values is not None:
             k, v = self.keys, self.values
             return kernels.lowrank_rest(q, k.proj[layer], k.sketch[layer], self.means[layer], v.proj[layer],
-                                        v.sketch[layer], self.vsums[layer], left_out, self.bs, scale)
+                                        v.sketch[layer], self.vsums[layer], left_out, self.bs, scale, into)
         # Nearly every candidate is left out: one pass over the contiguous summary rows (the sparse
         # decode below over them as 1-token blocks cost the 8B shape ~1 ms a step at 128K).
-        return kernels.block_rest(q, self.means[layer], self.vsums[layer], left_out, self.bs, scale)
+        return kernels.block_rest(q, self.means[layer], self.vsums[layer], left_out, self.bs, scale, into)
 
     def _attend(self, layer: int, q: torch.Tensor, blocks: torch.Tensor, scale: float):
         # The zone's few listed blocks are a pool of 1-token blocks: the sparse decode kernel attends

@@ -51,21 +51,23 @@ def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale
     return impl(q, proj, sketch, block_means, n_blocks, block_size, scale)
 
 
-def block_rest(q, block_means, vsums, left_out, block_size, scale):
+def block_rest(q, block_means, vsums, left_out, block_size, scale, into=None):
     """Attention of q [Hq, d] over the blocks left_out [Hkv, n] marks, each block_size keys equal to its
     mean key block_means [Hkv, cap_blocks, d] with its mean value (vsums [Hkv, cap_blocks, d] / block_size)
-    -> (out [Hq, d] in q.dtype, lse [Hq] float32; nothing left out: 0 and -inf)."""
+    -> (out [Hq, d] in q.dtype, lse [Hq] float32; nothing left out: 0 and -inf), merged by LSE with
+    into = (out, lse) of the attended part when given."""
     impl = _trest.block_rest if _use_triton(q) else _ref.block_rest
-    return impl(q, block_means, vsums, left_out, block_size, scale)
+    return impl(q, block_means, vsums, left_out, block_size, scale, into)
 
 
-def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale):
+def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale, into=None):
     """Attention of q [Hq, d] over the tokens of the blocks left_out [Hkv, n] marks, estimated token by
     token from key sketches proj [Hkv, d, r], sketch [Hkv, cap, r], block_means [Hkv, cap_blocks, d] and
     value sketches vproj [Hkv, d, rv], vsketch [Hkv, cap, rv], vsums [Hkv, cap_blocks, d]
-    -> (out [Hq, d] in q.dtype, lse [Hq] float32; nothing left out: 0 and -inf)."""
+    -> (out [Hq, d] in q.dtype, lse [Hq] float32; nothing left out: 0 and -inf), merged by LSE with
+    into = (out, lse) of the attended part when given."""
     impl = _trest.lowrank_rest if _use_triton(q) else _ref.lowrank_rest
-    return impl(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale)
+    return impl(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale, into)
 
 
 def max_dot_block_scores(q, keys, n_blocks, block_size):

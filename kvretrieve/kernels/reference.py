@@ -212,11 +212,11 @@ def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale
     return (x - x.logsumexp(-1, keepdim=True)).logsumexp(1)
 
 
-def block_rest(q, block_means, vsums, left_out, block_size, scale):
+def block_rest(q, block_means, vsums, left_out, block_size, scale, into=None):
     """Attention of q [Hq, d] over the blocks where left_out [Hkv, n] is True, each block counted as
     block_size keys equal to its mean key block_means [Hkv, cap_blocks, d], each with its mean value
     vsums / block_size (vsums [Hkv, cap_blocks, d]) -> (out [Hq, d] in q.dtype, lse [Hq] f32); a head
-    with no block left out gets 0 and -inf."""
+    with no block left out gets 0 and -inf. into: (out, lse) of the attended part, merged in by LSE."""
     hkv, n = left_out.shape
     hq, d = q.shape
     g = _group("block_rest", hq, hkv)
@@ -225,17 +225,22 @@ def block_rest(q, block_means, vsums, left_out, block_size, scale):
     lse = s.logsumexp(-1)                                                             # [Hkv, G]
     w = torch.exp(s - lse[..., None]).nan_to_num(0.0)                                 # no block: lse -inf, w 0
     out = torch.einsum("hgb,hbd->hgd", w, vsums[:, :n].float()) / block_size
-    return out.reshape(hq, d).to(q.dtype), lse.reshape(hq)
+    return _merged(into, out.reshape(hq, d).to(q.dtype), lse.reshape(hq))
 
 
-def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale):
+def _merged(into, out, lse):
+    return (out, lse) if into is None else merge_attention(*into, out, lse)
+
+
+def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale, into=None):
     """Attention of q [Hq, d] over every token of the blocks where left_out [Hkv, n] is True, each token
     estimated from sketches: token t of block b scores scale * (q.mean_b + (q @ proj).(sketch_t - mean of
     b's sketches)), as lowrank_block_mass, and carries the value vsums_b / bs + (vsketch_t - mean of b's
     vsketches) @ vproj^T: the block's exact mean value plus the value sketches' spread around it.
     proj [Hkv, d, r], sketch [Hkv, cap, r], block_means [Hkv, cap_blocks, d], vproj [Hkv, d, rv],
     vsketch [Hkv, cap, rv], vsums [Hkv, cap_blocks, d] -> (out [Hq, d] in q.dtype, lse [Hq] f32); a
-    head with no block left out gets 0 and -inf (what merge_attention treats as no contribution)."""
+    head with no block left out gets 0 and -inf (what merge_attention treats as no contribution). into:
+    (out, lse) of the attended part, merged in by LSE."""
     hkv, n = left_out.shape
     hq, d = q.shape
     g, bs, r, rv = _group("lowrank_rest", hq, hkv), block_size, proj.shape[-1], vproj.shape[-1]
@@ -250,7 +255,7 @@ def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, 
     spread = torch.einsum("hgbt,hbtr->hgr", w, vc - vc.mean(2, keepdim=True))
     out = (torch.einsum("hgb,hbd->hgd", w.sum(-1), vsums[:, :n].float()) / bs
            + torch.einsum("hgr,hdr->hgd", spread, vproj.float()))
-    return out.reshape(hq, d).to(q.dtype), lse.reshape(hq)
+    return _merged(into, out.reshape(hq, d).to(q.dtype), lse.reshape(hq))
 
 
 def max_dot_block_scores(q, keys, n_blocks, block_size):

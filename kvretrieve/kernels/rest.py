@@ -167,50 +167,64 @@ def _block_rest_kernel(
     tl.store(od_ptr + out[:, None] * D + offs_d[None, :], acc / BS, mask=g_mask[:, None] & d_mask[None, :])
 
 
-def block_rest(q, block_means, vsums, left_out, block_size, scale, tile_blocks: int = 64, num_warps: int = 4,
-               merge_chunk: int = 64):
-    """Triton version of reference.block_rest -> (out [Hq, d] in q.dtype, lse [Hq] float32).
-    tile_blocks (summary rows a step), num_warps and merge_chunk (partials a merge step) are tuning knobs."""
+def block_rest(q, block_means, vsums, left_out, block_size, scale, into=None, tile_blocks: int = 64,
+               num_warps: int = 4, merge_chunk: int = 64):
+    """Triton version of reference.block_rest -> (out [Hq, d] in q.dtype, lse [Hq] float32), merged with
+    into's (out, lse) when given. tile_blocks (summary rows a step), num_warps and merge_chunk
+    (partials a merge step) are tuning knobs."""
     hkv, n = left_out.shape
     hq, d = q.shape
-    check_launch_device("block_rest", q, block_means, vsums, left_out)
+    check_launch_device("block_rest", q, block_means, vsums, left_out, *(into or ()))
     if hq % hkv or n > block_means.shape[1] or n > vsums.shape[1] or block_means.dtype != vsums.dtype:
         raise ValueError(f"block_rest: {hq} query heads over {hkv} KV heads, {n} blocks against block means "
                          f"{tuple(block_means.shape)} {block_means.dtype}, vsums {tuple(vsums.shape)} {vsums.dtype}")
+    _check_into("block_rest", into, q)
     if n == 0:
-        return q.new_zeros(hq, d), torch.full((hq,), float("-inf"), device=q.device)
+        return into or (q.new_zeros(hq, d), torch.full((hq,), float("-inf"), device=q.device))
     tb = max(16, min(triton.next_power_of_2(tile_blocks), triton.next_power_of_2(n)))
     progs, iters = _split_work(triton.cdiv(n, tb), hkv, _REST_PROGRAMS)
     f32 = dict(dtype=torch.float32, device=q.device)
     m, l_, od = torch.empty(hq, progs, **f32), torch.empty(hq, progs, **f32), torch.empty(hq, progs, d, **f32)
-    left = left_out.to(torch.int8)
+    left = left_out.view(torch.uint8)  # bool is a byte: no copy
     upcast = os.environ.get("TRITON_INTERPRET") == "1" or q.dtype != block_means.dtype
     _block_rest_kernel[(hkv, progs)](
         q, block_means, vsums, left, m, l_, od, n, iters, float(scale), math.log(block_size),
         q.stride(0), q.stride(1), *block_means.stride(), *vsums.stride(), left.stride(0), left.stride(1),
         G=hq // hkv, GP=max(16, triton.next_power_of_2(hq // hkv)), D=d, DP=max(16, triton.next_power_of_2(d)),
         BS=int(block_size), TB=tb, UPCAST=upcast, num_warps=num_warps)
-    return _merge(m, l_, od, None, None, q.dtype, merge_chunk)
+    return _merge(m, l_, od, None, None, q.dtype, merge_chunk, into)
 
 
-def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale,
-                 tile_elems: int = 2048, num_warps: int = 4, merge_chunk: int = 64, precision: str = "ieee"):
-    """Triton version of reference.lowrank_rest -> (out [Hq, d] in q.dtype, lse [Hq] float32).
-    tile_elems (key-sketch values a tile), num_warps, merge_chunk (partials a merge step) and precision
-    (tl.dot's input_precision for the fp32 tiles: ieee, tf32x3, tf32) are tuning knobs."""
+def _check_into(op, into, q):
+    if into is not None and (into[0].shape != q.shape or into[0].dtype != q.dtype or into[1].shape != q.shape[:1]
+                             or into[1].dtype != torch.float32):
+        raise ValueError(f"{op}: into must be (out {tuple(q.shape)} {q.dtype}, lse [{q.shape[0]}] float32), got "
+                         f"{tuple(into[0].shape)} {into[0].dtype} and {tuple(into[1].shape)} {into[1].dtype}")
+
+
+def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale, into=None,
+                 tile_elems: int = 2048, num_warps: int = 4, merge_chunk: int = 64, precision: str | None = None):
+    """Triton version of reference.lowrank_rest -> (out [Hq, d] in q.dtype, lse [Hq] float32), merged with
+    into's (out, lse) when given. tile_elems (key-sketch values a tile), num_warps, merge_chunk (partials
+    a merge step) and precision (tl.dot's input_precision for the fp32 tiles: ieee, tf32x3, tf32) are
+    tuning knobs. precision None: tf32 for 16-bit q, whose output rounds away more than tf32's 10-bit
+    products lose (1.5B at 32K on an H100: 64 -> 32 us, max error 5e-4; tf32x3 59 us), else ieee."""
     hkv, n = left_out.shape
     hq, d = q.shape
     bs = int(block_size)
-    check_launch_device("lowrank_rest", q, proj, sketch, block_means, vproj, vsketch, vsums, left_out)
+    check_launch_device("lowrank_rest", q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, *(into or ()))
     if hq % hkv or n * bs > sketch.shape[1] or n > block_means.shape[1] or n > vsums.shape[1]:
         raise ValueError(f"lowrank_rest: {hq} query heads over {hkv} KV heads, {n} blocks of {bs} against "
                          f"sketch {tuple(sketch.shape)}, block means {tuple(block_means.shape)}, "
                          f"vsums {tuple(vsums.shape)}")
+    _check_into("lowrank_rest", into, q)
     if n == 0:
-        return q.new_zeros(hq, d), torch.full((hq,), float("-inf"), device=q.device)
+        return into or (q.new_zeros(hq, d), torch.full((hq,), float("-inf"), device=q.device))
+    if precision is None:
+        precision = "tf32" if q.element_size() == 2 else "ieee"
     parts = _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale, tile_elems, num_warps,
                       precision)
-    return _merge(*parts, vproj, q.dtype, merge_chunk)
+    return _merge(*parts, vproj, q.dtype, merge_chunk, into)
 
 
 def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale, tile_elems, num_warps,
@@ -226,7 +240,7 @@ def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale,
     f32 = dict(dtype=torch.float32, device=q.device)
     m, l_ = torch.empty(hq, progs, **f32), torch.empty(hq, progs, **f32)
     od, orv = torch.empty(hq, progs, d, **f32), torch.empty(hq, progs, rv, **f32)
-    left = left_out.to(torch.int8)
+    left = left_out.view(torch.uint8)  # bool is a byte: no copy
     _rest_kernel[(hkv, progs)](
         q, proj, sketch, block_means, vsketch, vsums, left, m, l_, od, orv, n, iters, float(scale),
         q.stride(0), q.stride(1), *proj.stride(), *sketch.stride(), *block_means.stride(), *vsketch.stride(),
@@ -236,10 +250,11 @@ def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale,
     return m, l_, od, orv
 
 
-def _merge(m, l_, od, orv, vproj, dtype, chunk: int = 64):
+def _merge(m, l_, od, orv, vproj, dtype, chunk: int = 64, into=None):
     """The programs' partial softmaxes -> (out [Hq, d] in dtype, lse [Hq] float32). Grid (Hq, d / 32):
     in torch this was ~12 small kernels (33 us a layer on an H100), one program a head 27 us at 512
-    partials (bench/results/probe_rest_kernel_h100.md). orv, vproj None: no rank-space part (block_rest)."""
+    partials (bench/results/probe_rest_kernel_h100.md). orv, vproj None: no rank-space part (block_rest).
+    into (out [Hq, d], lse [Hq] float32): merged in as well (saves merge_attention's launch a layer)."""
     hq, progs, d = od.shape
     if orv is None:  # no rank-space part: RV 0 masks every load of it, so od's pointer stands in
         orv, vproj, g, rv, vstrides = od, od, 1, 0, (0, 0, 0)
@@ -248,20 +263,22 @@ def _merge(m, l_, od, orv, vproj, dtype, chunk: int = 64):
     out = torch.empty(hq, d, dtype=dtype, device=od.device)
     lse = torch.empty(hq, dtype=torch.float32, device=od.device)
     pp, dc = triton.next_power_of_2(progs), min(32, max(16, triton.next_power_of_2(d)))
+    io, il = into if into is not None else (out, lse)  # stand-ins, never read without INTO
     _merge_kernel[(hq, triton.cdiv(d, dc))](
-        m, l_, od, orv, vproj, out, lse, progs, *vstrides, G=g, D=d, DC=dc, RV=rv,
-        RVP=max(2, triton.next_power_of_2(rv)), PP=pp, CHUNK=min(pp, chunk))
+        m, l_, od, orv, vproj, out, lse, io, il, progs, *vstrides, io.stride(0), io.stride(1), G=g, D=d, DC=dc,
+        RV=rv, RVP=max(2, triton.next_power_of_2(rv)), PP=pp, CHUNK=min(pp, chunk), INTO=into is not None)
     return out, lse
 
 
 @triton.jit
-def _merge_kernel(m_ptr, l_ptr, od_ptr, or_ptr, vproj_ptr, out_ptr, lse_ptr, progs,
-                  stride_vh, stride_vd, stride_vr,
+def _merge_kernel(m_ptr, l_ptr, od_ptr, or_ptr, vproj_ptr, out_ptr, lse_ptr, io_ptr, il_ptr, progs,
+                  stride_vh, stride_vd, stride_vr, stride_ih, stride_id,
                   G: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, RV: tl.constexpr, RVP: tl.constexpr,
-                  PP: tl.constexpr, CHUNK: tl.constexpr):
+                  PP: tl.constexpr, CHUNK: tl.constexpr, INTO: tl.constexpr):
     # The partials merge at the largest max; the program holding it contributes at least exp(0) = 1,
     # so a head with anything left out has total >= 1 and one with nothing total 0 (out 0, lse -inf).
     # Each program takes DC of the d outputs and redoes the (small) weights and rank-space sum.
+    # INTO: the attended part (io, il: out normalised, lse) is one more partial, of sum 1 at its lse.
     h = tl.program_id(0)
     offs_p = tl.arange(0, PP)
     offs_d = tl.program_id(1) * DC + tl.arange(0, DC)
@@ -272,6 +289,12 @@ def _merge_kernel(m_ptr, l_ptr, od_ptr, or_ptr, vproj_ptr, out_ptr, lse_ptr, pro
     acc_d = tl.zeros([DC], dtype=tl.float32)
     acc_r = tl.zeros([RVP], dtype=tl.float32)
     total = 0.0
+    if INTO:
+        il = tl.load(il_ptr + h)
+        top = tl.maximum(top, il)
+        wi = tl.exp(il - top)                                                     # 0 where il is -inf
+        total += wi
+        acc_d += wi * tl.load(io_ptr + h * stride_ih + offs_d * stride_id, mask=d_mask, other=0.0).to(tl.float32)
     for c in range(0, progs, CHUNK):
         p = c + tl.arange(0, CHUNK)
         p_in = p < progs

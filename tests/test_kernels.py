@@ -317,7 +317,7 @@ def _interp_cases(device="cpu", big=False):
         mag = qs.float().abs().sum(1).max().item()
         return [("lowrank", e1 / mag, 2e-5), ("bounds", e2 / mag, 2e-5), ("mass", e3 / (mag * 32 ** -0.5), 2e-5)]
 
-    def into_checks(launch, reference, q, tol):
+    def into_checks(launch, reference, q, tol, lse_tol=1e-4):
         # The same launch merged into an attended part (out, lse; one head's lse -inf): what the kernel
         # merges in must equal the reference's merge_attention of both, on every head.
         gi = torch.Generator().manual_seed(16)
@@ -325,7 +325,7 @@ def _interp_cases(device="cpu", big=False):
         il[0] = -INF
         into = (io.to(device), il.to(device))
         (out, lse), (want, want_lse) = launch(into), reference(into)
-        return [("into out", err(out, want), tol), ("into lse", err(lse, want_lse), 1e-4)]
+        return [("into out", err(out, want), tol), ("into lse", err(lse, want_lse), lse_tol)]
 
     def rest(dt, G, d, r, rv, bs, nb, few_programs=False):
         # The token-level rest: a head with nothing left out (lse -inf, out 0), one with most
@@ -345,16 +345,17 @@ def _interp_cases(device="cpu", big=False):
         old = t_rest._REST_PROGRAMS
         t_rest._REST_PROGRAMS = 2 if few_programs else old
         knobs = {"tile_elems": 256} | ({} if few_programs else {"merge_chunk": 1})
+        # 16-bit queries take tf32 dots on the GPU (10-bit products): their scores, hence lse, drift ~1e-3.
+        tols = (1e-5, 1e-5) if dt == torch.float32 else (2e-2, 5e-3)
         try:
             out, lse = t_rest.lowrank_rest(*args, **knobs)
             merged = into_checks(lambda i: t_rest.lowrank_rest(*args, i, **knobs), lambda i: R.lowrank_rest(*args, i),
-                                 qs, 1e-5 if dt == torch.float32 else 2e-2)
+                                 qs, *tols)
         finally:
             t_rest._REST_PROGRAMS = old
         want, want_lse = R.lowrank_rest(*args)
-        tol = 1e-5 if dt == torch.float32 else 2e-2
         empty = bool((lse[G:] == -INF).all() and (out[G:] == 0).all())
-        return [("out", err(out[:G], want[:G]), tol), ("lse", err(lse[:G], want_lse[:G]), 1e-5),
+        return [("out", err(out[:G], want[:G]), tols[0]), ("lse", err(lse[:G], want_lse[:G]), tols[1]),
                 ("empty head", 0.0 if empty else 1.0, 0.0)] + merged
 
     for dn, (dt, _) in dts.items():

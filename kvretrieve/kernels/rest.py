@@ -167,11 +167,12 @@ def _block_rest_kernel(
     tl.store(od_ptr + out[:, None] * D + offs_d[None, :], acc / BS, mask=g_mask[:, None] & d_mask[None, :])
 
 
-def block_rest(q, block_means, vsums, left_out, block_size, scale, into=None, tile_blocks: int = 64,
+def block_rest(q, block_means, vsums, left_out, block_size, scale, into=None, tile_blocks: int = 32,
                num_warps: int = 4, merge_chunk: int = 64):
     """Triton version of reference.block_rest -> (out [Hq, d] in q.dtype, lse [Hq] float32), merged with
     into's (out, lse) when given. tile_blocks (summary rows a step), num_warps and merge_chunk
-    (partials a merge step) are tuning knobs."""
+    (partials a merge step) are tuning knobs: at 128K on the 8B shape (H100) 32 or 256 rows with 4 warps
+    took 13.3-13.5 us, 64 or 128 rows 14-15 us, 8 warps up to 19 (bench/results/probe_rest_kernel_h100.md)."""
     hkv, n = left_out.shape
     hq, d = q.shape
     check_launch_device("block_rest", q, block_means, vsums, left_out, *(into or ()))

@@ -31,6 +31,7 @@ from .base import AttentionBackend
 from .decode_plan import DecodePlan
 from .placement import BlockPlacement
 from .prefill_attention import PrefillAttention
+from .rest_estimate import RestEstimate
 from .selector import Selector
 
 
@@ -58,6 +59,8 @@ class RetrievalKV(AttentionBackend):
         self.placement = BlockPlacement(cfg, geo, self.store, self.index, self.pool, self.summary, append_chunk_blocks)
         self.plan = DecodePlan(cfg, geo, self.pool)
         self.selector = Selector(cfg, self.index, self.pool, self.store, self.plan)
+        self.rest = (RestEstimate(self.summary, self.plan, self.H, self.scale, geo.device)
+                     if cfg.estimate_rest else None)
         self.prefill = PrefillAttention(self.scale)
         self._start, self._n, self._open = 0, 0, False   # the pass in progress; _open until it commits
         self._seg_kv = None  # (k, v of the segment, all keys and values so far) while a layer prefills
@@ -177,17 +180,20 @@ class RetrievalKV(AttentionBackend):
         pool.k[layer].view(shape).index_copy_(1, plan.ring_row, k.transpose(0, 1))
         pool.v[layer].view(shape).index_copy_(1, plan.ring_row, v.transpose(0, 1))
         if plan.reselect:
-            ids, zone = self.selector.select(layer, q[0])
+            ids, zone = self.selector.choose(layer, q[0])
         else:
             ids, zone = plan.sel_ids[layer, :, :plan.sel_k], None
+        if self.rest is not None:  # begun before the fetch, which it overlaps on CUDA
+            self.rest.begin(layer, q[0], ids)
+        if plan.reselect:
+            self.selector.bring(layer, ids)
         out, lse = kernels.sparse_decode(q[0], pool.k[layer], pool.v[layer], plan.tables[layer], plan.tail_len,
                                          self.scale)
         # Attention over blocks left out, from their summaries: more mass, no KV moved.
         if zone is not None:
             out, _ = kernels.merge_attention(out, lse, *self.summary.estimate(layer, q[0], zone, self.scale))
-        elif self.cfg.estimate_rest:
-            left_out = plan.candidate.expand(self.H, -1).scatter(1, ids, False)  # candidates not attended
-            out, _ = self.summary.estimate_rest(layer, q[0], left_out, self.scale, into=(out, lse))
+        elif self.rest is not None:
+            out = self.rest.merge(out, lse)
         if self.observer is not None:
             _, lo, hi = plan.candidates()
             self.observer(layer, q[0], ids, lo, hi, self._start + 1, out)

@@ -35,16 +35,21 @@ class Selector:
         scores = self.index.scores(layer, q, outside.shape[0]).masked_fill(outside, float("-inf"))
         return top_blocks(scores, k, ranked)
 
-    def select(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Pick, resolve and fetch this layer's blocks; their slots go into the plan's table. Returns
-        (block ids [Hkv, k], the estimation zone's block ids or None)."""
+    def choose(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This layer's blocks for query q [Hq, d]: (block ids [Hkv, k], the estimation zone's block
+        ids or None); bring() then resolves and fetches them."""
         k = self.plan.k
         if k <= 0:
             return torch.empty(self.pool.H, 0, dtype=torch.long, device=self.device), None
         z = self.plan.estimate_blocks()
         ids = self.pick(layer, q, k + z, ranked=z > 0)
-        estimated = ids[:, k:] if z > 0 else None
-        ids = ids[:, :k]
+        return ids[:, :k], (ids[:, k:] if z > 0 else None)
+
+    def bring(self, layer: int, ids: torch.Tensor) -> None:
+        """Resolve block ids [Hkv, k] against the pool and fetch the misses; their slots go into the
+        plan's table."""
+        if ids.shape[1] == 0:
+            return
         ready = self._spec_ready.pop(layer, None)
         if ready is not None:  # the speculative lookup of this layer ran on the side stream
             torch.cuda.current_stream(self.device).wait_event(ready)
@@ -55,7 +60,6 @@ class Selector:
         slots, fetch = self.pool.lookup(layer, ids, self.plan.stamp)
         kernels.fetch_blocks(self.store, layer, ids, fetch, slots, self.pool.k[layer], self.pool.v[layer])
         self.plan.record(layer, ids, slots)
-        return ids, estimated
 
     def wants_prefetch(self, layer: int) -> bool:
         return self.cfg.speculative and self.plan.reselect and layer + 1 < self.layers and self.plan.k > 0

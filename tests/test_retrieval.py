@@ -392,6 +392,26 @@ def test_cuda_graph_steps_equal_eager_steps(tiny_dir, kind, store):
     assert graph.backend.counters()["misses"] > 0
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("rest_rank", [0, 4])
+def test_cuda_rest_on_a_side_stream_equals_the_rest_in_line(tiny_dir, rest_rank):
+    """The rest begun on a side stream beside the fetch (graph replays included) gives the logits of the
+    rest computed in line after the sparse decode (RestEstimate without a side stream)."""
+    base = RetrievalConfig(index="lowrank", block_size=4, budget_tokens=64, sink_tokens=8, window_tokens=16, rank=8,
+                           rest_rank=rest_rank, estimate_rest=True)
+    _, side = engines(tiny_dir, base, device="cuda")
+    _, inline = engines(tiny_dir, base, device="cuda")
+    inline.backend.rest.side = None
+    g = torch.Generator().manual_seed(9)
+    prompt, steps = torch.randint(0, 256, (700,), generator=g), torch.randint(0, 256, (48,), generator=g)
+    outs = []
+    for e in (side, inline):
+        e.prefill(prompt.tolist())
+        outs.append(torch.stack([e.step(t.cuda()) for t in steps]))
+    assert side._captured and side.backend.rest.side is not None
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
 def test_observer_sees_what_decode_attended(tiny_dir):
     """The observer hook reports the attended set; attention restricted to it, recomputed from the
     layer's full K,V, equals the sparse kernel's output."""

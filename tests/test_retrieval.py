@@ -393,12 +393,11 @@ def test_cuda_graph_steps_equal_eager_steps(tiny_dir, kind, store):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("rest_rank", [0, 4])
-def test_cuda_rest_on_a_side_stream_equals_the_rest_in_line(tiny_dir, rest_rank):
-    """The rest begun on a side stream beside the fetch (graph replays included) gives the logits of the
-    rest computed in line after the sparse decode (RestEstimate without a side stream)."""
+def test_cuda_rest_on_a_side_stream_equals_the_rest_in_line(tiny_dir):
+    """The token-level rest begun on a side stream beside the fetch (graph replays included) gives the
+    logits of the rest computed in line after the sparse decode (RestEstimate without a side stream)."""
     base = RetrievalConfig(index="lowrank", block_size=4, budget_tokens=64, sink_tokens=8, window_tokens=16, rank=8,
-                           rest_rank=rest_rank, estimate_rest=True)
+                           rest_rank=4, estimate_rest=True)
     _, side = engines(tiny_dir, base, device="cuda")
     _, inline = engines(tiny_dir, base, device="cuda")
     inline.backend.rest.side = None

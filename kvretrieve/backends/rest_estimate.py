@@ -1,11 +1,14 @@
 """The rest of a decode step's layer (every candidate block not attended, index.BlockSummary), begun as
-soon as the selection is known so that it overlaps the fetch of the selection's misses.
+soon as the selection is known.
 
-The estimate reads the query, the selection's block ids and the summaries, never the fetched K,V. On
-CUDA it runs on a side stream forked right after the ranking: its pass over the summaries (HBM-bound,
-~14 us a layer for the 8B shape at 128K on an H100) runs beside fetch_blocks (PCIe-bound: ~4 MB a
-layer with random weights at 128K) and the sparse decode, and the main stream waits for it only at the
-merge. Elsewhere it is computed at the merge, merged in by the rest kernel itself (into=).
+The estimate reads the query, the selection's block ids and the summaries, never the fetched K,V. The
+token-level rest (value sketches, rest_rank > 0) runs on CUDA on a side stream forked right after the
+ranking, beside fetch_blocks (PCIe-bound) and the sparse decode; the main stream waits for it only at
+the merge. Measured on an H100 (llama3-1b shape at 32K): it cost +0.87 ms a token in line, +0.12 on the
+side stream. The per-block rest (rest_rank 0) stays in line: on the side stream the 8B shape at 128K
+went 12.4 -> 13.3 ms a token (its one HBM-bound pass does not hide, and each layer pays the fork and
+the join; bench/results/decode_rest_overlap_h100.md). In line the rest kernel merges the attended part
+in itself (into=).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ class RestEstimate:
     def __init__(self, summary: BlockSummary, plan: DecodePlan, kv_heads: int, scale: float,
                  device: torch.device):
         self.summary, self.plan, self.H, self.scale = summary, plan, kv_heads, scale
-        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" and summary.values is not None else None
         self._pending = None  # (layer, q, ids) or ((out, lse), event) between begin and merge
 
     def begin(self, layer: int, q: torch.Tensor, ids: torch.Tensor) -> None:

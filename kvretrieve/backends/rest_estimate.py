@@ -4,11 +4,12 @@ soon as the selection is known.
 The estimate reads the query, the selection's block ids and the summaries, never the fetched K,V. The
 token-level rest (value sketches, rest_rank > 0) runs on CUDA on a side stream forked right after the
 ranking, beside fetch_blocks (PCIe-bound) and the sparse decode; the main stream waits for it only at
-the merge. Measured on an H100 (llama3-1b shape at 32K): it cost +0.87 ms a token in line, +0.12 on the
-side stream. The per-block rest (rest_rank 0) stays in line: on the side stream the 8B shape at 128K
-went 12.4 -> 13.3 ms a token (its one HBM-bound pass does not hide, and each layer pays the fork and
-the join; bench/results/decode_rest_overlap_h100.md). In line the rest kernel merges the attended part
-in itself (into=).
+the merge. Measured on H100s (llama3-1b shape at 32K, bench/results/profile_rest_rank_1b_h100.md): it
+cost +0.87 ms a token in line, +0.12 and +0.72 on the side stream (three machines: suggestive, not
+settled). The per-block rest (rest_rank 0) stays in line: on the side stream the 8B shape at 128K went
+12.4 -> 13.3 ms a token in one call (its one HBM-bound pass does not hide, and each layer pays the fork
+and the join; bench/results/decode_rest_overlap_h100.md). In line the rest kernel merges the attended
+part in itself (into=).
 """
 from __future__ import annotations
 

@@ -2,15 +2,18 @@
 
 block_rest (rest_rank 0): each left-out block as block_size keys equal to its mean key, each with its
 mean value; grid (Hkv, P), a program runs an online softmax over tiles of contiguous summary rows for
-all G query heads at once. It replaces sparse_decode over the summaries as 1-token blocks (a table of
-column ids, its own reduce, a division and an addition after it).
+all G query heads at once. It replaced sparse_decode over the summaries as 1-token blocks (a table of
+column ids, its own reduce, a division and an addition after it, and merge_attention): alone hardly
+faster (13.5 against 18.3 us at 128K on the 8B shape, both streaming ~33 MB), but a layer's whole rest
+step went 32.6 -> 22.2 us (H100, bench/results/probe_rest_kernel_h100.md).
 
 lowrank_rest (rest_rank > 0): reference.lowrank_rest in one pass over the sketches, grid (Hkv, P) as
 above. A block's weight is its estimated mass (the log-sum-exp of its tokens' sketch scores less their
 mean, plus the exact mean-key score); its value is its exact mean value plus the value sketches'
 spread weighted by the tokens' softmax inside the block. Every step is a 2-D tl.dot over [G, tile
 blocks] (token j of every block at once): a per-head loop with 3-D products took 151 us a layer at
-32K on the 1.5B's geometry, this 57 (H100, bench/results/probe_rest_kernel_h100.md).
+32K on the 1.5B's geometry, this 57 with ieee fp32 products and 21 with tf32 ones (H100,
+bench/results/probe_rest_kernel_h100.md).
 
 Both write per program (max, sum, the d-wide and, for lowrank_rest, the rv-wide accumulators); a
 second kernel merges them and maps the rv part back through the value basis.

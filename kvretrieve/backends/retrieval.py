@@ -183,7 +183,7 @@ class RetrievalKV(AttentionBackend):
             ids, zone = self.selector.choose(layer, q[0])
         else:
             ids, zone = plan.sel_ids[layer, :, :plan.sel_k], None
-        if self.rest is not None:  # begun before the fetch, which it overlaps on CUDA
+        if self.rest is not None:  # begun before the fetch (the token-level rest overlaps it on CUDA)
             self.rest.begin(layer, q[0], ids)
         if plan.reselect:
             self.selector.bring(layer, ids)

@@ -226,3 +226,21 @@ def test_merge_keeps_other_rows_and_answers(tmp_path):
     assert {(r["config"], r["run"]) for r in merged["rows"]} == {("default", run_id(meta)), ("dense", run_id(later)),
                                                                  ("oracle", run_id(later))}
     assert [run_id(r) for r in merged["runs"]] == [run_id(meta), run_id(later)]
+
+
+def test_paired_counts_the_discordant_samples_and_their_exact_p(tmp_path):
+    """bench/paired.py against counts made by hand: two tasks' stored answers, one config flipping
+    some samples each way; McNemar's exact p from the binomial tail (0 vs 8: 2/256; 4 vs 1: 12/32)."""
+    import paired
+
+    assert paired.mcnemar_p(0, 8) == 2 / 256 and paired.mcnemar_p(4, 1) == 12 / 32 and paired.mcnemar_p(3, 3) == 1.0
+    assert paired.mcnemar_p(0, 0) == 1.0
+    fwe = [{"expected": ["aa", "bb"], "doc": i, "depth": None, "dense": "aa, bb" if i < 6 else "aa",
+            "x": "aa bb" if i in (0, 1, 7) else "bb"} for i in range(10)]  # dense 6 right, x 3: 4 vs 1
+    qa = [{"expected": ["1"], "doc": 0, "depth": 0.5, "dense": "1", "x": "2"}]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"answers": {"fwe@32768": fwe, "qa@32768": qa}}))
+    rows = paired.paired_rows(path)
+    assert [(r["task"], r["dense"], r["correct"], r["only_dense"], r["only_config"]) for r in rows] == \
+        [("fwe", 6, 3, 4, 1)]  # QA is scored by its fact: skipped
+    assert rows[0]["mcnemar_p"] == 0.375

@@ -32,7 +32,7 @@ from common import RESULTS, provenance  # noqa: E402
 from probe_topk import graph_us, timed_config  # noqa: E402
 
 from kvretrieve import kernels  # noqa: E402
-from kvretrieve.kernels import reference, rest  # noqa: E402
+from kvretrieve.kernels import partials, reference, rest  # noqa: E402
 
 
 def inputs(hq, hkv, d, r, rv, bs, context, gen):
@@ -110,7 +110,7 @@ def main() -> None:
         parts = rest._partials(*pa, bs, scale, 2048, 4, "tf32")
         rows.append(base | {"what": "rest partials (2048, 4 warps, tf32)", "programs": parts[0].shape[1],
                             "us": graph_us(lambda: rest._partials(*pa, bs, scale, 2048, 4, "tf32"))})
-        merge_us = graph_us(lambda: rest._merge(*parts, t["vproj"], t["q"].dtype))
+        merge_us = graph_us(lambda: partials.merge_partials(*parts, t["vproj"], t["q"].dtype))
         rows.append(base | {"what": "rest merge", "us": merge_us})
         sweep = [(2048, 4, "ieee"), (2048, 4, "tf32")]
         if (name, context) == ("1.5b", 32768):  # tf32x3 was 59 us, ieee 64-100 at 2048-4096 and 4-8 warps

@@ -15,8 +15,9 @@ blocks] (token j of every block at once): a per-head loop with 3-D products took
 32K on the 1.5B's geometry, this 57 with ieee fp32 products and 21 with tf32 ones (H100,
 bench/results/probe_rest_kernel_h100.md).
 
-Both write per program (max, sum, the d-wide and, for lowrank_rest, the rv-wide accumulators); a
-second kernel merges them and maps the rv part back through the value basis.
+Both write per program (max, sum, the d-wide and, for lowrank_rest, the rv-wide accumulators);
+kernels.partials merges them (and the attended part, into=) and maps the rv part back through the
+value basis.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvretrieve.kernels.partials import check_into, merge_partials
 from kvretrieve.kernels.reference import check_launch_device
 from kvretrieve.kernels.scoring import _group_queries, _split_work
 from kvretrieve.kernels.sparse_decode import _mma
@@ -182,7 +184,7 @@ def block_rest(q, block_means, vsums, left_out, block_size, scale, into=None, ti
     if hq % hkv or n > block_means.shape[1] or n > vsums.shape[1] or block_means.dtype != vsums.dtype:
         raise ValueError(f"block_rest: {hq} query heads over {hkv} KV heads, {n} blocks against block means "
                          f"{tuple(block_means.shape)} {block_means.dtype}, vsums {tuple(vsums.shape)} {vsums.dtype}")
-    _check_into("block_rest", into, q)
+    check_into("block_rest", into, q)
     if n == 0:
         return into or (q.new_zeros(hq, d), torch.full((hq,), float("-inf"), device=q.device))
     tb = max(16, min(triton.next_power_of_2(tile_blocks), triton.next_power_of_2(n)))
@@ -196,14 +198,7 @@ def block_rest(q, block_means, vsums, left_out, block_size, scale, into=None, ti
         q.stride(0), q.stride(1), *block_means.stride(), *vsums.stride(), left.stride(0), left.stride(1),
         G=hq // hkv, GP=max(16, triton.next_power_of_2(hq // hkv)), D=d, DP=max(16, triton.next_power_of_2(d)),
         BS=int(block_size), TB=tb, UPCAST=upcast, num_warps=num_warps)
-    return _merge(m, l_, od, None, None, q.dtype, merge_chunk, into)
-
-
-def _check_into(op, into, q):
-    if into is not None and (into[0].shape != q.shape or into[0].dtype != q.dtype or into[1].shape != q.shape[:1]
-                             or into[1].dtype != torch.float32):
-        raise ValueError(f"{op}: into must be (out {tuple(q.shape)} {q.dtype}, lse [{q.shape[0]}] float32), got "
-                         f"{tuple(into[0].shape)} {into[0].dtype} and {tuple(into[1].shape)} {into[1].dtype}")
+    return merge_partials(m, l_, od, None, None, q.dtype, merge_chunk, into)
 
 
 def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale, into=None,
@@ -221,14 +216,14 @@ def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, 
         raise ValueError(f"lowrank_rest: {hq} query heads over {hkv} KV heads, {n} blocks of {bs} against "
                          f"sketch {tuple(sketch.shape)}, block means {tuple(block_means.shape)}, "
                          f"vsums {tuple(vsums.shape)}")
-    _check_into("lowrank_rest", into, q)
+    check_into("lowrank_rest", into, q)
     if n == 0:
         return into or (q.new_zeros(hq, d), torch.full((hq,), float("-inf"), device=q.device))
     if precision is None:
         precision = "tf32" if q.element_size() == 2 else "ieee"
     parts = _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale, tile_elems, num_warps,
                       precision)
-    return _merge(*parts, vproj, q.dtype, merge_chunk, into)
+    return merge_partials(*parts, vproj, q.dtype, merge_chunk, into)
 
 
 def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale, tile_elems, num_warps,
@@ -252,67 +247,3 @@ def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale,
         G=g, GP=max(16, triton.next_power_of_2(g)), D=d, DP=max(16, triton.next_power_of_2(d)), R=r, RP=rp,
         RV=rv, RVP=max(16, triton.next_power_of_2(rv)), BS=bs, TB=tb, PREC=precision, num_warps=num_warps)
     return m, l_, od, orv
-
-
-def _merge(m, l_, od, orv, vproj, dtype, chunk: int = 64, into=None):
-    """The programs' partial softmaxes -> (out [Hq, d] in dtype, lse [Hq] float32). Grid (Hq, d / 32):
-    in torch this was ~12 small kernels (33 us a layer on an H100), one program a head 27 us at 512
-    partials (bench/results/probe_rest_kernel_h100.md). orv, vproj None: no rank-space part (block_rest).
-    into (out [Hq, d], lse [Hq] float32): merged in as well (saves merge_attention's launch a layer)."""
-    hq, progs, d = od.shape
-    if orv is None:  # no rank-space part: RV 0 masks every load of it, so od's pointer stands in
-        orv, vproj, g, rv, vstrides = od, od, 1, 0, (0, 0, 0)
-    else:
-        g, rv, vstrides = hq // vproj.shape[0], orv.shape[-1], vproj.stride()
-    out = torch.empty(hq, d, dtype=dtype, device=od.device)
-    lse = torch.empty(hq, dtype=torch.float32, device=od.device)
-    pp, dc = triton.next_power_of_2(progs), min(32, max(16, triton.next_power_of_2(d)))
-    io, il = into if into is not None else (out, lse)  # stand-ins, never read without INTO
-    _merge_kernel[(hq, triton.cdiv(d, dc))](
-        m, l_, od, orv, vproj, out, lse, io, il, progs, *vstrides, io.stride(0), io.stride(1), G=g, D=d, DC=dc,
-        RV=rv, RVP=max(2, triton.next_power_of_2(rv)), PP=pp, CHUNK=min(pp, chunk), INTO=into is not None)
-    return out, lse
-
-
-@triton.jit
-def _merge_kernel(m_ptr, l_ptr, od_ptr, or_ptr, vproj_ptr, out_ptr, lse_ptr, io_ptr, il_ptr, progs,
-                  stride_vh, stride_vd, stride_vr, stride_ih, stride_id,
-                  G: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, RV: tl.constexpr, RVP: tl.constexpr,
-                  PP: tl.constexpr, CHUNK: tl.constexpr, INTO: tl.constexpr):
-    # The partials merge at the largest max; the program holding it contributes at least exp(0) = 1,
-    # so a head with anything left out has total >= 1 and one with nothing total 0 (out 0, lse -inf).
-    # Each program takes DC of the d outputs and redoes the (small) weights and rank-space sum.
-    # INTO: the attended part (io, il: out normalised, lse) is one more partial, of sum 1 at its lse.
-    h = tl.program_id(0)
-    offs_p = tl.arange(0, PP)
-    offs_d = tl.program_id(1) * DC + tl.arange(0, DC)
-    offs_v = tl.arange(0, RVP)
-    d_mask, v_mask = offs_d < D, offs_v < RV
-    row = h.to(tl.int64) * progs
-    top = tl.maximum(tl.max(tl.load(m_ptr + row + offs_p, mask=offs_p < progs, other=float("-inf")), 0), -1e30)
-    acc_d = tl.zeros([DC], dtype=tl.float32)
-    acc_r = tl.zeros([RVP], dtype=tl.float32)
-    total = 0.0
-    if INTO:
-        il = tl.load(il_ptr + h)
-        top = tl.maximum(top, il)
-        wi = tl.exp(il - top)                                                     # 0 where il is -inf
-        total += wi
-        acc_d += wi * tl.load(io_ptr + h * stride_ih + offs_d * stride_id, mask=d_mask, other=0.0).to(tl.float32)
-    for c in range(0, progs, CHUNK):
-        p = c + tl.arange(0, CHUNK)
-        p_in = p < progs
-        lc = tl.load(l_ptr + row + p, mask=p_in, other=0.0)
-        w = tl.where(lc > 0, tl.exp(tl.load(m_ptr + row + p, mask=p_in, other=float("-inf")) - top), 0.0)
-        total += tl.sum(w * lc, 0)
-        od = tl.load(od_ptr + (row + p)[:, None] * D + offs_d[None, :], mask=p_in[:, None] & d_mask[None, :], other=0.0)
-        acc_d += tl.sum(w[:, None] * od, 0)
-        orv = tl.load(or_ptr + (row + p)[:, None] * RV + offs_v[None, :], mask=p_in[:, None] & v_mask[None, :],
-                      other=0.0)
-        acc_r += tl.sum(w[:, None] * orv, 0)
-    basis = vproj_ptr + (h // G).to(tl.int64) * stride_vh
-    vp = tl.load(basis + offs_d[:, None] * stride_vd + offs_v[None, :] * stride_vr,
-                 mask=d_mask[:, None] & v_mask[None, :], other=0.0).to(tl.float32)              # [DC, RVP]
-    out = (acc_d + tl.sum(vp * acc_r[None, :], 1)) / tl.maximum(total, 1.0)
-    tl.store(out_ptr + h * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
-    tl.store(lse_ptr + h, top + tl.log(total), mask=tl.program_id(1) == 0)

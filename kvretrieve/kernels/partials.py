@@ -9,6 +9,21 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def store_partials(m_ptr, l_ptr, od_ptr, kvh, pid, progs, run_m, run_l, acc, G: tl.constexpr, GP: tl.constexpr,
+                   D: tl.constexpr, DP: tl.constexpr):
+    # Program pid of KV head kvh writes its G heads' (max, sum, d-wide accumulator) at rows
+    # head * progs + pid of [Hq, P] (and [Hq, P, D]): the layout merge_partials reads. Returns the rows.
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, DP)
+    g_mask = offs_g < G
+    rows = (kvh * G + offs_g) * progs + pid
+    tl.store(m_ptr + rows, run_m, mask=g_mask)
+    tl.store(l_ptr + rows, run_l, mask=g_mask)
+    tl.store(od_ptr + rows[:, None] * D + offs_d[None, :], acc, mask=g_mask[:, None] & (offs_d < D)[None, :])
+    return rows
+
+
 def check_into(op, into, q):
     """into, when given, must be (out like q, lse [Hq] float32): the attended part a rest merges into."""
     if into is not None and (into[0].shape != q.shape or into[0].dtype != q.dtype or into[1].shape != q.shape[:1]

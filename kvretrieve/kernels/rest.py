@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvretrieve.kernels.partials import check_into, merge_partials
+from kvretrieve.kernels.partials import check_into, merge_partials, store_partials
 from kvretrieve.kernels.reference import check_launch_device
 from kvretrieve.kernels.scoring import _group_queries, _split_work
 from kvretrieve.kernels.sparse_decode import _mma
@@ -110,12 +110,8 @@ def _rest_kernel(
             spread += tl.dot(u * p, vk, input_precision=PREC)
             vmean += vk / BS
         acc_r = acc_r * alpha[:, None] + spread - tl.dot(w, vmean, input_precision=PREC)
-    g_mask = offs_g < G
-    out = (kvh * G + offs_g) * progs + pid                                                      # [Hq, P] rows
-    tl.store(m_ptr + out, run_m, mask=g_mask)
-    tl.store(l_ptr + out, run_l, mask=g_mask)
-    tl.store(od_ptr + out[:, None] * D + offs_d[None, :], acc_d, mask=g_mask[:, None] & d_mask[None, :])
-    tl.store(or_ptr + out[:, None] * RV + offs_v[None, :], acc_r, mask=g_mask[:, None] & v_mask[None, :])
+    rows = store_partials(m_ptr, l_ptr, od_ptr, kvh, pid, progs, run_m, run_l, acc_d, G, GP, D, DP)
+    tl.store(or_ptr + rows[:, None] * RV + offs_v[None, :], acc_r, mask=(offs_g < G)[:, None] & v_mask[None, :])
 
 
 @triton.jit
@@ -136,7 +132,6 @@ def _block_rest_kernel(
     pid = tl.program_id(1)
     progs = tl.num_programs(1)
     head = kvh.to(tl.int64)
-    offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, DP)
     d_mask = offs_d < D
     # q in the summaries' dtype (the model's: exact) so the scores run on tensor cores; UPCAST (the
@@ -165,11 +160,7 @@ def _block_rest_kernel(
         run_m = nm
         # w rounded to the sums' dtype so the dot runs on tensor cores; the accumulator stays fp32.
         acc = acc * alpha[:, None] + _mma(w.to(vs.dtype), vs, UPCAST)
-    g_mask = offs_g < G
-    out = (kvh * G + offs_g) * progs + pid                                                  # [Hq, P] rows
-    tl.store(m_ptr + out, run_m, mask=g_mask)
-    tl.store(l_ptr + out, run_l, mask=g_mask)
-    tl.store(od_ptr + out[:, None] * D + offs_d[None, :], acc / BS, mask=g_mask[:, None] & d_mask[None, :])
+    store_partials(m_ptr, l_ptr, od_ptr, kvh, pid, progs, run_m, run_l, acc / BS, G, GP, D, DP)
 
 
 def block_rest(q, block_means, vsums, left_out, block_size, scale, into=None, tile_blocks: int = 32,

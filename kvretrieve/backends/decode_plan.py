@@ -97,7 +97,8 @@ class DecodePlan:
         lo = torch.clamp(n_done, max=pool.n_sink)
         hi = torch.maximum(lo, n_done - self.window)
         self.outside = (blocks < lo) | (blocks >= hi)
-        self.candidate = ~self.outside  # once a step, not once a layer (the rest's left-out mask)
+        # Once a step, not once a layer: the rest's left-out mask starts from it (no rest, no mask).
+        self.candidate = ~self.outside if self.cfg.estimate_rest else None
         k, n0 = self.sel_k, pool.n_sink
         if not self.reselect and k:
             self.tables[:, :, n0:n0 + k] = torch.where(self.sel_ids[:, :, :k] < hi, self.sel_slots[:, :, :k], -1)

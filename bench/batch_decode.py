@@ -4,8 +4,9 @@ For each number of sessions: build that many sessions over one loaded model (eac
 --context tokens), prefill each alone (time to first token), then decode them as one batch for
 --steps steps. Reports the aggregate tokens/s, each step's time (every session's per-token latency:
 p50, p99), the prefill times, peak GPU memory and the host's resident memory, and the speed-up of the
-aggregate over one session of the same run. Greedy decoding of random prompt ids (or real text with a
-real model's tokenizer is not needed: the step's cost does not depend on the ids).
+aggregate over one session of the same run. Greedy decoding; the prompts are real text (each session
+from its own place in CPython's docs) where the model has a tokenizer, random ids with --shape: with
+real weights the queries, and so the blocks each step selects and the cache's hits, are real ones.
 
     python bench/batch_decode.py --sessions 1,2,4 --context 1K            # CPU smoke: the default model
     KVRETRIEVE_FREE_RAM_GB=110 python bench/batch_decode.py --shape llama3-8b --gpu-mem-gb 24 \\
@@ -29,6 +30,7 @@ from common import RESULTS, add_provenance_args, config_fields, provenance, stam
 
 from kvretrieve.api import build, load_decoder  # noqa: E402
 from kvretrieve.cli.options import parse_tokens  # noqa: E402
+from kvretrieve.cli.profile import prompt_ids  # noqa: E402
 from kvretrieve.config import RetrievalConfig, RuntimeConfig  # noqa: E402
 from kvretrieve.engine.batch import Batch  # noqa: E402
 from kvretrieve.memory import process_rss_bytes  # noqa: E402
@@ -52,11 +54,10 @@ def measure(decoder, tok, n: int, context: int, steps: int, chunk: int, cfg: Ret
     dev = decoder.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    g = torch.Generator().manual_seed(n)
     sessions = [build(decoder, tok, "bench", context + steps + 64, chunk, cfg) for _ in range(n)]
     batch, ttft = Batch(), []
-    for llm in sessions:
-        ids = torch.randint(0, decoder.cfg.vocab_size, (context,), generator=g).tolist()
+    for i, llm in enumerate(sessions):
+        ids = prompt_ids(tok, context, decoder.cfg.vocab_size, torch.device("cpu"), 100 * n + i).tolist()
         t = time.perf_counter()
         logits = llm.prefill(ids)
         sync(dev)

@@ -205,3 +205,25 @@ def test_library_parameter_names_become_flags():
     assert as_flags("the model's dtype on this device") == "the model's dtype on this device"
     assert as_flags("budget_tokens (8) must be") == "--budget (8) must be"
     assert as_flags("lower RetrievalConfig.cache_blocks") == "lower RetrievalConfig.cache_blocks"
+
+
+def test_profile_prompts_are_real_text_from_a_seeded_start(smol_dir):
+    """Real-weights benchmarks read real text; sessions side by side (bench/batch_decode.py) each start
+    elsewhere in it, so their selections differ as real sessions' would."""
+    import pydoc_data.topics as topics
+
+    from kvretrieve.cli.profile import prompt_ids
+    from kvretrieve.models.tokenizer import Tokenizer
+
+    tok = Tokenizer(smol_dir, json.loads((smol_dir / "config.json").read_text()))
+    text = tok.encode("\n\n".join(topics.topics.values()))
+    cpu = torch.device("cpu")
+    first, other = (prompt_ids(tok, 3000, 0, cpu, seed).tolist() for seed in (0, 1))
+    assert first == text[:3000] and len(other) == 3000 and other != first
+    ring = text + text  # the seeded prompt is the text read on from somewhere else in it, wrapping around
+    starts = [p for p in range(1, len(text)) if ring[p] == other[0] and ring[p:p + 3000] == other]
+    assert starts
+    wrapped = prompt_ids(tok, len(text) + 10, 0, cpu, 0).tolist()  # longer than the text: it wraps around
+    assert wrapped[len(text):] == text[:10]
+    random_ids = prompt_ids(None, 64, 1000, cpu, 3)
+    assert random_ids.shape == (64,) and int(random_ids.max()) < 1000

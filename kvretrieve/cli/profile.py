@@ -47,13 +47,17 @@ def _contexts(value: str) -> list[int]:
 
 
 def prompt_ids(tokenizer, n: int, vocab: int, device: torch.device, seed: int) -> torch.Tensor:
-    """Real text (CPython's own docs) when a tokenizer exists, else random token ids."""
+    """Real text (CPython's own docs) when a tokenizer exists, else random token ids. The seed picks
+    where in the text the prompt starts (0: its beginning), so that sessions side by side read
+    different text and select different blocks, as real users' sessions would."""
     import torch
 
     if tokenizer is not None:
         import pydoc_data.topics as topics
 
         ids = tokenizer.encode("\n\n".join(topics.topics.values()))
+        start = seed * 7919 % len(ids)  # a prime stride: seeds 0, 1, 2... start far apart
+        ids = ids[start:] + ids[:start]
         ids = (ids * (n // len(ids) + 1))[:n]
         return torch.tensor(ids, device=device)
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).to(device)

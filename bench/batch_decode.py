@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
-from common import RESULTS, add_provenance_args, config_fields, provenance, stamp, write_results  # noqa: E402
+from common import (RESULTS, add_provenance_args, config_fields, kernel_times, provenance, stamp,  # noqa: E402
+                    write_results)
 
 from kvretrieve.api import build, load_decoder  # noqa: E402
 from kvretrieve.cli.options import parse_tokens  # noqa: E402
@@ -37,11 +38,11 @@ from kvretrieve.memory import process_rss_bytes  # noqa: E402
 
 WARM_STEPS = 3
 COLUMNS = ["sessions", "context", "attention", "tokens_per_s", "x_one_session", "step_ms_p50", "step_ms_p99",
-           "ttft_s_p50", "ttft_s_max", "h2d_mb_per_token", "cache_hit", "peak_gpu_gib", "host_rss_gib", "steps"]
+           "ttft_s_p50", "ttft_s_max", "h2d_mb_per_token", "cache_hit", "kernel_ms", "peak_gpu_gib", "host_rss_gib", "steps"]
 NOTES = ("tokens_per_s: sessions x 1000 / step_ms_p50, the rate of a typical step. step_ms: the time of one "
          "batched step, which is each session's time per token. ttft_s: each session's prefill alone (to its first "
          "token). x_one_session: tokens_per_s over the 1-session row of this run. h2d_mb_per_token: blocks copied "
-         "from the CPU store per token of a session; cache_hit: the share of selected blocks already on the GPU. peak_gpu_gib: torch's peak "
+         "from the CPU store per token of a session; cache_hit: the share of selected blocks already on the GPU. kernel_ms (--kernels): the GPU time of a step's kernels, summed (rows' streams overlap, so it may exceed step_ms). peak_gpu_gib: torch's peak "
          "allocation over the row; host_rss_gib: the process's resident memory after it.")
 
 
@@ -50,11 +51,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(decoder, tok, n: int, context: int, steps: int, chunk: int, cfg: RetrievalConfig | None) -> dict:
+def measure(decoder, tok, n: int, context: int, steps: int, chunk: int, cfg: RetrievalConfig | None,
+            kernels: int = 0) -> dict:
     dev = decoder.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    sessions = [build(decoder, tok, "bench", context + steps + 64, chunk, cfg) for _ in range(n)]
+    sessions = [build(decoder, tok, "bench", context + steps + kernels + 64, chunk, cfg) for _ in range(n)]
     batch, ttft = Batch(), []
     for i, llm in enumerate(sessions):
         ids = prompt_ids(tok, context, decoder.cfg.vocab_size, torch.device("cpu"), 100 * n + i).tolist()
@@ -62,7 +64,7 @@ def measure(decoder, tok, n: int, context: int, steps: int, chunk: int, cfg: Ret
         logits = llm.prefill(ids)
         sync(dev)
         ttft.append(time.perf_counter() - t)
-        batch.join(llm.engine, logits, lambda x: x.argmax(), steps + 3, stop_ids=())
+        batch.join(llm.engine, logits, lambda x: x.argmax(), steps + kernels + 3, stop_ids=())
     for _ in range(WARM_STEPS):  # eager launches, then the capture of the step's graph (up to 2 s on the H200)
         batch.step()
     sync(dev)
@@ -85,6 +87,9 @@ def measure(decoder, tok, n: int, context: int, steps: int, chunk: int, cfg: Ret
            "h2d_mb_per_token": h2d / 1e6 / (n * steps), "cache_hit": hits / (hits + misses) if hits + misses else None,
            "peak_gpu_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
            "host_rss_gib": process_rss_bytes() / 2**30}
+    if kernels and dev.type == "cuda":  # after the counters: the profiled steps are not in the rates
+        row["kernels"] = kernel_times(batch.step, kernels)
+        row["kernel_ms"] = row["kernels"][-1]["us_per_step"] / 1e3
     del sessions, batch
     gc.collect()
     if dev.type == "cuda":
@@ -123,6 +128,8 @@ def main() -> None:
     ap.add_argument("--context", default="1K", help="prompt tokens of every session")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--kind", default="auto", help="auto, off (dense), or an index kind[:key=value...]")
+    ap.add_argument("--kernels", type=int, default=0,
+                    help="CUDA: that many more steps under the profiler, GPU time by kernel into the JSON")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--gpu-mem-gb", type=float, default=None, help="cap the GPU memory (emulate a smaller card)")
     ap.add_argument("--chunk", type=int, default=4096)
@@ -143,10 +150,12 @@ def main() -> None:
     rows = []
     for n in (int(s) for s in args.sessions.split(",")):
         try:
-            rows.append(measure(decoder, tok, n, context, args.steps, args.chunk, cfg))
+            rows.append(measure(decoder, tok, n, context, args.steps, args.chunk, cfg, args.kernels))
         except Exception as e:  # noqa: BLE001 - a row that cannot run says why and the others go on
             rows.append({"sessions": n, "context": context, "error": f"{type(e).__name__}: {e}"[:300]})
-        print(rows[-1], flush=True)
+        print({k: v for k, v in rows[-1].items() if k != "kernels"}, flush=True)
+        for k in rows[-1].get("kernels", [])[:8] + rows[-1].get("kernels", [])[-1:]:
+            print(f"  {k['us_per_step']:9.1f} us {k['calls_per_step']:7.1f} calls  {k['kernel']}", flush=True)
     add_rates(rows)
     meta |= {"model": str(source), "dtype": str(decoder.dtype), "kind": args.kind, "run_by": "bench/batch_decode.py"}
     print(write_results(args.name or f"batch_decode_{decoder.device.type}", meta, stamp(rows, meta),

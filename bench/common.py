@@ -180,3 +180,19 @@ if __name__ == "__main__":  # python bench/common.py tree: what a copy without g
     if _git("status", "--porcelain", "--untracked-files=no") or any(f.endswith(".py") for f in (untracked or "").split()):
         raise SystemExit("error: commit your changes first (a GPU copy of a dirty tree cannot be traced)")
     print(f"KVRETRIEVE_COMMIT={_git('rev-parse', '--short', 'HEAD')} KVRETRIEVE_TREE={tree_hash()}")
+
+
+def kernel_times(step, steps: int) -> list[dict]:
+    """GPU time a step by kernel over `steps` calls of step() (CUPTI sees the kernels inside replayed
+    graphs): the top 15 and the sum over all kernels ("all kernels"). Against a step's wall time, the
+    sum says how busy the GPU was; with streams side by side it can exceed the wall time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = [{"kernel": e.key[:90], "us_per_step": getattr(e, "device_time_total", 0) / steps,
+             "calls_per_step": e.count / steps} for e in prof.key_averages()]
+    rows.sort(key=lambda r: -r["us_per_step"])
+    total = {"kernel": "all kernels", "us_per_step": sum(r["us_per_step"] for r in rows),
+             "calls_per_step": sum(r["calls_per_step"] for r in rows)}
+    return rows[:15] + [total]

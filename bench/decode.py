@@ -32,12 +32,11 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, add_provenance_args, config_fields, keep_runs, markdown_table,  # noqa: E402
+from common import (RESULTS, add_provenance_args, config_fields, keep_runs, kernel_times, markdown_table,  # noqa: E402
                     provenance, stamp, write_results)
 
 from kvretrieve.api import build_engine  # noqa: E402
 from kvretrieve.config import RetrievalConfig  # noqa: E402
-from kvretrieve.engine.engine import Engine  # noqa: E402
 from kvretrieve.errors import KVRetrieveError  # noqa: E402
 from kvretrieve.models.llama import Decoder  # noqa: E402
 from kvretrieve.models.shapes import random_weights  # noqa: E402
@@ -69,24 +68,6 @@ def tokens(text: str) -> int:
 
 def prompt(n: int, vocab: int, device) -> torch.Tensor:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0)).to(device)
-
-
-def kernel_times(engine: Engine, steps: int) -> list[dict]:
-    """GPU time per decode step by kernel (CUPTI sees the kernels inside replayed graphs): the top 15
-    and the sum over all kernels ("all kernels"), over `steps` more steps after the timed ones (one of
-    every block_size steps completes a block)."""
-    token = torch.zeros((), dtype=torch.long, device=engine.model.device)
-    engine.step(token)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            engine.step(token)
-        torch.cuda.synchronize()
-    rows = [{"kernel": e.key[:90], "us_per_step": getattr(e, "device_time_total", 0) / steps,
-             "calls_per_step": e.count / steps} for e in prof.key_averages()]
-    rows.sort(key=lambda r: -r["us_per_step"])
-    total = {"kernel": "all kernels", "us_per_step": sum(r["us_per_step"] for r in rows),
-             "calls_per_step": sum(r["calls_per_step"] for r in rows)}
-    return rows[:15] + [total]
 
 
 def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int, chunk: int,
@@ -133,7 +114,9 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
                    graphs=len(engine._captured), step_ms=r.get("step_ms"), attention=choice.reason)
         if kernels:
             try:
-                row["kernels"] = kernel_times(engine, kernels)
+                token = torch.zeros((), dtype=torch.long, device=dev)
+                engine.step(token)
+                row["kernels"] = kernel_times(lambda: engine.step(token), kernels)
             except Exception as e:  # noqa: BLE001 - the profile is extra; the timed row stands without it
                 row["kernels_error"] = f"{type(e).__name__}: {e}"[:200]
     except (torch.OutOfMemoryError, RuntimeError, ValueError, KVRetrieveError) as e:

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvretrieve.kernels.reference import check_fetch, check_launch_device, check_store
+from kvretrieve.kernels.checks import check_fetch, check_launch_device, check_store
 
 
 @triton.jit

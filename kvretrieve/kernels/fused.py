@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvretrieve.kernels.reference import check_launch_device, check_rms_norm, check_rope, check_silu_mul
+from kvretrieve.kernels.checks import check_launch_device, check_rms_norm, check_rope, check_silu_mul
 
 
 @triton.jit

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvretrieve.kernels.reference import check_launch_device, check_lru
+from kvretrieve.kernels.checks import check_launch_device, check_lru
 
 
 @triton.jit

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvretrieve.kernels.reference import check_launch_device, check_merge
+from kvretrieve.kernels.checks import check_launch_device, check_merge
 
 
 @triton.jit

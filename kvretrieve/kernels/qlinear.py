@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kvretrieve.kernels.reference import _fail, check_launch_device, check_quant_linear
+from kvretrieve.kernels.checks import check_launch_device, check_quant_linear, fail
 
 DECODE_ROWS = 16  # the largest T served from the quantized codes; beyond it, dequantize + F.linear
 
@@ -245,7 +245,7 @@ def dequantize_into(w, out):
     n, k = w.shape
     if not isinstance(out, torch.Tensor) or out.dtype not in (torch.float32, torch.float16, torch.bfloat16) \
             or tuple(out.shape) != (n, k) or (k and out.stride(1) != 1) or out.device != w.device:
-        _fail("dequantize_into", f"out must be a float tensor [N, K] = [{n}, {k}] with unit column stride on "
+        fail("dequantize_into", f"out must be a float tensor [N, K] = [{n}, {k}] with unit column stride on "
                                  f"{w.device}, got {getattr(out, 'dtype', type(out))} "
                                  f"{tuple(getattr(out, 'shape', ()))}")
     check_launch_device("dequantize_into", w.codes, out)
@@ -284,7 +284,7 @@ def quant_linear(x, w, bias=None, *, weight_buffer=None, split_k=None, tiles=Non
     if t > DECODE_ROWS or (t > 1 and (bc < 16 or x.dtype == torch.float32)):
         buf = torch.empty(n, k, dtype=x.dtype, device=x.device) if weight_buffer is None else weight_buffer
         if not isinstance(buf, torch.Tensor) or buf.dtype != x.dtype or tuple(buf.shape) != (n, k):
-            _fail("quant_linear", f"weight_buffer must be [N, K] = [{n}, {k}] in x's dtype {x.dtype}, got "
+            fail("quant_linear", f"weight_buffer must be [N, K] = [{n}, {k}] in x's dtype {x.dtype}, got "
                                   f"{getattr(buf, 'dtype', type(buf))} {tuple(getattr(buf, 'shape', ()))}")
         return F.linear(x, dequantize_into(w, buf), bias)
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
@@ -293,7 +293,7 @@ def quant_linear(x, w, bias=None, *, weight_buffer=None, split_k=None, tiles=Non
     bands, blocks = triton.cdiv(n, bn), kc // bc
     splits = _num_splits(bands, blocks, kc, t, x.device) if split_k is None else int(split_k)
     if splits < 1 or blocks % splits:
-        _fail("quant_linear", f"split_k must divide the {blocks} blocks of {bc} codes, got {split_k}")
+        fail("quant_linear", f"split_k must divide the {blocks} blocks of {bc} codes, got {split_k}")
     dst = out if splits == 1 else torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
     b_arg = bias if bias is not None else x
     common = dict(BITS=w.bits, HAS_BIAS=bias is not None and splits == 1, BN=bn, BC=bc, GPB=max(1, bc // gc),

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from kvretrieve.kernels.partials import check_into, merge_partials, store_partials
-from kvretrieve.kernels.reference import check_launch_device
+from kvretrieve.kernels.checks import check_launch_device
 from kvretrieve.kernels.scoring import _group_queries, _split_work
 from kvretrieve.kernels.sparse_decode import _mma
 

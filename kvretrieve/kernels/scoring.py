@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvretrieve.kernels.reference import (check_bounds, check_launch_device, check_lowrank, check_lowrank_mass,
+from kvretrieve.kernels.checks import (check_bounds, check_launch_device, check_lowrank, check_lowrank_mass,
                                          check_max_dot)
 from kvretrieve.kernels.sparse_decode import _mma
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvretrieve.kernels.reference import check_launch_device, check_sparse_decode
+from kvretrieve.kernels.checks import check_launch_device, check_sparse_decode
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvretrieve.kernels.reference import check_launch_device, check_topk
+from kvretrieve.kernels.checks import check_launch_device, check_topk
 
 TOPK_SLICE = 2048  # scores per program; a slice must be at least 2 * k for the rows to shrink
 

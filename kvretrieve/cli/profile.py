@@ -71,7 +71,8 @@ def prompt_ids(tokenizer, n: int, vocab: int, device: torch.device, seed: int) -
               help="Comma-separated prompt lengths, e.g. 4K,32K,128K.")
 @click.option("--decode-steps", type=int, default=32, show_default=True, help="Tokens decoded per context.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
-              help="Seed of the random weights and random prompts (--shape).")
+              help="Seed of the random weights and prompt ids (--shape); with --model, where in the real text "
+                   "the prompt starts (0: its beginning).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of the table.")
 @runtime_options(context=False)
 @retrieval_options

@@ -38,11 +38,14 @@ from kvretrieve.memory import process_rss_bytes  # noqa: E402
 
 WARM_STEPS = 3
 COLUMNS = ["sessions", "context", "attention", "tokens_per_s", "x_one_session", "step_ms_p50", "step_ms_p99",
-           "ttft_s_p50", "ttft_s_max", "h2d_mb_per_token", "cache_hit", "kernel_ms", "peak_gpu_gib", "host_rss_gib", "steps"]
+           "ttft_s_p50", "ttft_s_max", "h2d_mb_per_token", "cache_hit", "kernel_ms", "peak_gpu_gib", "host_rss_gib",
+           "steps"]
 NOTES = ("tokens_per_s: sessions x 1000 / step_ms_p50, the rate of a typical step. step_ms: the time of one "
          "batched step, which is each session's time per token. ttft_s: each session's prefill alone (to its first "
          "token). x_one_session: tokens_per_s over the 1-session row of this run. h2d_mb_per_token: blocks copied "
-         "from the CPU store per token of a session; cache_hit: the share of selected blocks already on the GPU. kernel_ms (--kernels): the GPU time of a step's kernels, summed (rows' streams overlap, so it may exceed step_ms). peak_gpu_gib: torch's peak "
+         "from the CPU store per token of a session; cache_hit: the share of selected blocks already on the GPU. "
+         "kernel_ms (--kernels): the GPU time of a step's kernels, summed (rows' streams overlap, so it may exceed "
+         "step_ms). peak_gpu_gib: torch's peak "
          "allocation over the row; host_rss_gib: the process's resident memory after it.")
 
 

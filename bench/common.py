@@ -173,15 +173,6 @@ def write_results(name: str, meta: dict, rows: list[dict], columns: list[str], n
     return out_dir / f"{name}.json"
 
 
-if __name__ == "__main__":  # python bench/common.py tree: what a copy without git needs to name its commit
-    if sys.argv[1:] != ["tree"]:
-        raise SystemExit("usage: python bench/common.py tree")
-    untracked = _git("ls-files", "--others", "--exclude-standard", "kvretrieve", "bench")
-    if _git("status", "--porcelain", "--untracked-files=no") or any(f.endswith(".py") for f in (untracked or "").split()):
-        raise SystemExit("error: commit your changes first (a GPU copy of a dirty tree cannot be traced)")
-    print(f"KVRETRIEVE_COMMIT={_git('rev-parse', '--short', 'HEAD')} KVRETRIEVE_TREE={tree_hash()}")
-
-
 def kernel_times(step, steps: int) -> list[dict]:
     """GPU time a step by kernel over `steps` calls of step() (CUPTI sees the kernels inside replayed
     graphs): the top 15 and the sum over all kernels ("all kernels"). Against a step's wall time, the
@@ -196,3 +187,13 @@ def kernel_times(step, steps: int) -> list[dict]:
     total = {"kernel": "all kernels", "us_per_step": sum(r["us_per_step"] for r in rows),
              "calls_per_step": sum(r["calls_per_step"] for r in rows)}
     return rows[:15] + [total]
+
+
+if __name__ == "__main__":  # python bench/common.py tree: what a copy without git needs to name its commit
+    if sys.argv[1:] != ["tree"]:
+        raise SystemExit("usage: python bench/common.py tree")
+    untracked = _git("ls-files", "--others", "--exclude-standard", "kvretrieve", "bench")
+    if _git("status", "--porcelain", "--untracked-files=no") or any(f.endswith(".py") for f in (untracked or "").split()):
+        raise SystemExit("error: commit your changes first (a GPU copy of a dirty tree cannot be traced)")
+    print(f"KVRETRIEVE_COMMIT={_git('rev-parse', '--short', 'HEAD')} KVRETRIEVE_TREE={tree_hash()}")
+

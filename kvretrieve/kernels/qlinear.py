@@ -246,8 +246,8 @@ def dequantize_into(w, out):
     if not isinstance(out, torch.Tensor) or out.dtype not in (torch.float32, torch.float16, torch.bfloat16) \
             or tuple(out.shape) != (n, k) or (k and out.stride(1) != 1) or out.device != w.device:
         fail("dequantize_into", f"out must be a float tensor [N, K] = [{n}, {k}] with unit column stride on "
-                                 f"{w.device}, got {getattr(out, 'dtype', type(out))} "
-                                 f"{tuple(getattr(out, 'shape', ()))}")
+                                f"{w.device}, got {getattr(out, 'dtype', type(out))} "
+                                f"{tuple(getattr(out, 'shape', ()))}")
     check_launch_device("dequantize_into", w.codes, out)
     kc, gc, tensors, strides = _weight_args(w)
     if n == 0 or kc == 0:
@@ -285,7 +285,7 @@ def quant_linear(x, w, bias=None, *, weight_buffer=None, split_k=None, tiles=Non
         buf = torch.empty(n, k, dtype=x.dtype, device=x.device) if weight_buffer is None else weight_buffer
         if not isinstance(buf, torch.Tensor) or buf.dtype != x.dtype or tuple(buf.shape) != (n, k):
             fail("quant_linear", f"weight_buffer must be [N, K] = [{n}, {k}] in x's dtype {x.dtype}, got "
-                                  f"{getattr(buf, 'dtype', type(buf))} {tuple(getattr(buf, 'shape', ()))}")
+                                 f"{getattr(buf, 'dtype', type(buf))} {tuple(getattr(buf, 'shape', ()))}")
         return F.linear(x, dequantize_into(w, buf), bias)
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     if t == 0 or n == 0:

@@ -27,8 +27,8 @@ def sparse_decode(q, k_pool, v_pool, slots, tail_len, scale):
     if n == 0:
         return q.new_zeros(hq, d), torch.full((hq,), float("-inf"), device=q.device)
     # Only the selected blocks are gathered, as rows (head, slot) of the flattened pool: index_select
-    # is ~3x faster on CPUs than indexing with a (head, slot) pair of tensors (70 vs 228 us for
-    # 900 blocks of 4 x 64), and this reference is the CPU's decode path.
+    # gives the same tensor 2.6-3.2x faster on CPUs than indexing with a (head, slot) pair of tensors
+    # (bench/results/probe_cpu_gather.md), and this reference is the CPU's decode path.
     rows = (torch.arange(hkv, device=q.device)[:, None] * k_pool.shape[1] + slots.clamp(min=0).long()).reshape(-1)
     k = k_pool.reshape(-1, bs, d).index_select(0, rows).reshape(hkv, n * bs, d).float()
     v = v_pool.reshape(-1, bs, d).index_select(0, rows).reshape(hkv, n * bs, d).float()

@@ -92,6 +92,30 @@ def test_sparse_decode_reference_matches_dense(G, tail):
     assert torch.all(lse[-G:] == -INF) and torch.all(out[-G:] == 0)  # the all-empty KV head
 
 
+def test_row_operands_take_rows_of_one_configuration_only():
+    """A batched launch reads every row with row 0's strides: rows that differ are refused by name,
+    and the reference attends each row over its own tensors."""
+    from kvretrieve.kernels.rows import RowOperands, mismatch
+
+    def row(S=7, scale=0.25, seed=0):
+        q, kp, vp, slots, tail, _ = decode_case(4, torch.float32, 3, S=S, seed=seed)
+        return q, (kp[None], vp[None], slots[None], tail, scale)
+
+    (q0, a), (q1, b) = row(), row(seed=1)
+    with pytest.raises(ValueError, match="row 1's k_pool differs from row 0's"):
+        RowOperands.of([a, row(S=9)[1]])
+    assert "one softmax scale" in mismatch([a, row(scale=0.5)[1]])
+    rows = RowOperands.of([a, b])
+    with pytest.raises(ValueError, match=r"q must be \[B=2"):
+        R.sparse_decode_rows(q0[None], rows, 0)
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 1\)"):
+        R.sparse_decode_rows(torch.stack([q0, q1]), rows, 1)
+    out, lse = R.sparse_decode_rows(torch.stack([q0, q1]), rows, 0)
+    for i, (q, (kp, vp, slots, tail, scale)) in enumerate(((q0, a), (q1, b))):
+        want, want_lse = R.sparse_decode(q, kp[0], vp[0], slots[0], tail, scale)
+        assert torch.equal(out[i], want) and torch.equal(lse[i], want_lse)
+
+
 def test_sparse_decode_reference_edge_cases():
     q, kp, vp, slots, _, scale = decode_case(4, torch.float32, 0)
     only_tail = torch.full_like(slots, -1)
@@ -225,6 +249,27 @@ def _decode_checks(args, num_splits=None, tol=1e-5, tile_tokens=None):
     return [("out", err(out, ref_out), tol), ("lse", err(lse, ref_lse), tol)]
 
 
+def _rows_checks(dtype, tol, device, shape, num_splits=None):
+    """The batched launch (three rows, two layers each, tails 0, 3 and 8) against each row's reference
+    alone, at every layer: a program that read another row's or layer's tensors would differ."""
+    from kvretrieve.kernels.rows import RowOperands
+    from kvretrieve.kernels.sparse_decode import sparse_decode_rows
+
+    rows, qs = [], []
+    for b, tail in enumerate((0, 3, 8)):
+        layers = [decode_case(4, dtype, tail, seed=10 * b + layer, device=device, **shape) for layer in range(2)]
+        k, v, t = (torch.stack([a[i] for a in layers]) for i in (1, 2, 3))
+        rows.append((k, v, t, layers[0][4]))
+        qs.append(layers[0][0])
+    ops, q, res = RowOperands.of([r + (layers[0][5],) for r in rows]), torch.stack(qs), []
+    for layer in range(2):
+        out, lse = sparse_decode_rows(q, ops, layer, num_splits=num_splits)
+        for b, (k, v, t, tail) in enumerate(rows):
+            ref_out, ref_lse = R.sparse_decode(q[b], k[layer], v[layer], t[layer], tail, ops.scale)
+            res += [(f"out-{layer}-{b}", err(out[b], ref_out), tol), (f"lse-{layer}-{b}", err(lse[b], ref_lse), tol)]
+    return res
+
+
 def _interp_cases(device="cpu", big=False):
     """name -> zero-arg function returning [(label, error, tolerance)]; run where Triton can launch."""
     from kvretrieve.kernels.merge import merge_attention as t_merge
@@ -247,6 +292,7 @@ def _interp_cases(device="cpu", big=False):
                 # splits whose last step runs past the table.
                 knobs = {0: (None, None), 3: (3, 16), 8: (None, 32)}[tail] if not big else (None, None)
                 cases[f"decode-{dn}-G{G}-tail{tail}"] = lambda a=args, k=knobs, t=tol: _decode_checks(a, k[0], t, k[1])
+        cases[f"decode-rows-{dn}"] = lambda d=dt, t=tol: _rows_checks(d, t, device, shape, None if big else 2)
     q, kp, vp, slots, tail, scale = decode_case(4, torch.float32, 0, device=device)
     empty = torch.full_like(slots, -1)
     empty[:, -1] = 1  # only the tail column, and tail_len = 0

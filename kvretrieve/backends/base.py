@@ -52,6 +52,23 @@ class AttentionBackend(Protocol):
     def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Decode: store the token's k, v [1, Hkv, d]; attention of q [1, Hq, d] -> [1, Hq, d]."""
 
+    def sparse_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
+        """Decode, after begin: when this step's attention is one sparse decode over a block pool,
+        (pool K, pool V [L, Hkv, S, bs, d], slot tables [L, Hkv, n] int32, tail_len [1] int32, scale);
+        the model may then attend several backends' rows in one launch (kernels.sparse_decode_rows),
+        calling decode_select before it and decode_merge after it instead of decode. None otherwise."""
+        return None
+
+    def decode_select(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Decode with sparse_operands: decode's work up to its attention (store the token's k, v; fill
+        this layer's slot table)."""
+        raise NotImplementedError(f"{type(self).__name__} has no sparse_operands")
+
+    def decode_merge(self, layer: int, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """Decode with sparse_operands: the rest of decode, given the attention over this layer's table
+        (out [Hq, d], lse [Hq] float32) -> [1, Hq, d]."""
+        raise NotImplementedError(f"{type(self).__name__} has no sparse_operands")
+
     def lookahead(self, layer: int) -> bool:
         """Decode: whether the backend wants layer + 1's query, approximated from layer's input, to
         prefetch its blocks while layer runs (then the model calls prefetch)."""

@@ -64,6 +64,7 @@ class RetrievalKV(AttentionBackend):
         self.prefill = PrefillAttention(self.scale)
         self._start, self._n, self._open = 0, 0, False   # the pass in progress; _open until it commits
         self._seg_kv = None  # (k, v of the segment, all keys and values so far) while a layer prefills
+        self._chosen = None  # (block ids, estimate zone) of the layer between decode_select and decode_merge
         # observer(layer, q [Hq, d], selected block ids [Hkv, k], lo, hi, n_tokens, out [Hq, d]) is
         # called after each decode attention when set: bench/accuracy.py measures recall with it.
         # Attended: tokens [0, lo*bs) (sinks), the selected blocks, and [hi*bs, n_tokens) (window).
@@ -175,6 +176,18 @@ class RetrievalKV(AttentionBackend):
             out = self.attend(layer, q, 0)
             self.end_layer(layer)
             return out
+        self.decode_select(layer, q, k, v)
+        pool, plan = self.pool, self.plan
+        out, lse = kernels.sparse_decode(q[0], pool.k[layer], pool.v[layer], plan.tables[layer], plan.tail_len,
+                                         self.scale)
+        return self.decode_merge(layer, q, out, lse)
+
+    def sparse_operands(self):
+        if not self.decoding:
+            return None
+        return self.pool.k, self.pool.v, self.plan.tables, self.plan.tail_len, self.scale
+
+    def decode_select(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         plan, pool = self.plan, self.pool
         shape = (self.H, -1, pool.k.shape[-1])
         pool.k[layer].view(shape).index_copy_(1, plan.ring_row, k.transpose(0, 1))
@@ -187,15 +200,17 @@ class RetrievalKV(AttentionBackend):
             self.rest.begin(layer, q[0], ids)
         if plan.reselect:
             self.selector.bring(layer, ids)
-        out, lse = kernels.sparse_decode(q[0], pool.k[layer], pool.v[layer], plan.tables[layer], plan.tail_len,
-                                         self.scale)
+        self._chosen = ids, zone  # until decode_merge, for the estimate and the observer
+
+    def decode_merge(self, layer: int, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        (ids, zone), self._chosen = self._chosen, None
         # Attention over blocks left out, from their summaries: more mass, no KV moved.
         if zone is not None:
             out, _ = kernels.merge_attention(out, lse, *self.summary.estimate(layer, q[0], zone, self.scale))
         elif self.rest is not None:
             out = self.rest.merge(out, lse)
         if self.observer is not None:
-            _, lo, hi = plan.candidates()
+            _, lo, hi = self.plan.candidates()
             self.observer(layer, q[0], ids, lo, hi, self._start + 1, out)
         return out[None]
 

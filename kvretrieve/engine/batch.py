@@ -11,7 +11,9 @@ On CUDA (StepRunner) each row's attention runs on its own stream, and a step who
 repeat (the same engines, each with the same graph key) replays a CUDA graph of it: an eager step of
 the 8B shape launches some 30 small kernels per row and layer, and the host, not the GPU, set its
 pace (bench/results/batch_decode_h200_32k_c51cedd.md: 79 ms a step for one row or two, eager).
-Not yet: kernels that take the batch in one launch.
+Where every row is a retrieval backend of one configuration, the rows' sparse attention is one launch
+a layer (kernels.sparse_decode_rows over each row's own pool and tables, kernels/rows.py); each row's
+selection (scores, top-k, lookup, fetch) still runs on its own stream.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from ..kernels.rows import RowOperands, mismatch
 from .engine import Engine
 
 
@@ -33,7 +36,7 @@ def decode_step(engines: list[Engine], tokens: torch.Tensor, streams: list | Non
     with ExitStack() as passes:
         starts = [passes.enter_context(e._pass(1)) for e in engines]
         positions = torch.tensor(starts, dtype=torch.long, device=engines[0].model.device)
-        return _forward(engines, tokens, positions, streams)
+        return _forward(engines, tokens, positions, streams, _row_operands(_operands(engines)))
 
 
 def _check(engines: list[Engine]) -> None:
@@ -44,18 +47,36 @@ def _check(engines: list[Engine]) -> None:
         raise ValueError("decode_step: an engine appears twice in the batch (one sequence, one row)")
 
 
-def _forward(engines: list[Engine], tokens: torch.Tensor, positions: torch.Tensor, streams) -> torch.Tensor:
+def _operands(engines: list[Engine]) -> list | None:
+    """Every row's sparse_operands(), or None when a row has none (it attends by itself)."""
+    ops = [e.backend.sparse_operands() for e in engines]
+    return None if any(o is None for o in ops) else ops
+
+
+def _row_operands(ops: list | None) -> RowOperands | None:
+    """One launch's operands for these rows, or None where they differ (rows of other configurations)."""
+    return RowOperands.of(ops) if ops is not None and mismatch(ops) is None else None
+
+
+def _where(ops: list | None) -> tuple | None:
+    """Where the rows' pools and tables are: a graph that read them replays only while they stay."""
+    return None if ops is None else tuple(t.data_ptr() for row in ops for t in row[:4])
+
+
+def _forward(engines: list[Engine], tokens: torch.Tensor, positions: torch.Tensor, streams,
+             rows: RowOperands | None) -> torch.Tensor:
     """The device work of a batched step (what a graph of it records)."""
     for e in engines:
         e.backend.prologue()
     model = engines[0].model
-    return model.logits(model.decode_rows(tokens, positions, [e.backend for e in engines], streams))
+    return model.logits(model.decode_rows(tokens, positions, [e.backend for e in engines], streams, rows))
 
 
 @dataclass(eq=False)
 class _Captured:
     engines: list[Engine]  # held, so that no other engine can take an id in the key while it lives
     graph: "torch.cuda.CUDAGraph"
+    rows: RowOperands | None  # held: the graph reads its table of addresses
     tokens: torch.Tensor
     positions: torch.Tensor
     logits: torch.Tensor
@@ -85,7 +106,8 @@ class StepRunner:
         with ExitStack() as passes:
             starts = torch.tensor([passes.enter_context(e._pass(1)) for e in engines], dtype=torch.long)
             keys = [e.backend.graph_key() if e.graphs else None for e in engines]
-            key = None if None in keys else tuple(zip(map(id, engines), keys))
+            ops = _operands(engines)
+            key = None if None in keys else (tuple(zip(map(id, engines), keys)), _where(ops))
             got = self.graphs.get(key) if key is not None else None
             if got is not None:
                 got.tokens.copy_(tokens)
@@ -93,22 +115,23 @@ class StepRunner:
                 got.graph.replay()
                 self.replays += 1
                 return got.logits.clone()  # the graph's output buffer is overwritten by the next replay
-            tokens, positions = tokens.clone(), starts.to(dev)
-            logits = _forward(engines, tokens, positions, self.streams)
+            tokens, positions, rows = tokens.clone(), starts.to(dev), _row_operands(ops)
+            logits = _forward(engines, tokens, positions, self.streams, rows)
             if key is not None:
-                self._capture(key, engines, tokens, positions)
+                self._capture(key, engines, tokens, positions, rows)
             return logits
 
-    def _capture(self, key, engines: list[Engine], tokens: torch.Tensor, positions: torch.Tensor) -> None:
+    def _capture(self, key, engines: list[Engine], tokens: torch.Tensor, positions: torch.Tensor,
+                 rows: RowOperands | None) -> None:
         """Record the step just run (every kernel compiled, the allocator warm); capture only records."""
         while len(self.graphs) >= self.MAX_GRAPHS:  # others remain, so the shared pool lives on
             del self.graphs[next(iter(self.graphs))]
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(tokens.device)
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = _forward(engines, tokens, positions, self.streams)
+            logits = _forward(engines, tokens, positions, self.streams, rows)
         self._pool = graph.pool()
-        self.graphs[key] = _Captured(list(engines), graph, tokens, positions, logits)
+        self.graphs[key] = _Captured(list(engines), graph, rows, tokens, positions, logits)
 
     def forget(self, engines) -> None:
         """Drop the graphs of steps that any of these engines took part in (they left the batch)."""

@@ -46,6 +46,15 @@ def sparse_decode(q, k_pool, v_pool, slots, tail_len, scale):
     return out.reshape(hq, d).to(q.dtype), lse.reshape(hq)
 
 
+
+def sparse_decode_rows(q, rows, layer):
+    """sparse_decode of each row b: q [B, Hq, d] over layer `layer` of its own pool and table
+    (rows: kernels.rows.RowOperands) -> (out [B, Hq, d], lse [B, Hq] float32)."""
+    rows.check_query(q, layer)
+    outs = [sparse_decode(q[b], k[layer], v[layer], t[layer], tail, rows.scale)
+            for b, (k, v, t, tail) in enumerate(zip(rows.k, rows.v, rows.tables, rows.tails))]
+    return torch.stack([o for o, _ in outs]), torch.stack([lse for _, lse in outs])
+
 def lowrank_block_scores(q, proj, mean, sketch, n_blocks, block_size):
     """Loki-style block scores [Hkv, n_blocks] f32: max over a block's tokens and the group's
     query heads of q·mean + (q @ proj)·sketch. q [Hq, d], proj [Hkv, d, r], mean [Hkv, d],

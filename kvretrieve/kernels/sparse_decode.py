@@ -3,7 +3,9 @@
 Grid (Hkv, num_splits): a program owns one KV head and a contiguous run of slot-table columns,
 and computes all G query heads of that KV head at once, so each K/V block is read from memory once
 per KV head rather than once per query head. Partial results (normalised out, lse) go to an fp32
-workspace; a second kernel merges the splits.
+workspace; a second kernel merges the splits. sparse_decode_rows does the same for the rows of a
+batched step in one launch, grid (B * Hkv, num_splits), each row read through its own tensors'
+addresses (kernels/rows.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import triton
 import triton.language as tl
 
 from kvretrieve.kernels.checks import check_launch_device, check_sparse_decode
+from kvretrieve.kernels.rows import RowOperands
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
@@ -32,39 +35,22 @@ def _mma(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _split_kernel(
-    q_ptr, k_ptr, v_ptr, slots_ptr, tail_ptr, o_part_ptr, lse_part_ptr,
-    n_cols, iters, num_splits, qk_scale,
-    stride_qh, stride_qd,
-    stride_kh, stride_ks, stride_kt, stride_kd,
-    stride_vh, stride_vs, stride_vt, stride_vd,
-    stride_sh, stride_sc,
-    G: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-    UPCAST: tl.constexpr,
+def _attend_split(
+    q, k_head, v_head, slot_row, tail, n_cols, col0, iters, qk_scale,
+    stride_ks, stride_kt, stride_kd, stride_vs, stride_vt, stride_vd, stride_sc,
+    GP: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    kvh = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_g = tl.arange(0, GP)
+    """One program's share: q [GP, D] over table columns col0.. (iters steps of BN // BS columns) of
+    one KV head -> (o [GP, D] normalised, lse [GP] natural log; -inf where nothing was valid)."""
     offs_t = tl.arange(0, BN)
     offs_d = tl.arange(0, D)
-    g_mask = offs_g < G
-    heads = kvh * G + offs_g
-    # Rows beyond G are zero padding so tl.dot gets its minimum M of 16; they are never stored.
-    q = tl.load(q_ptr + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd, mask=g_mask[:, None], other=0.0)
-
-    tail = tl.load(tail_ptr).to(tl.int32)
     tail = tl.minimum(tl.maximum(tail, 0), BS)
-    # int64 head/slot offsets: a pool of a few thousand 64x128 blocks per head overflows int32.
-    k_head = k_ptr + kvh.to(tl.int64) * stride_kh
-    v_head = v_ptr + kvh.to(tl.int64) * stride_vh
     # One step covers BN // BS table columns: each token row gathers from its own column's slot,
     # so small blocks still give each step ~16 KB of K/V in flight.
     t_col = offs_t // BS
     t_in = offs_t % BS
     k_tok = t_in[:, None] * stride_kt + offs_d[None, :] * stride_kd
     v_tok = t_in[:, None] * stride_vt + offs_d[None, :] * stride_vd
-    slot_row = slots_ptr + kvh * stride_sh
-    col0 = split * iters * (BN // BS)
 
     # Scores live in the log2 domain (exp2 is the native instruction); lse is converted back at the end.
     m_i = tl.full([GP], float("-inf"), tl.float32)
@@ -99,9 +85,74 @@ def _split_kernel(
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    return o, lse
+
+
+@triton.jit
+def _split_kernel(
+    q_ptr, k_ptr, v_ptr, slots_ptr, tail_ptr, o_part_ptr, lse_part_ptr,
+    n_cols, iters, num_splits, qk_scale,
+    stride_qh, stride_qd,
+    stride_kh, stride_ks, stride_kt, stride_kd,
+    stride_vh, stride_vs, stride_vt, stride_vd,
+    stride_sh, stride_sc,
+    G: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    kvh = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    g_mask = offs_g < G
+    heads = kvh * G + offs_g
+    # Rows beyond G are zero padding so tl.dot gets its minimum M of 16; they are never stored.
+    q = tl.load(q_ptr + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd, mask=g_mask[:, None], other=0.0)
+    # int64 head/slot offsets: a pool of a few thousand 64x128 blocks per head overflows int32.
+    o, lse = _attend_split(
+        q, k_ptr + kvh.to(tl.int64) * stride_kh, v_ptr + kvh.to(tl.int64) * stride_vh, slots_ptr + kvh * stride_sh,
+        tl.load(tail_ptr).to(tl.int32), n_cols, split * iters * (BN // BS), iters, qk_scale,
+        stride_ks, stride_kt, stride_kd, stride_vs, stride_vt, stride_vd, stride_sc, GP, BS, BN, D, UPCAST)
     row = heads * num_splits + split
     tl.store(o_part_ptr + row[:, None] * D + offs_d[None, :], o, mask=g_mask[:, None])
     tl.store(lse_part_ptr + row, lse, mask=g_mask)
+
+
+@triton.jit
+def _split_rows_kernel(
+    q_ptr, addr_ptr, k0_ptr, v0_ptr, s0_ptr, t0_ptr, o_part_ptr, lse_part_ptr,
+    off_k, off_v, off_s, hkv, n_cols, iters, num_splits, qk_scale,
+    stride_qb, stride_qh, stride_qd,
+    stride_kh, stride_ks, stride_kt, stride_kd,
+    stride_vh, stride_vs, stride_vt, stride_vd,
+    stride_sh, stride_sc,
+    G: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """_split_kernel for B rows at once, grid (B * Hkv, num_splits): a program's row finds its pool,
+    table and tail through addr_ptr [B, 4] (row 0's tensors, k0_ptr.., only give the element types);
+    off_* are the layer's offsets (elements) into each row's [L, ...] tensors."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    row = pid // hkv
+    kvh = pid % hkv
+    addr = addr_ptr + row * 4
+    k_ptr = tl.load(addr).to(k0_ptr.dtype, bitcast=True) + off_k
+    v_ptr = tl.load(addr + 1).to(v0_ptr.dtype, bitcast=True) + off_v
+    slots_ptr = tl.load(addr + 2).to(s0_ptr.dtype, bitcast=True) + off_s
+    tail_ptr = tl.load(addr + 3).to(t0_ptr.dtype, bitcast=True)
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    g_mask = offs_g < G
+    heads = kvh * G + offs_g
+    q = tl.load(q_ptr + row.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=g_mask[:, None], other=0.0)
+    o, lse = _attend_split(
+        q, k_ptr + kvh.to(tl.int64) * stride_kh, v_ptr + kvh.to(tl.int64) * stride_vh, slots_ptr + kvh * stride_sh,
+        tl.load(tail_ptr).to(tl.int32), n_cols, split * iters * (BN // BS), iters, qk_scale,
+        stride_ks, stride_kt, stride_kd, stride_vs, stride_vt, stride_vd, stride_sc, GP, BS, BN, D, UPCAST)
+    out_row = (pid * G + offs_g) * num_splits + split  # the batch's query heads, row-major
+    tl.store(o_part_ptr + out_row[:, None] * D + offs_d[None, :], o, mask=g_mask[:, None])
+    tl.store(lse_part_ptr + out_row, lse, mask=g_mask)
 
 
 @triton.jit
@@ -142,6 +193,29 @@ def choose_num_splits(n: int, bs: int = 16, d: int = 128) -> int:
     return max(1, min(_MAX_SPLITS, steps))
 
 
+def _schedule(n: int, bs: int, d: int, num_splits, tile_tokens) -> tuple[int, int, int]:
+    """(tile tokens, splits, steps per split) for n table columns of bs-token blocks, head dim d."""
+    if not _pow2(d) or not 16 <= d <= 256:
+        raise ValueError(f"sparse_decode: head dim must be a power of two in [16, 256], got {d}")
+    if not _pow2(bs) or bs > 256:
+        raise ValueError(f"sparse_decode: block size must be a power of two <= 256, got {bs}")
+    bn = max(16, tile_tokens or _tile_tokens(n, bs, d))
+    if not _pow2(bn) or bn < bs:
+        raise ValueError(f"sparse_decode: tile_tokens must be a power of two >= block size, got {bn}")
+    steps = triton.cdiv(n, bn // bs)
+    splits = choose_num_splits(n, bs, d) if num_splits is None else int(num_splits)
+    iters = triton.cdiv(steps, max(1, min(splits, steps)))
+    return bn, triton.cdiv(steps, iters), iters  # splits that would own no column are dropped
+
+
+def _reduce(o_part, lse_part, out, lse, splits: int, d: int) -> None:
+    """Merge each query head's splits: o_part [H, splits, d], lse_part [H, splits] -> out [H, d], lse [H]."""
+    _reduce_kernel[(out.shape[0],)](
+        o_part, lse_part, out, lse, splits, out.stride(0), out.stride(1),
+        SP=triton.next_power_of_2(splits), D=d,
+    )
+
+
 def sparse_decode(q, k_pool, v_pool, slots, tail_len, scale, *, num_splits=None, tile_tokens=None):
     """Triton sparse decode attention. q [Hq, d], k_pool/v_pool [Hkv, S, bs, d], slots [Hkv, n]
     int32 (-1 = skip), tail_len [1] int32 -> (out [Hq, d] in q.dtype, lse [Hq] float32).
@@ -149,22 +223,12 @@ def sparse_decode(q, k_pool, v_pool, slots, tail_len, scale, *, num_splits=None,
     choices; for tests and benchmarks."""
     hkv, g, n, bs, d = check_sparse_decode(q, k_pool, v_pool, slots, tail_len)
     check_launch_device("sparse_decode", q, k_pool, v_pool, slots, tail_len)
-    if not _pow2(d) or not 16 <= d <= 256:
-        raise ValueError(f"sparse_decode: head dim must be a power of two in [16, 256], got {d}")
-    if not _pow2(bs) or bs > 256:
-        raise ValueError(f"sparse_decode: block size must be a power of two <= 256, got {bs}")
     hq = q.shape[0]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(hq, dtype=torch.float32, device=q.device)
+    bn, splits, iters = _schedule(max(n, 1), bs, d, num_splits, tile_tokens)
     if n == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    bn = max(16, tile_tokens or _tile_tokens(n, bs, d))
-    if not _pow2(bn) or bn < bs:
-        raise ValueError(f"sparse_decode: tile_tokens must be a power of two >= block size, got {bn}")
-    steps = triton.cdiv(n, bn // bs)
-    splits = choose_num_splits(n, bs, d) if num_splits is None else int(num_splits)
-    iters = triton.cdiv(steps, max(1, min(splits, steps)))
-    splits = triton.cdiv(steps, iters)  # drop splits that would own no column
     o_part = torch.empty(hq, splits, d, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(hq, splits, dtype=torch.float32, device=q.device)
     _split_kernel[(hkv, splits)](
@@ -175,11 +239,35 @@ def sparse_decode(q, k_pool, v_pool, slots, tail_len, scale, *, num_splits=None,
         G=g, GP=max(16, triton.next_power_of_2(g)), BS=bs, BN=bn, D=d,
         UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=8 if bn * d > 8192 else 4,
     )
-    _reduce_kernel[(hq,)](
-        o_part, lse_part, out, lse, splits, out.stride(0), out.stride(1),
-        SP=triton.next_power_of_2(splits), D=d,
-    )
+    _reduce(o_part, lse_part, out, lse, splits, d)
     return out, lse
 
 
-__all__ = ["sparse_decode", "choose_num_splits"]
+def sparse_decode_rows(q, rows: RowOperands, layer: int, *, num_splits=None, tile_tokens=None):
+    """sparse_decode of B rows in one launch: q [B, Hq, d], row b attending layer `layer` of its own
+    pool and table (rows: RowOperands) -> (out [B, Hq, d] in q.dtype, lse [B, Hq] float32). Each row's
+    result equals sparse_decode over its own tensors (the same program, reading them by address)."""
+    hkv, g = rows.check_query(q, layer)
+    k0, v0, s0, t0 = rows.k[0], rows.v[0], rows.tables[0], rows.tails[0]
+    check_launch_device("sparse_decode_rows", q, k0, rows.addresses)
+    B, hq, d = q.shape
+    bs, n = k0.shape[3], s0.shape[2]
+    out = torch.empty(B, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, hq, dtype=torch.float32, device=q.device)
+    bn, splits, iters = _schedule(max(n, 1), bs, d, num_splits, tile_tokens)
+    if n == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    o_part = torch.empty(B * hq, splits, d, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B * hq, splits, dtype=torch.float32, device=q.device)
+    _split_rows_kernel[(B * hkv, splits)](
+        q, rows.addresses, k0, v0, s0, t0, o_part, lse_part,
+        layer * k0.stride(0), layer * v0.stride(0), layer * s0.stride(0), hkv, n, iters, splits,
+        rows.scale * _LOG2E, *q.stride(), *k0.stride()[1:], *v0.stride()[1:], s0.stride(1), s0.stride(2),
+        G=g, GP=max(16, triton.next_power_of_2(g)), BS=bs, BN=bn, D=d,
+        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=8 if bn * d > 8192 else 4,
+    )
+    _reduce(o_part, lse_part, out.view(B * hq, d), lse.view(B * hq), splits, d)
+    return out, lse
+
+
+__all__ = ["sparse_decode", "sparse_decode_rows", "choose_num_splits"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..backends.base import AttentionBackend
 from ..errors import ModelLoadError
-from ..kernels import apply_rope, rms_norm, silu_mul
+from ..kernels import RowOperands, apply_rope, rms_norm, silu_mul, sparse_decode_rows
 from .linear import RowStack, WeightBuffer, linear, row_slice
 from .quant import QuantWeight
 from .rope import Rope, RopeConfig
@@ -186,11 +186,12 @@ class Decoder:
         return x
 
     def decode_rows(self, ids: torch.Tensor, positions: torch.Tensor, attns: list[AttentionBackend],
-                    streams: list | None = None) -> torch.Tensor:
+                    streams: list | None = None, rows: RowOperands | None = None) -> torch.Tensor:
         """One decode step of B sequences at once: ids, positions [B] (int64, on the device), attns[b]
         the backend of row b. The projections and the MLP read each weight once for all rows (decode
         is bound by those reads); attention runs per row against the row's own cache, on streams[b]
-        where CUDA streams are given. Returns the hidden rows [B, hidden]."""
+        where CUDA streams are given, except that with rows (every backend's sparse_operands) one
+        launch attends all rows' selected blocks. Returns the hidden rows [B, hidden]."""
         c = self.cfg
         x = self.embed(ids)
         if c.rope.kind == "dynamic":  # its frequencies follow each sequence's own length
@@ -198,39 +199,50 @@ class Decoder:
             cos, sin = torch.cat([t[0] for t in tables]), torch.cat([t[1] for t in tables])
         else:
             cos, sin = self.rope.cos_sin(positions, self.dtype, seq_len=1)
-        rows = range(len(attns))
         for layer in range(c.num_layers):
             w = self.w.layers[layer]
             if any(a.lookahead(layer) for a in attns):
                 nxt = self.w.layers[layer + 1]
                 q_next = self._project(layer + 1, rms_norm(x, nxt.attn_norm, c.rms_eps),
                                        slice(0, c.num_heads * c.head_dim), c.num_heads, cos, sin, True)
-                for b in rows:
+                for b in range(len(attns)):
                     if attns[b].lookahead(layer):
                         attns[b].prefetch(layer + 1, q_next[b:b + 1])
             q, k, v = self.project_qkv(layer, rms_norm(x, w.attn_norm, c.rms_eps), cos, sin)
-            out = self._attend_rows(layer, q, k, v, attns, streams)
+            out = self._attend_rows(layer, q, k, v, attns, streams, rows)
             x += self.linear(out.reshape(len(attns), -1), w.o, w.o_bias)
             x += self.mlp(layer, rms_norm(x, w.mlp_norm, c.rms_eps))
         return x
 
-    def _attend_rows(self, layer: int, q, k, v, attns: list[AttentionBackend], streams: list | None) -> torch.Tensor:
+    def _attend_rows(self, layer: int, q, k, v, attns: list[AttentionBackend], streams: list | None,
+                     rows: RowOperands | None) -> torch.Tensor:
         """Each row's decode attention; with streams, row b's runs on streams[b]. A row's selection
         is a chain of small latency-bound kernels (scores, top-k, lookup, fetch, sparse attention)
         that fills a few SMs: on their own streams (and as branches of a captured graph) the rows'
-        chains run side by side instead of one after another. Every stream joins the current one
-        before the outputs are read, so tensors freed after this layer are free on all of them."""
+        chains run side by side instead of one after another. With rows, the sparse attention is one
+        launch for the batch between each row's selection and its merge."""
+        if rows is None:
+            outs = self._per_row(streams, attns, lambda b, a: a.decode(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]))
+            return torch.cat(outs)
+        self._per_row(streams, attns, lambda b, a: a.decode_select(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]))
+        out, lse = sparse_decode_rows(q, rows, layer)
+        return torch.cat(self._per_row(streams, attns, lambda b, a: a.decode_merge(layer, q[b:b + 1], out[b], lse[b])))
+
+    def _per_row(self, streams: list | None, attns: list[AttentionBackend], fn: Callable) -> list:
+        """[fn(b, attns[b]) for each row]; with streams, row b's on streams[b], forked from the current
+        stream and joined back into it before returning, so tensors freed after this layer are free on
+        all of them."""
         if streams is None:
-            return torch.cat([a.decode(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]) for b, a in enumerate(attns)])
+            return [fn(b, a) for b, a in enumerate(attns)]
         main = torch.cuda.current_stream(self.device)
         outs = []
         for b, (a, stream) in enumerate(zip(attns, streams)):
             stream.wait_stream(main)
             with torch.cuda.stream(stream):
-                outs.append(a.decode(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]))
+                outs.append(fn(b, a))
         for stream in streams[:len(attns)]:
             main.wait_stream(stream)
-        return torch.cat(outs)
+        return outs
 
     def mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         w = self.w.layers[layer]

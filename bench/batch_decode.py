@@ -37,14 +37,15 @@ from kvretrieve.engine.batch import Batch  # noqa: E402
 from kvretrieve.memory import process_rss_bytes  # noqa: E402
 
 WARM_STEPS = 3
-COLUMNS = ["sessions", "context", "attention", "tokens_per_s", "x_one_session", "step_ms_p50", "step_ms_p99",
+COLUMNS = ["sessions", "context", "attention", "launch", "tokens_per_s", "x_one_session", "step_ms_p50", "step_ms_p99",
            "ttft_s_p50", "ttft_s_max", "h2d_mb_per_token", "cache_hit", "kernel_ms", "peak_gpu_gib", "host_rss_gib",
            "steps"]
 NOTES = ("tokens_per_s: sessions x 1000 / step_ms_p50, the rate of a typical step. step_ms: the time of one "
          "batched step, which is each session's time per token. ttft_s: each session's prefill alone (to its first "
          "token). x_one_session: tokens_per_s over the 1-session row of this run. h2d_mb_per_token: blocks copied "
          "from the CPU store per token of a session; cache_hit: the share of selected blocks already on the GPU. "
-         "kernel_ms (--kernels): the GPU time of a step's kernels, summed (rows' streams overlap, so it may exceed "
+         "launch: the sessions' sparse attention in one launch a layer (kernels.sparse_decode_rows) or one per "
+         "session (--launch). kernel_ms (--kernels): the GPU time of a step's kernels, summed (rows' streams overlap, so it may exceed "
          "step_ms). peak_gpu_gib: torch's peak "
          "allocation over the row; host_rss_gib: the process's resident memory after it.")
 
@@ -55,12 +56,12 @@ def sync(device: torch.device) -> None:
 
 
 def measure(decoder, tok, n: int, context: int, steps: int, chunk: int, cfg: RetrievalConfig | None,
-            kernels: int = 0) -> dict:
+            kernels: int = 0, one_launch: bool = True) -> dict:
     dev = decoder.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     sessions = [build(decoder, tok, "bench", context + steps + kernels + 64, chunk, cfg) for _ in range(n)]
-    batch, ttft = Batch(), []
+    batch, ttft = Batch(one_launch), []
     for i, llm in enumerate(sessions):
         ids = prompt_ids(tok, context, decoder.cfg.vocab_size, torch.device("cpu"), 100 * n + i).tolist()
         t = time.perf_counter()
@@ -84,6 +85,7 @@ def measure(decoder, tok, n: int, context: int, steps: int, chunk: int, cfg: Ret
         hits, misses = hits + c.get("hits", 0) - c0.get("hits", 0), misses + c.get("misses", 0) - c0.get("misses", 0)
         h2d += c.get("h2d_bytes", 0) - c0.get("h2d_bytes", 0)
     row = {"sessions": n, "context": context, "attention": sessions[0].mode_reason.split(":")[0],
+           "launch": "one" if one_launch else "per row",
            "step_ms_p50": 1e3 * statistics.median(times),
            "step_ms_p99": 1e3 * times[min(len(times) - 1, int(0.99 * len(times)))],
            "ttft_s_p50": statistics.median(ttft), "ttft_s_max": max(ttft), "steps": steps,
@@ -133,6 +135,8 @@ def main() -> None:
     ap.add_argument("--kind", default="auto", help="auto, off (dense), or an index kind[:key=value...]")
     ap.add_argument("--kernels", type=int, default=0,
                     help="CUDA: that many more steps under the profiler, GPU time by kernel into the JSON")
+    ap.add_argument("--launch", default="one", choices=["one", "per-row", "both"],
+                    help="the sessions' sparse attention in one launch a layer, one per session, or both in turn")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--gpu-mem-gb", type=float, default=None, help="cap the GPU memory (emulate a smaller card)")
     ap.add_argument("--chunk", type=int, default=4096)
@@ -151,16 +155,18 @@ def main() -> None:
     decoder, tok, source = load_decoder(args.model, runtime, dense_kv=False, shape=args.shape)
     meta = provenance(str(decoder.device), args.allow_dirty)
     rows = []
-    for n in (int(s) for s in args.sessions.split(",")):
+    launches = {"one": [True], "per-row": [False], "both": [True, False]}[args.launch]
+    for n, one in ((int(s), one) for s in args.sessions.split(",") for one in launches):
         try:
-            rows.append(measure(decoder, tok, n, context, args.steps, args.chunk, cfg, args.kernels))
+            rows.append(measure(decoder, tok, n, context, args.steps, args.chunk, cfg, args.kernels, one))
         except Exception as e:  # noqa: BLE001 - a row that cannot run says why and the others go on
             rows.append({"sessions": n, "context": context, "error": f"{type(e).__name__}: {e}"[:300]})
         print({k: v for k, v in rows[-1].items() if k != "kernels"}, flush=True)
         for k in rows[-1].get("kernels", [])[:8] + rows[-1].get("kernels", [])[-1:]:
             print(f"  {k['us_per_step']:9.1f} us {k['calls_per_step']:7.1f} calls  {k['kernel']}", flush=True)
     add_rates(rows)
-    meta |= {"model": str(source), "dtype": str(decoder.dtype), "kind": args.kind, "run_by": "bench/batch_decode.py"}
+    meta |= {"model": str(source), "dtype": str(decoder.dtype), "kind": args.kind, "launch": args.launch,
+             "run_by": "bench/batch_decode.py"}
     print(write_results(args.name or f"batch_decode_{decoder.device.type}", meta, stamp(rows, meta),
                         COLUMNS + ["error"], NOTES, Path(args.out)))
 

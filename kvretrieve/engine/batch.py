@@ -28,15 +28,18 @@ from .engine import Engine
 
 
 @torch.inference_mode()
-def decode_step(engines: list[Engine], tokens: torch.Tensor, streams: list | None = None) -> torch.Tensor:
+def decode_step(engines: list[Engine], tokens: torch.Tensor, streams: list | None = None,
+                one_launch: bool = True) -> torch.Tensor:
     """Append tokens[b] (a [B] int64 device tensor) to engines[b]'s cache for every b at once; returns
     the logits [B, V] (fp32) that follow them. The engines share one model; on CUDA, streams (one per
-    row) run the rows' attention side by side."""
+    row) run the rows' attention side by side. one_launch=False attends each row by itself (to measure
+    what the one launch buys)."""
     _check(engines)
     with ExitStack() as passes:
         starts = [passes.enter_context(e._pass(1)) for e in engines]
         positions = torch.tensor(starts, dtype=torch.long, device=engines[0].model.device)
-        return _forward(engines, tokens, positions, streams, _row_operands(_operands(engines)))
+        rows = _row_operands(_operands(engines)) if one_launch else None
+        return _forward(engines, tokens, positions, streams, rows)
 
 
 def _check(engines: list[Engine]) -> None:
@@ -89,7 +92,8 @@ class StepRunner:
 
     MAX_GRAPHS = 8  # compositions kept; each holds its activations (a few MiB for 8 rows of the 8B shape)
 
-    def __init__(self):
+    def __init__(self, one_launch: bool = True):
+        self.one_launch = one_launch  # the rows' sparse attention in one launch (decode_step)
         self.streams: list = []
         self.graphs: dict = {}  # key -> _Captured
         self._pool = None       # the memory pool all captured graphs share
@@ -99,14 +103,14 @@ class StepRunner:
     def step(self, engines: list[Engine], tokens: torch.Tensor) -> torch.Tensor:
         dev = engines[0].model.device
         if dev.type != "cuda":
-            return decode_step(engines, tokens)
+            return decode_step(engines, tokens, one_launch=self.one_launch)
         while len(self.streams) < len(engines):
             self.streams.append(torch.cuda.Stream(dev))
         _check(engines)
         with ExitStack() as passes:
             starts = torch.tensor([passes.enter_context(e._pass(1)) for e in engines], dtype=torch.long)
             keys = [e.backend.graph_key() if e.graphs else None for e in engines]
-            ops = _operands(engines)
+            ops = _operands(engines) if self.one_launch else None
             key = None if None in keys else (tuple(zip(map(id, engines), keys)), _where(ops))
             got = self.graphs.get(key) if key is not None else None
             if got is not None:
@@ -169,9 +173,9 @@ class Row:
 class Batch:
     """Sequences that decode together; join() and step() are called between steps by one thread."""
 
-    def __init__(self):
+    def __init__(self, one_launch: bool = True):
         self.rows: list[Row] = []
-        self.runner = StepRunner()
+        self.runner = StepRunner(one_launch)
 
     def join(self, engine: Engine, logits: torch.Tensor, next_token: Callable[[torch.Tensor], torch.Tensor],
              max_new_tokens: int, stop_ids=()) -> Row:

@@ -11,8 +11,12 @@ from kvretrieve.engine.batch import Batch, decode_step
 
 PROMPTS = ["The lighthouse keeper wrote in his log that the storm", "def fibonacci(n):\n    \"\"\"Return",
            "List three colours of the rainbow:" * 12]
+# lowrank at these lengths scores blocks by mass (the fine layout); "max" (Loki's, the layout beyond 32K)
+# is the one a batched step scores in one launch (kernels.lowrank_block_scores_rows).
 CONFIGS = {"dense": None,
-           "lowrank": RetrievalConfig(index="lowrank", budget_tokens=32, window_tokens=16, sink_tokens=4, rank=8)}
+           "lowrank": RetrievalConfig(index="lowrank", budget_tokens=32, window_tokens=16, sink_tokens=4, rank=8),
+           "lowrank-max": RetrievalConfig(index="lowrank", budget_tokens=32, window_tokens=16, sink_tokens=4, rank=8,
+                                          block_scores="max")}
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -142,6 +146,15 @@ def test_the_batcher_answers_every_request_when_a_reader_fails_or_after_it_stops
     assert batcher.submit(smol.tokenize(PROMPTS[0]), params, lambda p: None, threading.Event()).result(timeout=5) is None
 
 
+@pytest.mark.parametrize("kind", ["lowrank", "lowrank-max"])
+def test_batched_steps_give_each_rows_logits_alone(tmp_path_factory, kind):
+    """Three rows of a tiny random model, prompts long enough that each row's budget picks among many
+    blocks: every logit of each row, step after step, equals its logit alone, with the rows' scoring
+    (lowrank-max) and sparse attention in one launch each; and with one launch a row (one_launch=False)."""
+    batched_logits_equal_alone(tmp_path_factory, kind, "cpu")
+    batched_logits_equal_alone(tmp_path_factory, kind, "cpu", one_launch=False)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_graphed_batched_steps_decode_as_each_alone(tmp_path_factory, kind):
@@ -149,12 +162,16 @@ def test_graphed_batched_steps_decode_as_each_alone(tmp_path_factory, kind):
     repeat, replays a CUDA graph of the step: three rows (a tiny model, prompts long enough for a
     full retrieval budget) give every logit of each row alone, step after step, through the graph;
     when a row leaves, the graphs it was in go, and the two left decode on as alone."""
+    batched_logits_equal_alone(tmp_path_factory, kind, "cuda")
+
+
+def batched_logits_equal_alone(tmp_path_factory, kind: str, device: str, one_launch: bool = True) -> None:
     from helpers import dense_backend, retrieval_backend, saved_tiny_model, tiny_decoder
     from kvretrieve.engine.engine import Engine
 
     path = saved_tiny_model(tmp_path_factory, vocab=256, layers=3, heads=8, kv_heads=2, head_dim=16, max_pos=4096,
                             seed=7)
-    dec = tiny_decoder(path, "cuda", torch.float32)
+    dec = tiny_decoder(path, device, torch.float32)
 
     def engine():
         cfg = CONFIGS[kind]
@@ -171,7 +188,7 @@ def test_graphed_batched_steps_decode_as_each_alone(tmp_path_factory, kind):
             out.append(logits)
             logits = e.step(logits.argmax())
         alone.append(torch.stack(out))
-    batch, got = Batch(), [[] for _ in prompts]
+    batch, got = Batch(one_launch), [[] for _ in prompts]
 
     def recorder(i):
         def take(logits):
@@ -184,7 +201,7 @@ def test_graphed_batched_steps_decode_as_each_alone(tmp_path_factory, kind):
             for i, (e, p, n) in enumerate(zip([engine() for _ in prompts], prompts, budgets))]
     for step in range(steps + 2):
         left = batch.step()
-        if step == 5:
+        if step == 5 and device == "cuda":
             assert 1 <= len(batch.runner.graphs) <= 2 and batch.runner.replays >= 3
         if left:
             assert not batch.runner.graphs  # the graphs the rows that left were in are gone

@@ -92,28 +92,36 @@ def test_sparse_decode_reference_matches_dense(G, tail):
     assert torch.all(lse[-G:] == -INF) and torch.all(out[-G:] == 0)  # the all-empty KV head
 
 
-def test_row_operands_take_rows_of_one_configuration_only():
+def test_row_tensors_take_rows_of_one_configuration_only():
     """A batched launch reads every row with row 0's strides: rows that differ are refused by name,
-    and the reference attends each row over its own tensors."""
-    from kvretrieve.kernels.rows import RowOperands, mismatch
+    and the references attend and score each row over its own tensors."""
+    from kvretrieve.kernels.rows import decode_rows, lowrank_rows, mismatch
 
-    def row(S=7, scale=0.25, seed=0):
-        q, kp, vp, slots, tail, _ = decode_case(4, torch.float32, 3, S=S, seed=seed)
-        return q, (kp[None], vp[None], slots[None], tail, scale)
+    def row(S=7, seed=0):
+        q, kp, vp, slots, tail, scale = decode_case(4, torch.float32, 3, S=S, seed=seed)
+        return q, (kp[None], vp[None], slots[None], tail), scale
 
-    (q0, a), (q1, b) = row(), row(seed=1)
+    (q0, a, scale), (q1, b, _) = row(), row(seed=1)
     with pytest.raises(ValueError, match="row 1's k_pool differs from row 0's"):
-        RowOperands.of([a, row(S=9)[1]])
-    assert "one softmax scale" in mismatch([a, row(scale=0.5)[1]])
-    rows = RowOperands.of([a, b])
+        decode_rows([a, row(S=9)[1]])
+    assert "tables" in mismatch(("k_pool", "v_pool", "tables", "tail_len"), [a, a[:2] + (a[2].long(), a[3])])
+    rows, q = decode_rows([a, b]), torch.stack([q0, q1])
     with pytest.raises(ValueError, match=r"q must be \[B=2"):
-        R.sparse_decode_rows(q0[None], rows, 0)
+        R.sparse_decode_rows(q0[None], rows, 0, scale)
     with pytest.raises(ValueError, match=r"layer must be in \[0, 1\)"):
-        R.sparse_decode_rows(torch.stack([q0, q1]), rows, 1)
-    out, lse = R.sparse_decode_rows(torch.stack([q0, q1]), rows, 0)
-    for i, (q, (kp, vp, slots, tail, scale)) in enumerate(((q0, a), (q1, b))):
-        want, want_lse = R.sparse_decode(q, kp[0], vp[0], slots[0], tail, scale)
+        R.sparse_decode_rows(q, rows, 1, scale)
+    out, lse = R.sparse_decode_rows(q, rows, 0, scale)
+    for i, (kp, vp, slots, tail) in enumerate((a, b)):
+        want, want_lse = R.sparse_decode(q[i], kp[0], vp[0], slots[0], tail, scale)
         assert torch.equal(out[i], want) and torch.equal(lse[i], want_lse)
+    idx = [scoring_case(4, torch.float32, seed=s)[1:4] for s in (1, 2)]  # proj, mean, sketch of two rows
+    scoring = lowrank_rows([tuple(t[None] for t in x) for x in idx])
+    qs = torch.randn(2, 8, 16)
+    got = R.lowrank_block_scores_rows(qs, scoring, 0, 5, 8)
+    for i, (proj, mean, sk) in enumerate(idx):
+        assert torch.equal(got[i], R.lowrank_block_scores(qs[i], proj, mean, sk, 5, 8))
+    with pytest.raises(ValueError, match="sketch's capacity"):
+        R.lowrank_block_scores_rows(qs, scoring, 0, 6, 8)
 
 
 def test_sparse_decode_reference_edge_cases():
@@ -250,23 +258,32 @@ def _decode_checks(args, num_splits=None, tol=1e-5, tile_tokens=None):
 
 
 def _rows_checks(dtype, tol, device, shape, num_splits=None):
-    """The batched launch (three rows, two layers each, tails 0, 3 and 8) against each row's reference
-    alone, at every layer: a program that read another row's or layer's tensors would differ."""
-    from kvretrieve.kernels.rows import RowOperands
+    """The batched launches (three rows, two layers each; tails 0, 3 and 8) against each row's
+    reference alone, at every layer: a program that read another row's or layer's tensors would differ."""
+    from kvretrieve.kernels.rows import decode_rows, lowrank_rows
+    from kvretrieve.kernels.scoring import lowrank_block_scores_rows
     from kvretrieve.kernels.sparse_decode import sparse_decode_rows
 
-    rows, qs = [], []
+    rows, qs, idx = [], [], []
     for b, tail in enumerate((0, 3, 8)):
         layers = [decode_case(4, dtype, tail, seed=10 * b + layer, device=device, **shape) for layer in range(2)]
-        k, v, t = (torch.stack([a[i] for a in layers]) for i in (1, 2, 3))
-        rows.append((k, v, t, layers[0][4]))
+        rows.append(tuple(torch.stack([a[i] for a in layers]) for i in (1, 2, 3)) + (layers[0][4],))
         qs.append(layers[0][0])
-    ops, q, res = RowOperands.of([r + (layers[0][5],) for r in rows]), torch.stack(qs), []
+        d = layers[0][0].shape[1]
+        cases = [scoring_case(4, dtype, d=d, nb=9, Hkv=layers[0][1].shape[0], seed=10 * b + layer, device=device)
+                 for layer in range(2)]
+        idx.append(tuple(torch.stack([c[i] for c in cases]) for i in (1, 2, 3)))
+    scale, q, res = layers[0][5], torch.stack(qs), []
+    ops, scoring = decode_rows(rows), lowrank_rows(idx)
+    mag = q.float().abs().sum(-1).max().item()
     for layer in range(2):
-        out, lse = sparse_decode_rows(q, ops, layer, num_splits=num_splits)
-        for b, (k, v, t, tail) in enumerate(rows):
-            ref_out, ref_lse = R.sparse_decode(q[b], k[layer], v[layer], t[layer], tail, ops.scale)
-            res += [(f"out-{layer}-{b}", err(out[b], ref_out), tol), (f"lse-{layer}-{b}", err(lse[b], ref_lse), tol)]
+        out, lse = sparse_decode_rows(q, ops, layer, scale, num_splits=num_splits)
+        scores = lowrank_block_scores_rows(q, scoring, layer, 9, 8)
+        for b, ((k, v, t, tail), (proj, mean, sk)) in enumerate(zip(rows, idx)):
+            ref_out, ref_lse = R.sparse_decode(q[b], k[layer], v[layer], t[layer], tail, scale)
+            want = R.lowrank_block_scores(q[b], proj[layer], mean[layer], sk[layer], 9, 8)
+            res += [(f"out-{layer}-{b}", err(out[b], ref_out), tol), (f"lse-{layer}-{b}", err(lse[b], ref_lse), tol),
+                    (f"scores-{layer}-{b}", err(scores[b], want) / mag, 2e-5)]
     return res
 
 

@@ -31,6 +31,7 @@ def _launches(cuda, kv_store):
     """(label, "module.launcher", args) per launch: each float dtype, the two model shapes the runtime
     targets (SmolLM2-135M: Hkv 3, G 3, d 64; Llama-3-8B: Hkv 8, G 4, d 128) and every constexpr flag."""
     from kvretrieve.config import KVGeometry
+    from kvretrieve.kernels.rows import DECODE, LOWRANK, RowTensors
 
     import torch
 
@@ -42,6 +43,10 @@ def _launches(cuda, kv_store):
             pool, hq = (hkv, 64, 16, d), hkv * g
             out.append((f"{n} d{d}", "sparse_decode.sparse_decode", (cuda(hq, d, dt=dt), cuda(*pool, dt=dt),
                         cuda(*pool, dt=dt), cuda(hkv, 40, dt=i32), cuda(1, dt=i32), d ** -0.5)))
+            # a batch of 3 rows, each its own [L=2, ...] pool and tables, read by address (kernels/rows.py)
+            rows = RowTensors(DECODE, tuple(tuple(cuda(*shape, dt=t) for _ in range(3)) for shape, t in (
+                ((2, *pool), dt), ((2, *pool), dt), ((2, hkv, 40), i32), ((1,), i32))), cuda(3, 4, dt=i64))
+            out.append((f"{n} d{d}", "sparse_decode.sparse_decode_rows", (cuda(3, hq, d, dt=dt), rows, 1, d ** -0.5)))
             out.append((f"{n} d{d}", "merge.merge_attention", (cuda(hq, d, dt=dt), cuda(hq), cuda(hq, d, dt=dt),
                                                                 cuda(hq))))
             out.append((f"{n} d{d}", "fused.rms_norm", (cuda(3, hidden, dt=dt), cuda(hidden, dt=dt), 1e-5)))
@@ -52,6 +57,9 @@ def _launches(cuda, kv_store):
             q, lbl = cuda(12, 64, dt=qdt), f"{n} stream, q {qdt}"
             out.append((lbl, "scoring.lowrank_block_scores", (q, cuda(4, 64, 32, dt=qdt), cuda(4, 64, dt=qdt),
                                                               cuda(4, 4096, 32, dt=dt), 200, 16)))
+            scoring = RowTensors(LOWRANK, tuple(tuple(cuda(*shape, dt=t) for _ in range(3)) for shape, t in (
+                ((2, 4, 64, 32), qdt), ((2, 4, 64), qdt), ((2, 4, 4096, 32), dt))), cuda(3, 3, dt=i64))
+            out.append((lbl, "scoring.lowrank_block_scores_rows", (cuda(3, 12, 64, dt=qdt), scoring, 1, 200, 16)))
             out.append((lbl, "scoring.lowrank_block_mass", (q, cuda(4, 64, 32, dt=qdt), cuda(4, 4096, 32, dt=dt),
                                                             cuda(4, 256, 64, dt=dt), 200, 16, 0.125)))
             for hkv, d, bs, rv in ((4, 64, 16, 16), (2, 128, 4, 8)):  # the rests (index/summary.py)

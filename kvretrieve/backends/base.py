@@ -59,9 +59,17 @@ class AttentionBackend(Protocol):
         calling decode_select before it and decode_merge after it instead of decode. None otherwise."""
         return None
 
-    def decode_select(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def score_operands(self) -> tuple[tuple[torch.Tensor, ...], int, int] | None:
+        """Decode, after begin, with sparse_operands: when this step scores blocks with an index that a
+        batched launch can score beside others (BlockIndex.row_operands), (those tensors, blocks to score,
+        block size); decode_select then takes this row's scores. None otherwise."""
+        return None
+
+    def decode_select(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scores: torch.Tensor | None = None) -> None:
         """Decode with sparse_operands: decode's work up to its attention (store the token's k, v; fill
-        this layer's slot table)."""
+        this layer's slot table), with this layer's block scores [Hkv, >= n] when score_operands gave
+        the batch's launch its tensors."""
         raise NotImplementedError(f"{type(self).__name__} has no sparse_operands")
 
     def decode_merge(self, layer: int, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:

@@ -187,13 +187,20 @@ class RetrievalKV(AttentionBackend):
             return None
         return self.pool.k, self.pool.v, self.plan.tables, self.plan.tail_len, self.scale
 
-    def decode_select(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def score_operands(self):
+        # A row that selects nothing this step (reused selection, too short a context) still takes
+        # part: its scores go unread, and the others keep their one launch.
+        tensors = self.index.row_operands() if self.decoding else None
+        return None if tensors is None else (tensors, self.plan.score_blocks(), self.bs)
+
+    def decode_select(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scores: torch.Tensor | None = None) -> None:
         plan, pool = self.plan, self.pool
         shape = (self.H, -1, pool.k.shape[-1])
         pool.k[layer].view(shape).index_copy_(1, plan.ring_row, k.transpose(0, 1))
         pool.v[layer].view(shape).index_copy_(1, plan.ring_row, v.transpose(0, 1))
         if plan.reselect:
-            ids, zone = self.selector.choose(layer, q[0])
+            ids, zone = self.selector.choose(layer, q[0], scores)
         else:
             ids, zone = plan.sel_ids[layer, :, :plan.sel_k], None
         if self.rest is not None:  # begun before the fetch (the token-level rest overlaps it on CUDA)

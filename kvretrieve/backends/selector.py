@@ -29,20 +29,23 @@ class Selector:
         self._spec: dict[int, torch.Tensor] = {}             # layer -> block ids the prefetch brought
         self._spec_ready: dict[int, torch.cuda.Event] = {}   # layer -> its side-stream work is done
 
-    def pick(self, layer: int, q: torch.Tensor, k: int, ranked: bool = False) -> torch.Tensor:
-        """The k best candidate blocks [Hkv, k] of this layer for query q [Hq, d] (k <= candidates)."""
-        outside = self.plan.outside
-        scores = self.index.scores(layer, q, outside.shape[0]).masked_fill(outside, float("-inf"))
-        return top_blocks(scores, k, ranked)
+    def pick(self, layer: int, q: torch.Tensor, k: int, ranked: bool = False,
+             scores: torch.Tensor | None = None) -> torch.Tensor:
+        """The k best candidate blocks [Hkv, k] of this layer for query q [Hq, d] (k <= candidates);
+        scores [Hkv, >= n]: the index's, already made (by a batched step's one launch)."""
+        n = self.plan.outside.shape[0]
+        scores = self.index.scores(layer, q, n) if scores is None else scores[:, :n]
+        return top_blocks(scores.masked_fill(self.plan.outside, float("-inf")), k, ranked)
 
-    def choose(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This layer's blocks for query q [Hq, d]: (block ids [Hkv, k], the estimation zone's block
-        ids or None); bring() then resolves and fetches them."""
+    def choose(self, layer: int, q: torch.Tensor,
+               scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This layer's blocks for query q [Hq, d] (scores: as pick takes them): (block ids [Hkv, k],
+        the estimation zone's block ids or None); bring() then resolves and fetches them."""
         k = self.plan.k
         if k <= 0:
             return torch.empty(self.pool.H, 0, dtype=torch.long, device=self.device), None
         z = self.plan.estimate_blocks()
-        ids = self.pick(layer, q, k + z, ranked=z > 0)
+        ids = self.pick(layer, q, k + z, ranked=z > 0, scores=scores)
         return ids[:, :k], (ids[:, k:] if z > 0 else None)
 
     def bring(self, layer: int, ids: torch.Tensor) -> None:

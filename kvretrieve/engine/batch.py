@@ -12,8 +12,9 @@ repeat (the same engines, each with the same graph key) replays a CUDA graph of 
 the 8B shape launches some 30 small kernels per row and layer, and the host, not the GPU, set its
 pace (bench/results/batch_decode_h200_32k_c51cedd.md: 79 ms a step for one row or two, eager).
 Where every row is a retrieval backend of one configuration, the rows' sparse attention is one launch
-a layer (kernels.sparse_decode_rows over each row's own pool and tables, kernels/rows.py); each row's
-selection (scores, top-k, lookup, fetch) still runs on its own stream.
+a layer (kernels.sparse_decode_rows over each row's own pool and tables, kernels/rows.py), and so is
+their block scoring where the index is low-rank with max scores (kernels.lowrank_block_scores_rows);
+each row's top-k, lookup and fetch still run on its own stream.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from ..kernels.rows import RowOperands, mismatch
+from ..kernels.rows import DECODE, LOWRANK, StepRows, decode_rows, lowrank_rows, mismatch
 from .engine import Engine
 
 
@@ -38,7 +39,7 @@ def decode_step(engines: list[Engine], tokens: torch.Tensor, streams: list | Non
     with ExitStack() as passes:
         starts = [passes.enter_context(e._pass(1)) for e in engines]
         positions = torch.tensor(starts, dtype=torch.long, device=engines[0].model.device)
-        rows = _row_operands(_operands(engines)) if one_launch else None
+        rows = _step_rows(_operands(engines)) if one_launch else None
         return _forward(engines, tokens, positions, streams, rows)
 
 
@@ -50,24 +51,42 @@ def _check(engines: list[Engine]) -> None:
         raise ValueError("decode_step: an engine appears twice in the batch (one sequence, one row)")
 
 
-def _operands(engines: list[Engine]) -> list | None:
-    """Every row's sparse_operands(), or None when a row has none (it attends by itself)."""
+def _operands(engines: list[Engine]) -> tuple | None:
+    """Every row's sparse_operands() and, where every row has them, score_operands(); None when a row
+    has no sparse operands (then each row attends by itself)."""
     ops = [e.backend.sparse_operands() for e in engines]
-    return None if any(o is None for o in ops) else ops
+    if any(o is None for o in ops):
+        return None
+    scoring = [e.backend.score_operands() for e in engines]
+    return ops, None if any(s is None for s in scoring) else scoring
 
 
-def _row_operands(ops: list | None) -> RowOperands | None:
-    """One launch's operands for these rows, or None where they differ (rows of other configurations)."""
-    return RowOperands.of(ops) if ops is not None and mismatch(ops) is None else None
+def _step_rows(ops: tuple | None) -> StepRows | None:
+    """The one-launch kernels' operands for these rows, or None where the rows differ (other
+    configurations attend one by one); scoring in one launch where their indexes also agree."""
+    if ops is None or mismatch(DECODE, [o[:4] for o in ops[0]]) or len({o[4] for o in ops[0]}) > 1:
+        return None
+    decode, scoring = ops
+    if scoring is not None and (mismatch(LOWRANK, [t for t, _, _ in scoring]) or len({bs for _, _, bs in scoring}) > 1):
+        scoring = None
+    if scoring is None:
+        return StepRows(decode_rows([o[:4] for o in decode]), decode[0][4])
+    return StepRows(decode_rows([o[:4] for o in decode]), decode[0][4], lowrank_rows([t for t, _, _ in scoring]),
+                    max(n for _, n, _ in scoring), scoring[0][2])
 
 
-def _where(ops: list | None) -> tuple | None:
-    """Where the rows' pools and tables are: a graph that read them replays only while they stay."""
-    return None if ops is None else tuple(t.data_ptr() for row in ops for t in row[:4])
+def _where(ops: tuple | None) -> tuple | None:
+    """Where the rows' pools, tables and indexes are, and how many blocks they score: a graph that
+    read them replays only while these stay."""
+    if ops is None:
+        return None
+    decode, scoring = ops
+    return (tuple(t.data_ptr() for o in decode for t in o[:4]),
+            None if scoring is None else tuple((tuple(t.data_ptr() for t in ts), n) for ts, n, _ in scoring))
 
 
 def _forward(engines: list[Engine], tokens: torch.Tensor, positions: torch.Tensor, streams,
-             rows: RowOperands | None) -> torch.Tensor:
+             rows: StepRows | None) -> torch.Tensor:
     """The device work of a batched step (what a graph of it records)."""
     for e in engines:
         e.backend.prologue()
@@ -79,7 +98,7 @@ def _forward(engines: list[Engine], tokens: torch.Tensor, positions: torch.Tenso
 class _Captured:
     engines: list[Engine]  # held, so that no other engine can take an id in the key while it lives
     graph: "torch.cuda.CUDAGraph"
-    rows: RowOperands | None  # held: the graph reads its table of addresses
+    rows: StepRows | None  # held: the graph reads its table of addresses
     tokens: torch.Tensor
     positions: torch.Tensor
     logits: torch.Tensor
@@ -119,14 +138,14 @@ class StepRunner:
                 got.graph.replay()
                 self.replays += 1
                 return got.logits.clone()  # the graph's output buffer is overwritten by the next replay
-            tokens, positions, rows = tokens.clone(), starts.to(dev), _row_operands(ops)
+            tokens, positions, rows = tokens.clone(), starts.to(dev), _step_rows(ops)
             logits = _forward(engines, tokens, positions, self.streams, rows)
             if key is not None:
                 self._capture(key, engines, tokens, positions, rows)
             return logits
 
     def _capture(self, key, engines: list[Engine], tokens: torch.Tensor, positions: torch.Tensor,
-                 rows: RowOperands | None) -> None:
+                 rows: StepRows | None) -> None:
         """Record the step just run (every kernel compiled, the allocator warm); capture only records."""
         while len(self.graphs) >= self.MAX_GRAPHS:  # others remain, so the shared pool lives on
             del self.graphs[next(iter(self.graphs))]

@@ -8,7 +8,6 @@ contracts are identical on both paths.
 from __future__ import annotations
 
 from kvretrieve.kernels import reference as _ref
-from kvretrieve.kernels.rows import RowOperands
 
 try:
     from kvretrieve.kernels import fetch as _tfetch
@@ -39,17 +38,25 @@ def sparse_decode(q, k_pool, v_pool, slots, tail_len, scale):
 
 
 
-def sparse_decode_rows(q, rows, layer):
+def sparse_decode_rows(q, rows, layer, scale):
     """sparse_decode for the rows of a batched step in one launch: q [B, Hq, d], row b over layer
-    `layer` of its own pool and table (rows: kernels.rows.RowOperands) -> (out [B, Hq, d], lse [B, Hq])."""
+    `layer` of its own pool and table (rows: kernels.rows.decode_rows) -> (out [B, Hq, d], lse [B, Hq])."""
     impl = _tdecode.sparse_decode_rows if _use_triton(q) else _ref.sparse_decode_rows
-    return impl(q, rows, layer)
+    return impl(q, rows, layer, scale)
+
 
 def lowrank_block_scores(q, proj, mean, sketch, n_blocks, block_size):
     """Loki block scores: q [Hq, d], proj [Hkv, d, r], mean [Hkv, d], sketch [Hkv, cap, r]
     -> [Hkv, n_blocks] float32."""
     impl = _tscore.lowrank_block_scores if _use_triton(q) else _ref.lowrank_block_scores
     return impl(q, proj, mean, sketch, n_blocks, block_size)
+
+
+def lowrank_block_scores_rows(q, rows, layer, n_blocks, block_size):
+    """lowrank_block_scores for the rows of a batched step in one launch: q [B, Hq, d], row b over layer
+    `layer` of its own index (rows: kernels.rows.lowrank_rows) -> [B, Hkv, n_blocks] float32."""
+    impl = _tscore.lowrank_block_scores_rows if _use_triton(q) else _ref.lowrank_block_scores_rows
+    return impl(q, rows, layer, n_blocks, block_size)
 
 
 def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale):
@@ -155,6 +162,7 @@ def quant_linear(x, w, bias=None):
     return impl(x, w, bias)
 
 
-__all__ = ["HAS_TRITON", "RowOperands", "sparse_decode", "sparse_decode_rows", "lowrank_block_scores", "lowrank_block_mass", "block_rest",
-           "lowrank_rest", "bounds_block_scores", "merge_attention", "lru_lookup", "fetch_blocks", "store_blocks",
+__all__ = ["HAS_TRITON", "sparse_decode", "sparse_decode_rows", "lowrank_block_scores", "lowrank_block_scores_rows",
+           "lowrank_block_mass", "block_rest", "lowrank_rest", "bounds_block_scores", "merge_attention", "lru_lookup",
+           "fetch_blocks", "store_blocks",
            "max_dot_block_scores", "rms_norm", "apply_rope", "silu_mul", "topk_indices", "quant_linear"]

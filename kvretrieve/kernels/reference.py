@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from kvretrieve.kernels.checks import (check_bounds, check_fetch, check_lowrank, check_lowrank_mass, check_lru,
                                        check_max_dot, check_merge, check_quant_linear, check_rms_norm, check_rope,
                                        check_silu_mul, check_sparse_decode, check_store, check_topk, query_group)
+from kvretrieve.kernels.rows import check_decode_query, check_lowrank_rows
 from kvretrieve.models.quant import QuantWeight, dequantize
 
 
@@ -47,13 +48,14 @@ def sparse_decode(q, k_pool, v_pool, slots, tail_len, scale):
 
 
 
-def sparse_decode_rows(q, rows, layer):
+def sparse_decode_rows(q, rows, layer, scale):
     """sparse_decode of each row b: q [B, Hq, d] over layer `layer` of its own pool and table
-    (rows: kernels.rows.RowOperands) -> (out [B, Hq, d], lse [B, Hq] float32)."""
-    rows.check_query(q, layer)
-    outs = [sparse_decode(q[b], k[layer], v[layer], t[layer], tail, rows.scale)
-            for b, (k, v, t, tail) in enumerate(zip(rows.k, rows.v, rows.tables, rows.tails))]
+    (rows: kernels.rows.decode_rows) -> (out [B, Hq, d], lse [B, Hq] float32)."""
+    check_decode_query(q, rows, layer)
+    outs = [sparse_decode(q[b], k[layer], v[layer], t[layer], tail, scale)
+            for b, (k, v, t, tail) in enumerate(zip(*rows.parts))]
     return torch.stack([o for o, _ in outs]), torch.stack([lse for _, lse in outs])
+
 
 def lowrank_block_scores(q, proj, mean, sketch, n_blocks, block_size):
     """Loki-style block scores [Hkv, n_blocks] f32: max over a block's tokens and the group's
@@ -69,6 +71,14 @@ def lowrank_block_scores(q, proj, mean, sketch, n_blocks, block_size):
     s = torch.einsum("hgr,htr->hgt", qr, sk) + qm[..., None]
     return s.amax(dim=1).view(hkv, n_blocks, block_size).amax(dim=-1)
 
+
+
+def lowrank_block_scores_rows(q, rows, layer, n_blocks, block_size):
+    """lowrank_block_scores of each row b: q [B, Hq, d] over layer `layer` of its own index
+    (rows: kernels.rows.lowrank_rows) -> [B, Hkv, n_blocks] float32."""
+    check_lowrank_rows(q, rows, layer, n_blocks, block_size)
+    return torch.stack([lowrank_block_scores(q[b], proj[layer], mean[layer], sketch[layer], n_blocks, block_size)
+                        for b, (proj, mean, sketch) in enumerate(zip(*rows.parts))])
 
 def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale):
     """Log of each block's estimated attention share, summed over the GQA group: [Hkv, n_blocks] f32.

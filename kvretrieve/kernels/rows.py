@@ -1,11 +1,13 @@
-"""The operands of a batch's sparse decode: each row (sequence) keeps its own pool and slot tables.
+"""Operands of a batched step's kernels: each row (sequence) keeps its own tensors.
 
-A batched step attends B sequences at once (issue 17: the sparse decode takes the batch). Each row
-is a separate backend with its own tensors, allocated when it joined; rather than lay them out anew
-in one tensor, one launch reads them through a [B, 4] table of their base addresses (the pool's K and
-V [L, Hkv, S, bs, d], the slot tables [L, Hkv, n], the tail length [1]). That needs every row's
-tensors to share shapes, strides and dtypes, which rows of one configuration do; RowOperands
-checks it once per composition of the batch.
+A batched step runs B sequences at once (issue 17: the sparse decode and the scoring take the batch).
+Each row is a separate backend with its own pool, tables and index, allocated when it joined; rather
+than lay them out anew in one tensor, one launch reads them through a [B, P] table of their base
+addresses (P tensors a row: for the sparse decode the pool's K and V [L, Hkv, S, bs, d], the slot
+tables [L, Hkv, n] and the tail length [1]; for low-rank scoring the projection, mean and sketches).
+A program then offsets a row's base exactly as the one-row kernel offsets its tensor, which needs
+every row's tensors to share shapes, strides and dtypes: rows of one configuration do (`mismatch`
+says why others cannot).
 
 The addresses are read on the device by the kernel, so the table is built on the host before a step,
 never while a CUDA graph is being captured; a graph that read it stays valid while every row's
@@ -19,64 +21,130 @@ import torch
 
 from kvretrieve.kernels.checks import fail, query_group
 
-_OP = "sparse_decode_rows"
+
+@dataclass(frozen=True, eq=False)
+class RowTensors:
+    names: tuple[str, ...]                    # what each of a row's tensors is
+    parts: tuple[tuple[torch.Tensor, ...], ...]  # parts[i][b]: tensor names[i] of row b
+    addresses: torch.Tensor                   # [B, P] int64 on the rows' device: parts[i][b].data_ptr() at [b, i]
+
+    @classmethod
+    def of(cls, op: str, names: tuple[str, ...], rows: list[tuple[torch.Tensor, ...]]) -> "RowTensors":
+        """rows[b]: row b's tensors, in the order of names, alike across rows (else a ValueError from op)."""
+        problem = mismatch(names, rows)
+        if problem:
+            fail(op, problem)
+        parts = tuple(tuple(part) for part in zip(*rows))
+        ptrs = [[t.data_ptr() for t in row] for row in rows]
+        return cls(names, parts, torch.tensor(ptrs, dtype=torch.int64, device=rows[0][0].device))
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, ...]:
+        return self.parts[self.names.index(name)]
+
+    def check_query(self, op: str, q: torch.Tensor, layer: int, like: str) -> tuple[int, int]:
+        """q [B, Hq, d] on the rows' device, layer within the first axis of every row's `like` tensor
+        [L, Hkv, ...]; returns (Hkv, G)."""
+        first = self[like][0]
+        L, hkv = first.shape[:2]
+        if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[0] != len(self):
+            fail(op, f"q must be [B={len(self)}, Hq, d], got {tuple(getattr(q, 'shape', ()))}")
+        if q.device != first.device:
+            fail(op, f"q must be on {first.device} like the rows' tensors, got {q.device}")
+        if not 0 <= layer < L:
+            fail(op, f"layer must be in [0, {L}), got {layer}")
+        return hkv, query_group(op, q.shape[1], hkv)
+
 
 
 @dataclass(frozen=True, eq=False)
-class RowOperands:
-    k: tuple[torch.Tensor, ...]       # per row: the pool's keys [L, Hkv, S, bs, d]
-    v: tuple[torch.Tensor, ...]       # per row: values, like k
-    tables: tuple[torch.Tensor, ...]  # per row: slots attended [L, Hkv, n] int32 (-1 = skip)
-    tails: tuple[torch.Tensor, ...]   # per row: tokens in the last column's block [1] int32
+class StepRows:
+    """What a batched step's one-launch kernels read: every row's sparse-decode operands (decode_rows)
+    and, where every row scores its blocks with a low-rank index this step, the indexes' operands
+    (lowrank_rows) with the blocks to score (the widest row's; each row keeps its own first ones)."""
+    decode: RowTensors
     scale: float
-    addresses: torch.Tensor           # [B, 4] int64 on the rows' device: k, v, tables, tail of each row
+    scoring: RowTensors | None = None
+    n_blocks: int = 0
+    block_size: int = 0
 
-    @classmethod
-    def of(cls, rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]]) -> "RowOperands":
-        """rows[b] = (k, v, tables, tail, scale) of row b: a backend's sparse_operands()."""
-        problem = mismatch(rows)
-        if problem:
-            fail(_OP, problem)
-        k, v, tables, tails, scales = (tuple(part) for part in zip(*rows))
-        ptrs = [[t.data_ptr() for t in row[:4]] for row in rows]
-        return cls(k, v, tables, tails, float(scales[0]), torch.tensor(ptrs, dtype=torch.int64, device=k[0].device))
-
-    def check_query(self, q: torch.Tensor, layer: int) -> tuple[int, int]:
-        """q [B, Hq, d] of the rows' dtype and device, layer in range; returns (Hkv, G)."""
-        L, hkv, _, _, d = self.k[0].shape
-        if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[0] != len(self.k) or q.shape[2] != d:
-            fail(_OP, f"q must be [B={len(self.k)}, Hq, d={d}], got {tuple(getattr(q, 'shape', ()))}")
-        if q.dtype != self.k[0].dtype or q.device != self.k[0].device:
-            fail(_OP, f"q must be {self.k[0].dtype} on {self.k[0].device} like the pools, got {q.dtype} on {q.device}")
-        if not 0 <= layer < L:
-            fail(_OP, f"layer must be in [0, {L}), got {layer}")
-        return hkv, query_group(_OP, q.shape[1], hkv)
-
-
-def mismatch(rows) -> str | None:
-    """Why these rows (sparse_operands() of each) cannot share one launch, or None when they can."""
+def mismatch(names: tuple[str, ...], rows) -> str | None:
+    """Why these rows' tensors cannot share one launch, or None when they can."""
     if not rows:
         return "a batch needs at least one row"
-    k, v, tables, tails, scales = (tuple(part) for part in zip(*rows))
-    for name, ts in (("k_pool", k), ("v_pool", v), ("tables", tables), ("tail_len", tails)):
+    if any(len(r) != len(names) for r in rows):
+        return f"every row needs {len(names)} tensors ({', '.join(names)})"
+    for name, ts in zip(names, zip(*rows)):
         first = ts[0]
         for b, t in enumerate(ts):
             if (t.shape, t.stride(), t.dtype, t.device) != (first.shape, first.stride(), first.dtype, first.device):
                 return (f"row {b}'s {name} differs from row 0's in shape, stride, dtype or device ({tuple(t.shape)} "
                         f"{t.dtype} on {t.device} vs {tuple(first.shape)} {first.dtype} on {first.device}): only rows "
                         "of one configuration share a launch")
-    if len(set(scales)) > 1:
-        return f"rows must share one softmax scale, got {sorted(set(scales))}"
-    if k[0].dim() != 5 or v[0].shape != k[0].shape or v[0].dtype != k[0].dtype:
-        return (f"k_pool and v_pool must both be [L, Hkv, S, bs, d] of one dtype, got {tuple(k[0].shape)} {k[0].dtype} "
-                f"and {tuple(v[0].shape)} {v[0].dtype}")
-    if tables[0].dim() != 3 or tables[0].shape[:2] != k[0].shape[:2] or tables[0].dtype != torch.int32:
-        return (f"tables must be int32 [L, Hkv, n] matching the pool's {tuple(k[0].shape[:2])}, got "
-                f"{tables[0].dtype} {tuple(tables[0].shape)}")
-    if tails[0].numel() != 1 or tails[0].dtype != torch.int32:
-        return f"tail_len must be an int32 tensor of one element, got {tails[0].dtype} {tuple(tails[0].shape)}"
-    if len({t.device for t in (k[0], v[0], tables[0], tails[0])}) > 1:
-        return "a row's pool, tables and tail_len must be on one device"
+    if len({t.device for t in rows[0]}) > 1:
+        return "a row's tensors must all be on one device"
     return None
 
-__all__ = ["RowOperands", "mismatch"]
+
+DECODE = ("k_pool", "v_pool", "tables", "tail_len")
+LOWRANK = ("proj", "mean", "sketch")
+
+
+def decode_rows(rows: list[tuple[torch.Tensor, ...]]) -> RowTensors:
+    """The sparse decode's rows: (pool K, pool V [L, Hkv, S, bs, d], tables [L, Hkv, n] int32, tail_len
+    [1] int32) each, as a backend's sparse_operands() gives them."""
+    op = "sparse_decode_rows"
+    got = RowTensors.of(op, DECODE, rows)
+    k, v, tables, tail = (got[n][0] for n in DECODE)
+    if k.dim() != 5 or v.shape != k.shape or v.dtype != k.dtype:
+        fail(op, f"k_pool and v_pool must both be [L, Hkv, S, bs, d] of one dtype, got {tuple(k.shape)} {k.dtype} "
+                 f"and {tuple(v.shape)} {v.dtype}")
+    if tables.dim() != 3 or tables.shape[:2] != k.shape[:2] or tables.dtype != torch.int32:
+        fail(op, f"tables must be int32 [L, Hkv, n] matching the pool's {tuple(k.shape[:2])}, got "
+                 f"{tables.dtype} {tuple(tables.shape)}")
+    if tail.numel() != 1 or tail.dtype != torch.int32:
+        fail(op, f"tail_len must be an int32 tensor of one element, got {tail.dtype} {tuple(tail.shape)}")
+    return got
+
+
+
+def check_decode_query(q: torch.Tensor, rows: RowTensors, layer: int) -> tuple[int, int]:
+    """sparse_decode_rows' q [B, Hq, d] against its rows (the pools' dtype and head dim); returns (Hkv, G)."""
+    op = "sparse_decode_rows"
+    hkv, g = rows.check_query(op, q, layer, "k_pool")
+    k = rows["k_pool"][0]
+    if q.dtype != k.dtype or q.shape[2] != k.shape[-1]:
+        fail(op, f"q must be {k.dtype} with head dim {k.shape[-1]} like the pools, got {q.dtype} {tuple(q.shape)}")
+    return hkv, g
+
+def lowrank_rows(rows: list[tuple[torch.Tensor, ...]]) -> RowTensors:
+    """Low-rank scoring's rows: (proj [L, Hkv, d, r], mean [L, Hkv, d], sketch [L, Hkv, cap, r]) each,
+    as an index's row_operands() gives them."""
+    op = "lowrank_block_scores_rows"
+    got = RowTensors.of(op, LOWRANK, rows)
+    proj, mean, sketch = (got[n][0] for n in LOWRANK)
+    L, hkv, d, r = proj.shape if proj.dim() == 4 else (0, 0, 0, 0)
+    if proj.dim() != 4 or mean.shape != (L, hkv, d) or sketch.dim() != 4 or sketch.shape[:2] != (L, hkv) \
+            or sketch.shape[3] != r:
+        fail(op, f"proj [L, Hkv, d, r], mean [L, Hkv, d] and sketch [L, Hkv, cap, r] disagree: "
+                 f"{tuple(proj.shape)}, {tuple(mean.shape)}, {tuple(sketch.shape)}")
+    return got
+
+
+
+def check_lowrank_rows(q: torch.Tensor, rows: RowTensors, layer: int, n_blocks: int, block_size: int):
+    """lowrank_block_scores_rows' arguments; returns (Hkv, G, r)."""
+    op = "lowrank_block_scores_rows"
+    hkv, g = rows.check_query(op, q, layer, "proj")
+    proj, sketch = rows["proj"][0], rows["sketch"][0]
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or q.shape[2] != proj.shape[2]:
+        fail(op, f"q must be float [B, Hq, d={proj.shape[2]}], got {q.dtype} {tuple(q.shape)}")
+    if int(n_blocks) < 0 or int(block_size) <= 0 or n_blocks * block_size > sketch.shape[2]:
+        fail(op, f"need 0 <= n_blocks*block_size <= {sketch.shape[2]} (the sketch's capacity) and block_size > 0, "
+                 f"got {n_blocks}, {block_size}")
+    return hkv, g, proj.shape[3]
+
+__all__ = ["RowTensors", "StepRows", "mismatch", "decode_rows", "check_decode_query", "lowrank_rows", "check_lowrank_rows",
+           "DECODE", "LOWRANK"]

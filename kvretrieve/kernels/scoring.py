@@ -16,6 +16,7 @@ import triton.language as tl
 
 from kvretrieve.kernels.checks import (check_bounds, check_launch_device, check_lowrank, check_lowrank_mass,
                                          check_max_dot)
+from kvretrieve.kernels.rows import LOWRANK, RowTensors, check_lowrank_rows
 from kvretrieve.kernels.sparse_decode import _mma
 
 # Enough programs to cover an H100 (132 SMs) several times over, whatever Hkv is.
@@ -51,15 +52,25 @@ def _group_queries(q_ptr, kvh, stride_qh, stride_qd, G: tl.constexpr, GP: tl.con
 
 @triton.jit
 def _lowrank_kernel(
-    q_ptr, proj_ptr, mean_ptr, sk_ptr, out_ptr, n_blocks, iters,
+    q_ptr, proj_ptr, mean_ptr, sk_ptr, out_ptr, addr_ptr, n_blocks, iters,
+    hkv, off_p, off_m, off_s, stride_qb, stride_ob,
     stride_qh, stride_qd, stride_ph, stride_pd, stride_pr, stride_mh, stride_md,
     stride_sh, stride_st, stride_sr, stride_oh,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr,
     RP: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr, TB: tl.constexpr,
-    SK_F32: tl.constexpr, UPCAST: tl.constexpr, PROJ: tl.constexpr,
+    SK_F32: tl.constexpr, UPCAST: tl.constexpr, PROJ: tl.constexpr, ROWS: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     pid = tl.program_id(1)
+    if ROWS:  # grid axis 0 is (row, KV head): the row's proj, mean, sketch through addr_ptr [B, 3]
+        row = kvh // hkv
+        kvh = kvh % hkv
+        a = addr_ptr + row * 3
+        proj_ptr = tl.load(a).to(proj_ptr.dtype, bitcast=True) + off_p
+        mean_ptr = tl.load(a + 1).to(mean_ptr.dtype, bitcast=True) + off_m
+        sk_ptr = tl.load(a + 2).to(sk_ptr.dtype, bitcast=True) + off_s
+        q_ptr += row.to(tl.int64) * stride_qb
+        out_ptr += row.to(tl.int64) * stride_ob
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, DP)
     offs_r = tl.arange(0, RP)
@@ -239,6 +250,21 @@ def lowrank_block_scores(q, proj, mean, sketch, n_blocks, block_size):
     return out
 
 
+def lowrank_block_scores_rows(q, rows: RowTensors, layer: int, n_blocks: int, block_size: int):
+    """lowrank_block_scores of B rows in one launch: q [B, Hq, d], row b scoring blocks 0..n_blocks-1
+    of layer `layer` of its own index (rows: kernels.rows.lowrank_rows) -> [B, Hkv, n_blocks] float32."""
+    hkv, g, r = check_lowrank_rows(q, rows, layer, n_blocks, block_size)
+    proj, mean, sketch = (rows[name][0] for name in LOWRANK)
+    check_launch_device("lowrank_block_scores_rows", q, proj, rows.addresses)
+    n_blocks, block_size = int(n_blocks), int(block_size)
+    out = torch.empty(q.shape[0], hkv, n_blocks, dtype=torch.float32, device=q.device)
+    if n_blocks == 0:
+        return out
+    offs = tuple(layer * t.stride(0) for t in (proj, mean, sketch))
+    _launch_lowrank(q, proj, mean, sketch, out, n_blocks, block_size, g, r, True, rows=(rows.addresses, offs))
+    return out
+
+
 def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale, tile_elems: int = 8192,
                        num_warps: int = 2, **launch):
     """Triton version of reference.lowrank_block_mass: two launches, the per-head block masses with
@@ -283,21 +309,26 @@ def max_dot_block_scores(q, keys, n_blocks, block_size):
 
 
 def _launch_lowrank(q, proj, mean, sketch, out, n_blocks, block_size, g, r, use_proj, tile_elems: int = 8192,
-                    programs: int = _LOWRANK_PROGRAMS, **launch):
-    """tile_elems, programs and launch (num_warps, num_stages) are tuning knobs (bench/probe_scoring.py)."""
-    d, rp = q.shape[1], max(16, triton.next_power_of_2(r))
+                    programs: int = _LOWRANK_PROGRAMS, rows: tuple | None = None, **launch):
+    """q [Hq, d] (or [B, Hq, d] with rows = (addresses [B, 3], offsets): each row's proj, mean and sketch
+    [L, ...] by address, plus the layer's offset (elements) into each; proj/mean/sketch are then row 0's
+    [L, ...] tensors, for their strides and types, and out is [B, Hkv, n]). tile_elems, programs and
+    launch (num_warps, num_stages) are tuning knobs (bench/probe_scoring.py)."""
+    d, rp = q.shape[-1], max(16, triton.next_power_of_2(r))
     bsp = triton.next_power_of_2(block_size)
+    hkv, B = q.shape[-2] // g, (q.shape[0] if rows else 1)
     # ~tile_elems sketch elements per tile (256 tokens at rank 32); tb*bsp >= 16 so the token
     # dimension is a legal dot N.
     tb = max(1, min(max(1, tile_elems // rp // bsp), triton.next_power_of_2(n_blocks)), triton.cdiv(16, bsp))
-    progs, iters = _split_work(triton.cdiv(n_blocks, tb), q.shape[0] // g, programs)
-    _lowrank_kernel[(q.shape[0] // g, progs)](
-        q, proj, mean, sketch, out, n_blocks, iters,
-        q.stride(0), q.stride(1), *proj.stride(), *mean.stride()[-2:], *sketch.stride(), out.stride(0),
+    progs, iters = _split_work(triton.cdiv(n_blocks, tb), B * hkv, programs)
+    addresses, offs = rows if rows else (out, (0, 0, 0))
+    _lowrank_kernel[(B * hkv, progs)](
+        q, proj, mean, sketch, out, addresses, n_blocks, iters, hkv, *offs,
+        q.stride(0) if rows else 0, out.stride(0) if rows else 0,
+        q.stride(-2), q.stride(-1), *proj.stride()[-3:], *mean.stride()[-2:], *sketch.stride()[-3:], out.stride(-2),
         G=g, GP=max(16, triton.next_power_of_2(g)), D=d, DP=max(16, triton.next_power_of_2(d)),
-        R=r, RP=rp, BS=block_size, BSP=bsp, TB=tb,
-        SK_F32=sketch.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1", PROJ=use_proj,
-        **launch,
+        R=r, RP=rp, BS=block_size, BSP=bsp, TB=tb, SK_F32=sketch.dtype == torch.float32,
+        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", PROJ=use_proj, ROWS=rows is not None, **launch,
     )
 
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from kvretrieve.kernels.checks import check_launch_device, check_sparse_decode
-from kvretrieve.kernels.rows import RowOperands
+from kvretrieve.kernels.rows import RowTensors, check_decode_query
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
@@ -243,12 +243,13 @@ def sparse_decode(q, k_pool, v_pool, slots, tail_len, scale, *, num_splits=None,
     return out, lse
 
 
-def sparse_decode_rows(q, rows: RowOperands, layer: int, *, num_splits=None, tile_tokens=None):
+def sparse_decode_rows(q, rows: RowTensors, layer: int, scale: float, *, num_splits=None, tile_tokens=None):
     """sparse_decode of B rows in one launch: q [B, Hq, d], row b attending layer `layer` of its own
-    pool and table (rows: RowOperands) -> (out [B, Hq, d] in q.dtype, lse [B, Hq] float32). Each row's
-    result equals sparse_decode over its own tensors (the same program, reading them by address)."""
-    hkv, g = rows.check_query(q, layer)
-    k0, v0, s0, t0 = rows.k[0], rows.v[0], rows.tables[0], rows.tails[0]
+    pool and table (rows: kernels.rows.decode_rows) -> (out [B, Hq, d] in q.dtype, lse [B, Hq] float32).
+    Each row's result equals sparse_decode over its own tensors (the same program, reading them by
+    address)."""
+    hkv, g = check_decode_query(q, rows, layer)
+    k0, v0, s0, t0 = (rows[name][0] for name in ("k_pool", "v_pool", "tables", "tail_len"))
     check_launch_device("sparse_decode_rows", q, k0, rows.addresses)
     B, hq, d = q.shape
     bs, n = k0.shape[3], s0.shape[2]
@@ -262,7 +263,7 @@ def sparse_decode_rows(q, rows: RowOperands, layer: int, *, num_splits=None, til
     _split_rows_kernel[(B * hkv, splits)](
         q, rows.addresses, k0, v0, s0, t0, o_part, lse_part,
         layer * k0.stride(0), layer * v0.stride(0), layer * s0.stride(0), hkv, n, iters, splits,
-        rows.scale * _LOG2E, *q.stride(), *k0.stride()[1:], *v0.stride()[1:], s0.stride(1), s0.stride(2),
+        float(scale) * _LOG2E, *q.stride(), *k0.stride()[1:], *v0.stride()[1:], s0.stride(1), s0.stride(2),
         G=g, GP=max(16, triton.next_power_of_2(g)), BS=bs, BN=bn, D=d,
         UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=8 if bn * d > 8192 else 4,
     )

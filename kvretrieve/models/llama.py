@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from ..backends.base import AttentionBackend
 from ..errors import ModelLoadError
-from ..kernels import RowOperands, apply_rope, rms_norm, silu_mul, sparse_decode_rows
+from ..kernels import apply_rope, lowrank_block_scores_rows, rms_norm, silu_mul, sparse_decode_rows
+from ..kernels.rows import StepRows
 from .linear import RowStack, WeightBuffer, linear, row_slice
 from .quant import QuantWeight
 from .rope import Rope, RopeConfig
@@ -186,12 +187,13 @@ class Decoder:
         return x
 
     def decode_rows(self, ids: torch.Tensor, positions: torch.Tensor, attns: list[AttentionBackend],
-                    streams: list | None = None, rows: RowOperands | None = None) -> torch.Tensor:
+                    streams: list | None = None, rows: StepRows | None = None) -> torch.Tensor:
         """One decode step of B sequences at once: ids, positions [B] (int64, on the device), attns[b]
         the backend of row b. The projections and the MLP read each weight once for all rows (decode
         is bound by those reads); attention runs per row against the row's own cache, on streams[b]
-        where CUDA streams are given, except that with rows (every backend's sparse_operands) one
-        launch attends all rows' selected blocks. Returns the hidden rows [B, hidden]."""
+        where CUDA streams are given, except that with rows (from every backend's sparse_operands) one
+        launch attends all rows' selected blocks, and another scores all rows' blocks where they score
+        with a low-rank index. Returns the hidden rows [B, hidden]."""
         c = self.cfg
         x = self.embed(ids)
         if c.rope.kind == "dynamic":  # its frequencies follow each sequence's own length
@@ -215,17 +217,21 @@ class Decoder:
         return x
 
     def _attend_rows(self, layer: int, q, k, v, attns: list[AttentionBackend], streams: list | None,
-                     rows: RowOperands | None) -> torch.Tensor:
+                     rows: StepRows | None) -> torch.Tensor:
         """Each row's decode attention; with streams, row b's runs on streams[b]. A row's selection
         is a chain of small latency-bound kernels (scores, top-k, lookup, fetch, sparse attention)
         that fills a few SMs: on their own streams (and as branches of a captured graph) the rows'
-        chains run side by side instead of one after another. With rows, the sparse attention is one
-        launch for the batch between each row's selection and its merge."""
+        chains run side by side instead of one after another. With rows, the scoring (where the rows
+        share it) and the sparse attention are each one launch for the batch, around each row's
+        top-k, lookup and fetch, and before its merge."""
         if rows is None:
             outs = self._per_row(streams, attns, lambda b, a: a.decode(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]))
             return torch.cat(outs)
-        self._per_row(streams, attns, lambda b, a: a.decode_select(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]))
-        out, lse = sparse_decode_rows(q, rows, layer)
+        scores = (lowrank_block_scores_rows(q, rows.scoring, layer, rows.n_blocks, rows.block_size)
+                  if rows.scoring is not None else None)
+        self._per_row(streams, attns, lambda b, a: a.decode_select(
+            layer, q[b:b + 1], k[b:b + 1], v[b:b + 1], None if scores is None else scores[b]))
+        out, lse = sparse_decode_rows(q, rows.decode, layer, rows.scale)
         return torch.cat(self._per_row(streams, attns, lambda b, a: a.decode_merge(layer, q[b:b + 1], out[b], lse[b])))
 
     def _per_row(self, streams: list | None, attns: list[AttentionBackend], fn: Callable) -> list:

@@ -128,7 +128,8 @@ class RuntimeConfig:
 # head (and the window at 512), which keeps long-context decode fast. Beyond 8K tokens the cap is a
 # speed choice that the default model (trained for 8K) cannot test.
 AUTO_DENSITY, AUTO_MIN_ATTENDED, AUTO_MAX_BUDGET, AUTO_MAX_WINDOW = 0.25, 1024, 2048, 512
-# Below the caps the automatic plan follows the context in steps of AUTO_PLAN_STEP tokens: each new
+# Below the caps the automatic plan follows the context in steps of AUTO_PLAN_STEP tokens (rounded up,
+# so no position attends fewer tokens than when it followed every token): each new
 # (window, budget) is a new CUDA graph to capture (~100 ms on an H100), and following every token
 # changed the budget a block every 16 tokens with blocks of 4 (the 1.5B at 8K: decode p50 6.8 ms, mean
 # 12.5, a 104 ms step every 16; bench/results/profile_15b_h100.md).
@@ -253,11 +254,11 @@ class RetrievalConfig:
 
     def plan(self, context: int) -> tuple[int, int]:
         """(window blocks, budget blocks) for a context of this many tokens. Set values are used as
-        they are; None follows the context (rounded down to a multiple of AUTO_PLAN_STEP): attended =
+        they are; None follows the context (rounded up to a multiple of AUTO_PLAN_STEP): attended =
         max(context / 4, 1024) tokens, of which a quarter is window, one block the partly filled tail,
         the sinks, and the rest retrieved (up to max_budget_tokens)."""
         bs = self.block_size
-        attended = max(int(context // AUTO_PLAN_STEP * AUTO_PLAN_STEP * AUTO_DENSITY), AUTO_MIN_ATTENDED)
+        attended = max(int(-(-context // AUTO_PLAN_STEP) * AUTO_PLAN_STEP * AUTO_DENSITY), AUTO_MIN_ATTENDED)
         window = self.window_tokens
         if window is None:
             window = min(AUTO_MAX_WINDOW, max(bs, attended // 4 // bs * bs))

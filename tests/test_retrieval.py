@@ -605,9 +605,9 @@ def test_auto_plan_moves_in_steps_of_1024_tokens():
     """Each new (window, budget) is a new CUDA graph to capture: below the caps the plan stays put over
     each 1,024 tokens of context (it used to move a block every 16 tokens with blocks of 4)."""
     cfg = RetrievalConfig(block_size=4)
-    assert len({cfg.plan(c) for c in range(8192, 9216)}) == 1
-    assert cfg.plan(9216) != cfg.plan(9215)
-    assert all(cfg.plan(c) == cfg.plan(c // 1024 * 1024) for c in range(4096, 16384))
+    assert len({cfg.plan(c) for c in range(8193, 9217)}) == 1
+    assert cfg.plan(9217) != cfg.plan(9216)
+    assert all(cfg.plan(c) == cfg.plan(-(-c // 1024) * 1024) for c in range(4096, 16384))
 
 
 def test_auto_budget_in_decode(tiny_dir):

@@ -19,7 +19,7 @@ each row's top-k, lookup and fetch still run on its own stream.
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -64,15 +64,20 @@ def _operands(engines: list[Engine]) -> tuple | None:
 def _step_rows(ops: tuple | None) -> StepRows | None:
     """The one-launch kernels' operands for these rows, or None where the rows differ (other
     configurations attend one by one); scoring in one launch where their indexes also agree."""
-    if ops is None or mismatch(DECODE, [o[:4] for o in ops[0]]) or len({o[4] for o in ops[0]}) > 1:
+    if ops is None:
         return None
     decode, scoring = ops
-    if scoring is not None and (mismatch(LOWRANK, [t for t, _, _ in scoring]) or len({bs for _, _, bs in scoring}) > 1):
-        scoring = None
+    tensors, scales = [o[:4] for o in decode], {o[4] for o in decode}
+    if mismatch(DECODE, tensors) or len(scales) > 1:
+        return None
+    rows = StepRows(decode_rows(tensors), scales.pop())
     if scoring is None:
-        return StepRows(decode_rows([o[:4] for o in decode]), decode[0][4])
-    return StepRows(decode_rows([o[:4] for o in decode]), decode[0][4], lowrank_rows([t for t, _, _ in scoring]),
-                    max(n for _, n, _ in scoring), scoring[0][2])
+        return rows
+    indexes, block_sizes = [t for t, _, _ in scoring], {bs for _, _, bs in scoring}
+    if mismatch(LOWRANK, indexes) or len(block_sizes) > 1:
+        return rows
+    return replace(rows, scoring=lowrank_rows(indexes), n_blocks=max(n for _, n, _ in scoring),
+                   block_size=block_sizes.pop())
 
 
 def _where(ops: tuple | None) -> tuple | None:

@@ -37,7 +37,6 @@ def sparse_decode(q, k_pool, v_pool, slots, tail_len, scale):
     return impl(q, k_pool, v_pool, slots, tail_len, scale)
 
 
-
 def sparse_decode_rows(q, rows, layer, scale):
     """sparse_decode for the rows of a batched step in one launch: q [B, Hq, d], row b over layer
     `layer` of its own pool and table (rows: kernels.rows.decode_rows) -> (out [B, Hq, d], lse [B, Hq])."""

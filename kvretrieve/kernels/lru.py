@@ -51,8 +51,9 @@ def _lru_kernel(ids_ptr, sob_ptr, bos_ptr, used_ptr, stamp_ptr, counts_ptr, slot
         tl.atomic_add(counts_ptr + 1, tl.sum(miss.to(tl.int64), 0))
 
 
-def lru_lookup(ids, slot_of_block, block_of_slot, last_used, stamp, counts):
-    """Same contract as kernels.reference.lru_lookup."""
+def lru_lookup(ids, slot_of_block, block_of_slot, last_used, stamp, counts, num_warps: int = 4):
+    """Same contract as kernels.reference.lru_lookup; num_warps is a tuning knob (bench/probes/probe_lru.py:
+    one program per KV head sorts all n slots, which at the 1.5B's 1,728 slots took ~78 us a layer)."""
     h, k, n = check_lru(ids, slot_of_block, block_of_slot, last_used, stamp)
     check_launch_device("lru_lookup", ids, slot_of_block, block_of_slot, last_used, stamp)
     slot = torch.empty(h, k, dtype=torch.int32, device=ids.device)
@@ -64,5 +65,5 @@ def lru_lookup(ids, slot_of_block, block_of_slot, last_used, stamp, counts):
     _lru_kernel[(h,)](ids.contiguous(), slot_of_block, block_of_slot, last_used, stamp,
                       counts if counts is not None else slot, slot, fetch.view(torch.int8), order,
                       k, n, slot_of_block.stride(0), block_of_slot.stride(0),
-                      COUNT=counts is not None, K=triton.next_power_of_2(k), N=N, num_warps=4)
+                      COUNT=counts is not None, K=triton.next_power_of_2(k), N=N, num_warps=num_warps)
     return slot, fetch

@@ -24,9 +24,10 @@ from kvretrieve.kernels.checks import fail, query_group
 
 @dataclass(frozen=True, eq=False)
 class RowTensors:
-    names: tuple[str, ...]                    # what each of a row's tensors is
+    """P named tensors of each of B rows, and the table of their addresses a kernel reads them by."""
+    names: tuple[str, ...]                       # what each of a row's tensors is
     parts: tuple[tuple[torch.Tensor, ...], ...]  # parts[i][b]: tensor names[i] of row b
-    addresses: torch.Tensor                   # [B, P] int64 on the rows' device: parts[i][b].data_ptr() at [b, i]
+    addresses: torch.Tensor                      # [B, P] int64 on the rows' device: parts[i][b].data_ptr() at [b, i]
 
     @classmethod
     def of(cls, op: str, names: tuple[str, ...], rows: list[tuple[torch.Tensor, ...]]) -> "RowTensors":
@@ -58,7 +59,6 @@ class RowTensors:
         return hkv, query_group(op, q.shape[1], hkv)
 
 
-
 @dataclass(frozen=True, eq=False)
 class StepRows:
     """What a batched step's one-launch kernels read: every row's sparse-decode operands (decode_rows)
@@ -69,6 +69,7 @@ class StepRows:
     scoring: RowTensors | None = None
     n_blocks: int = 0
     block_size: int = 0
+
 
 def mismatch(names: tuple[str, ...], rows) -> str | None:
     """Why these rows' tensors cannot share one launch, or None when they can."""

@@ -147,5 +147,5 @@ def check_lowrank_rows(q: torch.Tensor, rows: RowTensors, layer: int, n_blocks: 
                  f"got {n_blocks}, {block_size}")
     return hkv, g, proj.shape[3]
 
-__all__ = ["RowTensors", "StepRows", "mismatch", "decode_rows", "check_decode_query", "lowrank_rows", "check_lowrank_rows",
-           "DECODE", "LOWRANK"]
+__all__ = ["RowTensors", "StepRows", "mismatch", "decode_rows", "check_decode_query", "lowrank_rows",
+           "check_lowrank_rows", "DECODE", "LOWRANK"]

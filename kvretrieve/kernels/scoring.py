@@ -17,7 +17,7 @@ import triton.language as tl
 from kvretrieve.kernels.checks import (check_bounds, check_launch_device, check_lowrank, check_lowrank_mass,
                                          check_max_dot)
 from kvretrieve.kernels.rows import LOWRANK, RowTensors, check_lowrank_rows
-from kvretrieve.kernels.sparse_decode import _mma
+from kvretrieve.kernels.sparse_decode import _mma, _row_pointer
 
 # Enough programs to cover an H100 (132 SMs) several times over, whatever Hkv is.
 _TARGET_PROGRAMS = 1024
@@ -66,9 +66,8 @@ def _lowrank_kernel(
         row = kvh // hkv
         kvh = kvh % hkv
         a = addr_ptr + row * 3
-        proj_ptr = tl.load(a).to(proj_ptr.dtype, bitcast=True) + off_p
-        mean_ptr = tl.load(a + 1).to(mean_ptr.dtype, bitcast=True) + off_m
-        sk_ptr = tl.load(a + 2).to(sk_ptr.dtype, bitcast=True) + off_s
+        proj_ptr, mean_ptr = _row_pointer(a, 0, proj_ptr, off_p), _row_pointer(a, 1, mean_ptr, off_m)
+        sk_ptr = _row_pointer(a, 2, sk_ptr, off_s)
         q_ptr += row.to(tl.int64) * stride_qb
         out_ptr += row.to(tl.int64) * stride_ob
     offs_g = tl.arange(0, GP)

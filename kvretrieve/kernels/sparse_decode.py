@@ -35,6 +35,13 @@ def _mma(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _row_pointer(row_addr_ptr, i: tl.constexpr, like_ptr, offset):
+    """Tensor i of a row, from the row's entry of a RowTensors address table (kernels/rows.py), typed
+    like like_ptr (row 0's tensor), plus an element offset (a layer's, into an [L, ...] tensor)."""
+    return tl.load(row_addr_ptr + i).to(like_ptr.dtype, bitcast=True) + offset
+
+
+@triton.jit
 def _attend_split(
     q, k_head, v_head, slot_row, tail, n_cols, col0, iters, qk_scale,
     stride_ks, stride_kt, stride_kd, stride_vs, stride_vt, stride_vd, stride_sc,
@@ -136,10 +143,8 @@ def _split_rows_kernel(
     row = pid // hkv
     kvh = pid % hkv
     addr = addr_ptr + row * 4
-    k_ptr = tl.load(addr).to(k0_ptr.dtype, bitcast=True) + off_k
-    v_ptr = tl.load(addr + 1).to(v0_ptr.dtype, bitcast=True) + off_v
-    slots_ptr = tl.load(addr + 2).to(s0_ptr.dtype, bitcast=True) + off_s
-    tail_ptr = tl.load(addr + 3).to(t0_ptr.dtype, bitcast=True)
+    k_ptr, v_ptr = _row_pointer(addr, 0, k0_ptr, off_k), _row_pointer(addr, 1, v0_ptr, off_v)
+    slots_ptr, tail_ptr = _row_pointer(addr, 2, s0_ptr, off_s), _row_pointer(addr, 3, t0_ptr, 0)
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
     g_mask = offs_g < G

@@ -155,6 +155,14 @@ def test_batched_steps_give_each_rows_logits_alone(tmp_path_factory, kind):
     batched_logits_equal_alone(tmp_path_factory, kind, "cpu", one_launch=False)
 
 
+@pytest.mark.parametrize("kinds", [("lowrank-max", "lowrank", "lowrank-max"), ("lowrank-max", "dense", "lowrank")])
+def test_rows_of_other_configurations_batch_as_each_alone(tmp_path_factory, kinds):
+    """Rows that cannot share every launch: max and mass scores side by side share the attention's
+    launch but score apart; with a dense row among them every row attends by itself. Each row's
+    logits stay its logits alone."""
+    batched_logits_equal_alone(tmp_path_factory, kinds, "cpu")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_graphed_batched_steps_decode_as_each_alone(tmp_path_factory, kind):
@@ -165,7 +173,8 @@ def test_graphed_batched_steps_decode_as_each_alone(tmp_path_factory, kind):
     batched_logits_equal_alone(tmp_path_factory, kind, "cuda")
 
 
-def batched_logits_equal_alone(tmp_path_factory, kind: str, device: str, one_launch: bool = True) -> None:
+def batched_logits_equal_alone(tmp_path_factory, kind: str | tuple, device: str, one_launch: bool = True) -> None:
+    """kind: the CONFIGS entry of every row, or one per row."""
     from helpers import dense_backend, retrieval_backend, saved_tiny_model, tiny_decoder
     from kvretrieve.engine.engine import Engine
 
@@ -173,16 +182,18 @@ def batched_logits_equal_alone(tmp_path_factory, kind: str, device: str, one_lau
                             seed=7)
     dec = tiny_decoder(path, device, torch.float32)
 
-    def engine():
-        cfg = CONFIGS[kind]
+    kinds = kind if isinstance(kind, tuple) else (kind,) * 3
+
+    def engine(i):
+        cfg = CONFIGS[kinds[i]]
         return Engine(dec, dense_backend(dec, 1024) if cfg is None else retrieval_backend(dec, cfg, 1024), 256)
 
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (300, 411, 367)]
     steps = 12
     alone = []
-    for p in prompts:
-        e, out = engine(), []
+    for i, p in enumerate(prompts):
+        e, out = engine(i), []
         logits = e.prefill(p)
         for _ in range(steps):
             out.append(logits)
@@ -198,7 +209,7 @@ def batched_logits_equal_alone(tmp_path_factory, kind: str, device: str, one_lau
 
     budgets = [steps - 4, steps, steps]
     rows = [batch.join(e, e.prefill(p), recorder(i), n)
-            for i, (e, p, n) in enumerate(zip([engine() for _ in prompts], prompts, budgets))]
+            for i, (e, p, n) in enumerate(zip([engine(i) for i in range(len(prompts))], prompts, budgets))]
     for step in range(steps + 2):
         left = batch.step()
         if step == 5 and device == "cuda":

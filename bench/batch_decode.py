@@ -68,7 +68,7 @@ def measure(decoder, tok, n: int, context: int, steps: int, chunk: int, cfg: Ret
         logits = llm.prefill(ids)
         sync(dev)
         ttft.append(time.perf_counter() - t)
-        batch.join(llm.engine, logits, lambda x: x.argmax(), steps + kernels + 3, stop_ids=())
+        batch.join(llm.engine, logits, lambda x: x.argmax(), steps + kernels + 5, stop_ids=())
     for _ in range(WARM_STEPS):  # eager launches, then the capture of the step's graph (up to 2 s on the H200)
         batch.step()
     sync(dev)

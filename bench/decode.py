@@ -96,7 +96,7 @@ def kvretrieve_row(decoder: Decoder, context: int, kind: str | None, steps: int,
         t = time.perf_counter()
         # as kvretrieve.load leaves it: every "auto" resolved, warmed up (compiles, cuDNN plans) while
         # the store pins
-        engine, choice = build_engine(decoder, capacity_for(context, steps + kernels + 2, bs), chunk, cfg)
+        engine, choice = build_engine(decoder, capacity_for(context, steps + kernels + 3, bs), chunk, cfg)
         chosen = choice.retrieval
         if cfg:
             row["index"] = chosen.index if chosen else "dense"  # auto: dense while the whole KV fits

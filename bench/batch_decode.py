@@ -45,9 +45,9 @@ NOTES = ("tokens_per_s: sessions x 1000 / step_ms_p50, the rate of a typical ste
          "token). x_one_session: tokens_per_s over the 1-session row of this run. h2d_mb_per_token: blocks copied "
          "from the CPU store per token of a session; cache_hit: the share of selected blocks already on the GPU. "
          "launch: the sessions' sparse attention in one launch a layer (kernels.sparse_decode_rows) or one per "
-         "session (--launch). kernel_ms (--kernels): the GPU time of a step's kernels, summed (rows' streams overlap, so it may exceed "
-         "step_ms). peak_gpu_gib: torch's peak "
-         "allocation over the row; host_rss_gib: the process's resident memory after it.")
+         "session (--launch). kernel_ms (--kernels): the GPU time of a step's kernels, summed (rows' streams "
+         "overlap, so it may exceed step_ms). peak_gpu_gib: torch's peak allocation over the row; host_rss_gib: "
+         "the process's resident memory after it.")
 
 
 def sync(device: torch.device) -> None:

@@ -201,4 +201,3 @@ if __name__ == "__main__":  # python bench/common.py tree: what a copy without g
     if _git("status", "--porcelain", "--untracked-files=no") or any(f.endswith(".py") for f in (untracked or "").split()):
         raise SystemExit("error: commit your changes first (a GPU copy of a dirty tree cannot be traced)")
     print(f"KVRETRIEVE_COMMIT={_git('rev-parse', '--short', 'HEAD')} KVRETRIEVE_TREE={tree_hash()}")
-

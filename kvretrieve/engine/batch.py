@@ -53,7 +53,11 @@ def _check(engines: list[Engine]) -> None:
 
 def _operands(engines: list[Engine]) -> tuple | None:
     """Every row's sparse_operands() and, where every row has them, score_operands(); None when a row
-    has no sparse operands (then each row attends by itself)."""
+    has no sparse operands (then each row attends by itself), or for one row: there the one-launch
+    variants cost more than its own kernels (H100, 8B shape at 32K: scoring 372 against 291 us a step,
+    attention 168 against 126; bench/results/batch_decode_8b_32k_launch.json)."""
+    if len(engines) < 2:
+        return None
     ops = [e.backend.sparse_operands() for e in engines]
     if any(o is None for o in ops):
         return None
@@ -62,12 +66,9 @@ def _operands(engines: list[Engine]) -> tuple | None:
 
 
 def _step_rows(ops: tuple | None) -> StepRows | None:
-    """The one-launch kernels' operands for these rows, or None where the rows differ (other
-    configurations attend one by one) or there is one row: for one row the one-launch variants cost
-    more than its own kernels (H100, 8B shape at 32K: scoring 372 against 291 us a step, attention 168
-    against 126; bench/results/batch_decode_8b_32k_launch.json). Scoring in one launch where the
-    rows' indexes also agree."""
-    if ops is None or len(ops[0]) < 2:
+    """The one-launch kernels' operands for these rows (_operands), or None where the rows differ (other
+    configurations attend one by one); scoring in one launch where the rows' indexes also agree."""
+    if ops is None:
         return None
     decode, scoring = ops
     tensors, scales = [o[:4] for o in decode], {o[4] for o in decode}

@@ -8,10 +8,14 @@ Every failure is a ValueError that names the op and the argument.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvretrieve.models.quant import QuantWeight
+
+if TYPE_CHECKING:  # rows.py imports this module for fail and query_group
+    from kvretrieve.kernels.rows import RowTensors
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -73,6 +77,31 @@ def check_sparse_decode(q, k_pool, v_pool, slots, tail_len) -> tuple[int, int, i
     _same_device(op, q=q, k_pool=k_pool, v_pool=v_pool, slots=slots, tail_len=tail_len)
     return hkv, g, slots.shape[1], bs, d
 
+
+
+def check_decode_rows(q: torch.Tensor, rows: RowTensors, layer: int) -> tuple[int, int]:
+    """sparse_decode_rows' q [B, Hq, d] against its rows (kernels/rows.py: the pools' dtype and head
+    dim, the layer); returns (Hkv, G)."""
+    op = "sparse_decode_rows"
+    hkv, g = rows.check_query(op, q, layer, "k_pool")
+    k = rows["k_pool"][0]
+    if q.dtype != k.dtype or q.shape[2] != k.shape[-1]:
+        fail(op, f"q must be {k.dtype} with head dim {k.shape[-1]} like the pools, got {q.dtype} {tuple(q.shape)}")
+    return hkv, g
+
+
+def check_lowrank_rows(q: torch.Tensor, rows: RowTensors, layer: int, n_blocks: int, block_size: int):
+    """lowrank_block_scores_rows' arguments against its rows (kernels/rows.py); returns (Hkv, G, r)."""
+    op = "lowrank_block_scores_rows"
+    hkv, g = rows.check_query(op, q, layer, "proj")
+    _float(op, "q", q)
+    proj, sketch = rows["proj"][0], rows["sketch"][0]
+    if q.shape[2] != proj.shape[2]:
+        fail(op, f"q must be [B, Hq, d={proj.shape[2]}], got {tuple(q.shape)}")
+    if int(n_blocks) < 0 or int(block_size) <= 0 or n_blocks * block_size > sketch.shape[2]:
+        fail(op, f"need 0 <= n_blocks*block_size <= {sketch.shape[2]} (the sketch's capacity) and block_size > 0, "
+                 f"got {n_blocks}, {block_size}")
+    return hkv, g, proj.shape[3]
 
 def check_lowrank(q, proj, mean, sketch, n_blocks, block_size, op="lowrank_block_scores") -> tuple[int, int, int]:
     """Validate lowrank_block_scores inputs (mean None: lowrank_block_mass, which has none); returns

@@ -13,10 +13,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kvretrieve.kernels.checks import (check_bounds, check_fetch, check_lowrank, check_lowrank_mass, check_lru,
-                                       check_max_dot, check_merge, check_quant_linear, check_rms_norm, check_rope,
-                                       check_silu_mul, check_sparse_decode, check_store, check_topk, query_group)
-from kvretrieve.kernels.rows import check_decode_query, check_lowrank_rows
+from kvretrieve.kernels.checks import (check_bounds, check_decode_rows, check_fetch, check_lowrank, check_lowrank_mass,
+                                       check_lowrank_rows, check_lru, check_max_dot, check_merge, check_quant_linear,
+                                       check_rms_norm, check_rope, check_silu_mul, check_sparse_decode, check_store,
+                                       check_topk, query_group)
 from kvretrieve.models.quant import QuantWeight, dequantize
 
 
@@ -51,7 +51,7 @@ def sparse_decode(q, k_pool, v_pool, slots, tail_len, scale):
 def sparse_decode_rows(q, rows, layer, scale):
     """sparse_decode of each row b: q [B, Hq, d] over layer `layer` of its own pool and table
     (rows: kernels.rows.decode_rows) -> (out [B, Hq, d], lse [B, Hq] float32)."""
-    check_decode_query(q, rows, layer)
+    check_decode_rows(q, rows, layer)
     outs = [sparse_decode(q[b], k[layer], v[layer], t[layer], tail, scale)
             for b, (k, v, t, tail) in enumerate(zip(*rows.parts))]
     return torch.stack([o for o, _ in outs]), torch.stack([lse for _, lse in outs])

@@ -111,15 +111,6 @@ def decode_rows(rows: list[tuple[torch.Tensor, ...]]) -> RowTensors:
 
 
 
-def check_decode_query(q: torch.Tensor, rows: RowTensors, layer: int) -> tuple[int, int]:
-    """sparse_decode_rows' q [B, Hq, d] against its rows (the pools' dtype and head dim); returns (Hkv, G)."""
-    op = "sparse_decode_rows"
-    hkv, g = rows.check_query(op, q, layer, "k_pool")
-    k = rows["k_pool"][0]
-    if q.dtype != k.dtype or q.shape[2] != k.shape[-1]:
-        fail(op, f"q must be {k.dtype} with head dim {k.shape[-1]} like the pools, got {q.dtype} {tuple(q.shape)}")
-    return hkv, g
-
 def lowrank_rows(rows: list[tuple[torch.Tensor, ...]]) -> RowTensors:
     """Low-rank scoring's rows: (proj [L, Hkv, d, r], mean [L, Hkv, d], sketch [L, Hkv, cap, r]) each,
     as an index's row_operands() gives them."""
@@ -135,17 +126,4 @@ def lowrank_rows(rows: list[tuple[torch.Tensor, ...]]) -> RowTensors:
 
 
 
-def check_lowrank_rows(q: torch.Tensor, rows: RowTensors, layer: int, n_blocks: int, block_size: int):
-    """lowrank_block_scores_rows' arguments; returns (Hkv, G, r)."""
-    op = "lowrank_block_scores_rows"
-    hkv, g = rows.check_query(op, q, layer, "proj")
-    proj, sketch = rows["proj"][0], rows["sketch"][0]
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or q.shape[2] != proj.shape[2]:
-        fail(op, f"q must be float [B, Hq, d={proj.shape[2]}], got {q.dtype} {tuple(q.shape)}")
-    if int(n_blocks) < 0 or int(block_size) <= 0 or n_blocks * block_size > sketch.shape[2]:
-        fail(op, f"need 0 <= n_blocks*block_size <= {sketch.shape[2]} (the sketch's capacity) and block_size > 0, "
-                 f"got {n_blocks}, {block_size}")
-    return hkv, g, proj.shape[3]
-
-__all__ = ["RowTensors", "StepRows", "mismatch", "decode_rows", "check_decode_query", "lowrank_rows",
-           "check_lowrank_rows", "DECODE", "LOWRANK"]
+__all__ = ["RowTensors", "StepRows", "mismatch", "decode_rows", "lowrank_rows", "DECODE", "LOWRANK"]

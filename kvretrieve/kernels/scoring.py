@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from kvretrieve.kernels.checks import (check_bounds, check_launch_device, check_lowrank, check_lowrank_mass,
-                                         check_max_dot)
-from kvretrieve.kernels.rows import LOWRANK, RowTensors, check_lowrank_rows
+                                         check_lowrank_rows, check_max_dot)
+from kvretrieve.kernels.rows import LOWRANK, RowTensors
 from kvretrieve.kernels.sparse_decode import _mma, _row_pointer
 
 # Enough programs to cover an H100 (132 SMs) several times over, whatever Hkv is.

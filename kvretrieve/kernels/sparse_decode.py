@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvretrieve.kernels.checks import check_launch_device, check_sparse_decode
-from kvretrieve.kernels.rows import RowTensors, check_decode_query
+from kvretrieve.kernels.checks import check_decode_rows, check_launch_device, check_sparse_decode
+from kvretrieve.kernels.rows import RowTensors
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
@@ -253,7 +253,7 @@ def sparse_decode_rows(q, rows: RowTensors, layer: int, scale: float, *, num_spl
     pool and table (rows: kernels.rows.decode_rows) -> (out [B, Hq, d] in q.dtype, lse [B, Hq] float32).
     Each row's result equals sparse_decode over its own tensors (the same program, reading them by
     address)."""
-    hkv, g = check_decode_query(q, rows, layer)
+    hkv, g = check_decode_rows(q, rows, layer)
     k0, v0, s0, t0 = (rows[name][0] for name in ("k_pool", "v_pool", "tables", "tail_len"))
     check_launch_device("sparse_decode_rows", q, k0, rows.addresses)
     B, hq, d = q.shape

@@ -228,22 +228,16 @@ def test_lru_accounting_and_eviction_order():
                     assert fetch[h, j]
                     misses += 1
             new = [b for b in ids[h] if b not in cached]
-            free = sorted(set(range(6)) - {s for s, _ in cached.values()})
-            # the stalest blocks not picked now leave first; empty slots are used before any eviction
-            stale = sorted((t, s, b) for b, (s, t) in cached.items() if t < step)
-            for b in new:
-                if free:
-                    slot = None  # which empty slot is free to choose; checked below
-                else:
-                    _, slot, old = stale.pop(0)
+            # the misses take the m stalest slots not picked now (empty ones first: never used), equal
+            # stamps by slot, handed out in slot order
+            free = set(range(6)) - {s for s, _ in cached.values()}
+            stale = sorted([(0, s, None) for s in free] + [(t, s, b) for b, (s, t) in cached.items() if t < step])
+            victims = sorted(stale[:len(new)], key=lambda e: e[1])
+            for b, (_, slot, old) in zip(new, victims):
+                if old is not None:
                     del cached[old]
-                j = list(ids[h]).index(b)
-                if slot is not None:
-                    assert slots[h, j] == slot
-                else:
-                    assert slots[h, j] in free
-                    free.remove(slots[h, j])
-                cached[b] = (slots[h, j], step)
+                assert slots[h, list(ids[h]).index(b)] == slot
+                cached[b] = (slot, step)
             assert len(set(slots[h])) == 4 and len(cached) <= 6
             for b, (s, _) in cached.items():
                 assert pool.slot_of_block[0, h, b] == s and pool.block_of_slot[0, h, s] == b

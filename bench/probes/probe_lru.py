@@ -2,7 +2,8 @@
 
 In the 1.5B's batch profile at 32K (bench/results/batch_decode_15b_32k.md, H100) the lookup is the
 largest kernel of a one-session step: ~78 us a layer, one program per KV head (2 here) sorting all
-1,728 slots of its LRU region (blocks of 4, 864 selected). This times it with 4, 8 and 16 warps a
+1,728 slots of its LRU region (blocks of 4, 864 selected); it now bisects on the stamps instead of
+sorting (kernels/lru.py). This times it with 4, 8 and 16 warps a
 program over a sequence of selections that keep ~87% of the last one (the 1.5B's measured cache
 hits), checks every variant's slots, fetch flags and final maps against the torch reference run on the
 same sequence, and writes bench/results/probe_lru_<gpu>.{json,md}.

@@ -1,10 +1,13 @@
 """The per-head LRU lookup of the block pool as one Triton kernel (see reference.lru_lookup).
 
 In torch the lookup is ~15 small kernels per layer and step; here one program per KV head does it
-all: gather the cached slots of the selection, stamp the hits, sort the slots by last use (a
-bitonic tl.sort of (last_used, slot) packed into one int64), hand the r-th miss the r-th stalest
-slot and update the maps. Stores that later loads of the same program depend on are separated by
-barriers (threads of a program see each other's global stores only after one).
+all: gather the cached slots of the selection, stamp the hits, find the m stalest slots for the m
+misses, hand them out in slot order and update the maps. The stalest slots are found by bisecting on
+the stamp (the smallest t with count(last_used <= t) >= m: one counting pass over the slots in
+registers per halving, as many as the stamps' spread has bits), not by sorting: a bitonic tl.sort of
+the 1.5B's 2,048 slots took ~78 us a layer on an H100 (bench/results/batch_decode_15b_32k.md), the
+largest kernel of its decode step. Stores that later loads of the same program depend on are
+separated by barriers (threads of a program see each other's global stores only after one).
 """
 from __future__ import annotations
 
@@ -32,9 +35,23 @@ def _lru_kernel(ids_ptr, sob_ptr, bos_ptr, used_ptr, stamp_ptr, counts_ptr, slot
     tl.store(used + cur, tl.zeros_like(cur) + now, mask=hit)
     tl.debug_barrier()
     s = tl.arange(0, N)
-    last = tl.load(used + s, mask=s < n, other=2147483647).to(tl.int64)
-    order = (tl.sort(last * N + s) % N).to(tl.int32)                  # stalest slot first
-    tl.store(order_ptr + h * N + s, order)
+    sm = s < n
+    last = tl.load(used + s, mask=sm, other=0)
+    m = tl.sum(miss.to(tl.int32), 0)
+    # The m-th smallest stamp t: count(last <= t) >= m holds at hi and fails below lo.
+    lo = tl.min(tl.where(sm, last, 2147483647), 0).to(tl.int64)
+    hi = tl.max(tl.where(sm, last, -2147483648), 0).to(tl.int64)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        enough = tl.sum((sm & (last <= mid)).to(tl.int32), 0) >= m
+        hi = tl.where(enough, mid, hi)
+        lo = tl.where(enough, lo, mid + 1)
+    # Victims: every slot staler than t, then ties at t in slot order, m in all (none when m = 0),
+    # written compactly in slot order.
+    below = sm & (last < hi)
+    tie = sm & (last == hi)
+    take = below | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= m - tl.sum(below.to(tl.int32), 0)))
+    tl.store(order_ptr + h * N + tl.cumsum(take.to(tl.int32), 0) - 1, s, mask=take)
     tl.debug_barrier()
     rank = tl.cumsum(miss.to(tl.int32), 0) - 1
     victim = tl.load(order_ptr + h * N + tl.maximum(rank, 0), mask=miss, other=0)
@@ -52,8 +69,7 @@ def _lru_kernel(ids_ptr, sob_ptr, bos_ptr, used_ptr, stamp_ptr, counts_ptr, slot
 
 
 def lru_lookup(ids, slot_of_block, block_of_slot, last_used, stamp, counts, num_warps: int = 4):
-    """Same contract as kernels.reference.lru_lookup; num_warps is a tuning knob (bench/probes/probe_lru.py:
-    one program per KV head sorts all n slots, which at the 1.5B's 1,728 slots took ~78 us a layer)."""
+    """Same contract as kernels.reference.lru_lookup; num_warps is a tuning knob (bench/probes/probe_lru.py)."""
     h, k, n = check_lru(ids, slot_of_block, block_of_slot, last_used, stamp)
     check_launch_device("lru_lookup", ids, slot_of_block, block_of_slot, last_used, stamp)
     slot = torch.empty(h, k, dtype=torch.int32, device=ids.device)

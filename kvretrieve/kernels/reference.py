@@ -191,14 +191,19 @@ def lru_lookup(ids, slot_of_block, block_of_slot, last_used, stamp, counts):
     (hits, misses) is accumulated unless None.
     Returns (slot [H, k] int32 in [0, n), fetch [H, k] bool: the block was given a slot now and must
     be loaded into it). Hits are stamped before victims are picked, so a victim never belongs to
-    this selection; the r-th miss of a head takes the head's r-th least recently used slot."""
+    this selection; a head's m misses take its m least recently used slots (equal stamps: the lower
+    slot first), the r-th miss the r-th of them in slot order (the order the kernel finds them in)."""
     h, k, n = check_lru(ids, slot_of_block, block_of_slot, last_used, stamp)
     nb = slot_of_block.shape[1] - 1
     now = stamp.expand(h, k)
     cur = slot_of_block.gather(1, ids)
     hit = cur >= 0
     last_used.scatter_(1, torch.where(hit, cur, n).long(), now)
-    order = torch.sort(last_used[:, :n], dim=1, stable=True).indices        # stalest first
+    stalest = torch.sort(last_used[:, :n], dim=1, stable=True).indices
+    slots = torch.arange(n, device=ids.device).expand(h, n)
+    take = torch.zeros(h, n, dtype=torch.bool, device=ids.device)
+    take.scatter_(1, stalest, slots < (~hit).sum(1, keepdim=True))             # the m stalest
+    order = torch.sort((~take).int(), dim=1, stable=True).indices           # the victims first, in slot order
     rank = (~hit).long().cumsum(1) - 1
     victim = order.gather(1, rank.clamp(min=0))
     old = block_of_slot.gather(1, victim).long()

@@ -1,15 +1,17 @@
 """Top-k of block scores on the GPU: torch.topk against the radix-select kernel (kernels/topk.py).
 
-The decode step picks 128 blocks per KV head (8 heads) among 2K / 8K / 32K candidates (32K / 128K /
-512K contexts) in every layer; the profile of bench/decode.py --kernels put torch.topk at ~44 us
-per layer at 128K. Each variant is timed as 32 calls captured in one CUDA graph (as in the step),
-median over replays. Writes probe_topk.json to $OUT (or bench/results).
+The decode step picks each KV head's blocks among the context's in every layer: 128 of 2K / 8K / 32K
+candidates (8 heads) for the 8B shape at 32K / 128K / 512K, and for the 1.5B (2 heads, blocks of 4)
+~370 of 2K, ~750 of 4K and 864 of 8K at 8K / 16K / 32K. There the k is close to half the kernel's
+2,048-score slice, so rounds of slices shrink a row slowly: 4 launches a layer of ~10.5 us each on an
+H100 (bench/results/batch_decode_15b_32k.json). This times slices of 2K-16K scores a program and the
+warps a program, each as 32 calls captured in one CUDA graph (as in the step), median over replays,
+and checks each result against torch.topk's set. Writes bench/results/probe_topk_<gpu>.{json,md}.
 
-    python bench/probe_topk.py
+    python bench/probes/probe_topk.py
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -18,9 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from common import RESULTS, provenance  # noqa: E402
+from common import RESULTS, provenance, stamp, write_results  # noqa: E402
 
-from kvretrieve.kernels import topk_indices  # noqa: E402
+from kvretrieve.kernels.topk import topk_indices  # noqa: E402
 
 
 def graph_us(fn, calls: int = 32, replays: int = 30) -> float:
@@ -51,22 +53,36 @@ def timed_config(run, error) -> dict:
         return {"error": f"{type(e).__name__}: {e}"[:160]}
 
 
+SHAPES = [  # (what, rows = KV heads, candidates, k)
+    ("8B shape at 32K", 8, 2048, 128), ("8B shape at 128K", 8, 8192, 128), ("8B shape at 512K", 8, 32768, 128),
+    ("1.5B at 8K", 2, 2048, 370), ("1.5B at 16K", 2, 4096, 750), ("1.5B at 32K", 2, 8217, 864),
+]
+
+
 def main() -> None:
     out = Path(os.environ.get("OUT", RESULTS))
     g = torch.Generator(device="cuda").manual_seed(0)
+    meta = provenance(torch.cuda.get_device_name())
     rows = []
-    for n in (2048, 8704, 32768):
-        scores = torch.randn(8, n, device="cuda", generator=g)
-        want = torch.topk(scores, 128, dim=1, sorted=False).indices.sort(1).values
-        row = {"candidates": n, "k": 128, "heads": 8,
-               "torch_topk_us": graph_us(lambda: torch.topk(scores, 128, dim=1, sorted=False))}
-        got = topk_indices(scores, 128)
-        row["radix_select_us"] = graph_us(lambda: topk_indices(scores, 128))
-        row["radix_select_exact"] = torch.equal(got.sort(1).values, want)
-        rows.append(row)
-        print(row, flush=True)
-    meta = provenance("cuda")
-    (out / "probe_topk.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    for what, h, n, k in SHAPES:
+        scores = torch.randn(h, n, device="cuda", generator=g)
+        want = torch.topk(scores, k, dim=1, sorted=False).indices.sort(1).values
+        base = {"shape": what, "rows": h, "candidates": n, "k": k}
+        rows.append(base | {"kernel": "torch.topk", "us": graph_us(lambda: torch.topk(scores, k, dim=1, sorted=False))})
+        for slice_len in (2048, 4096, 8192, 16384):
+            for warps in (None, 16):
+                if 2 * k > slice_len:
+                    continue
+                def run(s=slice_len, w=warps):
+                    return topk_indices(scores, k, s, w)
+                r = timed_config(run, lambda got: float(not torch.equal(got.sort(1).values, want)))
+                rows.append(base | {"kernel": "radix select", "slice": slice_len, "num_warps": warps or "default"} | r)
+                print(rows[-1], flush=True)
+    name = "probe_topk_" + torch.cuda.get_device_name().split()[1].lower()
+    print(write_results(name, meta, stamp(rows, meta),
+                        ["shape", "rows", "candidates", "k", "kernel", "slice", "num_warps", "us", "max_err", "error"],
+                        "us: one top-k (all its launches), the median over 30 replays of a CUDA graph of 32 calls; "
+                        "max_err: 1 where the kernel's set differs from torch.topk's, else 0.", out))
 
 
 if __name__ == "__main__":

@@ -265,10 +265,11 @@ def lowrank_block_scores_rows(q, rows: RowTensors, layer: int, n_blocks: int, bl
 
 
 def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale, tile_elems: int = 8192,
-                       num_warps: int = 2, **launch):
+                       num_warps: int = 2, programs: int = _LOWRANK_PROGRAMS, **launch):
     """Triton version of reference.lowrank_block_mass: two launches, the per-head block masses with
     each program's partial normaliser, then the group's shares. -> [Hkv, n_blocks] float32.
-    tile_elems (sketch values a tile), num_warps and launch are tuning knobs (probes/probe_mass_kernel.py)."""
+    tile_elems (sketch values a tile), num_warps, programs (about how many in all) and launch are
+    tuning knobs (probes/probe_mass_kernel.py)."""
     hkv, g, r = check_lowrank_mass(q, proj, sketch, block_means, n_blocks, block_size)
     check_launch_device("lowrank_block_mass", q, proj, sketch, block_means)
     n_blocks, block_size = int(n_blocks), int(block_size)
@@ -278,7 +279,7 @@ def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale
     d, rp, bsp = q.shape[1], triton.next_power_of_2(r), triton.next_power_of_2(block_size)
     # The tile lives in registers in fp32 (8K values: 16 blocks of 16 at rank 32).
     tb = max(1, min(tile_elems // rp // bsp, triton.next_power_of_2(n_blocks)))
-    progs, iters = _split_work(triton.cdiv(n_blocks, tb), hkv, _LOWRANK_PROGRAMS)
+    progs, iters = _split_work(triton.cdiv(n_blocks, tb), hkv, programs)
     x = torch.empty(hkv, g, n_blocks, dtype=torch.float32, device=q.device)
     parts = torch.empty(hkv, progs, g, dtype=torch.float32, device=q.device)
     gp = max(2, triton.next_power_of_2(g))

@@ -57,23 +57,26 @@ def _topk_kernel(val_ptr, idx_ptr, out_val_ptr, out_idx_ptr, n, k, stride_v, str
     tl.store(out_idx_ptr + dst, src, mask=take)
 
 
-def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Same contract as kernels.reference.topk_indices (the Triton path needs 2 * k <= TOPK_SLICE)."""
+def topk_indices(scores: torch.Tensor, k: int, slice_len: int = TOPK_SLICE,
+                 num_warps: int | None = None) -> torch.Tensor:
+    """Same contract as kernels.reference.topk_indices (the Triton path needs 2 * k <= slice_len).
+    slice_len (a power of two) and num_warps (default: 8 from slices of 2,048, else 4) are tuning knobs
+    (bench/probes/probe_topk.py)."""
     h, n = check_topk(scores, k)
     check_launch_device("topk_indices", scores)
-    if 2 * k > TOPK_SLICE:
-        raise ValueError(f"topk_indices: k={k} exceeds half a slice ({TOPK_SLICE // 2}); use the reference")
+    if 2 * k > slice_len:
+        raise ValueError(f"topk_indices: k={k} exceeds half a slice ({slice_len // 2}); use the reference")
     if k == 0 or h == 0:
         return torch.empty(h, k, dtype=torch.long, device=scores.device)
     vals, idx = scores, None
     while True:
-        pieces = triton.cdiv(n, TOPK_SLICE)
-        width = TOPK_SLICE if pieces > 1 else max(16, triton.next_power_of_2(n))
+        pieces = triton.cdiv(n, slice_len)
+        width = slice_len if pieces > 1 else max(16, triton.next_power_of_2(n))
         out_v = torch.empty(h, pieces * k, dtype=torch.float32, device=scores.device)
         out_i = torch.empty(h, pieces * k, dtype=torch.long, device=scores.device)
         _topk_kernel[(h, pieces)](vals, out_i if idx is None else idx, out_v, out_i, n, k, vals.stride(0),
                                   0 if idx is None else idx.stride(0), out_v.stride(0), CHUNK=width,
-                                  HAS_IDX=idx is not None, num_warps=8 if width >= 2048 else 4)
+                                  HAS_IDX=idx is not None, num_warps=num_warps or (8 if width >= 2048 else 4))
         if pieces == 1:
             return out_i
         vals, idx, n = out_v, out_i, pieces * k

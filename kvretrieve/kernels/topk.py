@@ -3,8 +3,9 @@
 torch.topk hands each row to one thread block; the decode step has 8 rows (KV heads) of 2K-32K
 block scores per layer, so two torch.topk stages cost ~31 us per layer at 128K (bench/results/
 probe_topk_h100.json), 1 ms per token. Here each program takes a slice of CHUNK scores held in
-registers, finds its k-th largest by bisecting on the scores' bit patterns (32 counting passes over
-registers, no sort), and writes its k best (values and indices) compactly with a prefix sum. Slices
+registers, finds its k-th largest by searching the scores' bit patterns (counting passes over
+registers, no sort: 33 of them halving the range, or 9 that each count against 16 thresholds), and
+writes its k best (values and indices) compactly with a prefix sum. Slices
 of one row shrink it to n_slices * k survivors; a last pass over those gives the row's top k. The
 result is a set: indices come in no particular order.
 """
@@ -22,7 +23,7 @@ TOPK_SLICE = 2048  # scores per program; a slice must be at least 2 * k for the 
 # n changes with the context: specialising on it would compile new variants mid-generation.
 @triton.jit(do_not_specialize=["n", "k"])
 def _topk_kernel(val_ptr, idx_ptr, out_val_ptr, out_idx_ptr, n, k, stride_v, stride_i, stride_out,
-                 CHUNK: tl.constexpr, HAS_IDX: tl.constexpr):
+                 CHUNK: tl.constexpr, HAS_IDX: tl.constexpr, WAYS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     piece = tl.program_id(1)
     offs = piece * CHUNK + tl.arange(0, CHUNK)
@@ -34,14 +35,19 @@ def _topk_kernel(val_ptr, idx_ptr, out_val_ptr, out_idx_ptr, n, k, stride_v, str
     bits = x.to(tl.int32, bitcast=True)
     key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
     key = tl.where(valid, key, -2147483649)
-    # The largest t with count(key >= t) >= k is the k-th largest key: bisect over the int32 range.
-    lo = tl.full((), -2147483649, tl.int64)
+    # The largest t with count(key >= t) >= k is the k-th largest key. Search the int32 range WAYS
+    # ways at a time: one pass counts the keys at or above WAYS evenly spaced thresholds, so the
+    # range shrinks WAYS-fold per block-wide reduction (each a round of barriers, the cost that counts).
+    lo = tl.full((), -2147483649, tl.int64)   # count(key >= lo) >= k holds at lo, the answer is <= hi
     hi = tl.full((), 2147483647, tl.int64)
-    for _ in range(33):
-        mid = (lo + hi + 1) >> 1
-        enough = tl.sum((key >= mid).to(tl.int32), 0) >= k
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
+    w = tl.arange(0, WAYS).to(tl.int64)
+    while lo < hi:
+        t = lo + (hi - lo + 1) * w // WAYS                                   # t[0] = lo
+        enough = tl.sum((key[None, :] >= t[:, None]).to(tl.int32), 1) >= k  # true for a prefix of t
+        j = tl.max(tl.where(enough, w, 0), 0)
+        nxt = tl.sum(tl.where(w == j + 1, t, 0), 0)
+        lo = tl.sum(tl.where(w == j, t, 0), 0)
+        hi = tl.where(j == WAYS - 1, hi, nxt - 1)
     above = key > lo
     tie = key == lo
     # All keys above the k-th, then the first ties in index order up to k.
@@ -57,11 +63,11 @@ def _topk_kernel(val_ptr, idx_ptr, out_val_ptr, out_idx_ptr, n, k, stride_v, str
     tl.store(out_idx_ptr + dst, src, mask=take)
 
 
-def topk_indices(scores: torch.Tensor, k: int, slice_len: int = TOPK_SLICE,
-                 num_warps: int | None = None) -> torch.Tensor:
+def topk_indices(scores: torch.Tensor, k: int, slice_len: int = TOPK_SLICE, num_warps: int | None = None,
+                 ways: int = 2) -> torch.Tensor:
     """Same contract as kernels.reference.topk_indices (the Triton path needs 2 * k <= slice_len).
-    slice_len (a power of two) and num_warps (default: 8 from slices of 2,048, else 4) are tuning knobs
-    (bench/probes/probe_topk.py)."""
+    slice_len (a power of two), num_warps (default: 8 from slices of 2,048, else 4) and ways (a power of
+    two: thresholds a counting pass) are tuning knobs (bench/probes/probe_topk.py)."""
     h, n = check_topk(scores, k)
     check_launch_device("topk_indices", scores)
     if 2 * k > slice_len:
@@ -76,7 +82,7 @@ def topk_indices(scores: torch.Tensor, k: int, slice_len: int = TOPK_SLICE,
         out_i = torch.empty(h, pieces * k, dtype=torch.long, device=scores.device)
         _topk_kernel[(h, pieces)](vals, out_i if idx is None else idx, out_v, out_i, n, k, vals.stride(0),
                                   0 if idx is None else idx.stride(0), out_v.stride(0), CHUNK=width,
-                                  HAS_IDX=idx is not None, num_warps=num_warps or (8 if width >= 2048 else 4))
+                                  HAS_IDX=idx is not None, WAYS=ways, num_warps=num_warps or (8 if width >= 2048 else 4))
         if pieces == 1:
             return out_i
         vals, idx, n = out_v, out_i, pieces * k

@@ -13,6 +13,7 @@ try:
     from kvretrieve.kernels import fetch as _tfetch
     from kvretrieve.kernels import fused as _tfused
     from kvretrieve.kernels import lru as _tlru
+    from kvretrieve.kernels import mass as _tmass
     from kvretrieve.kernels import merge as _tmerge
     from kvretrieve.kernels import qlinear as _tqlinear
     from kvretrieve.kernels import rest as _trest
@@ -61,7 +62,7 @@ def lowrank_block_scores_rows(q, rows, layer, n_blocks, block_size):
 def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale):
     """Estimated log attention share of each block, summed over the GQA group: q [Hq, d],
     proj [Hkv, d, r], sketch [Hkv, cap, r], block_means [Hkv, cap_blocks, d] -> [Hkv, n_blocks] float32."""
-    impl = _tscore.lowrank_block_mass if _use_triton(q) else _ref.lowrank_block_mass
+    impl = _tmass.lowrank_block_mass if _use_triton(q) else _ref.lowrank_block_mass
     return impl(q, proj, sketch, block_means, n_blocks, block_size, scale)
 
 

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvretrieve.kernels.checks import (check_bounds, check_launch_device, check_lowrank, check_lowrank_mass,
-                                         check_lowrank_rows, check_max_dot)
+from kvretrieve.kernels.checks import (check_bounds, check_launch_device, check_lowrank, check_lowrank_rows,
+                                         check_max_dot)
 from kvretrieve.kernels.rows import LOWRANK, RowTensors
 from kvretrieve.kernels.sparse_decode import _mma, _row_pointer
 
@@ -105,95 +105,6 @@ def _lowrank_kernel(
 
 
 @triton.jit
-def _lowrank_mass_kernel(
-    q_ptr, proj_ptr, sk_ptr, bm_ptr, x_ptr, part_ptr, n_blocks, iters, scale,
-    stride_qh, stride_qd, stride_ph, stride_pd, stride_pr, stride_sh, stride_st, stride_sr,
-    stride_bh, stride_bb, stride_bd, stride_xh, stride_xg, stride_ah, stride_ap,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr,
-    RP: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr, TB: tl.constexpr,
-):
-    # Per query head and block: x = log-sum-exp over the block's tokens of the sketch scores, less
-    # their mean, plus the exact mean-key score (all scaled); and this program's log-sum-exp of x
-    # over its blocks, which _group_share_kernel reduces to the head's normaliser.
-    # One head at a time, as fp32 multiply-adds over the loaded tiles. Measured on the H200 at 128K
-    # (8B shape, blocks of 16), a layer: 70 us with 8K-value tiles and 2 warps, against 23 for the
-    # max kernel; a dot for all heads reduced through 3-D reshapes took 128, and per-block sums as
-    # dots with a token-to-block matrix 110 at best (bench/results/decode_mass_kernels_h200.json,
-    # probe_mass_kernel_h200.json, logs/probe_mass_kernel_h200_cad5e86.log). Why every form costs
-    # 3-5x the max kernel is not known yet.
-    kvh = tl.program_id(0)
-    pid = tl.program_id(1)
-    offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, DP)
-    offs_r = tl.arange(0, RP)
-    g_mask = offs_g < G
-    d_mask = offs_d < D
-    r_mask = offs_r < R
-    q = _group_queries(q_ptr, kvh, stride_qh, stride_qd, G, GP, D, DP) * scale
-    proj = tl.load(proj_ptr + kvh.to(tl.int64) * stride_ph + offs_d[:, None] * stride_pd + offs_r[None, :] * stride_pr,
-                   mask=d_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-    qr = tl.sum(q[:, :, None] * proj[None, :, :], 1)                                          # [GP, RP], exact fp32
-    j = tl.arange(0, BSP)
-    s_head = sk_ptr + kvh.to(tl.int64) * stride_sh
-    b_head = bm_ptr + kvh.to(tl.int64) * stride_bh
-    run_m = tl.full([GP], float("-inf"), tl.float32)
-    run_s = tl.zeros([GP], dtype=tl.float32)
-    for i in range(0, iters):
-        blocks = (pid * iters + i) * TB + tl.arange(0, TB)
-        b_ok = blocks < n_blocks
-        ok2 = b_ok[:, None] & (j[None, :] < BS)
-        tok = blocks.to(tl.int64)[:, None] * BS + j[None, :]                                   # [TB, BSP]
-        sk = tl.load(s_head + tok[:, :, None] * stride_st + offs_r[None, None, :] * stride_sr,
-                     mask=ok2[:, :, None] & r_mask[None, None, :], other=0.0).to(tl.float32)   # [TB, BSP, RP]
-        bm = tl.load(b_head + blocks.to(tl.int64)[:, None] * stride_bb + offs_d[None, :] * stride_bd,
-                     mask=b_ok[:, None] & d_mask[None, :], other=0.0).to(tl.float32)           # [TB, DP]
-        for g in tl.static_range(G):
-            row = offs_g == g
-            s = tl.sum(sk * tl.sum(tl.where(row[:, None], qr, 0.0), 0)[None, None, :], 2)     # [TB, BSP]
-            m = tl.where(b_ok, tl.max(tl.where(ok2, s, float("-inf")), 1), 0.0)
-            e = tl.sum(tl.where(ok2, tl.exp(s - m[:, None]), 0.0), 1)
-            avg = tl.sum(tl.where(ok2, s, 0.0), 1) / BS
-            x = m + tl.log(e) - avg + tl.sum(bm * tl.sum(tl.where(row[:, None], q, 0.0), 0)[None, :], 1)
-            x = tl.where(b_ok, x, float("-inf"))
-            tl.store(x_ptr + kvh * stride_xh + g * stride_xg + blocks, x, mask=b_ok)
-            # head g's running log-sum-exp (scalars picked out of the [GP] state)
-            rm = tl.max(tl.where(row, run_m, float("-inf")), 0)
-            rs = tl.sum(tl.where(row, run_s, 0.0), 0)
-            nm = tl.maximum(rm, tl.max(x, 0))
-            sf = tl.where(nm == float("-inf"), 0.0, nm)
-            run_s = tl.where(row, rs * tl.exp(rm - sf) + tl.sum(tl.exp(x - sf), 0), run_s)
-            run_m = tl.where(row, nm, run_m)
-    lse = tl.where(run_s > 0, run_m + tl.log(run_s), float("-inf"))
-    tl.store(part_ptr + kvh * stride_ah + pid * stride_ap + offs_g, lse, mask=g_mask)
-
-
-@triton.jit
-def _group_share_kernel(x_ptr, part_ptr, out_ptr, n_blocks, n_parts, stride_xh, stride_xg, stride_ah, stride_ap,
-                        stride_oh, G: tl.constexpr, GP: tl.constexpr, PP: tl.constexpr, CHUNK: tl.constexpr):
-    # out[b] = log sum_g exp(x[g, b] - lse_g), lse_g = the head's log-sum-exp over every block.
-    kvh = tl.program_id(0)
-    pid = tl.program_id(1)
-    offs_g = tl.arange(0, GP)
-    offs_p = tl.arange(0, PP)
-    g_mask = offs_g < G
-    parts = tl.load(part_ptr + kvh * stride_ah + offs_p[:, None] * stride_ap + offs_g[None, :],
-                    mask=(offs_p[:, None] < n_parts) & g_mask[None, :], other=float("-inf"))
-    pm = tl.max(parts, 0)
-    pm = tl.where(pm == float("-inf"), 0.0, pm)
-    lse = pm + tl.log(tl.sum(tl.exp(parts - pm[None, :]), 0))                          # [GP]
-    blocks = pid * CHUNK + tl.arange(0, CHUNK)
-    b_ok = blocks < n_blocks
-    keep = g_mask[:, None] & b_ok[None, :]
-    x = tl.load(x_ptr + kvh * stride_xh + offs_g[:, None] * stride_xg + blocks[None, :], mask=keep,
-                other=float("-inf"))
-    y = tl.where(keep, x - tl.where(g_mask, lse, 0.0)[:, None], float("-inf"))
-    ym = tl.max(y, 0)
-    ym = tl.where(ym == float("-inf"), 0.0, ym)
-    out = ym + tl.log(tl.sum(tl.exp(y - ym[None, :]), 0))
-    tl.store(out_ptr + kvh * stride_oh + blocks, out, mask=b_ok)
-
-
-@triton.jit
 def _bounds_kernel(
     q_ptr, kmin_ptr, kmax_ptr, out_ptr, n_blocks, iters,
     stride_qh, stride_qd, stride_nh, stride_nb, stride_nd, stride_xh, stride_xb, stride_xd, stride_oh,
@@ -261,38 +172,6 @@ def lowrank_block_scores_rows(q, rows: RowTensors, layer: int, n_blocks: int, bl
         return out
     offs = tuple(layer * t.stride(0) for t in (proj, mean, sketch))
     _launch_lowrank(q, proj, mean, sketch, out, n_blocks, block_size, g, r, True, rows=(rows.addresses, offs))
-    return out
-
-
-def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale, tile_elems: int = 8192,
-                       num_warps: int = 2, programs: int = _LOWRANK_PROGRAMS, **launch):
-    """Triton version of reference.lowrank_block_mass: two launches, the per-head block masses with
-    each program's partial normaliser, then the group's shares. -> [Hkv, n_blocks] float32.
-    tile_elems (sketch values a tile), num_warps, programs (about how many in all) and launch are
-    tuning knobs (probes/probe_mass_kernel.py)."""
-    hkv, g, r = check_lowrank_mass(q, proj, sketch, block_means, n_blocks, block_size)
-    check_launch_device("lowrank_block_mass", q, proj, sketch, block_means)
-    n_blocks, block_size = int(n_blocks), int(block_size)
-    out = torch.empty(hkv, n_blocks, dtype=torch.float32, device=q.device)
-    if n_blocks == 0:
-        return out
-    d, rp, bsp = q.shape[1], triton.next_power_of_2(r), triton.next_power_of_2(block_size)
-    # The tile lives in registers in fp32 (8K values: 16 blocks of 16 at rank 32).
-    tb = max(1, min(tile_elems // rp // bsp, triton.next_power_of_2(n_blocks)))
-    progs, iters = _split_work(triton.cdiv(n_blocks, tb), hkv, programs)
-    x = torch.empty(hkv, g, n_blocks, dtype=torch.float32, device=q.device)
-    parts = torch.empty(hkv, progs, g, dtype=torch.float32, device=q.device)
-    gp = max(2, triton.next_power_of_2(g))
-    _lowrank_mass_kernel[(hkv, progs)](
-        q, proj, sketch, block_means, x, parts, n_blocks, iters, float(scale),
-        q.stride(0), q.stride(1), *proj.stride(), *sketch.stride(), *block_means.stride(), x.stride(0), x.stride(1),
-        parts.stride(0), parts.stride(1),
-        G=g, GP=gp, D=d, DP=max(16, triton.next_power_of_2(d)), R=r, RP=rp, BS=block_size, BSP=bsp, TB=tb,
-        num_warps=num_warps, **launch)
-    chunk = min(1024, triton.next_power_of_2(n_blocks))
-    _group_share_kernel[(hkv, triton.cdiv(n_blocks, chunk))](
-        x, parts, out, n_blocks, progs, x.stride(0), x.stride(1), parts.stride(0), parts.stride(1), out.stride(0),
-        G=g, GP=gp, PP=max(16, triton.next_power_of_2(progs)), CHUNK=chunk)
     return out
 
 

@@ -161,7 +161,7 @@ def _group_share_kernel(x_ptr, part_ptr, out_ptr, n_blocks, n_parts, stride_xh, 
     tl.store(out_ptr + kvh * stride_oh + blocks, out, mask=b_ok)
 
 
-def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale, form: str = "fma",
+def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale, form: str = "dot",
                        tile: int | None = None, num_warps: int | None = None, programs: int = _PROGRAMS):
     """Triton version of reference.lowrank_block_mass -> [Hkv, n_blocks] float32. Tuning knobs
     (bench/probes/probe_mass_kernel.py): form ("fma" or "dot", above), tile (fma: sketch values a tile,
@@ -195,7 +195,7 @@ def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale
         _mass_dot_kernel[(hkv, progs)](
             *args, G=g, GP=gp, D=d, DP=dp, R=r, RP=rp, BS=block_size, TB=tb, SK_F32=sketch.dtype == torch.float32,
             BM_F32=block_means.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-            num_warps=num_warps or 8)
+            num_warps=num_warps or 4)
     else:
         _mass_fma_kernel[(hkv, progs)](*args, G=g, GP=gp, D=d, DP=dp, R=r, RP=rp, BS=block_size,
                                        BSP=triton.next_power_of_2(block_size), TB=tb, num_warps=num_warps or 2)

@@ -63,13 +63,16 @@ def _topk_kernel(val_ptr, idx_ptr, out_val_ptr, out_idx_ptr, n, k, stride_v, str
     tl.store(out_idx_ptr + dst, src, mask=take)
 
 
-def topk_indices(scores: torch.Tensor, k: int, slice_len: int = TOPK_SLICE, num_warps: int | None = None,
+def topk_indices(scores: torch.Tensor, k: int, slice_len: int | None = None, num_warps: int | None = None,
                  ways: int = 2) -> torch.Tensor:
     """Same contract as kernels.reference.topk_indices (the Triton path needs 2 * k <= slice_len).
     slice_len (a power of two), num_warps (default: 8 from slices of 2,048, else 4) and ways (a power of
     two: thresholds a counting pass) are tuning knobs (bench/probes/probe_topk.py)."""
     h, n = check_topk(scores, k)
     check_launch_device("topk_indices", scores)
+    # Slices of at least 4k: at k = 864 of 8,217 (the 1.5B at 32K) 2,048-score slices shrank a row over 4
+    # launches, 68 us; 4,096, 44 us (H100, bench/results/probe_topk_h100.md)
+    slice_len = slice_len or max(TOPK_SLICE, triton.next_power_of_2(4 * k))
     if 2 * k > slice_len:
         raise ValueError(f"topk_indices: k={k} exceeds half a slice ({slice_len // 2}); use the reference")
     if k == 0 or h == 0:

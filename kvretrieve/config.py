@@ -171,7 +171,7 @@ class RetrievalConfig:
     window_tokens: int | None = None
     rank: int = 32
     block_scores: str = "auto"    # lowrank: max (Loki's), mass (each block's estimated attention share:
-                                  # better, 3x the scoring time at 128K; index/lowrank.py) or auto
+                                  # better, 2x the scoring time at 128K; index/lowrank.py) or auto
     max_budget_tokens: int | None = None  # the most an automatic budget retrieves (None: by the layout)
     cache_blocks: int | None = None
     speculative: bool = False

@@ -345,9 +345,8 @@ def _interp_cases(device="cpu", big=False):
             cases[f"lowrank-{dn}-G{G}"] = lambda a=(qs, proj, mean, sk, nb, bs), s=mag: [
                 ("scores", err(t_lowrank(*a), R.lowrank_block_scores(*a)) / s, 2e-5)]
             # block means: any [Hkv, >= nb, d] tensor (kmin); log-shares move with the scaled scores
-            for form in ("fma", "dot"):
-                cases[f"lowrank-mass-{form}-{dn}-G{G}"] = lambda a=(qs, proj, sk, kmin, nb, bs, d ** -0.5), \
-                        s=mag * d ** -0.5, f=form: [("mass", err(t_mass(*a, f), R.lowrank_block_mass(*a)) / s, 2e-5)]
+            cases[f"lowrank-mass-{dn}-G{G}"] = lambda a=(qs, proj, sk, kmin, nb, bs, d ** -0.5), s=mag * d ** -0.5: [
+                ("mass", err(t_mass(*a), R.lowrank_block_mass(*a)) / s, 2e-5)]
             cases[f"bounds-{dn}-G{G}"] = lambda a=(qs, kmin, kmax, nb), s=mag: [
                 ("scores", err(t_bounds(*a), R.bounds_block_scores(*a)) / s, 2e-5)]
             # the exact index's scores (keys, block_size tokens) and ivf's (centroids, one per block)
@@ -376,11 +375,9 @@ def _interp_cases(device="cpu", big=False):
             scoring._TARGET_PROGRAMS, scoring._LOWRANK_PROGRAMS = old
         # several programs a head, each looping over tiles: partial normalisers must reduce
         ma = (qs, proj, sk, kmin, 300, 4, 32 ** -0.5)
-        e3 = err(t_mass(*ma, "fma", 256, programs=4), R.lowrank_block_mass(*ma))
-        e4 = err(t_mass(*ma, "dot", 16, programs=4), R.lowrank_block_mass(*ma))
+        e3 = err(t_mass(*ma, 16, programs=4), R.lowrank_block_mass(*ma))
         mag = qs.float().abs().sum(1).max().item()
-        return [("lowrank", e1 / mag, 2e-5), ("bounds", e2 / mag, 2e-5), ("mass-fma", e3 / (mag * 32 ** -0.5), 2e-5),
-                ("mass-dot", e4 / (mag * 32 ** -0.5), 2e-5)]
+        return [("lowrank", e1 / mag, 2e-5), ("bounds", e2 / mag, 2e-5), ("mass", e3 / (mag * 32 ** -0.5), 2e-5)]
 
     def into_checks(launch, reference, q, tol, lse_tol=1e-4):
         # The same launch merged into an attended part (out, lse; one head's lse -inf): what the kernel

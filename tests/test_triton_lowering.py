@@ -60,9 +60,8 @@ def _launches(cuda, kv_store):
             scoring = RowTensors(LOWRANK, tuple(tuple(cuda(*shape, dt=t) for _ in range(3)) for shape, t in (
                 ((2, 4, 64, 32), qdt), ((2, 4, 64), qdt), ((2, 4, 4096, 32), dt))), cuda(3, 3, dt=i64))
             out.append((lbl, "scoring.lowrank_block_scores_rows", (cuda(3, 12, 64, dt=qdt), scoring, 1, 200, 16)))
-            for form in ("fma", "dot"):
-                out.append((f"{lbl} {form}", "mass.lowrank_block_mass", (
-                    q, cuda(4, 64, 32, dt=qdt), cuda(4, 4096, 32, dt=dt), cuda(4, 256, 64, dt=dt), 200, 16, 0.125, form)))
+            out.append((lbl, "mass.lowrank_block_mass", (q, cuda(4, 64, 32, dt=qdt), cuda(4, 4096, 32, dt=dt),
+                                                         cuda(4, 256, 64, dt=dt), 200, 16, 0.125)))
             for hkv, d, bs, rv in ((4, 64, 16, 16), (2, 128, 4, 8)):  # the rests (index/summary.py)
                 into = (cuda(12, d, dt=qdt), cuda(12)) if bs == 4 else None  # merged into an attended part, or not
                 out.append((lbl + f" d{d} bs{bs}", "rest.lowrank_rest", (

@@ -115,7 +115,7 @@ def retrieval_options(f):
                      help="Dimensions of the low-rank key sketches the lowrank index scores with (<= head_dim)."),
         click.option("--block-scores", default="auto", show_default=True, type=click.Choice(["auto", "max", "mass"]),
                      help="How lowrank ranks blocks: max, Loki's largest approximate score, or mass, each "
-                          "block's estimated share of the attention (closer to dense, 3x the scoring time at "
+                          "block's estimated share of the attention (closer to dense, 2x the scoring time at "
                           "128K; accuracy in the README). auto: mass up to 40K tokens of context, else max."),
         click.option("--reselect-every", type=int, default=1, show_default=True, metavar="STEPS",
                      help="Decode steps one block selection serves (2 is faster; accuracy in the README)."),

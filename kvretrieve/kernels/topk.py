@@ -1,11 +1,10 @@
 """Top-k selection of block scores as a Triton radix select.
 
 torch.topk hands each row to one thread block; the decode step has 8 rows (KV heads) of 2K-32K
-block scores per layer, so two torch.topk stages cost ~31 us per layer at 128K (bench/results/
-probe_topk_h100.json), 1 ms per token. Here each program takes a slice of CHUNK scores held in
-registers, finds its k-th largest by searching the scores' bit patterns (counting passes over
-registers, no sort: 33 of them halving the range, or 9 that each count against 16 thresholds), and
-writes its k best (values and indices) compactly with a prefix sum. Slices
+block scores per layer, where torch.topk took 43 us a layer at 128K against this kernel's 29 (H100,
+bench/results/probe_topk_h100.md). Here each program takes a slice of CHUNK scores held in
+registers, finds its k-th largest by bisecting on the scores' bit patterns (32 counting passes over
+registers, no sort), and writes its k best (values and indices) compactly with a prefix sum. Slices
 of one row shrink it to n_slices * k survivors; a last pass over those gives the row's top k. The
 result is a set: indices come in no particular order.
 """
@@ -23,7 +22,7 @@ TOPK_SLICE = 2048  # scores per program; a slice must be at least 2 * k for the 
 # n changes with the context: specialising on it would compile new variants mid-generation.
 @triton.jit(do_not_specialize=["n", "k"])
 def _topk_kernel(val_ptr, idx_ptr, out_val_ptr, out_idx_ptr, n, k, stride_v, stride_i, stride_out,
-                 CHUNK: tl.constexpr, HAS_IDX: tl.constexpr, WAYS: tl.constexpr):
+                 CHUNK: tl.constexpr, HAS_IDX: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     piece = tl.program_id(1)
     offs = piece * CHUNK + tl.arange(0, CHUNK)
@@ -35,19 +34,16 @@ def _topk_kernel(val_ptr, idx_ptr, out_val_ptr, out_idx_ptr, n, k, stride_v, str
     bits = x.to(tl.int32, bitcast=True)
     key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
     key = tl.where(valid, key, -2147483649)
-    # The largest t with count(key >= t) >= k is the k-th largest key. Search the int32 range WAYS
-    # ways at a time: one pass counts the keys at or above WAYS evenly spaced thresholds, so the
-    # range shrinks WAYS-fold per block-wide reduction (each a round of barriers, the cost that counts).
-    lo = tl.full((), -2147483649, tl.int64)   # count(key >= lo) >= k holds at lo, the answer is <= hi
+    # The largest t with count(key >= t) >= k is the k-th largest key: bisect over the int32 range.
+    # (Counting against 16 thresholds a pass, 9 passes, was slower on an H100 in every shape:
+    # bench/results/probe_topk_h100.md, ways 16.)
+    lo = tl.full((), -2147483649, tl.int64)
     hi = tl.full((), 2147483647, tl.int64)
-    w = tl.arange(0, WAYS).to(tl.int64)
-    while lo < hi:
-        t = lo + (hi - lo + 1) * w // WAYS                                   # t[0] = lo
-        enough = tl.sum((key[None, :] >= t[:, None]).to(tl.int32), 1) >= k  # true for a prefix of t
-        j = tl.max(tl.where(enough, w, 0), 0)
-        nxt = tl.sum(tl.where(w == j + 1, t, 0), 0)
-        lo = tl.sum(tl.where(w == j, t, 0), 0)
-        hi = tl.where(j == WAYS - 1, hi, nxt - 1)
+    for _ in range(33):
+        mid = (lo + hi + 1) >> 1
+        enough = tl.sum((key >= mid).to(tl.int32), 0) >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
     above = key > lo
     tie = key == lo
     # All keys above the k-th, then the first ties in index order up to k.
@@ -63,11 +59,11 @@ def _topk_kernel(val_ptr, idx_ptr, out_val_ptr, out_idx_ptr, n, k, stride_v, str
     tl.store(out_idx_ptr + dst, src, mask=take)
 
 
-def topk_indices(scores: torch.Tensor, k: int, slice_len: int | None = None, num_warps: int | None = None,
-                 ways: int = 2) -> torch.Tensor:
+def topk_indices(scores: torch.Tensor, k: int, slice_len: int | None = None,
+                 num_warps: int | None = None) -> torch.Tensor:
     """Same contract as kernels.reference.topk_indices (the Triton path needs 2 * k <= slice_len).
-    slice_len (a power of two), num_warps (default: 8 from slices of 2,048, else 4) and ways (a power of
-    two: thresholds a counting pass) are tuning knobs (bench/probes/probe_topk.py)."""
+    slice_len (a power of two; default below) and num_warps (default: 8 from slices of 2,048, else 4) are
+    tuning knobs (bench/probes/probe_topk.py)."""
     h, n = check_topk(scores, k)
     check_launch_device("topk_indices", scores)
     # Slices of at least 4k: at k = 864 of 8,217 (the 1.5B at 32K) 2,048-score slices shrank a row over 4
@@ -85,7 +81,7 @@ def topk_indices(scores: torch.Tensor, k: int, slice_len: int | None = None, num
         out_i = torch.empty(h, pieces * k, dtype=torch.long, device=scores.device)
         _topk_kernel[(h, pieces)](vals, out_i if idx is None else idx, out_v, out_i, n, k, vals.stride(0),
                                   0 if idx is None else idx.stride(0), out_v.stride(0), CHUNK=width,
-                                  HAS_IDX=idx is not None, WAYS=ways, num_warps=num_warps or (8 if width >= 2048 else 4))
+                                  HAS_IDX=idx is not None, num_warps=num_warps or (8 if width >= 2048 else 4))
         if pieces == 1:
             return out_i
         vals, idx, n = out_v, out_i, pieces * k

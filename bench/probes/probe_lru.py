@@ -75,7 +75,7 @@ def run(fn, sels, h: int, n: int, blocks: int, dev) -> tuple[list, list[float], 
 
 def main() -> None:
     dev = torch.device("cuda")
-    meta = provenance(torch.cuda.get_device_name(dev))
+    meta = provenance("cuda")
     meta["command"] = "bench/probes/probe_lru.py"
     g, rows = torch.Generator().manual_seed(0), []
     for what, h, k, n, blocks in SHAPES:

@@ -44,7 +44,7 @@ CONFIGS = [(tb, w) for tb in (16, 32, 64, 128) for w in (4, 8)]
 
 def main() -> None:
     out = Path(os.environ.get("OUT", RESULTS))
-    meta = provenance(torch.cuda.get_device_name())
+    meta = provenance("cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     d, r = 128, 32
     rows = []

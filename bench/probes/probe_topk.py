@@ -64,7 +64,7 @@ SHAPES = [  # (what, rows = KV heads, candidates, k)
 def main() -> None:
     out = Path(os.environ.get("OUT", RESULTS))
     g = torch.Generator(device="cuda").manual_seed(0)
-    meta = provenance(torch.cuda.get_device_name())
+    meta = provenance("cuda")
     rows = []
     for what, h, n, k in SHAPES:
         scores = torch.randn(h, n, device="cuda", generator=g)

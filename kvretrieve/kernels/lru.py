@@ -68,8 +68,10 @@ def _lru_kernel(ids_ptr, sob_ptr, bos_ptr, used_ptr, stamp_ptr, counts_ptr, slot
         tl.atomic_add(counts_ptr + 1, tl.sum(miss.to(tl.int64), 0))
 
 
-def lru_lookup(ids, slot_of_block, block_of_slot, last_used, stamp, counts, num_warps: int = 4):
-    """Same contract as kernels.reference.lru_lookup; num_warps is a tuning knob (bench/probes/probe_lru.py)."""
+def lru_lookup(ids, slot_of_block, block_of_slot, last_used, stamp, counts, num_warps: int | None = None):
+    """Same contract as kernels.reference.lru_lookup; num_warps is a tuning knob (bench/probes/probe_lru.py).
+    Its default: 8 from 1,024 slots (the 1.5B's 1,728: 70 against 99 us a lookup with 4, launch included,
+    bench/results/probe_lru_h100.md), else 4 (at the 8B shape's 128-256 slots as fast as any)."""
     h, k, n = check_lru(ids, slot_of_block, block_of_slot, last_used, stamp)
     check_launch_device("lru_lookup", ids, slot_of_block, block_of_slot, last_used, stamp)
     slot = torch.empty(h, k, dtype=torch.int32, device=ids.device)
@@ -81,5 +83,6 @@ def lru_lookup(ids, slot_of_block, block_of_slot, last_used, stamp, counts, num_
     _lru_kernel[(h,)](ids.contiguous(), slot_of_block, block_of_slot, last_used, stamp,
                       counts if counts is not None else slot, slot, fetch.view(torch.int8), order,
                       k, n, slot_of_block.stride(0), block_of_slot.stride(0),
-                      COUNT=counts is not None, K=triton.next_power_of_2(k), N=N, num_warps=num_warps)
+                      COUNT=counts is not None, K=triton.next_power_of_2(k), N=N,
+                      num_warps=num_warps or (8 if n >= 1024 else 4))
     return slot, fetch

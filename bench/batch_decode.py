@@ -38,7 +38,7 @@ from kvretrieve.memory import process_rss_bytes  # noqa: E402
 
 WARM_STEPS = 3
 COLUMNS = ["sessions", "context", "attention", "launch", "tokens_per_s", "x_one_session", "step_ms_p50", "step_ms_p99",
-           "ttft_s_p50", "ttft_s_max", "h2d_mb_per_token", "cache_hit", "kernel_ms", "peak_gpu_gib", "host_rss_gib",
+           "ttft_s_p50", "ttft_s_max", "h2d_mb_per_token", "cache_hit", "kernel_ms", "gpu_busy_ms", "peak_gpu_gib", "host_rss_gib",
            "steps"]
 NOTES = ("tokens_per_s: sessions x 1000 / step_ms_p50, the rate of a typical step. step_ms: the time of one "
          "batched step, which is each session's time per token. ttft_s: each session's prefill alone (to its first "
@@ -46,7 +46,9 @@ NOTES = ("tokens_per_s: sessions x 1000 / step_ms_p50, the rate of a typical ste
          "from the CPU store per token of a session; cache_hit: the share of selected blocks already on the GPU. "
          "launch: the sessions' sparse attention in one launch a layer (kernels.sparse_decode_rows) or one per "
          "session (--launch). kernel_ms (--kernels): the GPU time of a step's kernels, summed (rows' streams "
-         "overlap, so it may exceed step_ms). peak_gpu_gib: torch's peak allocation over the row; host_rss_gib: "
+         "overlap, so it may exceed step_ms); gpu_busy_ms: how long any kernel or copy ran a step (their union: "
+         "kernel_ms / gpu_busy_ms is how many ran at once on average, step_ms - gpu_busy_ms the time none did). "
+         "peak_gpu_gib: torch's peak allocation over the row; host_rss_gib: "
          "the process's resident memory after it.")
 
 
@@ -95,6 +97,7 @@ def measure(decoder, tok, n: int, context: int, steps: int, chunk: int, cfg: Ret
     if kernels and dev.type == "cuda":  # after the counters: the profiled steps are not in the rates
         row["kernels"] = kernel_times(batch.step, kernels)
         row["kernel_ms"] = row["kernels"][-1]["us_per_step"] / 1e3
+        row["gpu_busy_ms"] = row["kernels"][-1]["busy_us_per_step"] / 1e3
     del sessions, batch
     gc.collect()
     if dev.type == "cuda":

@@ -179,7 +179,8 @@ def kernel_times(step, steps: int) -> list[dict]:
     sum says how busy the GPU was; with streams side by side it can exceed the wall time. One more step
     runs first as the profiler's warm-up, unrecorded: profiling from the first step counted 3 of 4
     steps' kernels (24 LRU lookups a step for the 8B shape's 32 layers, 21 for the 1.5B's 28; H100,
-    bench/results/batch_decode_8b_32k_launch.json), so the kernel_ms of those runs read ~1/4 low."""
+    bench/results/batch_decode_8b_32k_launch.json), so the kernel_ms of those runs read ~1/4 low. The
+    "all kernels" row also says how long the device was busy a step (_busy)."""
     schedule = torch.profiler.schedule(wait=0, warmup=1, active=steps, repeat=1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], schedule=schedule) as prof:
         for _ in range(steps + 1):
@@ -191,7 +192,23 @@ def kernel_times(step, steps: int) -> list[dict]:
     rows.sort(key=lambda r: -r["us_per_step"])
     total = {"kernel": "all kernels", "us_per_step": sum(r["us_per_step"] for r in rows),
              "calls_per_step": sum(r["calls_per_step"] for r in rows)}
+    total.update(_busy(prof.events(), steps))
     return rows[:15] + [total]
+
+
+def _busy(events, steps: int) -> dict:
+    """How much of a step the device had any kernel or copy running (the union of their intervals) and on
+    how many streams: with rows' streams side by side, summed kernel time over busy time is how many ran
+    at once on average, and busy time under the step's wall time is time nothing ran (dependencies,
+    launches)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    streams = {e.thread for e in events if e.device_type == torch.autograd.DeviceType.CUDA}
+    return {"busy_us_per_step": busy / steps, "streams": len(streams)}
 
 
 if __name__ == "__main__":  # python bench/common.py tree: what a copy without git needs to name its commit

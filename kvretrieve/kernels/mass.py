@@ -21,10 +21,7 @@ import triton
 import triton.language as tl
 
 from kvretrieve.kernels.checks import check_launch_device, check_lowrank_mass
-from kvretrieve.kernels.scoring import _dot_f32, _group_queries, _split_work
-
-# About this many programs in all (4 per H100 SM, as the max kernel runs fastest with).
-_PROGRAMS = 4 * 132
+from kvretrieve.kernels.scoring import _LOWRANK_PROGRAMS, _dot_f32, _group_queries, _split_work
 
 
 @triton.jit
@@ -108,7 +105,7 @@ def _group_share_kernel(x_ptr, part_ptr, out_ptr, n_blocks, n_parts, stride_xh, 
 
 
 def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale, tile: int = 64,
-                       num_warps: int = 4, programs: int = _PROGRAMS):
+                       num_warps: int = 4, programs: int = _LOWRANK_PROGRAMS):
     """Triton version of reference.lowrank_block_mass -> [Hkv, n_blocks] float32. Tuning knobs
     (bench/probes/probe_mass_kernel.py): tile (blocks a tile, >= 16: a dot's N), num_warps and programs
     (about, in all). Tiles of 64 with 4 warps were the fastest at blocks of 4 (the layout the defaults score

@@ -16,7 +16,7 @@ from kvretrieve.kernels import reference as ref
 # slice limit, ties, masked (-inf) candidates as the decode step passes them, negative scores.
 CASES = [(3, 100, 7, "randn"), (8, 2048, 128, "randn"), (8, 8704, 128, "masked"), (2, 5000, 1024, "randn"),
          (3, 4100, 64, "ties"), (1, 40, 40, "negative"), (2, 3000, 0, "randn"), (8, 33000, 128, "masked")]
-SLICES = (None, 4096)  # scores a program (topk.topk_indices' knob): its default (by k) and a wide one
+KNOBS = ((None, True), (4096, True), (None, False))  # topk_indices' slice_len and stop_at_k
 
 
 def scores_for(h: int, n: int, kind: str, device="cpu") -> torch.Tensor:
@@ -71,9 +71,10 @@ def interp_main() -> None:
 
     out = {}
     for h, n, k, kind in CASES:
-        for width in SLICES:
+        for width, stop in KNOBS:
             if 2 * k <= topk.TOPK_SLICE:
-                out[f"{h}-{n}-{k}-{kind}-{width}"] = topk.topk_indices(scores_for(h, n, kind), k, width).tolist()
+                got = topk.topk_indices(scores_for(h, n, kind), k, width, stop_at_k=stop)
+                out[f"{h}-{n}-{k}-{kind}-{width}{stop}"] = got.tolist()
     print("RESULTS " + json.dumps(out))
 
 
@@ -83,7 +84,7 @@ def interp_results():
 
 
 def test_triton_interpreter_gives_a_top_k(interp_results):
-    assert len(interp_results) == len(SLICES) * sum(2 * k <= 2048 for _, _, k, _ in CASES)
+    assert len(interp_results) == len(KNOBS) * sum(2 * k <= 2048 for _, _, k, _ in CASES)
     for name, got in interp_results.items():
         h, n, k, kind, _ = name.split("-")
         check_against_topk(scores_for(int(h), int(n), kind), int(k), torch.tensor(got, dtype=torch.long).view(int(h), int(k)))
@@ -98,9 +99,9 @@ def test_cuda_dispatch_gives_a_top_k(case):
     h, n, k, kind = case
     s = scores_for(h, n, kind, "cuda")
     check_against_topk(s, k, kernels.topk_indices(s, k))
-    for width in SLICES:
+    for width, stop in KNOBS:
         if 2 * k <= topk.TOPK_SLICE:
-            check_against_topk(s, k, topk.topk_indices(s, k, width))
+            check_against_topk(s, k, topk.topk_indices(s, k, width, stop_at_k=stop))
 
 
 @pytest.mark.parametrize("ranked", [False, True])

@@ -22,7 +22,7 @@ TOPK_SLICE = 2048  # scores per program; a slice must be at least 2 * k for the 
 # n changes with the context: specialising on it would compile new variants mid-generation.
 @triton.jit(do_not_specialize=["n", "k"])
 def _topk_kernel(val_ptr, idx_ptr, out_val_ptr, out_idx_ptr, n, k, stride_v, stride_i, stride_out,
-                 CHUNK: tl.constexpr, HAS_IDX: tl.constexpr):
+                 CHUNK: tl.constexpr, HAS_IDX: tl.constexpr, STOP_AT_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     piece = tl.program_id(1)
     offs = piece * CHUNK + tl.arange(0, CHUNK)
@@ -37,13 +37,20 @@ def _topk_kernel(val_ptr, idx_ptr, out_val_ptr, out_idx_ptr, n, k, stride_v, str
     # The largest t with count(key >= t) >= k is the k-th largest key: bisect over the int32 range.
     # (Counting against 16 thresholds a pass, 9 passes, was slower on an H100 in every shape:
     # bench/results/probe_topk_h100.md, ways 16.)
+    # STOP_AT_K: a threshold with exactly k keys at or above it serves as well as the k-th key itself,
+    # and with distinct scores the halving meets the gap below the k-th key after about half its
+    # passes (a prediction: not yet timed on a GPU, bench/probes/probe_topk.py times both).
     lo = tl.full((), -2147483649, tl.int64)
     hi = tl.full((), 2147483647, tl.int64)
-    for _ in range(33):
+    more = lo < hi
+    while more:
         mid = (lo + hi + 1) >> 1
-        enough = tl.sum((key >= mid).to(tl.int32), 0) >= k
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
+        count = tl.sum((key >= mid).to(tl.int32), 0)
+        lo = tl.where(count >= k, mid, lo)
+        hi = tl.where(count >= k, hi, mid - 1)
+        more = lo < hi
+        if STOP_AT_K:
+            more = more & (count != k)
     above = key > lo
     tie = key == lo
     # All keys above the k-th, then the first ties in index order up to k.
@@ -59,11 +66,11 @@ def _topk_kernel(val_ptr, idx_ptr, out_val_ptr, out_idx_ptr, n, k, stride_v, str
     tl.store(out_idx_ptr + dst, src, mask=take)
 
 
-def topk_indices(scores: torch.Tensor, k: int, slice_len: int | None = None,
-                 num_warps: int | None = None) -> torch.Tensor:
+def topk_indices(scores: torch.Tensor, k: int, slice_len: int | None = None, num_warps: int | None = None,
+                 stop_at_k: bool = True) -> torch.Tensor:
     """Same contract as kernels.reference.topk_indices (the Triton path needs 2 * k <= slice_len).
-    slice_len (a power of two; default below) and num_warps (default: 8 from slices of 2,048, else 4) are
-    tuning knobs (bench/probes/probe_topk.py)."""
+    slice_len (a power of two; default below), num_warps (default: 8 from slices of 2,048, else 4) and
+    stop_at_k (the kernel's STOP_AT_K) are tuning knobs (bench/probes/probe_topk.py)."""
     h, n = check_topk(scores, k)
     check_launch_device("topk_indices", scores)
     # Slices of at least 4k: at k = 864 of 8,217 (the 1.5B at 32K) 2,048-score slices shrank a row over 4
@@ -81,7 +88,8 @@ def topk_indices(scores: torch.Tensor, k: int, slice_len: int | None = None,
         out_i = torch.empty(h, pieces * k, dtype=torch.long, device=scores.device)
         _topk_kernel[(h, pieces)](vals, out_i if idx is None else idx, out_v, out_i, n, k, vals.stride(0),
                                   0 if idx is None else idx.stride(0), out_v.stride(0), CHUNK=width,
-                                  HAS_IDX=idx is not None, num_warps=num_warps or (8 if width >= 2048 else 4))
+                                  HAS_IDX=idx is not None, STOP_AT_K=stop_at_k,
+                                  num_warps=num_warps or (8 if width >= 2048 else 4))
         if pieces == 1:
             return out_i
         vals, idx, n = out_v, out_i, pieces * k

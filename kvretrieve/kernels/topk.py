@@ -39,7 +39,7 @@ def _topk_kernel(val_ptr, idx_ptr, out_val_ptr, out_idx_ptr, n, k, stride_v, str
     # bench/results/probe_topk_h100.md, ways 16.)
     # STOP_AT_K: a threshold with exactly k keys at or above it serves as well as the k-th key itself,
     # and with distinct scores the halving meets the gap below the k-th key after about half its
-    # passes (a prediction: not yet timed on a GPU, bench/probes/probe_topk.py times both).
+    # passes (a prediction: not yet timed on a GPU, so off by default; bench/probes/probe_topk.py times both).
     lo = tl.full((), -2147483649, tl.int64)
     hi = tl.full((), 2147483647, tl.int64)
     more = lo < hi
@@ -67,7 +67,7 @@ def _topk_kernel(val_ptr, idx_ptr, out_val_ptr, out_idx_ptr, n, k, stride_v, str
 
 
 def topk_indices(scores: torch.Tensor, k: int, slice_len: int | None = None, num_warps: int | None = None,
-                 stop_at_k: bool = True) -> torch.Tensor:
+                 stop_at_k: bool = False) -> torch.Tensor:
     """Same contract as kernels.reference.topk_indices (the Triton path needs 2 * k <= slice_len).
     slice_len (a power of two; default below), num_warps (default: 8 from slices of 2,048, else 4) and
     stop_at_k (the kernel's STOP_AT_K) are tuning knobs (bench/probes/probe_topk.py)."""

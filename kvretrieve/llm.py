@@ -5,9 +5,8 @@ what is already cached (the documents of a chat, earlier turns) and only the res
 """
 from __future__ import annotations
 
-import threading
 import time
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Generator, Union
@@ -18,11 +17,12 @@ from .config import RetrievalConfig, SamplingParams
 from .doc_cache import DocumentCache, shared_prefix
 from .engine.engine import Engine
 from .engine.sampling import Sampler
-from .errors import BusyError, InputError, SavedPrefillError
+from .errors import InputError, SavedPrefillError
 from .models.llama import Decoder
 from .models.tokenizer import Tokenizer
 from .resolve import AttentionChoice
 from .textout import TextOut
+from .turns import Turns
 
 if TYPE_CHECKING:
     from .persist import SaveInfo
@@ -50,29 +50,6 @@ class GenerationResult:
         return 1e3 * self.decode_s / max(1, len(self.token_ms))
 
 
-class _Turns:
-    """One use of an LLM's cache at a time. Another thread waits for its turn (calls on a shared LLM
-    run one after the other); the thread that holds the turn (an unfinished stream() generator) is
-    refused at once, since waiting would never end."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._owner: int | None = None
-
-    @contextmanager
-    def __call__(self, what: str):
-        me = threading.get_ident()
-        if self._owner == me:
-            raise BusyError(f"{what} while a stream() of this LLM is still open in this thread; iterate it to the "
-                            "end or close() it first (or use a second LLM)")
-        with self._lock:
-            self._owner = me
-            try:
-                yield
-            finally:
-                self._owner = None
-
-
 class LLM:
     """A loaded model and its KV cache (kvretrieve.load makes one). One LLM may be shared by threads:
     each call (a whole stream() generator included) has the cache to itself, the others wait."""
@@ -82,7 +59,7 @@ class LLM:
         self.model, self.tokenizer, self.engine, self.source = model, tokenizer, engine, source
         self._attention = attention
         self._ids: list[int] = []  # the tokens whose K,V the cache holds, in order
-        self._turn = _Turns()
+        self._turn = Turns()
         self.last: GenerationResult | None = None
         # Saved prefills (doc_cache.DocumentCache) a prompt may start with: reopened instead of
         # prefilled (serve sets it; None: only the live cache's prefix is reused).

@@ -620,6 +620,53 @@ def test_ctrl_c_at_any_line_of_a_streamed_answer_leaves_the_next_answer_as_fresh
     assert n > 200
 
 
+class _Watching(_InterruptAt):
+    """_InterruptAt that also notes the line events (their counts) inside files ending with `watch`."""
+
+    def __init__(self, n: int | None, watch: str):
+        super().__init__(n)
+        self.watch, self.seen = watch, []
+
+    def __call__(self, frame, event, arg):
+        if event == "line" and frame.f_code.co_filename.endswith(self.watch):
+            self.seen.append(self.count + 1)
+        return super().__call__(frame, event, arg)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_ctrl_c_at_any_line_of_taking_the_turn_never_leaves_it_taken(tiny, ahead):
+    """A Ctrl-C at any line of kvretrieve/turns.py (or the line after) while a stream() takes or gives back
+    the LLM's turn: another thread still gets the turn. On Python 3.11 a cut at a `try:` or at a `with`'s
+    exit skips the code that gives a lock back; such a cut once hung the suite (the test above, whose
+    every-34th-line cuts moved onto one when code elsewhere changed)."""
+    retrieval = RetrievalConfig(index="lowrank", block_size=8, rank=8, budget_tokens=32, window_tokens=32)
+    llm = kvretrieve.load(tiny, device="cpu", dtype="float32", max_context=4096, retrieval=retrieval)
+    llm.engine.ahead = ahead
+
+    def stream():
+        return list(llm.stream(DOC.read_text()[:300] + "\nWho kept the lamp?", max_new_tokens=3))
+
+    count = _Watching(None, "turns.py")
+    count.run(stream)
+    assert len(count.seen) >= 6
+    for n in sorted({m + d for m in count.seen for d in (0, 1)}):
+        cut = _InterruptAt(n)
+        try:
+            cut.run(stream)
+        except KeyboardInterrupt:
+            pass
+        taken = []
+
+        def take():
+            with llm._turn("another thread"):
+                taken.append(True)
+
+        other = threading.Thread(target=take, daemon=True)
+        other.start()
+        other.join(10)
+        assert taken, f"the turn stayed taken after a cut at line event {n} in {cut.where}"
+
+
 def test_interrupts_deferred_holds_ctrl_c_until_the_block_ends():
     from kvretrieve.engine.interrupts import interrupts_deferred
 

@@ -201,14 +201,12 @@ def _busy(events, steps: int) -> dict:
     how many streams: with rows' streams side by side, summed kernel time over busy time is how many ran
     at once on average, and busy time under the step's wall time is time nothing ran (dependencies,
     launches)."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     busy, end = 0.0, float("-inf")
-    for a, b in spans:
+    for a, b in sorted((e.time_range.start, e.time_range.end) for e in device):
         busy += max(0.0, b - max(a, end))
         end = max(end, b)
-    streams = {e.thread for e in events if e.device_type == torch.autograd.DeviceType.CUDA}
-    return {"busy_us_per_step": busy / steps, "streams": len(streams)}
+    return {"busy_us_per_step": busy / steps, "streams": len({e.thread for e in device})}
 
 
 if __name__ == "__main__":  # python bench/common.py tree: what a copy without git needs to name its commit

@@ -78,7 +78,6 @@ def check_sparse_decode(q, k_pool, v_pool, slots, tail_len) -> tuple[int, int, i
     return hkv, g, slots.shape[1], bs, d
 
 
-
 def check_decode_rows(q: torch.Tensor, rows: RowTensors, layer: int) -> tuple[int, int]:
     """sparse_decode_rows' q [B, Hq, d] against its rows (kernels/rows.py: the pools' dtype and head
     dim, the layer); returns (Hkv, G)."""
@@ -102,6 +101,7 @@ def check_lowrank_rows(q: torch.Tensor, rows: RowTensors, layer: int, n_blocks: 
         fail(op, f"need 0 <= n_blocks*block_size <= {sketch.shape[2]} (the sketch's capacity) and block_size > 0, "
                  f"got {n_blocks}, {block_size}")
     return hkv, g, proj.shape[3]
+
 
 def check_lowrank(q, proj, mean, sketch, n_blocks, block_size, op="lowrank_block_scores") -> tuple[int, int, int]:
     """Validate lowrank_block_scores inputs (mean None: lowrank_block_mass, which has none); returns

@@ -110,7 +110,6 @@ def decode_rows(rows: list[tuple[torch.Tensor, ...]]) -> RowTensors:
     return got
 
 
-
 def lowrank_rows(rows: list[tuple[torch.Tensor, ...]]) -> RowTensors:
     """Low-rank scoring's rows: (proj [L, Hkv, d, r], mean [L, Hkv, d], sketch [L, Hkv, cap, r]) each,
     as an index's row_operands() gives them."""
@@ -123,7 +122,6 @@ def lowrank_rows(rows: list[tuple[torch.Tensor, ...]]) -> RowTensors:
         fail(op, f"proj [L, Hkv, d, r], mean [L, Hkv, d] and sketch [L, Hkv, cap, r] disagree: "
                  f"{tuple(proj.shape)}, {tuple(mean.shape)}, {tuple(sketch.shape)}")
     return got
-
 
 
 __all__ = ["RowTensors", "StepRows", "mismatch", "decode_rows", "lowrank_rows", "DECODE", "LOWRANK"]

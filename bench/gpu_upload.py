@@ -1,12 +1,12 @@
 """Bring a verified evaluation GGUF (bench/eval_models.py) to the GPU machine, part by part.
 
-That machine receives only files inside the repository working tree, at most ~60 MiB of ignored files
-per call (the `carry` list), and keeps ignored files between calls while it stays warm. So the file is
-cut here into 60 MiB parts in the ignored folder .eval_models/, one part travels per call, and every
+That machine receives only files inside the repository working tree, at most 64 MiB a call with the
+tracked tree itself (~4.5 MiB) and the `carry` list, and keeps ignored files between calls while it
+stays warm. So the file is cut here into 56 MiB parts in the ignored folder .eval_models/, one part travels per call, and every
 call runs `join`, which checks the parts that have arrived and, once all are there, reassembles the
 file, verifies its sha256 and deletes the parts.
 
-The exact sequence, for the 1.5B (18 parts; the 0.5B has 8), all calls on one warm machine:
+The exact sequence, for the 1.5B (20 parts; the 0.5B has 9), all calls on one warm machine:
 
     here:  python bench/gpu_upload.py split 1.5b                      # prints the carry list of every call
            python bench/longctx_corpus.py .eval_models/corpus.json   # the corpus the GPU run reads
@@ -15,7 +15,7 @@ The exact sequence, for the 1.5B (18 parts; the 0.5B has 8), all calls on one wa
            run(command="python bench/gpu_upload.py join 1.5b", carry=[".eval_models/1.5b/part-01"])
            ... one call per part ...
            run(command="KVRETRIEVE_CACHE=$PWD/.eval_models/cache python bench/gpu_upload.py join 1.5b --convert",
-               carry=[".eval_models/1.5b/part-17", ".eval_models/corpus.json"])   # -> verified, converted once
+               carry=[".eval_models/1.5b/part-19", ".eval_models/corpus.json"])   # -> verified, converted once
            run(command="KVRETRIEVE_CACHE=$PWD/.eval_models/cache <what `python bench/common.py tree` prints> "
                        "python bench/longctx.py --corpus .eval_models/corpus.json --lengths 8K,16K")
            # the results come back from $OUT: copy longctx.json/.md into bench/results/ here, then
@@ -42,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval_models  # noqa: E402
 
 FOLDER = eval_models.REPO / ".eval_models"
-PART = 60 << 20  # bytes: a part plus the manifest (or the 2.5 MB corpus with the short last part) fits a call
+# bytes: a part plus the tracked tree, the manifest (or the 2.5 MB corpus with the short last part) and
+# the small scripts of a call fit its 64 MiB (60 MiB parts stopped fitting once the tree passed 4 MiB)
+PART = 56 << 20
 
 
 def split(name: str) -> list[Path]:

@@ -16,7 +16,7 @@ from kvretrieve.kernels import reference as ref
 # slice limit, ties, masked (-inf) candidates as the decode step passes them, negative scores.
 CASES = [(3, 100, 7, "randn"), (8, 2048, 128, "randn"), (8, 8704, 128, "masked"), (2, 5000, 1024, "randn"),
          (3, 4100, 64, "ties"), (1, 40, 40, "negative"), (2, 3000, 0, "randn"), (8, 33000, 128, "masked")]
-KNOBS = ((None, False), (4096, False), (None, True))  # topk_indices' slice_len and stop_at_k
+KNOBS = ((None, True), (4096, True), (None, False))  # topk_indices' slice_len and stop_at_k
 
 
 def scores_for(h: int, n: int, kind: str, device="cpu") -> torch.Tensor:

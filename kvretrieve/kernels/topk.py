@@ -36,10 +36,11 @@ def _topk_kernel(val_ptr, idx_ptr, out_val_ptr, out_idx_ptr, n, k, stride_v, str
     key = tl.where(valid, key, -2147483649)
     # The largest t with count(key >= t) >= k is the k-th largest key: bisect over the int32 range.
     # (Counting against 16 thresholds a pass, 9 passes, was slower on an H100 in every shape:
-    # bench/results/probe_topk_h100.md, ways 16.)
+    # bench/results/probe_topk_h100.md as committed at 64dd378, ways 16.)
     # STOP_AT_K: a threshold with exactly k keys at or above it serves as well as the k-th key itself,
-    # and with distinct scores the halving meets the gap below the k-th key after about half its
-    # passes (a prediction: not yet timed on a GPU, so off by default; bench/probes/probe_topk.py times both).
+    # and with distinct scores the halving meets the gap below the k-th key before its 33 passes end:
+    # 28 -> 24 us at the 1.5B's 32K, 10 -> 7 at its 8K, 21 -> 17 at the 8B shape's 512K (H100,
+    # bench/results/probe_topk_h100.md).
     lo = tl.full((), -2147483649, tl.int64)
     hi = tl.full((), 2147483647, tl.int64)
     more = lo < hi
@@ -67,7 +68,7 @@ def _topk_kernel(val_ptr, idx_ptr, out_val_ptr, out_idx_ptr, n, k, stride_v, str
 
 
 def topk_indices(scores: torch.Tensor, k: int, slice_len: int | None = None, num_warps: int | None = None,
-                 stop_at_k: bool = False) -> torch.Tensor:
+                 stop_at_k: bool = True) -> torch.Tensor:
     """Same contract as kernels.reference.topk_indices (the Triton path needs 2 * k <= slice_len).
     slice_len (a power of two; default below), num_warps (default: 8 from slices of 2,048, else 4) and
     stop_at_k (the kernel's STOP_AT_K) are tuning knobs (bench/probes/probe_topk.py)."""

@@ -33,7 +33,7 @@ from kvretrieve.api import build, load_decoder  # noqa: E402
 from kvretrieve.cli.options import parse_tokens  # noqa: E402
 from kvretrieve.cli.profile import prompt_ids  # noqa: E402
 from kvretrieve.config import RetrievalConfig, RuntimeConfig  # noqa: E402
-from kvretrieve.engine.batch import Batch  # noqa: E402
+from kvretrieve.engine.batch import Batch, widen_hardware_queues  # noqa: E402
 from kvretrieve.memory import process_rss_bytes  # noqa: E402
 
 WARM_STEPS = 3
@@ -151,6 +151,7 @@ def main() -> None:
     if args.rewrite:
         rewrite(args.rewrite)
         return
+    widen_hardware_queues()  # as `kvretrieve serve` does, before CUDA starts
     context = parse_tokens(args.context)
     name, *opts = args.kind.split(":")
     cfg = None if name == "off" else RetrievalConfig(index=name, **config_fields(opts, f"--kind {args.kind}"))
@@ -169,7 +170,8 @@ def main() -> None:
             print(f"  {k['us_per_step']:9.1f} us {k['calls_per_step']:7.1f} calls  {k['kernel']}", flush=True)
     add_rates(rows)
     meta |= {"model": str(source), "dtype": str(decoder.dtype), "kind": args.kind, "launch": args.launch,
-             "run_by": "bench/batch_decode.py"}
+             "run_by": "bench/batch_decode.py",
+             "hardware_queues": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8 (CUDA's default)")}
     print(write_results(args.name or f"batch_decode_{decoder.device.type}", meta, stamp(rows, meta),
                         COLUMNS + ["error"], NOTES, Path(args.out)))
 

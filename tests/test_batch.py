@@ -13,8 +13,9 @@ from kvretrieve.engine.batch import Batch, decode_step
 
 PROMPTS = ["The lighthouse keeper wrote in his log that the storm", "def fibonacci(n):\n    \"\"\"Return",
            "List three colours of the rainbow:" * 12]
-# lowrank at these lengths scores blocks by mass (the fine layout); "max" (Loki's, the layout beyond 32K)
-# is the one a batched step scores in one launch (kernels.lowrank_block_scores_rows).
+# lowrank at these lengths scores blocks by mass (the fine layout); "max" is Loki's (the layout beyond 32K).
+# A batched step scores either in one launch (kernels.lowrank_block_mass_rows, lowrank_block_scores_rows)
+# and, where every row selects afresh as many blocks, picks them with one top-k.
 CONFIGS = {"dense": None,
            "lowrank": RetrievalConfig(index="lowrank", budget_tokens=32, window_tokens=16, sink_tokens=4, rank=8),
            "lowrank-max": RetrievalConfig(index="lowrank", budget_tokens=32, window_tokens=16, sink_tokens=4, rank=8,
@@ -152,7 +153,8 @@ def test_the_batcher_answers_every_request_when_a_reader_fails_or_after_it_stops
 def test_batched_steps_give_each_rows_logits_alone(tmp_path_factory, kind):
     """Three rows of a tiny random model, prompts long enough that each row's budget picks among many
     blocks: every logit of each row, step after step, equals its logit alone, with the rows' scoring
-    (lowrank-max) and sparse attention in one launch each; and with one launch a row (one_launch=False)."""
+    (by mass or max), top-k and sparse attention in one launch each; and with one launch a row
+    (one_launch=False)."""
     batched_logits_equal_alone(tmp_path_factory, kind, "cpu")
     batched_logits_equal_alone(tmp_path_factory, kind, "cpu", one_launch=False)
 

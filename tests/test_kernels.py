@@ -260,7 +260,8 @@ def _decode_checks(args, num_splits=None, tol=1e-5, tile_tokens=None):
 def _rows_checks(dtype, tol, device, shape, num_splits=None):
     """The batched launches (three rows, two layers each; tails 0, 3 and 8) against each row's
     reference alone, at every layer: a program that read another row's or layer's tensors would differ."""
-    from kvretrieve.kernels.rows import decode_rows, lowrank_rows
+    from kvretrieve.kernels.mass import lowrank_block_mass_rows
+    from kvretrieve.kernels.rows import decode_rows, lowrank_rows, mass_rows
     from kvretrieve.kernels.scoring import lowrank_block_scores_rows
     from kvretrieve.kernels.sparse_decode import sparse_decode_rows
 
@@ -272,18 +273,22 @@ def _rows_checks(dtype, tol, device, shape, num_splits=None):
         d = layers[0][0].shape[1]
         cases = [scoring_case(4, dtype, d=d, nb=9, Hkv=layers[0][1].shape[0], seed=10 * b + layer, device=device)
                  for layer in range(2)]
-        idx.append(tuple(torch.stack([c[i] for c in cases]) for i in (1, 2, 3)))
+        idx.append(tuple(torch.stack([c[i] for c in cases]) for i in (1, 2, 3, 4)))  # kmin: the block means
     scale, q, res = layers[0][5], torch.stack(qs), []
-    ops, scoring = decode_rows(rows), lowrank_rows(idx)
+    ops, scoring = decode_rows(rows), lowrank_rows([i[:3] for i in idx])
+    by_mass = mass_rows([(proj, sk, means) for proj, _, sk, means in idx])
     mag = q.float().abs().sum(-1).max().item()
     for layer in range(2):
         out, lse = sparse_decode_rows(q, ops, layer, scale, num_splits=num_splits)
         scores = lowrank_block_scores_rows(q, scoring, layer, 9, 8)
-        for b, ((k, v, t, tail), (proj, mean, sk)) in enumerate(zip(rows, idx)):
+        mass = lowrank_block_mass_rows(q, by_mass, layer, 9, 8, scale)
+        for b, ((k, v, t, tail), (proj, mean, sk, means)) in enumerate(zip(rows, idx)):
             ref_out, ref_lse = R.sparse_decode(q[b], k[layer], v[layer], t[layer], tail, scale)
             want = R.lowrank_block_scores(q[b], proj[layer], mean[layer], sk[layer], 9, 8)
+            want_mass = R.lowrank_block_mass(q[b], proj[layer], sk[layer], means[layer], 9, 8, scale)
             res += [(f"out-{layer}-{b}", err(out[b], ref_out), tol), (f"lse-{layer}-{b}", err(lse[b], ref_lse), tol),
-                    (f"scores-{layer}-{b}", err(scores[b], want) / mag, 2e-5)]
+                    (f"scores-{layer}-{b}", err(scores[b], want) / mag, 2e-5),
+                    (f"mass-{layer}-{b}", err(mass[b], want_mass) / (mag * scale), 2e-5)]
     return res
 
 

@@ -11,9 +11,21 @@ Members with a body are defaults that a backend overrides only when it has somet
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Hashable, Protocol
 
 import torch
+
+
+@dataclass(frozen=True, eq=False)
+class RowScoring:
+    """One row's part in a batched step's one-launch block scoring (and top-k): see score_operands."""
+    kind: str                         # "max" or "mass": the index's block scores (kernels.rows.lowrank_rows, mass_rows)
+    tensors: tuple[torch.Tensor, ...]  # the index's operands (BlockIndex.row_operands)
+    n_blocks: int                     # blocks it scores this step
+    block_size: int
+    select_k: int                     # blocks per KV head it selects afresh this step from its scores alone
+                                      # (0: it reuses a selection, or ranks an estimation zone itself)
 
 
 class AttentionBackend(Protocol):
@@ -59,17 +71,22 @@ class AttentionBackend(Protocol):
         calling decode_select before it and decode_merge after it instead of decode. None otherwise."""
         return None
 
-    def score_operands(self) -> tuple[tuple[torch.Tensor, ...], int, int] | None:
+    def score_operands(self) -> RowScoring | None:
         """Decode, after begin, with sparse_operands: when this step scores blocks with an index that a
-        batched launch can score beside others (BlockIndex.row_operands), (those tensors, blocks to score,
-        block size); decode_select then takes this row's scores. None otherwise."""
+        batched launch can score beside others (BlockIndex.row_operands), what that launch needs of this
+        row; decode_select then takes this row's scores, or its chosen blocks. None otherwise."""
+        return None
+
+    def outside_blocks(self) -> torch.Tensor | None:
+        """Decode, after prologue, with score_operands: [n_blocks] bool, the blocks that are no
+        candidates this step (sinks, the window, beyond the context), for a top-k of the batch's scores."""
         return None
 
     def decode_select(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      scores: torch.Tensor | None = None) -> None:
+                      scores: torch.Tensor | None = None, chosen: torch.Tensor | None = None) -> None:
         """Decode with sparse_operands: decode's work up to its attention (store the token's k, v; fill
         this layer's slot table), with this layer's block scores [Hkv, >= n] when score_operands gave
-        the batch's launch its tensors."""
+        the batch's launch its tensors, or the blocks [Hkv, select_k] a top-k of the batch chose."""
         raise NotImplementedError(f"{type(self).__name__} has no sparse_operands")
 
     def decode_merge(self, layer: int, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from ..files import store_dir
 from ..index import BlockSummary, make_index
 from ..store import KVStore
 from ..store.saved import under
-from .base import AttentionBackend
+from .base import AttentionBackend, RowScoring
 from .decode_plan import DecodePlan
 from .placement import BlockPlacement
 from .prefill_attention import PrefillAttention
@@ -187,19 +187,28 @@ class RetrievalKV(AttentionBackend):
             return None
         return self.pool.k, self.pool.v, self.plan.tables, self.plan.tail_len, self.scale
 
-    def score_operands(self):
+    def score_operands(self) -> RowScoring | None:
         # A row that selects nothing this step (reused selection, too short a context) still takes
         # part: its scores go unread, and the others keep their one launch.
-        tensors = self.index.row_operands() if self.decoding else None
-        return None if tensors is None else (tensors, self.plan.score_blocks(), self.bs)
+        got = self.index.row_operands() if self.decoding else None
+        if got is None:
+            return None
+        plan = self.plan
+        select_k = plan.k if plan.reselect and plan.estimate_blocks() == 0 else 0
+        return RowScoring(got[0], got[1], plan.score_blocks(), self.bs, select_k)
+
+    def outside_blocks(self) -> torch.Tensor | None:
+        return self.plan.outside if self.decoding else None
 
     def decode_select(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      scores: torch.Tensor | None = None) -> None:
+                      scores: torch.Tensor | None = None, chosen: torch.Tensor | None = None) -> None:
         plan, pool = self.plan, self.pool
         shape = (self.H, -1, pool.k.shape[-1])
         pool.k[layer].view(shape).index_copy_(1, plan.ring_row, k.transpose(0, 1))
         pool.v[layer].view(shape).index_copy_(1, plan.ring_row, v.transpose(0, 1))
-        if plan.reselect:
+        if plan.reselect and chosen is not None:
+            ids, zone = chosen, None
+        elif plan.reselect:
             ids, zone = self.selector.choose(layer, q[0], scores)
         else:
             ids, zone = plan.sel_ids[layer, :, :plan.sel_k], None

@@ -13,8 +13,11 @@ the 8B shape launches some 30 small kernels per row and layer, and the host, not
 pace (bench/results/batch_decode_h200_32k_c51cedd.md: 79 ms a step for one row or two, eager).
 Where every row is a retrieval backend of one configuration, the rows' sparse attention is one launch
 a layer (kernels.sparse_decode_rows over each row's own pool and tables, kernels/rows.py), and so is
-their block scoring where the index is low-rank with max scores (kernels.lowrank_block_scores_rows);
-each row's top-k, lookup and fetch still run on its own stream.
+their block scoring where the index is low-rank (kernels.lowrank_block_scores_rows, _mass_rows); where
+every row also selects afresh the same number of blocks, one top-k picks them all. Each row's lookup
+and fetch still run on its own stream. A step is some 20 small kernels a row and layer, and with 8
+rows the GPU is busy most of the step (bench/results/batch_decode_15b_32k_s34.md): what a row's chain
+can share with the others', it shares.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from ..kernels.rows import DECODE, LOWRANK, StepRows, decode_rows, lowrank_rows, mismatch
+from ..kernels.rows import DECODE, LOWRANK, MASS, StepRows, decode_rows, lowrank_rows, mass_rows, mismatch
 from .engine import Engine
 
 HARDWARE_QUEUES = "32"  # CUDA_DEVICE_MAX_CONNECTIONS for batched steps (CUDA's default is 8, its maximum 32)
@@ -91,13 +94,15 @@ def _step_rows(ops: tuple | None) -> StepRows | None:
     if mismatch(DECODE, tensors) or len(scales) > 1:
         return None
     rows = StepRows(decode_rows(tensors), scales.pop())
-    if scoring is None:
+    if scoring is None or len({(s.kind, s.block_size) for s in scoring}) > 1:
         return rows
-    indexes, block_sizes = [t for t, _, _ in scoring], {bs for _, _, bs in scoring}
-    if mismatch(LOWRANK, indexes) or len(block_sizes) > 1:
+    mass, tensors, widths = scoring[0].kind == "mass", [s.tensors for s in scoring], {s.n_blocks for s in scoring}
+    # Mass scores are shares of a normaliser over the blocks scored: rows scoring as many only.
+    if mismatch(MASS if mass else LOWRANK, tensors) or (mass and len(widths) > 1):
         return rows
-    return replace(rows, scoring=lowrank_rows(indexes), n_blocks=max(n for _, n, _ in scoring),
-                   block_size=block_sizes.pop())
+    ks = {s.select_k for s in scoring}
+    return replace(rows, scoring=(mass_rows if mass else lowrank_rows)(tensors), mass=mass, n_blocks=max(widths),
+                   block_size=scoring[0].block_size, select_k=ks.pop() if len(ks) == 1 else 0)
 
 
 def _where(ops: tuple | None) -> tuple | None:
@@ -107,7 +112,8 @@ def _where(ops: tuple | None) -> tuple | None:
         return None
     decode, scoring = ops
     return (tuple(t.data_ptr() for o in decode for t in o[:4]),
-            None if scoring is None else tuple((tuple(t.data_ptr() for t in ts), n) for ts, n, _ in scoring))
+            None if scoring is None else tuple((tuple(t.data_ptr() for t in s.tensors), s.n_blocks, s.select_k)
+                                               for s in scoring))
 
 
 def _forward(engines: list[Engine], tokens: torch.Tensor, positions: torch.Tensor, streams,
@@ -115,6 +121,10 @@ def _forward(engines: list[Engine], tokens: torch.Tensor, positions: torch.Tenso
     """The device work of a batched step (what a graph of it records)."""
     for e in engines:
         e.backend.prologue()
+    if rows is not None and rows.select_k:  # each row's non-candidates, as wide as the scores
+        rows = replace(rows, outside=torch.stack([
+            torch.nn.functional.pad(o, (0, rows.n_blocks - o.shape[0]), value=True)
+            for o in (e.backend.outside_blocks() for e in engines)]))
     model = engines[0].model
     return model.logits(model.decode_rows(tokens, positions, [e.backend for e in engines], streams, rows))
 

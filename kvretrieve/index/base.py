@@ -31,9 +31,10 @@ class BlockIndex(Protocol):
     def scores(self, layer: int, q: torch.Tensor, n_blocks: int) -> torch.Tensor:
         """q [Hq, d] -> scores [Hkv, n_blocks] float32 of blocks 0..n_blocks-1 (higher = more relevant)."""
 
-    def row_operands(self) -> tuple[torch.Tensor, ...] | None:
-        """The tensors a batched step's one launch scores this index with, beside other rows' indexes of
-        the same kind and geometry (kernels.rows.lowrank_rows), or None where there is no such launch."""
+    def row_operands(self) -> tuple[str, tuple[torch.Tensor, ...]] | None:
+        """(its scores' kind, the tensors) a batched step's one launch scores this index with, beside other
+        rows' indexes of the same kind and geometry ("max": kernels.rows.lowrank_rows, "mass": mass_rows),
+        or None where there is no such launch."""
         return None
 
     def nbytes(self) -> int: ...

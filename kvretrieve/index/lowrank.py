@@ -80,9 +80,10 @@ class LowRankIndex(BlockIndex):
         return kernels.lowrank_block_scores(q, self.proj[layer], self.mean[layer], self.sketch[layer], n_blocks,
                                             self.bs)
 
-    def row_operands(self) -> tuple[torch.Tensor, ...] | None:
-        # Loki's max scores only: the mass scores' two kernels have no batched launch yet.
-        return None if self.block_means is not None else (self.proj, self.mean, self.sketch)
+    def row_operands(self) -> tuple[str, tuple[torch.Tensor, ...]] | None:
+        if self.block_means is not None:
+            return "mass", (self.proj, self.sketch, self.block_means)
+        return "max", (self.proj, self.mean, self.sketch)
 
     def state(self, n_blocks: int) -> dict[str, torch.Tensor]:
         out = {"sketch": self.sketch[:, :, :n_blocks * self.bs], "mean": self.mean, "proj": self.proj}

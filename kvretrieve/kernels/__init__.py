@@ -59,6 +59,13 @@ def lowrank_block_scores_rows(q, rows, layer, n_blocks, block_size):
     return impl(q, rows, layer, n_blocks, block_size)
 
 
+def lowrank_block_mass_rows(q, rows, layer, n_blocks, block_size, scale):
+    """lowrank_block_mass for the rows of a batched step in one launch of each kernel: q [B, Hq, d], row b
+    over layer `layer` of its own index (rows: kernels.rows.mass_rows) -> [B, Hkv, n_blocks] float32."""
+    impl = _tmass.lowrank_block_mass_rows if _use_triton(q) else _ref.lowrank_block_mass_rows
+    return impl(q, rows, layer, n_blocks, block_size, scale)
+
+
 def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale):
     """Estimated log attention share of each block, summed over the GQA group: q [Hq, d],
     proj [Hkv, d, r], sketch [Hkv, cap, r], block_means [Hkv, cap_blocks, d] -> [Hkv, n_blocks] float32."""
@@ -163,6 +170,6 @@ def quant_linear(x, w, bias=None):
 
 
 __all__ = ["HAS_TRITON", "sparse_decode", "sparse_decode_rows", "lowrank_block_scores", "lowrank_block_scores_rows",
-           "lowrank_block_mass", "block_rest", "lowrank_rest", "bounds_block_scores", "merge_attention", "lru_lookup",
+           "lowrank_block_mass", "lowrank_block_mass_rows", "block_rest", "lowrank_rest", "bounds_block_scores", "merge_attention", "lru_lookup",
            "fetch_blocks", "store_blocks",
            "max_dot_block_scores", "rms_norm", "apply_rope", "silu_mul", "topk_indices", "quant_linear"]

@@ -89,9 +89,10 @@ def check_decode_rows(q: torch.Tensor, rows: RowTensors, layer: int) -> tuple[in
     return hkv, g
 
 
-def check_lowrank_rows(q: torch.Tensor, rows: RowTensors, layer: int, n_blocks: int, block_size: int):
-    """lowrank_block_scores_rows' arguments against its rows (kernels/rows.py); returns (Hkv, G, r)."""
-    op = "lowrank_block_scores_rows"
+def check_lowrank_rows(q: torch.Tensor, rows: RowTensors, layer: int, n_blocks: int, block_size: int,
+                       op: str = "lowrank_block_scores_rows"):
+    """lowrank_block_scores_rows' (or lowrank_block_mass_rows') arguments against its rows
+    (kernels/rows.py); returns (Hkv, G, r)."""
     hkv, g = rows.check_query(op, q, layer, "proj")
     _float(op, "q", q)
     proj, sketch = rows["proj"][0], rows["sketch"][0]
@@ -100,6 +101,8 @@ def check_lowrank_rows(q: torch.Tensor, rows: RowTensors, layer: int, n_blocks: 
     if int(n_blocks) < 0 or int(block_size) <= 0 or n_blocks * block_size > sketch.shape[2]:
         fail(op, f"need 0 <= n_blocks*block_size <= {sketch.shape[2]} (the sketch's capacity) and block_size > 0, "
                  f"got {n_blocks}, {block_size}")
+    if "block_means" in rows.names and n_blocks > rows["block_means"][0].shape[2]:
+        fail(op, f"n_blocks {n_blocks} exceeds the block means' capacity {rows['block_means'][0].shape[2]}")
     return hkv, g, proj.shape[3]
 
 

@@ -20,21 +20,32 @@ import torch
 import triton
 import triton.language as tl
 
-from kvretrieve.kernels.checks import check_launch_device, check_lowrank_mass
+from kvretrieve.kernels.checks import check_launch_device, check_lowrank_mass, check_lowrank_rows
+from kvretrieve.kernels.rows import MASS, RowTensors
 from kvretrieve.kernels.scoring import _LOWRANK_PROGRAMS, _dot_f32, _group_queries, _split_work
+from kvretrieve.kernels.sparse_decode import _row_pointer
 
 
 @triton.jit
 def _mass_kernel(
-    q_ptr, proj_ptr, sk_ptr, bm_ptr, x_ptr, part_ptr, n_blocks, iters, scale,
+    q_ptr, proj_ptr, sk_ptr, bm_ptr, x_ptr, part_ptr, addr_ptr, n_blocks, iters, scale,
+    hkv, off_p, off_s, off_b, stride_qb,
     stride_qh, stride_qd, stride_ph, stride_pd, stride_pr, stride_sh, stride_st, stride_sr,
     stride_bh, stride_bb, stride_bd, stride_xh, stride_xg, stride_ah, stride_ap,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr,
     RP: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr, SK_F32: tl.constexpr, BM_F32: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, ROWS: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     pid = tl.program_id(1)
+    out_h = kvh  # x and the partial normalisers are [B * Hkv, ...]: one row after another
+    if ROWS:  # grid axis 0 is (row, KV head): the row's proj, sketch, block means through addr_ptr [B, 3]
+        row = kvh // hkv
+        kvh = kvh % hkv
+        a = addr_ptr + row * 3
+        proj_ptr, sk_ptr = _row_pointer(a, 0, proj_ptr, off_p), _row_pointer(a, 1, sk_ptr, off_s)
+        bm_ptr = _row_pointer(a, 2, bm_ptr, off_b)
+        q_ptr += row.to(tl.int64) * stride_qb
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, DP)
     offs_r = tl.arange(0, RP)
@@ -67,7 +78,7 @@ def _mass_kernel(
             m = m_new
             total += s
         x = tl.where(g_mask[:, None] & b_ok[None, :], x + m + tl.log(e) - total / BS, float("-inf"))
-        tl.store(x_ptr + kvh * stride_xh + offs_g[:, None] * stride_xg + blocks[None, :], x,
+        tl.store(x_ptr + out_h * stride_xh + offs_g[:, None] * stride_xg + blocks[None, :], x,
                  mask=g_mask[:, None] & b_ok[None, :])
         # each head's running log-sum-exp over its blocks
         nm = tl.maximum(run_m, tl.max(x, 1))
@@ -75,7 +86,7 @@ def _mass_kernel(
         run_s = run_s * tl.exp(run_m - sf) + tl.sum(tl.exp(x - sf[:, None]), 1)
         run_m = nm
     lse = tl.where(run_s > 0, run_m + tl.log(run_s), float("-inf"))
-    tl.store(part_ptr + kvh * stride_ah + pid * stride_ap + offs_g, lse, mask=g_mask)
+    tl.store(part_ptr + out_h * stride_ah + pid * stride_ap + offs_g, lse, mask=g_mask)
 
 
 @triton.jit
@@ -112,27 +123,52 @@ def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale
     by mass); at the 8B shape's 128K with blocks of 16, tiles of 32 were faster (43 against 58 us)."""
     hkv, g, r = check_lowrank_mass(q, proj, sketch, block_means, n_blocks, block_size)
     check_launch_device("lowrank_block_mass", q, proj, sketch, block_means)
-    n_blocks, block_size = int(n_blocks), int(block_size)
-    out = torch.empty(hkv, n_blocks, dtype=torch.float32, device=q.device)
+    return _launch(q, proj, sketch, block_means, int(n_blocks), int(block_size), scale, hkv, g, r,
+                   tile=tile, num_warps=num_warps, programs=programs)
+
+
+def lowrank_block_mass_rows(q, rows: RowTensors, layer: int, n_blocks: int, block_size: int, scale: float):
+    """lowrank_block_mass of B rows in one launch of each kernel: q [B, Hq, d], row b scoring blocks
+    0..n_blocks-1 of layer `layer` of its own index (rows: kernels.rows.mass_rows) -> [B, Hkv, n_blocks]
+    float32. Every row's normaliser runs over the same n_blocks, so a row's scores equal its own
+    launch's only where it would score as many."""
+    op = "lowrank_block_mass_rows"
+    hkv, g, r = check_lowrank_rows(q, rows, layer, n_blocks, block_size, op)
+    proj, sketch, means = (rows[name][0] for name in MASS)
+    check_launch_device(op, q, proj, rows.addresses)
+    offs = tuple(layer * t.stride(0) for t in (proj, sketch, means))
+    return _launch(q, proj[0], sketch[0], means[0], int(n_blocks), int(block_size), scale, hkv, g, r,
+                   rows=(rows.addresses, offs)).view(q.shape[0], hkv, -1)
+
+
+def _launch(q, proj, sketch, block_means, n_blocks, block_size, scale, hkv, g, r, tile: int = 64,
+            num_warps: int = 4, programs: int = _LOWRANK_PROGRAMS, rows: tuple | None = None):
+    """Both kernels over q [Hq, d] (or [B, Hq, d] with rows = (addresses [B, 3], element offsets of the
+    layer): proj, sketch and block_means are then row 0's layer, for strides and types) -> [B * Hkv,
+    n_blocks] float32 (B = 1 without rows)."""
+    B = q.shape[0] if rows else 1
+    heads = B * hkv
+    out = torch.empty(heads, n_blocks, dtype=torch.float32, device=q.device)
     if n_blocks == 0:
         return out
-    d, g_pad = q.shape[1], max(16, triton.next_power_of_2(g))
+    d, g_pad = q.shape[-1], max(16, triton.next_power_of_2(g))
     tb = max(16, min(tile, triton.next_power_of_2(n_blocks)))
-    progs, iters = _split_work(triton.cdiv(n_blocks, tb), hkv, programs)
-    x = torch.empty(hkv, g, n_blocks, dtype=torch.float32, device=q.device)
-    parts = torch.empty(hkv, progs, g, dtype=torch.float32, device=q.device)
-    _mass_kernel[(hkv, progs)](
-        q, proj, sketch, block_means, x, parts, n_blocks, iters, float(scale), q.stride(0), q.stride(1),
-        *proj.stride(), *sketch.stride(), *block_means.stride(), x.stride(0), x.stride(1), parts.stride(0),
-        parts.stride(1), G=g, GP=g_pad, D=d, DP=max(16, triton.next_power_of_2(d)), R=r,
-        RP=max(16, triton.next_power_of_2(r)), BS=block_size, TB=tb, SK_F32=sketch.dtype == torch.float32,
-        BM_F32=block_means.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=num_warps)
+    progs, iters = _split_work(triton.cdiv(n_blocks, tb), heads, programs)
+    x = torch.empty(heads, g, n_blocks, dtype=torch.float32, device=q.device)
+    parts = torch.empty(heads, progs, g, dtype=torch.float32, device=q.device)
+    addresses, offs = rows if rows else (out, (0, 0, 0))
+    _mass_kernel[(heads, progs)](
+        q, proj, sketch, block_means, x, parts, addresses, n_blocks, iters, float(scale), hkv, *offs,
+        q.stride(0) if rows else 0, q.stride(-2), q.stride(-1), *proj.stride(), *sketch.stride(),
+        *block_means.stride(), x.stride(0), x.stride(1), parts.stride(0), parts.stride(1), G=g, GP=g_pad, D=d,
+        DP=max(16, triton.next_power_of_2(d)), R=r, RP=max(16, triton.next_power_of_2(r)), BS=block_size,
+        TB=tb, SK_F32=sketch.dtype == torch.float32, BM_F32=block_means.dtype == torch.float32,
+        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", ROWS=rows is not None, num_warps=num_warps)
     chunk = min(1024, triton.next_power_of_2(n_blocks))
-    _group_share_kernel[(hkv, triton.cdiv(n_blocks, chunk))](
+    _group_share_kernel[(heads, triton.cdiv(n_blocks, chunk))](
         x, parts, out, n_blocks, progs, x.stride(0), x.stride(1), parts.stride(0), parts.stride(1), out.stride(0),
         G=g, GP=g_pad, PP=max(16, triton.next_power_of_2(progs)), CHUNK=chunk)
     return out
 
 
-__all__ = ["lowrank_block_mass"]
+__all__ = ["lowrank_block_mass", "lowrank_block_mass_rows"]

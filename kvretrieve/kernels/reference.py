@@ -80,6 +80,14 @@ def lowrank_block_scores_rows(q, rows, layer, n_blocks, block_size):
     return torch.stack([lowrank_block_scores(q[b], proj[layer], mean[layer], sketch[layer], n_blocks, block_size)
                         for b, (proj, mean, sketch) in enumerate(zip(*rows.parts))])
 
+def lowrank_block_mass_rows(q, rows, layer, n_blocks, block_size, scale):
+    """lowrank_block_mass of each row b: q [B, Hq, d] over layer `layer` of its own index
+    (rows: kernels.rows.mass_rows) -> [B, Hkv, n_blocks] float32."""
+    check_lowrank_rows(q, rows, layer, n_blocks, block_size, "lowrank_block_mass_rows")
+    return torch.stack([lowrank_block_mass(q[b], proj[layer], sketch[layer], means[layer], n_blocks, block_size, scale)
+                        for b, (proj, sketch, means) in enumerate(zip(*rows.parts))])
+
+
 def lowrank_block_mass(q, proj, sketch, block_means, n_blocks, block_size, scale):
     """Log of each block's estimated attention share, summed over the GQA group: [Hkv, n_blocks] f32.
     Token t of block b scores scale * (q.mean_b + (q @ proj).(sketch_t - mean of b's sketches)): the

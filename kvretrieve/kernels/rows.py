@@ -63,12 +63,18 @@ class RowTensors:
 class StepRows:
     """What a batched step's one-launch kernels read: every row's sparse-decode operands (decode_rows)
     and, where every row scores its blocks with a low-rank index this step, the indexes' operands
-    (lowrank_rows) with the blocks to score (the widest row's; each row keeps its own first ones)."""
+    (lowrank_rows: max scores; mass_rows: mass scores) with the blocks to score (the widest row's; each
+    row keeps its own first ones). Where every row also selects afresh the same k blocks, select_k is
+    that k and outside [B, n_blocks] (bool: each row's blocks that are no candidates) lets one top-k
+    pick every row's blocks."""
     decode: RowTensors
     scale: float
     scoring: RowTensors | None = None
+    mass: bool = False  # scoring holds mass_rows' operands (else lowrank_rows')
     n_blocks: int = 0
     block_size: int = 0
+    select_k: int = 0
+    outside: torch.Tensor | None = None
 
 
 def mismatch(names: tuple[str, ...], rows) -> str | None:
@@ -91,6 +97,7 @@ def mismatch(names: tuple[str, ...], rows) -> str | None:
 
 DECODE = ("k_pool", "v_pool", "tables", "tail_len")
 LOWRANK = ("proj", "mean", "sketch")
+MASS = ("proj", "sketch", "block_means")
 
 
 def decode_rows(rows: list[tuple[torch.Tensor, ...]]) -> RowTensors:
@@ -111,17 +118,37 @@ def decode_rows(rows: list[tuple[torch.Tensor, ...]]) -> RowTensors:
 
 
 def lowrank_rows(rows: list[tuple[torch.Tensor, ...]]) -> RowTensors:
-    """Low-rank scoring's rows: (proj [L, Hkv, d, r], mean [L, Hkv, d], sketch [L, Hkv, cap, r]) each,
-    as an index's row_operands() gives them."""
+    """Low-rank max scoring's rows: (proj [L, Hkv, d, r], mean [L, Hkv, d], sketch [L, Hkv, cap, r])
+    each, as an index's row_operands() gives them."""
     op = "lowrank_block_scores_rows"
     got = RowTensors.of(op, LOWRANK, rows)
     proj, mean, sketch = (got[n][0] for n in LOWRANK)
-    L, hkv, d, r = proj.shape if proj.dim() == 4 else (0, 0, 0, 0)
-    if proj.dim() != 4 or mean.shape != (L, hkv, d) or sketch.dim() != 4 or sketch.shape[:2] != (L, hkv) \
-            or sketch.shape[3] != r:
-        fail(op, f"proj [L, Hkv, d, r], mean [L, Hkv, d] and sketch [L, Hkv, cap, r] disagree: "
-                 f"{tuple(proj.shape)}, {tuple(mean.shape)}, {tuple(sketch.shape)}")
+    L, hkv, d, _ = _sketches(op, proj, sketch)
+    if mean.shape != (L, hkv, d):
+        fail(op, f"mean must be [L, Hkv, d] = {(L, hkv, d)} like proj, got {tuple(mean.shape)}")
     return got
 
 
-__all__ = ["RowTensors", "StepRows", "mismatch", "decode_rows", "lowrank_rows", "DECODE", "LOWRANK"]
+def mass_rows(rows: list[tuple[torch.Tensor, ...]]) -> RowTensors:
+    """Low-rank mass scoring's rows: (proj [L, Hkv, d, r], sketch [L, Hkv, cap, r], block_means
+    [L, Hkv, cap_blocks, d]) each, as an index's row_operands() gives them."""
+    op = "lowrank_block_mass_rows"
+    got = RowTensors.of(op, MASS, rows)
+    proj, sketch, means = (got[n][0] for n in MASS)
+    L, hkv, d, _ = _sketches(op, proj, sketch)
+    if means.dim() != 4 or means.shape[:2] != (L, hkv) or means.shape[3] != d:
+        fail(op, f"block_means must be [L, Hkv, cap_blocks, d] with {(L, hkv)} and d={d} like proj, got "
+                 f"{tuple(means.shape)}")
+    return got
+
+
+def _sketches(op: str, proj: torch.Tensor, sketch: torch.Tensor) -> tuple[int, int, int, int]:
+    """(L, Hkv, d, r) of proj [L, Hkv, d, r] and sketch [L, Hkv, cap, r], or a ValueError from op."""
+    L, hkv, d, r = proj.shape if proj.dim() == 4 else (0, 0, 0, 0)
+    if proj.dim() != 4 or sketch.dim() != 4 or sketch.shape[:2] != (L, hkv) or sketch.shape[3] != r:
+        fail(op, f"proj [L, Hkv, d, r] and sketch [L, Hkv, cap, r] disagree: {tuple(proj.shape)}, "
+                 f"{tuple(sketch.shape)}")
+    return L, hkv, d, r
+
+
+__all__ = ["RowTensors", "StepRows", "mismatch", "decode_rows", "lowrank_rows", "mass_rows", "DECODE", "LOWRANK", "MASS"]

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from ..backends.base import AttentionBackend
 from ..errors import ModelLoadError
-from ..kernels import apply_rope, lowrank_block_scores_rows, rms_norm, silu_mul, sparse_decode_rows
+from ..index import top_blocks
+from ..kernels import (apply_rope, lowrank_block_mass_rows, lowrank_block_scores_rows, rms_norm, silu_mul,
+                       sparse_decode_rows)
 from ..kernels.rows import StepRows
 from .linear import RowStack, WeightBuffer, linear, row_slice
 from .quant import QuantWeight
@@ -227,10 +229,18 @@ class Decoder:
         if rows is None:
             outs = self._per_row(streams, attns, lambda b, a: a.decode(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]))
             return torch.cat(outs)
-        scores = (lowrank_block_scores_rows(q, rows.scoring, layer, rows.n_blocks, rows.block_size)
-                  if rows.scoring is not None else None)
+        scores = chosen = None
+        if rows.scoring is not None:
+            score = lowrank_block_mass_rows if rows.mass else lowrank_block_scores_rows
+            extra = (rows.scale,) if rows.mass else ()  # the index's scale is the attention's, head_dim ** -0.5
+            scores = score(q, rows.scoring, layer, rows.n_blocks, rows.block_size, *extra)
+        if rows.select_k:
+            B, hkv, n = scores.shape
+            masked = scores.masked_fill(rows.outside[:, None, :], float("-inf")).view(B * hkv, n)
+            chosen = top_blocks(masked, rows.select_k).view(B, hkv, -1)
         self._per_row(streams, attns, lambda b, a: a.decode_select(
-            layer, q[b:b + 1], k[b:b + 1], v[b:b + 1], None if scores is None else scores[b]))
+            layer, q[b:b + 1], k[b:b + 1], v[b:b + 1], None if scores is None else scores[b],
+            None if chosen is None else chosen[b]))
         out, lse = sparse_decode_rows(q, rows.decode, layer, rows.scale)
         return torch.cat(self._per_row(streams, attns, lambda b, a: a.decode_merge(layer, q[b:b + 1], out[b], lse[b])))
 

@@ -487,6 +487,38 @@ def _interp_cases(device="cpu", big=False):
             worst = max(worst, float(sum(diff)))
         return [("mismatches", worst, 0.0)]
 
+    def lru_rows_sequence():
+        # Three rows' pools (two layers each, their own stamps and counts) looked up in one launch, step
+        # after step at alternating layers, against each row's reference on its own copy of the state.
+        from kvretrieve.kernels.lru import lru_lookup_rows
+        from kvretrieve.kernels.rows import lru_rows
+
+        g = torch.Generator().manual_seed(13)
+        B, L, H, nb, n, k = 3, 2, 2, 40, 24, 10
+
+        def state():
+            return [torch.full((L, H, nb + 1), -1, dtype=torch.int32, device=device),
+                    torch.full((L, H, n + 1), -1, dtype=torch.int32, device=device),
+                    torch.zeros(L, H, n + 1, dtype=torch.int32, device=device),
+                    torch.zeros(1, dtype=torch.int32, device=device), torch.zeros(2, dtype=torch.int64, device=device)]
+        ours, refs = [state() for _ in range(B)], [state() for _ in range(B)]
+        rows, worst = lru_rows([tuple(st) for st in ours]), 0.0
+        for step in range(1, 40):
+            layer = step % L
+            ids = torch.stack([torch.stack([torch.randperm(nb, generator=g)[:k] for _ in range(H)])
+                               for _ in range(B)]).to(device)
+            for b in range(B):
+                ours[b][3].fill_(step + b)
+                refs[b][3].fill_(step + b)
+            slot, fetch = lru_lookup_rows(ids, rows, layer)
+            for b, (sob, bos, used, stamp, counts) in enumerate(refs):
+                want = R.lru_lookup(ids[b], sob[layer], bos[layer], used[layer], stamp, counts)
+                diff = [slot[b].ne(want[0]).sum().item(), fetch[b].ne(want[1]).sum().item()]
+                diff += [x[..., :-1].ne(y[..., :-1]).sum().item() for x, y in zip(ours[b][:3], refs[b][:3])]
+                diff += [ours[b][4].ne(counts).sum().item()]
+                worst = max(worst, float(sum(diff)))
+        return [("mismatches", worst, 0.0)]
+
     def fetch(dt, quantize=False):
         from kvretrieve.kernels.fetch import fetch_blocks as t_fetch
         from kvretrieve.config import KVGeometry
@@ -562,6 +594,7 @@ def _interp_cases(device="cpu", big=False):
     cases["store-blocks-int8-fp32"] = lambda: store(torch.float32, quantize=True)
     cases["store-blocks-int8-bf16"] = lambda: store(torch.bfloat16, quantize=True)
     cases["lru-lookup-sequence"] = lru_sequence
+    cases["lru-lookup-rows-sequence"] = lru_rows_sequence
     cases["fetch-blocks-fp32"] = lambda: fetch(torch.float32)
     cases["fetch-blocks-bf16"] = lambda: fetch(torch.bfloat16)
     cases["fetch-blocks-int8-fp32"] = lambda: fetch(torch.float32, quantize=True)

@@ -31,7 +31,7 @@ def _launches(cuda, kv_store):
     """(label, "module.launcher", args) per launch: each float dtype, the two model shapes the runtime
     targets (SmolLM2-135M: Hkv 3, G 3, d 64; Llama-3-8B: Hkv 8, G 4, d 128) and every constexpr flag."""
     from kvretrieve.config import KVGeometry
-    from kvretrieve.kernels.rows import DECODE, LOWRANK, RowTensors
+    from kvretrieve.kernels.rows import DECODE, LOWRANK, LRU, MASS, RowTensors
 
     import torch
 
@@ -62,6 +62,9 @@ def _launches(cuda, kv_store):
             out.append((lbl, "scoring.lowrank_block_scores_rows", (cuda(3, 12, 64, dt=qdt), scoring, 1, 200, 16)))
             out.append((lbl, "mass.lowrank_block_mass", (q, cuda(4, 64, 32, dt=qdt), cuda(4, 4096, 32, dt=dt),
                                                          cuda(4, 256, 64, dt=dt), 200, 16, 0.125)))
+            by_mass = RowTensors(MASS, tuple(tuple(cuda(*shape, dt=t) for _ in range(3)) for shape, t in (
+                ((2, 4, 64, 32), qdt), ((2, 4, 4096, 32), dt), ((2, 4, 256, 64), dt))), cuda(3, 3, dt=i64))
+            out.append((lbl, "mass.lowrank_block_mass_rows", (cuda(3, 12, 64, dt=qdt), by_mass, 1, 200, 16, 0.125)))
             for hkv, d, bs, rv in ((4, 64, 16, 16), (2, 128, 4, 8)):  # the rests (index/summary.py)
                 into = (cuda(12, d, dt=qdt), cuda(12)) if bs == 4 else None  # merged into an attended part, or not
                 out.append((lbl + f" d{d} bs{bs}", "rest.lowrank_rest", (
@@ -85,6 +88,9 @@ def _launches(cuda, kv_store):
     for counts in (None, cuda(2, dt=i64)):
         out.append((f"counts={counts is not None}", "lru.lru_lookup", (cuda(3, 10, dt=i64), cuda(3, 41, dt=i32),
                     cuda(3, 25, dt=i32), cuda(3, 25, dt=i32), cuda(1, dt=i32), counts)))
+    pools = RowTensors(LRU, tuple(tuple(cuda(*shape, dt=t) for _ in range(3)) for shape, t in (
+        ((2, 3, 41), i32), ((2, 3, 25), i32), ((2, 3, 25), i32), ((1,), i32), ((2,), i64))), cuda(3, 5, dt=i64))
+    out.append(("rows", "lru.lru_lookup_rows", (cuda(3, 3, 10, dt=i64), pools, 1)))
     for n in (300, 8704):  # one slice; several slices, then a pass over their survivors (HAS_IDX)
         out.append((f"n={n}", "topk.topk_indices", (cuda(8, n), 128)))
     from kvretrieve.models.quant import QuantWeight

@@ -82,11 +82,25 @@ class AttentionBackend(Protocol):
         candidates this step (sinks, the window, beyond the context), for a top-k of the batch's scores."""
         return None
 
+    def lookup_operands(self) -> tuple[tuple[torch.Tensor, ...], int] | None:
+        """Decode, after begin, with score_operands: when this step's chosen blocks can be looked up in
+        the block pool by one launch beside other rows' (kernels.lru_lookup_rows), (the pool's lookup
+        state, kernels.rows.LRU; its first LRU slot); decode_select(bring=False) and decode_bring then
+        split the selection around that launch. None otherwise."""
+        return None
+
     def decode_select(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      scores: torch.Tensor | None = None, chosen: torch.Tensor | None = None) -> None:
+                      scores: torch.Tensor | None = None, chosen: torch.Tensor | None = None,
+                      bring: bool = True) -> None:
         """Decode with sparse_operands: decode's work up to its attention (store the token's k, v; fill
         this layer's slot table), with this layer's block scores [Hkv, >= n] when score_operands gave
-        the batch's launch its tensors, or the blocks [Hkv, select_k] a top-k of the batch chose."""
+        the batch's launch its tensors, or the blocks [Hkv, select_k] a top-k of the batch chose.
+        bring=False stops before the pool lookup: decode_bring then takes its result."""
+        raise NotImplementedError(f"{type(self).__name__} has no sparse_operands")
+
+    def decode_bring(self, layer: int, slots: torch.Tensor, fetch: torch.Tensor) -> None:
+        """Decode, after decode_select(bring=False): the chosen blocks' pool slots [Hkv, k] and which
+        must be fetched (a batched lookup's): fetch them and fill the slot table."""
         raise NotImplementedError(f"{type(self).__name__} has no sparse_operands")
 
     def decode_merge(self, layer: int, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:

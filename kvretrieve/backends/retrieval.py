@@ -200,8 +200,12 @@ class RetrievalKV(AttentionBackend):
     def outside_blocks(self) -> torch.Tensor | None:
         return self.plan.outside if self.decoding else None
 
+    def lookup_operands(self):
+        return self.selector.lookup_operands() if self.decoding and self.plan.reselect else None
+
     def decode_select(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      scores: torch.Tensor | None = None, chosen: torch.Tensor | None = None) -> None:
+                      scores: torch.Tensor | None = None, chosen: torch.Tensor | None = None,
+                      bring: bool = True) -> None:
         plan, pool = self.plan, self.pool
         shape = (self.H, -1, pool.k.shape[-1])
         pool.k[layer].view(shape).index_copy_(1, plan.ring_row, k.transpose(0, 1))
@@ -214,9 +218,12 @@ class RetrievalKV(AttentionBackend):
             ids, zone = plan.sel_ids[layer, :, :plan.sel_k], None
         if self.rest is not None:  # begun before the fetch (the token-level rest overlaps it on CUDA)
             self.rest.begin(layer, q[0], ids)
-        if plan.reselect:
+        if plan.reselect and bring:
             self.selector.bring(layer, ids)
         self._chosen = ids, zone  # until decode_merge, for the estimate and the observer
+
+    def decode_bring(self, layer: int, slots: torch.Tensor, fetch: torch.Tensor) -> None:
+        self.selector.place(layer, self._chosen[0], slots, fetch)
 
     def decode_merge(self, layer: int, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         (ids, zone), self._chosen = self._chosen, None

@@ -60,9 +60,21 @@ class Selector:
         if spec is not None:  # how much of this selection the speculative prefetch already brought
             same = (ids[:, :, None] == spec[:, None, :]).any(-1).sum()
             self.spec_counts += torch.stack([same, torch.full_like(same, ids.numel())])
-        slots, fetch = self.pool.lookup(layer, ids, self.plan.stamp)
+        self.place(layer, ids, *self.pool.lookup(layer, ids, self.plan.stamp))
+
+    def place(self, layer: int, ids: torch.Tensor, slots: torch.Tensor, fetch: torch.Tensor) -> None:
+        """Blocks ids [Hkv, k], resolved to pool slots [Hkv, k] (fetch: the misses, claimed now): copy
+        the misses up and enter the slots in the plan's table."""
         kernels.fetch_blocks(self.store, layer, ids, fetch, slots, self.pool.k[layer], self.pool.v[layer])
         self.plan.record(layer, ids, slots)
+
+    def lookup_operands(self) -> tuple[tuple[torch.Tensor, ...], int] | None:
+        """The pool's lookup state for a batched step's one lookup (kernels.rows.lru_rows) and its first
+        LRU slot; None with speculative prefetch (its lookups run on a side stream of their own)."""
+        if self.side is not None or self.cfg.speculative:
+            return None
+        pool = self.pool
+        return (pool.slot_of_block, pool.block_of_slot, pool.last_used, self.plan.stamp, pool.counts), pool.lru0
 
     def wants_prefetch(self, layer: int) -> bool:
         return self.cfg.speculative and self.plan.reselect and layer + 1 < self.layers and self.plan.k > 0

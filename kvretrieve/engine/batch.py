@@ -14,8 +14,9 @@ pace (bench/results/batch_decode_h200_32k_c51cedd.md: 79 ms a step for one row o
 Where every row is a retrieval backend of one configuration, the rows' sparse attention is one launch
 a layer (kernels.sparse_decode_rows over each row's own pool and tables, kernels/rows.py), and so is
 their block scoring where the index is low-rank (kernels.lowrank_block_scores_rows, _mass_rows); where
-every row also selects afresh the same number of blocks, one top-k picks them all. Each row's lookup
-and fetch still run on its own stream. A step is some 20 small kernels a row and layer, and with 8
+every row also selects afresh the same number of blocks, one top-k picks them all and one launch looks
+them up in each row's block pool (kernels.lru_lookup_rows). Each row's fetch still runs on its own
+stream. A step is some 20 small kernels a row and layer, and with 8
 rows the GPU is busy most of the step (bench/results/batch_decode_15b_32k_s34.md): what a row's chain
 can share with the others', it shares.
 """
@@ -28,7 +29,8 @@ from typing import Callable
 
 import torch
 
-from ..kernels.rows import DECODE, LOWRANK, MASS, StepRows, decode_rows, lowrank_rows, mass_rows, mismatch
+from ..kernels.rows import (DECODE, LOWRANK, LRU, MASS, StepRows, decode_rows, lowrank_rows, lru_rows, mass_rows,
+                            mismatch)
 from .engine import Engine
 
 HARDWARE_QUEUES = "32"  # CUDA_DEVICE_MAX_CONNECTIONS for batched steps (CUDA's default is 8, its maximum 32)
@@ -71,17 +73,21 @@ def _check(engines: list[Engine]) -> None:
 
 
 def _operands(engines: list[Engine]) -> tuple | None:
-    """Every row's sparse_operands() and, where every row has them, score_operands(); None when a row
-    has no sparse operands (then each row attends by itself), or for one row: there the one-launch
-    variants cost more than its own kernels (H100, 8B shape at 32K: scoring 372 against 291 us a step,
-    attention 168 against 126; bench/results/batch_decode_8b_32k_launch.json)."""
+    """Every row's sparse_operands() and, where every row has them, score_operands() and
+    lookup_operands() (else None in their place); None when a row has no sparse operands (then each
+    row attends by itself), or for one row: there the one-launch variants cost more than its own
+    kernels (H100, 8B shape at 32K: scoring 372 against 291 us a step, attention 168 against 126;
+    bench/results/batch_decode_8b_32k_launch.json)."""
     if len(engines) < 2:
         return None
     ops = [e.backend.sparse_operands() for e in engines]
     if any(o is None for o in ops):
         return None
     scoring = [e.backend.score_operands() for e in engines]
-    return ops, None if any(s is None for s in scoring) else scoring
+    if any(s is None for s in scoring):
+        return ops, None, None
+    lookups = [e.backend.lookup_operands() for e in engines]
+    return ops, scoring, None if any(x is None for x in lookups) else lookups
 
 
 def _step_rows(ops: tuple | None) -> StepRows | None:
@@ -89,7 +95,7 @@ def _step_rows(ops: tuple | None) -> StepRows | None:
     configurations attend one by one); scoring in one launch where the rows' indexes also agree."""
     if ops is None:
         return None
-    decode, scoring = ops
+    decode, scoring, lookups = ops
     tensors, scales = [o[:4] for o in decode], {o[4] for o in decode}
     if mismatch(DECODE, tensors) or len(scales) > 1:
         return None
@@ -101,8 +107,12 @@ def _step_rows(ops: tuple | None) -> StepRows | None:
     if mismatch(MASS if mass else LOWRANK, tensors) or (mass and len(widths) > 1):
         return rows
     ks = {s.select_k for s in scoring}
-    return replace(rows, scoring=(mass_rows if mass else lowrank_rows)(tensors), mass=mass, n_blocks=max(widths),
+    rows = replace(rows, scoring=(mass_rows if mass else lowrank_rows)(tensors), mass=mass, n_blocks=max(widths),
                    block_size=scoring[0].block_size, select_k=ks.pop() if len(ks) == 1 else 0)
+    if not rows.select_k or lookups is None or len({lru0 for _, lru0 in lookups}) > 1 \
+            or mismatch(LRU, [t for t, _ in lookups]):
+        return rows
+    return replace(rows, lookup=lru_rows([t for t, _ in lookups]), lru0=lookups[0][1])
 
 
 def _where(ops: tuple | None) -> tuple | None:
@@ -110,10 +120,11 @@ def _where(ops: tuple | None) -> tuple | None:
     read them replays only while these stay."""
     if ops is None:
         return None
-    decode, scoring = ops
+    decode, scoring, lookups = ops
     return (tuple(t.data_ptr() for o in decode for t in o[:4]),
             None if scoring is None else tuple((tuple(t.data_ptr() for t in s.tensors), s.n_blocks, s.select_k)
-                                               for s in scoring))
+                                               for s in scoring),
+            None if lookups is None else tuple(t.data_ptr() for ts, _ in lookups for t in ts))
 
 
 def _forward(engines: list[Engine], tokens: torch.Tensor, positions: torch.Tensor, streams,

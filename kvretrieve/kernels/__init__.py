@@ -120,6 +120,13 @@ def lru_lookup(ids, slot_of_block, block_of_slot, last_used, stamp, counts):
     return impl(ids, slot_of_block, block_of_slot, last_used, stamp, counts)
 
 
+def lru_lookup_rows(ids, rows, layer):
+    """lru_lookup for the rows of a batched step in one launch: ids [B, H, k], row b against layer `layer`
+    of its own pool (rows: kernels.rows.lru_rows) -> (slot [B, H, k] int32, fetch [B, H, k] bool)."""
+    impl = _tlru.lru_lookup_rows if _use_triton(ids) else _ref.lru_lookup_rows
+    return impl(ids, rows, layer)
+
+
 def fetch_blocks(store, layer, ids, fetch, slots, pool_k, pool_v):
     """Copy K,V blocks ids[h, j] of `layer` from the CPU store into pool slots slots[h, j] where
     fetch[h, j]; on CUDA a kernel reads the pinned store directly (no host sync)."""
@@ -170,6 +177,6 @@ def quant_linear(x, w, bias=None):
 
 
 __all__ = ["HAS_TRITON", "sparse_decode", "sparse_decode_rows", "lowrank_block_scores", "lowrank_block_scores_rows",
-           "lowrank_block_mass", "lowrank_block_mass_rows", "block_rest", "lowrank_rest", "bounds_block_scores", "merge_attention", "lru_lookup",
-           "fetch_blocks", "store_blocks",
+           "lowrank_block_mass", "lowrank_block_mass_rows", "block_rest", "lowrank_rest", "bounds_block_scores",
+           "merge_attention", "lru_lookup", "lru_lookup_rows", "fetch_blocks", "store_blocks",
            "max_dot_block_scores", "rms_norm", "apply_rope", "silu_mul", "topk_indices", "quant_linear"]

@@ -16,19 +16,29 @@ import triton
 import triton.language as tl
 
 from kvretrieve.kernels.checks import check_launch_device, check_lru
+from kvretrieve.kernels.rows import LRU, RowTensors
+from kvretrieve.kernels.sparse_decode import _row_pointer
 
 
 @triton.jit
 def _lru_kernel(ids_ptr, sob_ptr, bos_ptr, used_ptr, stamp_ptr, counts_ptr, slot_ptr, fetch_ptr, order_ptr,
-                k, n, sob_stride, lru_stride, COUNT: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
+                addr_ptr, k, n, sob_stride, lru_stride, hkv, off_sob, off_lru,
+                COUNT: tl.constexpr, K: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr):
     h = tl.program_id(0).to(tl.int64)
+    out = h  # ids, slots, fetch flags and scratch are [B * H, ...]: one row after another
+    if ROWS:  # grid axis 0 is (row, KV head): the row's maps, stamp and counts through addr_ptr [B, 5]
+        a = addr_ptr + (h // hkv) * 5
+        h = h % hkv
+        sob_ptr, bos_ptr = _row_pointer(a, 0, sob_ptr, off_sob), _row_pointer(a, 1, bos_ptr, off_lru)
+        used_ptr, stamp_ptr = _row_pointer(a, 2, used_ptr, off_lru), _row_pointer(a, 3, stamp_ptr, 0)
+        counts_ptr = _row_pointer(a, 4, counts_ptr, 0)
     j = tl.arange(0, K)
     jm = j < k
     now = tl.load(stamp_ptr)
     sob = sob_ptr + h * sob_stride
     bos = bos_ptr + h * lru_stride
     used = used_ptr + h * lru_stride
-    ids = tl.load(ids_ptr + h * k + j, mask=jm, other=0)
+    ids = tl.load(ids_ptr + out * k + j, mask=jm, other=0)
     cur = tl.load(sob + ids, mask=jm, other=-1)
     hit = jm & (cur >= 0)
     miss = jm & (cur < 0)
@@ -51,18 +61,18 @@ def _lru_kernel(ids_ptr, sob_ptr, bos_ptr, used_ptr, stamp_ptr, counts_ptr, slot
     below = sm & (last < hi)
     tie = sm & (last == hi)
     take = below | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= m - tl.sum(below.to(tl.int32), 0)))
-    tl.store(order_ptr + h * N + tl.cumsum(take.to(tl.int32), 0) - 1, s, mask=take)
+    tl.store(order_ptr + out * N + tl.cumsum(take.to(tl.int32), 0) - 1, s, mask=take)
     tl.debug_barrier()
     rank = tl.cumsum(miss.to(tl.int32), 0) - 1
-    victim = tl.load(order_ptr + h * N + tl.maximum(rank, 0), mask=miss, other=0)
+    victim = tl.load(order_ptr + out * N + tl.maximum(rank, 0), mask=miss, other=0)
     old = tl.load(bos + victim, mask=miss, other=-1)
     tl.store(sob + old, tl.full([K], -1, tl.int32), mask=miss & (old >= 0))
     tl.debug_barrier()
     tl.store(sob + ids, victim, mask=miss)
     tl.store(bos + victim, ids.to(tl.int32), mask=miss)
     tl.store(used + victim, tl.zeros_like(victim) + now, mask=miss)
-    tl.store(slot_ptr + h * k + j, tl.where(hit, cur, victim), mask=jm)
-    tl.store(fetch_ptr + h * k + j, miss.to(tl.int8), mask=jm)
+    tl.store(slot_ptr + out * k + j, tl.where(hit, cur, victim), mask=jm)
+    tl.store(fetch_ptr + out * k + j, miss.to(tl.int8), mask=jm)
     if COUNT:
         tl.atomic_add(counts_ptr, tl.sum(hit.to(tl.int64), 0))
         tl.atomic_add(counts_ptr + 1, tl.sum(miss.to(tl.int64), 0))
@@ -74,15 +84,44 @@ def lru_lookup(ids, slot_of_block, block_of_slot, last_used, stamp, counts, num_
     bench/results/probe_lru_h100.md), else 4 (at the 8B shape's 128-256 slots as fast as any)."""
     h, k, n = check_lru(ids, slot_of_block, block_of_slot, last_used, stamp)
     check_launch_device("lru_lookup", ids, slot_of_block, block_of_slot, last_used, stamp)
-    slot = torch.empty(h, k, dtype=torch.int32, device=ids.device)
-    fetch = torch.empty(h, k, dtype=torch.bool, device=ids.device)
+    return _launch(ids, slot_of_block, block_of_slot, last_used, stamp, counts, h, k, n, num_warps=num_warps)
+
+
+def lru_lookup_rows(ids, rows: RowTensors, layer: int):
+    """lru_lookup of B rows in one launch: ids [B, H, k] int64, row b against layer `layer` of its own
+    pool's maps, stamp and counts (rows: kernels.rows.lru_rows) -> (slot [B, H, k] int32, fetch [B, H, k])."""
+    op = "lru_lookup_rows"
+    sob, bos, used, stamp, counts = (rows[name][0] for name in LRU)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 3 or ids.shape[0] != len(rows):
+        raise ValueError(f"{op}: ids must be [B={len(rows)}, H, k], got {tuple(getattr(ids, 'shape', ()))}")
+    if not 0 <= layer < sob.shape[0]:
+        raise ValueError(f"{op}: layer must be in [0, {sob.shape[0]}), got {layer}")
+    B = ids.shape[0]
+    # select, not [i]: the lowering test's fake CUDA tensors refuse integer indexing on a CPU-only torch
+    sob, bos, used = (t.select(0, layer) for t in (sob, bos, used))
+    h, k, n = check_lru(ids.select(0, 0), sob, bos, used, stamp)
+    check_launch_device(op, ids, sob, rows.addresses)
+    slot, fetch = _launch(ids.reshape(B * h, k), sob, bos, used, stamp, counts, h, k, n,
+                          rows=(rows.addresses, layer * rows["slot_of_block"][0].stride(0),
+                                layer * rows["block_of_slot"][0].stride(0)), B=B)
+    return slot.view(B, h, k), fetch.view(B, h, k)
+
+
+def _launch(ids, sob, bos, used, stamp, counts, h, k, n, num_warps=None, rows: tuple | None = None, B: int = 1):
+    """The kernel over ids [B * h, k] (rows: (addresses [B, 5], the layer's element offsets into the maps
+    and into the slots' tables); sob ... counts are then row 0's layer, for strides and types)."""
+    slot = torch.empty(B * h, k, dtype=torch.int32, device=ids.device)
+    fetch = torch.empty(B * h, k, dtype=torch.bool, device=ids.device)
     if k == 0:
         return slot, fetch
     N = triton.next_power_of_2(n)
-    order = torch.empty(h, N, dtype=torch.int32, device=ids.device)
-    _lru_kernel[(h,)](ids.contiguous(), slot_of_block, block_of_slot, last_used, stamp,
-                      counts if counts is not None else slot, slot, fetch.view(torch.int8), order,
-                      k, n, slot_of_block.stride(0), block_of_slot.stride(0),
-                      COUNT=counts is not None, K=triton.next_power_of_2(k), N=N,
-                      num_warps=num_warps or (8 if n >= 1024 else 4))
+    order = torch.empty(B * h, N, dtype=torch.int32, device=ids.device)
+    addresses, off_sob, off_lru = rows if rows else (slot, 0, 0)
+    _lru_kernel[(B * h,)](ids.contiguous(), sob, bos, used, stamp, counts if counts is not None else slot, slot,
+                          fetch.view(torch.int8), order, addresses, k, n, sob.stride(0), bos.stride(0), h,
+                          off_sob, off_lru, COUNT=counts is not None, K=triton.next_power_of_2(k), N=N,
+                          ROWS=rows is not None, num_warps=num_warps or (8 if n >= 1024 else 4))
     return slot, fetch
+
+
+__all__ = ["lru_lookup", "lru_lookup_rows"]

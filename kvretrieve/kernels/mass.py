@@ -137,8 +137,9 @@ def lowrank_block_mass_rows(q, rows: RowTensors, layer: int, n_blocks: int, bloc
     proj, sketch, means = (rows[name][0] for name in MASS)
     check_launch_device(op, q, proj, rows.addresses)
     offs = tuple(layer * t.stride(0) for t in (proj, sketch, means))
-    return _launch(q, proj[0], sketch[0], means[0], int(n_blocks), int(block_size), scale, hkv, g, r,
-                   rows=(rows.addresses, offs)).view(q.shape[0], hkv, -1)
+    # select, not [0]: the lowering test's fake CUDA tensors refuse integer indexing on a CPU-only torch
+    return _launch(q, proj.select(0, 0), sketch.select(0, 0), means.select(0, 0), int(n_blocks), int(block_size),
+                   scale, hkv, g, r, rows=(rows.addresses, offs)).view(q.shape[0], hkv, -1)
 
 
 def _launch(q, proj, sketch, block_means, n_blocks, block_size, scale, hkv, g, r, tile: int = 64,

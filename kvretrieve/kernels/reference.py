@@ -224,6 +224,14 @@ def lru_lookup(ids, slot_of_block, block_of_slot, last_used, stamp, counts):
     return torch.where(hit, cur, victim.int()), ~hit
 
 
+def lru_lookup_rows(ids, rows, layer):
+    """lru_lookup of each row b: ids [B, H, k] against layer `layer` of its own pool's maps, stamp and
+    counts (rows: kernels.rows.lru_rows) -> (slot [B, H, k] int32, fetch [B, H, k] bool)."""
+    got = [lru_lookup(ids[b], sob[layer], bos[layer], used[layer], stamp, counts)
+           for b, (sob, bos, used, stamp, counts) in enumerate(zip(*rows.parts))]
+    return torch.stack([s for s, _ in got]), torch.stack([f for _, f in got])
+
+
 def fetch_blocks(store, layer, ids, fetch, slots, pool_k, pool_v):
     """Copy K,V block ids[h, j] of one layer from the CPU store (kv_store.KVStore) into pool slot
     slots[h, j] of head h, wherever fetch[h, j]. pool_k, pool_v: the layer's pool [Hkv, S, bs, d].

@@ -75,6 +75,8 @@ class StepRows:
     block_size: int = 0
     select_k: int = 0
     outside: torch.Tensor | None = None
+    lookup: RowTensors | None = None  # with select_k, where every row's pool can look up in one launch (lru_rows)
+    lru0: int = 0                     # the pools' first LRU slot (lookups give slots from 0)
 
 
 def mismatch(names: tuple[str, ...], rows) -> str | None:
@@ -98,6 +100,7 @@ def mismatch(names: tuple[str, ...], rows) -> str | None:
 DECODE = ("k_pool", "v_pool", "tables", "tail_len")
 LOWRANK = ("proj", "mean", "sketch")
 MASS = ("proj", "sketch", "block_means")
+LRU = ("slot_of_block", "block_of_slot", "last_used", "stamp", "counts")
 
 
 def decode_rows(rows: list[tuple[torch.Tensor, ...]]) -> RowTensors:
@@ -142,6 +145,21 @@ def mass_rows(rows: list[tuple[torch.Tensor, ...]]) -> RowTensors:
     return got
 
 
+def lru_rows(rows: list[tuple[torch.Tensor, ...]]) -> RowTensors:
+    """The block pools' lookup state of each row: (slot_of_block [L, H, blocks + 1], block_of_slot and
+    last_used [L, H, n + 1], all int32; the step's stamp [1] int32; counts [2] int64), as a pool's
+    lookup_operands() gives them."""
+    op = "lru_lookup_rows"
+    got = RowTensors.of(op, LRU, rows)
+    sob, bos, used, stamp, counts = (got[n][0] for n in LRU)
+    if sob.dim() != 3 or bos.shape != used.shape or bos.dim() != 3 or bos.shape[:2] != sob.shape[:2] \
+            or stamp.shape != (1,) or counts.shape != (2,):
+        fail(op, f"slot_of_block [L, H, blocks + 1], block_of_slot and last_used [L, H, n + 1], stamp [1] and "
+                 f"counts [2] disagree: {tuple(sob.shape)}, {tuple(bos.shape)}, {tuple(used.shape)}, "
+                 f"{tuple(stamp.shape)}, {tuple(counts.shape)}")
+    return got
+
+
 def _sketches(op: str, proj: torch.Tensor, sketch: torch.Tensor) -> tuple[int, int, int, int]:
     """(L, Hkv, d, r) of proj [L, Hkv, d, r] and sketch [L, Hkv, cap, r], or a ValueError from op."""
     L, hkv, d, r = proj.shape if proj.dim() == 4 else (0, 0, 0, 0)
@@ -151,4 +169,4 @@ def _sketches(op: str, proj: torch.Tensor, sketch: torch.Tensor) -> tuple[int, i
     return L, hkv, d, r
 
 
-__all__ = ["RowTensors", "StepRows", "mismatch", "decode_rows", "lowrank_rows", "mass_rows", "DECODE", "LOWRANK", "MASS"]
+__all__ = ["RowTensors", "StepRows", "mismatch", "decode_rows", "lowrank_rows", "mass_rows", "lru_rows", "DECODE", "LOWRANK", "MASS", "LRU"]

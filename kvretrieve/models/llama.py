@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from ..backends.base import AttentionBackend
 from ..errors import ModelLoadError
 from ..index import top_blocks
-from ..kernels import (apply_rope, lowrank_block_mass_rows, lowrank_block_scores_rows, rms_norm, silu_mul,
-                       sparse_decode_rows)
+from ..kernels import (apply_rope, lowrank_block_mass_rows, lowrank_block_scores_rows, lru_lookup_rows, rms_norm,
+                       silu_mul, sparse_decode_rows)
 from ..kernels.rows import StepRows
 from .linear import RowStack, WeightBuffer, linear, row_slice
 from .quant import QuantWeight
@@ -238,9 +238,14 @@ class Decoder:
             B, hkv, n = scores.shape
             masked = scores.masked_fill(rows.outside[:, None, :], float("-inf")).view(B * hkv, n)
             chosen = top_blocks(masked, rows.select_k).view(B, hkv, -1)
+        bring = rows.lookup is None
         self._per_row(streams, attns, lambda b, a: a.decode_select(
             layer, q[b:b + 1], k[b:b + 1], v[b:b + 1], None if scores is None else scores[b],
-            None if chosen is None else chosen[b]))
+            None if chosen is None else chosen[b], bring))
+        if not bring:  # one lookup in every row's pool, then each row fetches its misses
+            slots, fetch = lru_lookup_rows(chosen, rows.lookup, layer)
+            slots += rows.lru0
+            self._per_row(streams, attns, lambda b, a: a.decode_bring(layer, slots[b], fetch[b]))
         out, lse = sparse_decode_rows(q, rows.decode, layer, rows.scale)
         return torch.cat(self._per_row(streams, attns, lambda b, a: a.decode_merge(layer, q[b:b + 1], out[b], lse[b])))
 

@@ -2,8 +2,6 @@
 over one Decoder, each against its own cache; a sequence's greedy tokens equal its tokens alone."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -225,15 +223,3 @@ def batched_logits_equal_alone(tmp_path_factory, kind: str | tuple, device: str,
     assert all(r.finish == "length" for r in rows) and [len(x) for x in got] == budgets
     for i in range(len(prompts)):
         assert torch.allclose(torch.stack(got[i]), alone[i][:budgets[i]], atol=1e-4), (kind, i)
-
-
-def test_widen_hardware_queues_sets_32_before_cuda_starts_and_keeps_a_users_value(monkeypatch):
-    from kvretrieve.engine.batch import HARDWARE_QUEUES, widen_hardware_queues
-
-    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
-    if torch.cuda.is_initialized():  # too late in this process: nothing may change
-        assert widen_hardware_queues() is False and "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
-        return
-    assert widen_hardware_queues() is True and os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == HARDWARE_QUEUES == "32"
-    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "4")
-    assert widen_hardware_queues() is True and os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "4"

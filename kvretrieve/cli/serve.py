@@ -57,9 +57,6 @@ def serve(host, port, model_name, max_waiting, sessions, documents, system, resu
                                "--document/--system without it")
     if system is not None:
         check_utf8(system, "the --system message")
-    from ..engine.batch import widen_hardware_queues
-
-    widen_hardware_queues()  # before load() starts CUDA: the sessions' batched steps run a stream a row
     cache = document_cache(opts)
     sock = _listen(host, port)
     llm = load_from_options(opts)

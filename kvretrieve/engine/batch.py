@@ -22,7 +22,6 @@ can share with the others', it shares.
 """
 from __future__ import annotations
 
-import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -32,22 +31,6 @@ import torch
 from ..kernels.rows import (DECODE, LOWRANK, LRU, MASS, StepRows, decode_rows, lowrank_rows, lru_rows, mass_rows,
                             mismatch)
 from .engine import Engine
-
-HARDWARE_QUEUES = "32"  # CUDA_DEVICE_MAX_CONNECTIONS for batched steps (CUDA's default is 8, its maximum 32)
-
-
-def widen_hardware_queues() -> bool:
-    """Give the rows' streams room to run side by side. CUDA maps streams onto
-    CUDA_DEVICE_MAX_CONNECTIONS hardware queues (8 unless set), and a step of 8 row streams plus the
-    main one shares them, so some rows' kernels wait behind others': 32 queues took the 1.5B's 8-session
-    step at 32K from 17.9 to 14.3 ms (H100, bench/results/batch_decode_15b_32k_s34*.md). CUDA reads the
-    setting once, when it starts in the process: call this before anything touches the GPU. A value
-    already set is kept. Returns whether it can still take effect (False once CUDA has started)."""
-    if torch.cuda.is_initialized():
-        return False
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", HARDWARE_QUEUES)
-    return True
-
 
 @torch.inference_mode()
 def decode_step(engines: list[Engine], tokens: torch.Tensor, streams: list | None = None,

@@ -58,7 +58,7 @@ def sync(device: torch.device) -> None:
 
 
 def measure(decoder, tok, n: int, context: int, steps: int, chunk: int, cfg: RetrievalConfig | None,
-            kernels: int = 0, one_launch: bool = True) -> dict:
+            kernels: int = 0, one_launch: bool = True, trace: Path | None = None) -> dict:
     dev = decoder.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -95,7 +95,7 @@ def measure(decoder, tok, n: int, context: int, steps: int, chunk: int, cfg: Ret
            "peak_gpu_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
            "host_rss_gib": process_rss_bytes() / 2**30}
     if kernels and dev.type == "cuda":  # after the counters: the profiled steps are not in the rates
-        row["kernels"] = kernel_times(batch.step, kernels)
+        row["kernels"] = kernel_times(batch.step, kernels, trace)
         row["kernel_ms"] = row["kernels"][-1]["us_per_step"] / 1e3
         row["gpu_busy_ms"] = row["kernels"][-1]["busy_us_per_step"] / 1e3
     del sessions, batch
@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--kind", default="auto", help="auto, off (dense), or an index kind[:key=value...]")
     ap.add_argument("--kernels", type=int, default=0,
                     help="CUDA: that many more steps under the profiler, GPU time by kernel into the JSON")
+    ap.add_argument("--trace", action="store_true",
+                    help="with --kernels: also write each row's profiled steps as a Chrome trace under --out")
     ap.add_argument("--launch", default="one", choices=["one", "per-row", "both"],
                     help="the sessions' sparse attention in one launch a layer, one per session, or both in turn")
     ap.add_argument("--device", default="auto")
@@ -171,7 +173,8 @@ def main() -> None:
     # 14.3-14.9 timed first (pytorch/pytorch#144455; batch_decode_15b_32k_s34*.md).
     for row, (n, one) in zip(rows if args.kernels and decoder.device.type == "cuda" else [], plan):
         if "error" not in row:
-            got = measure(decoder, tok, n, context, args.steps, args.chunk, cfg, args.kernels, one)
+            trace = Path(args.out) / f"{args.name or 'batch_decode'}_trace_{n}.json" if args.trace else None
+            got = measure(decoder, tok, n, context, args.steps, args.chunk, cfg, args.kernels, one, trace)
             row.update({k: got[k] for k in ("kernels", "kernel_ms", "gpu_busy_ms")})
             for k in got["kernels"][:8] + got["kernels"][-1:]:
                 print(f"  {n} sessions {k['us_per_step']:9.1f} us {k['calls_per_step']:7.1f} calls  {k['kernel']}",

@@ -173,20 +173,25 @@ def write_results(name: str, meta: dict, rows: list[dict], columns: list[str], n
     return out_dir / f"{name}.json"
 
 
-def kernel_times(step, steps: int) -> list[dict]:
+def kernel_times(step, steps: int, trace: Path | None = None) -> list[dict]:
     """GPU time a step by kernel over `steps` calls of step() (CUPTI sees the kernels inside replayed
     graphs): the top 15 and the sum over all kernels ("all kernels"). Against a step's wall time, the
     sum says how busy the GPU was; with streams side by side it can exceed the wall time. One more step
     runs first as the profiler's warm-up, unrecorded: profiling from the first step counted 3 of 4
     steps' kernels (24 LRU lookups a step for the 8B shape's 32 layers, 21 for the 1.5B's 28; H100,
     bench/results/batch_decode_8b_32k_launch.json), so the kernel_ms of those runs read ~1/4 low. The
-    "all kernels" row also says how long the device was busy a step (_busy)."""
+    "all kernels" row also says how long the device was busy a step (_busy). trace: also write the
+    profiled steps' timeline there (Chrome trace JSON: which kernels overlap, on which streams).
+    Time everything else first: the profiler stays attached after it ends and slows what follows."""
     schedule = torch.profiler.schedule(wait=0, warmup=1, active=steps, repeat=1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], schedule=schedule) as prof:
         for _ in range(steps + 1):
             step()
             torch.cuda.synchronize()
             prof.step()
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
     rows = [{"kernel": e.key[:90], "us_per_step": getattr(e, "device_time_total", 0) / steps,
              "calls_per_step": e.count / steps} for e in prof.key_averages()]
     rows.sort(key=lambda r: -r["us_per_step"])

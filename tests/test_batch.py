@@ -157,6 +157,13 @@ def test_batched_steps_give_each_rows_logits_alone(tmp_path_factory, kind):
     batched_logits_equal_alone(tmp_path_factory, kind, "cpu", one_launch=False)
 
 
+def test_rows_that_select_different_numbers_of_blocks_batch_as_each_alone(tmp_path_factory):
+    """A short prompt among long ones: its row has fewer candidate blocks than the budget (a k of its
+    own, growing step by step), so the rows score in one launch but pick and look up their blocks
+    apart; each row's logits stay its logits alone."""
+    batched_logits_equal_alone(tmp_path_factory, "lowrank", "cpu", lengths=(300, 40, 367))
+
+
 @pytest.mark.parametrize("kinds", [("lowrank-max", "lowrank", "lowrank-max"), ("lowrank-max", "dense", "lowrank")])
 def test_rows_of_other_configurations_batch_as_each_alone(tmp_path_factory, kinds):
     """Rows that cannot share every launch: max and mass scores side by side share the attention's
@@ -175,8 +182,9 @@ def test_graphed_batched_steps_decode_as_each_alone(tmp_path_factory, kind):
     batched_logits_equal_alone(tmp_path_factory, kind, "cuda")
 
 
-def batched_logits_equal_alone(tmp_path_factory, kind: str | tuple, device: str, one_launch: bool = True) -> None:
-    """kind: the CONFIGS entry of every row, or one per row."""
+def batched_logits_equal_alone(tmp_path_factory, kind: str | tuple, device: str, one_launch: bool = True,
+                               lengths: tuple[int, ...] = (300, 411, 367)) -> None:
+    """kind: the CONFIGS entry of every row, or one per row; lengths: the rows' prompts."""
     from helpers import dense_backend, retrieval_backend, saved_tiny_model, tiny_decoder
     from kvretrieve.engine.engine import Engine
 
@@ -191,7 +199,7 @@ def batched_logits_equal_alone(tmp_path_factory, kind: str | tuple, device: str,
         return Engine(dec, dense_backend(dec, 1024) if cfg is None else retrieval_backend(dec, cfg, 1024), 256)
 
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (300, 411, 367)]
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
     steps = 12
     alone = []
     for i, p in enumerate(prompts):

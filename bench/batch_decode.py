@@ -58,12 +58,12 @@ def sync(device: torch.device) -> None:
 
 
 def measure(decoder, tok, n: int, context: int, steps: int, chunk: int, cfg: RetrievalConfig | None,
-            kernels: int = 0, one_launch: bool = True, trace: Path | None = None) -> dict:
+            kernels: int = 0, one_launch: bool = True, trace: Path | None = None, ahead: bool = False) -> dict:
     dev = decoder.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     sessions = [build(decoder, tok, "bench", context + steps + kernels + 64, chunk, cfg) for _ in range(n)]
-    batch, ttft = Batch(one_launch), []
+    batch, ttft = Batch(one_launch, ahead), []
     for i, llm in enumerate(sessions):
         ids = prompt_ids(tok, context, decoder.cfg.vocab_size, torch.device("cpu"), 100 * n + i).tolist()
         t = time.perf_counter()
@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--kind", default="auto", help="auto, off (dense), or an index kind[:key=value...]")
     ap.add_argument("--kernels", type=int, default=0,
                     help="CUDA: that many more steps under the profiler, GPU time by kernel into the JSON")
+    ap.add_argument("--ahead", action="store_true",
+                    help="launch each step before reading the ids the one before sampled (Batch(ahead=True))")
     ap.add_argument("--trace", action="store_true",
                     help="with --kernels: also write each row's profiled steps as a Chrome trace under --out")
     ap.add_argument("--launch", default="one", choices=["one", "per-row", "both"],
@@ -164,7 +166,7 @@ def main() -> None:
     plan = [(int(s), one) for s in args.sessions.split(",") for one in launches]
     for n, one in plan:
         try:
-            rows.append(measure(decoder, tok, n, context, args.steps, args.chunk, cfg, 0, one))
+            rows.append(measure(decoder, tok, n, context, args.steps, args.chunk, cfg, 0, one, ahead=args.ahead))
         except Exception as e:  # noqa: BLE001 - a row that cannot run says why and the others go on
             rows.append({"sessions": n, "context": context, "error": f"{type(e).__name__}: {e}"[:300]})
         print(rows[-1], flush=True)
@@ -174,13 +176,14 @@ def main() -> None:
     for row, (n, one) in zip(rows if args.kernels and decoder.device.type == "cuda" else [], plan):
         if "error" not in row:
             trace = Path(args.out) / f"{args.name or 'batch_decode'}_trace_{n}.json" if args.trace else None
-            got = measure(decoder, tok, n, context, args.steps, args.chunk, cfg, args.kernels, one, trace)
+            got = measure(decoder, tok, n, context, args.steps, args.chunk, cfg, args.kernels, one, trace, args.ahead)
             row.update({k: got[k] for k in ("kernels", "kernel_ms", "gpu_busy_ms")})
             for k in got["kernels"][:8] + got["kernels"][-1:]:
                 print(f"  {n} sessions {k['us_per_step']:9.1f} us {k['calls_per_step']:7.1f} calls  {k['kernel']}",
                       flush=True)
     add_rates(rows)
     meta |= {"model": str(source), "dtype": str(decoder.dtype), "kind": args.kind, "launch": args.launch,
+             "ahead": args.ahead,
              "run_by": "bench/batch_decode.py"}
     print(write_results(args.name or f"batch_decode_{decoder.device.type}", meta, stamp(rows, meta),
                         COLUMNS + ["error"], NOTES, Path(args.out)))

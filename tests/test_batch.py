@@ -7,7 +7,8 @@ import torch
 
 from kvretrieve import RetrievalConfig
 from kvretrieve.api import build
-from kvretrieve.engine.batch import Batch, decode_step
+from kvretrieve.engine.batch import Batch
+from kvretrieve.engine.batch_step import decode_step
 
 PROMPTS = ["The lighthouse keeper wrote in his log that the storm", "def fibonacci(n):\n    \"\"\"Return",
            "List three colours of the rainbow:" * 12]
@@ -29,6 +30,50 @@ def test_batched_sequences_decode_as_each_alone(smol, kind):
     """Three prompts of different lengths; the third joins after four steps, the first leaves early
     (a smaller token budget): each row's greedy tokens equal what LLM.generate gives for it alone."""
     batched_equals_alone(smol, kind)
+
+
+@pytest.mark.parametrize("kind", ["dense", "lowrank"])
+def test_steps_launched_ahead_give_the_ids_and_caches_of_steps_in_turn(smol, kind):
+    """Batch(ahead=True) launches each step before reading the ids the one before sampled: the same
+    ids, finishes and cache lengths as steps taken in turn, whether a row ends on a stop id mid-run,
+    leaves by leave() once its ids say so (they arrive a step later), ends on its budget, or fills its
+    cache."""
+    ahead_equals_in_turn(smol, kind)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["dense", "lowrank"])
+def test_steps_launched_ahead_on_cuda_give_the_ids_and_caches_of_steps_in_turn(smol_dir, kind):
+    """As above on CUDA, where the ids come back through pinned slots and events while the next step
+    (a graph replay, rows on their streams) runs."""
+    import kvretrieve
+
+    ahead_equals_in_turn(kvretrieve.load(smol_dir, device="cuda", dtype="float32", max_context=4096), kind)
+
+
+def ahead_equals_in_turn(smol, kind: str) -> None:
+    decoder, tok = smol.model, smol.tokenizer
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[1]]
+    sizes, budgets = (1024, 1024, 128, 1024), (60, 60, 60, 9)
+    stop = smol.generate(prompts[0], max_new_tokens=8, temperature=0, return_details=True).token_ids[5]
+    smol.reset()
+    runs = []
+    for ahead in (False, True):
+        llms = [build(decoder, tok, "smol", n, 256, CONFIGS[kind]) for n in sizes]
+        batch = Batch(ahead=ahead)
+        rows = [batch.join(llm.engine, llm.prefill(llm.tokenize(p)), greedy, n, {stop} if i == 0 else tok.eos_ids)
+                for i, (llm, p, n) in enumerate(zip(llms, prompts, budgets))]
+        for _ in range(80):
+            batch.step()
+            if len(rows[1].ids) >= 5 and rows[1].finish is None:  # as serve's batcher on a stop string
+                batch.leave(rows[1])
+            if not batch.rows:
+                break
+        runs.append([(r.ids, r.finish, llm.engine.length - r.base) for r, llm in zip(rows, llms)])
+    assert runs[1] == runs[0], kind
+    assert [f for _, f, _ in runs[0]] == ["eos", "left", "length", "length"] and len(runs[0][0][0]) >= 1
+    # each cache: the prompt and every id, but the last unless a stop id followed it (as after generate())
+    assert all(cached == len(ids) - (finish != "eos") for ids, finish, cached in runs[0])
 
 
 @pytest.mark.cuda

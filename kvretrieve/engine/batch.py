@@ -1,198 +1,24 @@
-"""Several sequences decoding together (continuous batching, first step).
+"""Several sequences decoding together (continuous batching): a Batch of Rows.
 
-Each sequence keeps its own Engine (its backend: KV store, index, block pool) over one shared Decoder.
-A step runs every row's token through the model at once (Decoder.decode_rows): the projections and
-the MLP read each weight once for all rows, which is what a decode step is bound by; attention runs
-per row against the row's own cache. A sequence joins after its own prefill and leaves when it ends;
-both happen between steps. A step is a transaction for every row, as Engine.step is for one: if it
-fails (Ctrl-C included), every row's cache is rolled back to before it.
+Each sequence keeps its own Engine (its backend: KV store, index, block pool) over one shared Decoder;
+engine/batch_step.py runs a step of all of them at once. A sequence joins after its own prefill and
+leaves when it ends; both happen between steps.
 
-On CUDA (StepRunner) each row's attention runs on its own stream, and a step whose rows and shapes
-repeat (the same engines, each with the same graph key) replays a CUDA graph of it: an eager step of
-the 8B shape launches some 30 small kernels per row and layer, and the host, not the GPU, set its
-pace (bench/results/batch_decode_h200_32k_c51cedd.md: 79 ms a step for one row or two, eager).
-Where every row is a retrieval backend of one configuration, the rows' sparse attention is one launch
-a layer (kernels.sparse_decode_rows over each row's own pool and tables, kernels/rows.py), and so is
-their block scoring where the index is low-rank (kernels.lowrank_block_scores_rows, _mass_rows); where
-every row also selects afresh the same number of blocks, one top-k picks them all and one launch looks
-them up in each row's block pool (kernels.lru_lookup_rows). Each row's fetch still runs on its own
-stream. A step is some 20 small kernels a row and layer, and with 8
-rows the GPU is busy most of the step (bench/results/batch_decode_15b_32k_s34.md): what a row's chain
-can share with the others', it shares.
+The host reads every row's new token id after a step (it decides whether the row goes on). With
+ahead (off by default until a GPU times it), the next step is launched before those ids are read, as
+Engine.decode does for one sequence, so the device does not idle while the host reads ids and plans
+the next step; a row found finished then has one token too many in its cache, which is rolled back,
+so each row's cache and ids are those of a step taken in turn.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from ..kernels.rows import (DECODE, LOWRANK, LRU, MASS, StepRows, decode_rows, lowrank_rows, lru_rows, mass_rows,
-                            mismatch)
-from .engine import Engine
-
-@torch.inference_mode()
-def decode_step(engines: list[Engine], tokens: torch.Tensor, streams: list | None = None,
-                one_launch: bool = True) -> torch.Tensor:
-    """Append tokens[b] (a [B] int64 device tensor) to engines[b]'s cache for every b at once; returns
-    the logits [B, V] (fp32) that follow them. The engines share one model; on CUDA, streams (one per
-    row) run the rows' attention side by side. one_launch=False attends each row by itself (to measure
-    what the one launch buys)."""
-    _check(engines)
-    with ExitStack() as passes:
-        starts = [passes.enter_context(e._pass(1)) for e in engines]
-        positions = torch.tensor(starts, dtype=torch.long, device=engines[0].model.device)
-        rows = _step_rows(_operands(engines)) if one_launch else None
-        return _forward(engines, tokens, positions, streams, rows)
-
-
-def _check(engines: list[Engine]) -> None:
-    model = engines[0].model
-    if any(e.model is not model for e in engines):
-        raise ValueError("decode_step: every engine of a batch must run the same Decoder")
-    if len({id(e) for e in engines}) != len(engines):
-        raise ValueError("decode_step: an engine appears twice in the batch (one sequence, one row)")
-
-
-def _operands(engines: list[Engine]) -> tuple | None:
-    """Every row's sparse_operands() and, where every row has them, score_operands() and
-    lookup_operands() (else None in their place); None when a row has no sparse operands (then each
-    row attends by itself), or for one row: there the one-launch variants cost more than its own
-    kernels (H100, 8B shape at 32K: scoring 372 against 291 us a step, attention 168 against 126;
-    bench/results/batch_decode_8b_32k_launch.json)."""
-    if len(engines) < 2:
-        return None
-    ops = [e.backend.sparse_operands() for e in engines]
-    if any(o is None for o in ops):
-        return None
-    scoring = [e.backend.score_operands() for e in engines]
-    if any(s is None for s in scoring):
-        return ops, None, None
-    lookups = [e.backend.lookup_operands() for e in engines]
-    return ops, scoring, None if any(x is None for x in lookups) else lookups
-
-
-def _step_rows(ops: tuple | None) -> StepRows | None:
-    """The one-launch kernels' operands for these rows (_operands), or None where the rows differ (other
-    configurations attend one by one); scoring in one launch where the rows' indexes also agree."""
-    if ops is None:
-        return None
-    decode, scoring, lookups = ops
-    tensors, scales = [o[:4] for o in decode], {o[4] for o in decode}
-    if mismatch(DECODE, tensors) or len(scales) > 1:
-        return None
-    rows = StepRows(decode_rows(tensors), scales.pop())
-    if scoring is None or len({(s.kind, s.block_size) for s in scoring}) > 1:
-        return rows
-    mass, tensors, widths = scoring[0].kind == "mass", [s.tensors for s in scoring], {s.n_blocks for s in scoring}
-    # Mass scores are shares of a normaliser over the blocks scored: rows scoring as many only.
-    if mismatch(MASS if mass else LOWRANK, tensors) or (mass and len(widths) > 1):
-        return rows
-    ks = {s.select_k for s in scoring}
-    rows = replace(rows, scoring=(mass_rows if mass else lowrank_rows)(tensors), mass=mass, n_blocks=max(widths),
-                   block_size=scoring[0].block_size, select_k=ks.pop() if len(ks) == 1 else 0)
-    if not rows.select_k or lookups is None or len({lru0 for _, lru0 in lookups}) > 1 \
-            or mismatch(LRU, [t for t, _ in lookups]):
-        return rows
-    return replace(rows, lookup=lru_rows([t for t, _ in lookups]), lru0=lookups[0][1])
-
-
-def _where(ops: tuple | None) -> tuple | None:
-    """Where the rows' pools, tables and indexes are, and how many blocks they score: a graph that
-    read them replays only while these stay."""
-    if ops is None:
-        return None
-    decode, scoring, lookups = ops
-    return (tuple(t.data_ptr() for o in decode for t in o[:4]),
-            None if scoring is None else tuple((tuple(t.data_ptr() for t in s.tensors), s.n_blocks, s.select_k)
-                                               for s in scoring),
-            None if lookups is None else tuple(t.data_ptr() for ts, _ in lookups for t in ts))
-
-
-def _forward(engines: list[Engine], tokens: torch.Tensor, positions: torch.Tensor, streams,
-             rows: StepRows | None) -> torch.Tensor:
-    """The device work of a batched step (what a graph of it records)."""
-    for e in engines:
-        e.backend.prologue()
-    if rows is not None and rows.select_k:  # each row's non-candidates, as wide as the scores
-        rows = replace(rows, outside=torch.stack([
-            torch.nn.functional.pad(o, (0, rows.n_blocks - o.shape[0]), value=True)
-            for o in (e.backend.outside_blocks() for e in engines)]))
-    model = engines[0].model
-    return model.logits(model.decode_rows(tokens, positions, [e.backend for e in engines], streams, rows))
-
-
-@dataclass(eq=False)
-class _Captured:
-    engines: list[Engine]  # held, so that no other engine can take an id in the key while it lives
-    graph: "torch.cuda.CUDAGraph"
-    rows: StepRows | None  # held: the graph reads its table of addresses
-    tokens: torch.Tensor
-    positions: torch.Tensor
-    logits: torch.Tensor
-
-
-class StepRunner:
-    """Runs a Batch's steps: decode_step, on CUDA with a stream per row and, once a step's rows and
-    their graph keys repeat, as the replay of a CUDA graph captured from that step (as Engine.step
-    does for one sequence). Graphs of rows that left are dropped (forget)."""
-
-    MAX_GRAPHS = 8  # compositions kept; each holds its activations (a few MiB for 8 rows of the 8B shape)
-
-    def __init__(self, one_launch: bool = True):
-        self.one_launch = one_launch  # the rows' sparse attention in one launch (decode_step)
-        self.streams: list = []
-        self.graphs: dict = {}  # key -> _Captured
-        self._pool = None       # the memory pool all captured graphs share
-        self.replays = 0
-
-    @torch.inference_mode()
-    def step(self, engines: list[Engine], tokens: torch.Tensor) -> torch.Tensor:
-        dev = engines[0].model.device
-        if dev.type != "cuda":
-            return decode_step(engines, tokens, one_launch=self.one_launch)
-        while len(self.streams) < len(engines):
-            self.streams.append(torch.cuda.Stream(dev))
-        _check(engines)
-        with ExitStack() as passes:
-            starts = torch.tensor([passes.enter_context(e._pass(1)) for e in engines], dtype=torch.long)
-            keys = [e.backend.graph_key() if e.graphs else None for e in engines]
-            ops = _operands(engines) if self.one_launch else None
-            key = None if None in keys else (tuple(zip(map(id, engines), keys)), _where(ops))
-            got = self.graphs.get(key) if key is not None else None
-            if got is not None:
-                got.tokens.copy_(tokens)
-                got.positions.copy_(starts, non_blocking=True)
-                got.graph.replay()
-                self.replays += 1
-                return got.logits.clone()  # the graph's output buffer is overwritten by the next replay
-            tokens, positions, rows = tokens.clone(), starts.to(dev), _step_rows(ops)
-            logits = _forward(engines, tokens, positions, self.streams, rows)
-            if key is not None:
-                self._capture(key, engines, tokens, positions, rows)
-            return logits
-
-    def _capture(self, key, engines: list[Engine], tokens: torch.Tensor, positions: torch.Tensor,
-                 rows: StepRows | None) -> None:
-        """Record the step just run (every kernel compiled, the allocator warm); capture only records."""
-        while len(self.graphs) >= self.MAX_GRAPHS:  # others remain, so the shared pool lives on
-            del self.graphs[next(iter(self.graphs))]
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize(tokens.device)
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = _forward(engines, tokens, positions, self.streams, rows)
-        self._pool = graph.pool()
-        self.graphs[key] = _Captured(list(engines), graph, rows, tokens, positions, logits)
-
-    def forget(self, engines) -> None:
-        """Drop the graphs of steps that any of these engines took part in (they left the batch)."""
-        gone = {id(e) for e in engines}
-        self.graphs = {k: g for k, g in self.graphs.items() if not gone & {id(e) for e in g.engines}}
-        if not self.graphs:
-            # The pool dies with its last graph; capturing into it again trips torch's allocator
-            # (an internal assert, seen on the H200 with torch 2.11): the next capture starts a new one.
-            self._pool = None
+from .batch_step import StepRunner
+from .engine import Engine, _HostTokens
 
 
 @dataclass(eq=False)  # rows are compared by identity (their fields hold tensors)
@@ -203,27 +29,42 @@ class Row:
     token: torch.Tensor
     left: int                                            # tokens it may still generate
     stop_ids: frozenset[int]
+    base: int = 0                                        # its cache's length when it joined (the prompt)
     ids: list[int] = field(default_factory=list)         # generated so far (a stop id is not kept)
     finish: str | None = None                            # "eos" or "length" once it has left
+    unread: bool = False                                 # (ahead) token is sampled but its id not read yet
 
     def _take(self, token: torch.Tensor) -> None:
-        token_id = int(token)  # the host reads every id anyway: it decides whether the row goes on
+        self.token = token
+        self._accept(int(token))  # the host reads every id anyway: it decides whether the row goes on
+
+    def _accept(self, token_id: int) -> None:
+        self.unread = False
         if token_id in self.stop_ids:
             self.finish = "eos"
             return
-        self.token = token
         self.ids.append(token_id)
         self.left -= 1
         if self.left <= 0:
             self.finish = "length"
 
+    def _settle(self) -> None:
+        """Once it has left, its cache holds what a batch taken in turn leaves: the prompt and every id,
+        but the last unless it ended on a stop id (a step taken ahead may have appended one more)."""
+        keep = self.base + len(self.ids) - (self.finish != "eos" and len(self.ids) > 0)
+        if self.engine.length > keep:
+            self.engine.truncate(keep)
+
 
 class Batch:
     """Sequences that decode together; join() and step() are called between steps by one thread."""
 
-    def __init__(self, one_launch: bool = True):
+    def __init__(self, one_launch: bool = True, ahead: bool = False):
         self.rows: list[Row] = []
         self.runner = StepRunner(one_launch)
+        self.ahead = ahead
+        self._host: _HostTokens | None = None
+        self._unread = None  # (its host handle, the rows it holds the ids of, in order): the last step's
 
     def join(self, engine: Engine, logits: torch.Tensor, next_token: Callable[[torch.Tensor], torch.Tensor],
              max_new_tokens: int, stop_ids=()) -> Row:
@@ -231,7 +72,8 @@ class Batch:
         token is taken now. Returns its row (ids grow with each step; finish is set when it leaves)."""
         if any(r.engine is engine for r in self.rows):
             raise ValueError("this engine's sequence is already in the batch")
-        row = Row(engine, next_token, logits.new_zeros((), dtype=torch.long), max_new_tokens, frozenset(stop_ids))
+        row = Row(engine, next_token, logits.new_zeros((), dtype=torch.long), max_new_tokens, frozenset(stop_ids),
+                  engine.length)
         if max_new_tokens <= 0:
             row.finish = "length"
             return row
@@ -244,21 +86,52 @@ class Batch:
         """Take a row out between steps (its answer ended on a stop string, or its reader went away)."""
         self.rows = [r for r in self.rows if r is not row]
         row.finish = row.finish or "left"
+        row._settle()
         self.runner.forget([row.engine])
 
     def step(self) -> list[Row]:
         """Every row appends its token and takes the next; returns the rows that left (finished)."""
         if not self.rows:
             return []
-        for r in self.rows:  # a row whose cache is full leaves before the step that would overflow it
-            if r.engine.length >= r.engine.backend.capacity:
-                r.finish = "length"
-        rows = [r for r in self.rows if r.finish is None]
-        if rows:
-            logits = self.runner.step([r.engine for r in rows], torch.stack([r.token for r in rows]))
-            for r, row_logits in zip(rows, logits):
-                r._take(r.next_token(row_logits))
+        if self.ahead:
+            self._step_ahead()
+        else:
+            for r in self.rows:  # a row whose cache is full leaves before the step that would overflow it
+                if r.engine.length >= r.engine.backend.capacity:
+                    r.finish = "length"
+            rows = [r for r in self.rows if r.finish is None]
+            if rows:
+                logits = self.runner.step([r.engine for r in rows], torch.stack([r.token for r in rows]))
+                for r, row_logits in zip(rows, logits):
+                    r._take(r.next_token(row_logits))
         left = [r for r in self.rows if r.finish is not None]
         self.rows = [r for r in self.rows if r.finish is None]
+        for r in left:
+            r._settle()
         self.runner.forget([r.engine for r in left])
         return left
+
+    def _step_ahead(self) -> None:
+        """Launch the step of every row that may append the token it holds (room in its cache, and not
+        its last token still unread), then read the ids the step before sampled: a row whose id was a
+        stop, or its last, leaves (step() rolls back what was appended past its ids)."""
+        if self._host is None:
+            self._host = _HostTokens(self.rows[0].engine.model.device)
+        go = [r for r in self.rows if r.engine.length < r.engine.backend.capacity and not (r.unread and r.left <= 1)]
+        sent = None
+        if go:
+            logits = self.runner.step([r.engine for r in go], torch.stack([r.token for r in go]))
+            tokens = torch.stack([r.next_token(row_logits) for r, row_logits in zip(go, logits)])
+            sent = self._host.send(tokens)
+        if self._unread is not None:
+            handle, rows = self._unread
+            for r, token_id in zip(rows, self._host.read_all(handle)):
+                if r.finish is None and r.unread:
+                    r._accept(token_id)
+        for r in self.rows:
+            if r.finish is None and r not in go:
+                r.finish = "length"  # no room for another token
+        self._unread = (sent, go) if go else None
+        for i, r in enumerate(go):
+            if r.finish is None:
+                r.token, r.unread = tokens[i], True

@@ -213,26 +213,32 @@ class Engine:
 
 
 class _HostTokens:
-    """Brings token ids to the host without waiting for work queued after them: each id is copied
-    into its own pinned slot and an event marks the copy (.item() would wait for the whole stream,
-    including a step launched after the token)."""
+    """Brings token ids to the host without waiting for work queued after them: each send (one id, or
+    a batch's [B]) is copied into its own pinned slot, two in turn, and an event marks the copy
+    (.item() would wait for the whole stream, including a step launched after the tokens)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.slots = torch.zeros(2, dtype=torch.long, pin_memory=self.cuda)
+        self.slots = [torch.zeros(8, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
         self.events = [torch.cuda.Event() for _ in range(2)] if self.cuda else None
         self.n = 0
 
-    def send(self, token: torch.Tensor):
+    def send(self, tokens: torch.Tensor):
         if not self.cuda:
-            return token
-        i, self.n = self.n % 2, self.n + 1
-        self.slots[i].copy_(token, non_blocking=True)
+            return tokens
+        i, self.n, n = self.n % 2, self.n + 1, tokens.numel()
+        if self.slots[i].numel() < n:  # the old slot is not read again: its last copy was read before
+            self.slots[i] = torch.zeros(2 * n, dtype=torch.long, pin_memory=True)
+        self.slots[i][:n].copy_(tokens.view(-1), non_blocking=True)
         self.events[i].record()
-        return i
+        return i, n
 
     def read(self, handle) -> int:
+        return self.read_all(handle)[0]
+
+    def read_all(self, handle) -> list[int]:
         if not self.cuda:
-            return int(handle)
-        self.events[handle].synchronize()
-        return int(self.slots[handle])
+            return handle.view(-1).tolist()
+        i, n = handle
+        self.events[i].synchronize()
+        return self.slots[i][:n].tolist()

@@ -17,9 +17,8 @@ import torch.nn.functional as F
 
 from ..backends.base import AttentionBackend
 from ..errors import ModelLoadError
-from ..index import top_blocks
 from ..kernels import (apply_rope, lowrank_block_mass_rows, lowrank_block_scores_rows, lru_lookup_rows, rms_norm,
-                       silu_mul, sparse_decode_rows)
+                       silu_mul, sparse_decode_rows, topk_indices)
 from ..kernels.rows import StepRows
 from .linear import RowStack, WeightBuffer, linear, row_slice
 from .quant import QuantWeight
@@ -237,7 +236,7 @@ class Decoder:
         if rows.select_k:
             B, hkv, n = scores.shape
             masked = scores.masked_fill(rows.outside[:, None, :], float("-inf")).view(B * hkv, n)
-            chosen = top_blocks(masked, rows.select_k).view(B, hkv, -1)
+            chosen = topk_indices(masked, rows.select_k).view(B, hkv, -1)  # a set, as Selector.pick's
         bring = rows.lookup is None
         self._per_row(streams, attns, lambda b, a: a.decode_select(
             layer, q[b:b + 1], k[b:b + 1], v[b:b + 1], None if scores is None else scores[b],

@@ -23,7 +23,7 @@ import triton.language as tl
 from kvretrieve.kernels.checks import check_launch_device, check_lowrank_mass, check_lowrank_rows
 from kvretrieve.kernels.rows import MASS, RowTensors
 from kvretrieve.kernels.scoring import _LOWRANK_PROGRAMS, _dot_f32, _group_queries, _split_work
-from kvretrieve.kernels.sparse_decode import _row_pointer
+from kvretrieve.kernels.sparse_decode import _row_operands
 
 
 @triton.jit
@@ -40,11 +40,8 @@ def _mass_kernel(
     pid = tl.program_id(1)
     out_h = kvh  # x and the partial normalisers are [B * Hkv, ...]: one row after another
     if ROWS:  # grid axis 0 is (row, KV head): the row's proj, sketch, block means through addr_ptr [B, 3]
-        row = kvh // hkv
-        kvh = kvh % hkv
-        a = addr_ptr + row * 3
-        proj_ptr, sk_ptr = _row_pointer(a, 0, proj_ptr, off_p), _row_pointer(a, 1, sk_ptr, off_s)
-        bm_ptr = _row_pointer(a, 2, bm_ptr, off_b)
+        row, kvh, proj_ptr, sk_ptr, bm_ptr = _row_operands(addr_ptr, kvh, hkv, proj_ptr, off_p, sk_ptr, off_s,
+                                                           bm_ptr, off_b)
         q_ptr += row.to(tl.int64) * stride_qb
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, DP)

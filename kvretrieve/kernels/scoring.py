@@ -17,7 +17,7 @@ import triton.language as tl
 from kvretrieve.kernels.checks import (check_bounds, check_launch_device, check_lowrank, check_lowrank_rows,
                                          check_max_dot)
 from kvretrieve.kernels.rows import LOWRANK, RowTensors
-from kvretrieve.kernels.sparse_decode import _mma, _row_pointer
+from kvretrieve.kernels.sparse_decode import _mma, _row_operands
 
 # Enough programs to cover an H100 (132 SMs) several times over, whatever Hkv is.
 _TARGET_PROGRAMS = 1024
@@ -63,11 +63,8 @@ def _lowrank_kernel(
     kvh = tl.program_id(0)
     pid = tl.program_id(1)
     if ROWS:  # grid axis 0 is (row, KV head): the row's proj, mean, sketch through addr_ptr [B, 3]
-        row = kvh // hkv
-        kvh = kvh % hkv
-        a = addr_ptr + row * 3
-        proj_ptr, mean_ptr = _row_pointer(a, 0, proj_ptr, off_p), _row_pointer(a, 1, mean_ptr, off_m)
-        sk_ptr = _row_pointer(a, 2, sk_ptr, off_s)
+        row, kvh, proj_ptr, mean_ptr, sk_ptr = _row_operands(addr_ptr, kvh, hkv, proj_ptr, off_p, mean_ptr, off_m,
+                                                             sk_ptr, off_s)
         q_ptr += row.to(tl.int64) * stride_qb
         out_ptr += row.to(tl.int64) * stride_ob
     offs_g = tl.arange(0, GP)

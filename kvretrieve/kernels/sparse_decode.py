@@ -42,6 +42,16 @@ def _row_pointer(row_addr_ptr, i: tl.constexpr, like_ptr, offset):
 
 
 @triton.jit
+def _row_operands(addr_ptr, program, hkv, p0, off0, p1, off1, p2, off2):
+    """Program `program` (grid axis 0: row, KV head) of a launch over rows whose table entry holds three
+    tensors: (its row, its KV head, the row's three tensors typed like p0..p2, each at its offset)."""
+    row = program // hkv
+    a = addr_ptr + row * 3
+    return (row, program % hkv, _row_pointer(a, 0, p0, off0), _row_pointer(a, 1, p1, off1),
+            _row_pointer(a, 2, p2, off2))
+
+
+@triton.jit
 def _attend_split(
     q, k_head, v_head, slot_row, tail, n_cols, col0, iters, qk_scale,
     stride_ks, stride_kt, stride_kd, stride_vs, stride_vt, stride_vd, stride_sc,

@@ -31,7 +31,7 @@ class Row:
     stop_ids: frozenset[int]
     base: int = 0                                        # its cache's length when it joined (the prompt)
     ids: list[int] = field(default_factory=list)         # generated so far (a stop id is not kept)
-    finish: str | None = None                            # "eos" or "length" once it has left
+    finish: str | None = None                            # "eos", "length" or "left" once it has left
     unread: bool = False                                 # (ahead) token is sampled but its id not read yet
 
     def _take(self, token: torch.Tensor) -> None:
@@ -64,7 +64,7 @@ class Batch:
         self.runner = StepRunner(one_launch)
         self.ahead = ahead
         self._host: _HostTokens | None = None
-        self._unread = None  # (its host handle, the rows it holds the ids of, in order): the last step's
+        self._unread = None  # (ahead) the ids the last step sampled, unread: (host handle, their rows in order)
 
     def join(self, engine: Engine, logits: torch.Tensor, next_token: Callable[[torch.Tensor], torch.Tensor],
              max_new_tokens: int, stop_ids=()) -> Row:

@@ -2,9 +2,9 @@
 
 That machine receives only files inside the repository working tree, at most 64 MiB a call with the
 tracked tree itself (~4.5 MiB) and the `carry` list, and keeps ignored files between calls while it
-stays warm. So the file is cut here into 56 MiB parts in the ignored folder .eval_models/, one part travels per call, and every
-call runs `join`, which checks the parts that have arrived and, once all are there, reassembles the
-file, verifies its sha256 and deletes the parts.
+stays warm. So the file is cut here into 56 MiB parts in the ignored folder .eval_models/, one part
+travels per call, and every call runs `join`, which checks the parts that have arrived and, once all
+are there, reassembles the file, verifies its sha256 and deletes the parts.
 
 The exact sequence, for the 1.5B (20 parts; the 0.5B has 9), all calls on one warm machine:
 

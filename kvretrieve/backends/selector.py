@@ -71,7 +71,7 @@ class Selector:
     def lookup_operands(self) -> tuple[tuple[torch.Tensor, ...], int] | None:
         """The pool's lookup state for a batched step's one lookup (kernels.rows.lru_rows) and its first
         LRU slot; None with speculative prefetch (its lookups run on a side stream of their own)."""
-        if self.side is not None or self.cfg.speculative:
+        if self.cfg.speculative:
             return None
         pool = self.pool
         return (pool.slot_of_block, pool.block_of_slot, pool.last_used, self.plan.stamp, pool.counts), pool.lru0

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from .batch_step import StepRunner
-from .engine import Engine, _HostTokens
+from .engine import Engine, HostTokens
 
 
 @dataclass(eq=False)  # rows are compared by identity (their fields hold tensors)
@@ -63,7 +63,7 @@ class Batch:
         self.rows: list[Row] = []
         self.runner = StepRunner(one_launch)
         self.ahead = ahead
-        self._host: _HostTokens | None = None
+        self._host: HostTokens | None = None
         self._unread = None  # (ahead) the ids the last step sampled, unread: (host handle, their rows in order)
 
     def join(self, engine: Engine, logits: torch.Tensor, next_token: Callable[[torch.Tensor], torch.Tensor],
@@ -116,7 +116,7 @@ class Batch:
         its last token still unread), then read the ids the step before sampled: a row whose id was a
         stop, or its last, leaves (step() rolls back what was appended past its ids)."""
         if self._host is None:
-            self._host = _HostTokens(self.rows[0].engine.model.device)
+            self._host = HostTokens(self.rows[0].engine.model.device)
         go = [r for r in self.rows if r.engine.length < r.engine.backend.capacity and not (r.unread and r.left <= 1)]
         sent = None
         if go:

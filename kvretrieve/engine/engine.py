@@ -155,7 +155,7 @@ class Engine:
         next step (1-2 ms per token on an H100 host). The price: when the consumer stops, that
         launched step is rolled back."""
         ahead = self.ahead
-        reader = _HostTokens(self.model.device)
+        reader = HostTokens(self.model.device)
         pending, launched_at = reader.send(token), None
         try:
             for i in range(steps + 1):
@@ -181,7 +181,7 @@ class Engine:
             if launched_at is not None:
                 self.truncate(launched_at)
 
-    def _next(self, token: torch.Tensor, next_token, reader: "_HostTokens"):
+    def _next(self, token: torch.Tensor, next_token, reader: "HostTokens"):
         """One decode step and its token; the host gets -1 instead of the id when the logits are not all
         finite. The host reads every id anyway, so the check costs two small kernels a step and no sync
         (checking the logits on the host would add one, and every N tokens would let garbage through)."""
@@ -212,7 +212,7 @@ class Engine:
         self._captured[key] = (graph, logits)
 
 
-class _HostTokens:
+class HostTokens:
     """Brings token ids to the host without waiting for work queued after them: each send (one id, or
     a batch's [B]) is copied into its own pinned slot, two in turn, and an event marks the copy
     (.item() would wait for the whole stream, including a step launched after the tokens)."""

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvretrieve.kernels.checks import check_launch_device, check_lru
+from kvretrieve.kernels.checks import check_launch_device, check_lru, fail
 from kvretrieve.kernels.rows import LRU, RowTensors
 from kvretrieve.kernels.sparse_decode import _row_pointer
 
@@ -93,17 +93,16 @@ def lru_lookup_rows(ids, rows: RowTensors, layer: int):
     op = "lru_lookup_rows"
     sob, bos, used, stamp, counts = (rows[name][0] for name in LRU)
     if not isinstance(ids, torch.Tensor) or ids.dim() != 3 or ids.shape[0] != len(rows):
-        raise ValueError(f"{op}: ids must be [B={len(rows)}, H, k], got {tuple(getattr(ids, 'shape', ()))}")
+        fail(op, f"ids must be [B={len(rows)}, H, k], got {tuple(getattr(ids, 'shape', ()))}")
     if not 0 <= layer < sob.shape[0]:
-        raise ValueError(f"{op}: layer must be in [0, {sob.shape[0]}), got {layer}")
-    B = ids.shape[0]
+        fail(op, f"layer must be in [0, {sob.shape[0]}), got {layer}")
+    B, offsets = ids.shape[0], (layer * sob.stride(0), layer * bos.stride(0))
     # select, not [i]: the lowering test's fake CUDA tensors refuse integer indexing on a CPU-only torch
     sob, bos, used = (t.select(0, layer) for t in (sob, bos, used))
     h, k, n = check_lru(ids.select(0, 0), sob, bos, used, stamp)
     check_launch_device(op, ids, sob, rows.addresses)
     slot, fetch = _launch(ids.reshape(B * h, k), sob, bos, used, stamp, counts, h, k, n,
-                          rows=(rows.addresses, layer * rows["slot_of_block"][0].stride(0),
-                                layer * rows["block_of_slot"][0].stride(0)), B=B)
+                          rows=(rows.addresses, *offsets), B=B)
     return slot.view(B, h, k), fetch.view(B, h, k)
 
 

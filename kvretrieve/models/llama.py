@@ -229,10 +229,10 @@ class Decoder:
             outs = self._per_row(streams, attns, lambda b, a: a.decode(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]))
             return torch.cat(outs)
         scores = chosen = None
-        if rows.scoring is not None:
-            score = lowrank_block_mass_rows if rows.mass else lowrank_block_scores_rows
-            extra = (rows.scale,) if rows.mass else ()  # the index's scale is the attention's, head_dim ** -0.5
-            scores = score(q, rows.scoring, layer, rows.n_blocks, rows.block_size, *extra)
+        if rows.scoring is not None and rows.mass:  # the index's scale is the attention's, head_dim ** -0.5
+            scores = lowrank_block_mass_rows(q, rows.scoring, layer, rows.n_blocks, rows.block_size, rows.scale)
+        elif rows.scoring is not None:
+            scores = lowrank_block_scores_rows(q, rows.scoring, layer, rows.n_blocks, rows.block_size)
         if rows.select_k:
             B, hkv, n = scores.shape
             masked = scores.masked_fill(rows.outside[:, None, :], float("-inf")).view(B * hkv, n)

@@ -138,8 +138,9 @@ def main() -> None:
     ap.add_argument("--kind", default="auto", help="auto, off (dense), or an index kind[:key=value...]")
     ap.add_argument("--kernels", type=int, default=0,
                     help="CUDA: that many more steps under the profiler, GPU time by kernel into the JSON")
-    ap.add_argument("--ahead", action="store_true",
-                    help="launch each step before reading the ids the one before sampled (Batch(ahead=True))")
+    ap.add_argument("--ahead", action=argparse.BooleanOptionalAction, default=None,
+                    help="launch each step before reading the ids the one before sampled (Batch(ahead=True)); "
+                         "default: on CUDA, as serve does")
     ap.add_argument("--trace", action="store_true",
                     help="with --kernels: also write each row's profiled steps as a Chrome trace under --out")
     ap.add_argument("--launch", default="one", choices=["one", "per-row", "both"],
@@ -161,6 +162,8 @@ def main() -> None:
     runtime = RuntimeConfig(device=args.device, gpu_mem_gb=args.gpu_mem_gb, max_context=context + args.steps + 64)
     decoder, tok, source = load_decoder(args.model, runtime, dense_kv=False, shape=args.shape)
     meta = provenance(str(decoder.device), args.allow_dirty)
+    if args.ahead is None:
+        args.ahead = decoder.device.type == "cuda"
     rows = []
     launches = {"one": [True], "per-row": [False], "both": [True, False]}[args.launch]
     plan = [(int(s), one) for s in args.sessions.split(",") for one in launches]

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from ..backends.base import AttentionBackend
 from ..errors import ModelLoadError
-from ..kernels import (apply_rope, lowrank_block_mass_rows, lowrank_block_scores_rows, lru_lookup_rows, rms_norm,
-                       silu_mul, sparse_decode_rows, topk_indices)
+from ..kernels import apply_rope, rms_norm, silu_mul
 from ..kernels.rows import StepRows
+from .attend_rows import attend_rows
 from .linear import RowStack, WeightBuffer, linear, row_slice
 from .quant import QuantWeight
 from .rope import Rope, RopeConfig
@@ -192,9 +192,9 @@ class Decoder:
         """One decode step of B sequences at once: ids, positions [B] (int64, on the device), attns[b]
         the backend of row b. The projections and the MLP read each weight once for all rows (decode
         is bound by those reads); attention runs per row against the row's own cache, on streams[b]
-        where CUDA streams are given, except that with rows (from every backend's sparse_operands) one
-        launch attends all rows' selected blocks, and another scores all rows' blocks where they score
-        with a low-rank index. Returns the hidden rows [B, hidden]."""
+        where CUDA streams are given (B + 1 of them), except that with rows (from every backend's
+        sparse_operands) what the rows allow runs as one launch for all (models/attend_rows.py).
+        Returns the hidden rows [B, hidden]."""
         c = self.cfg
         x = self.embed(ids)
         if c.rope.kind == "dynamic":  # its frequencies follow each sequence's own length
@@ -212,57 +212,10 @@ class Decoder:
                     if attns[b].lookahead(layer):
                         attns[b].prefetch(layer + 1, q_next[b:b + 1])
             q, k, v = self.project_qkv(layer, rms_norm(x, w.attn_norm, c.rms_eps), cos, sin)
-            out = self._attend_rows(layer, q, k, v, attns, streams, rows)
+            out = attend_rows(layer, q, k, v, attns, streams, rows)
             x += self.linear(out.reshape(len(attns), -1), w.o, w.o_bias)
             x += self.mlp(layer, rms_norm(x, w.mlp_norm, c.rms_eps))
         return x
-
-    def _attend_rows(self, layer: int, q, k, v, attns: list[AttentionBackend], streams: list | None,
-                     rows: StepRows | None) -> torch.Tensor:
-        """Each row's decode attention; with streams, row b's runs on streams[b]. A row's selection
-        is a chain of small latency-bound kernels (scores, top-k, lookup, fetch, sparse attention)
-        that fills a few SMs: on their own streams (and as branches of a captured graph) the rows'
-        chains run side by side instead of one after another. With rows, the scoring (where the rows
-        share it) and the sparse attention are each one launch for the batch, around each row's
-        top-k, lookup and fetch, and before its merge."""
-        if rows is None:
-            outs = self._per_row(streams, attns, lambda b, a: a.decode(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]))
-            return torch.cat(outs)
-        scores = chosen = None
-        if rows.scoring is not None and rows.mass:  # the index's scale is the attention's, head_dim ** -0.5
-            scores = lowrank_block_mass_rows(q, rows.scoring, layer, rows.n_blocks, rows.block_size, rows.scale)
-        elif rows.scoring is not None:
-            scores = lowrank_block_scores_rows(q, rows.scoring, layer, rows.n_blocks, rows.block_size)
-        if rows.select_k:
-            B, hkv, n = scores.shape
-            masked = scores.masked_fill(rows.outside[:, None, :], float("-inf")).view(B * hkv, n)
-            chosen = topk_indices(masked, rows.select_k).view(B, hkv, -1)  # a set, as Selector.pick's
-        bring = rows.lookup is None
-        self._per_row(streams, attns, lambda b, a: a.decode_select(
-            layer, q[b:b + 1], k[b:b + 1], v[b:b + 1], None if scores is None else scores[b],
-            None if chosen is None else chosen[b], bring))
-        if not bring:  # one lookup in every row's pool, then each row fetches its misses
-            slots, fetch = lru_lookup_rows(chosen, rows.lookup, layer)
-            slots += rows.lru0
-            self._per_row(streams, attns, lambda b, a: a.decode_bring(layer, slots[b], fetch[b]))
-        out, lse = sparse_decode_rows(q, rows.decode, layer, rows.scale)
-        return torch.cat(self._per_row(streams, attns, lambda b, a: a.decode_merge(layer, q[b:b + 1], out[b], lse[b])))
-
-    def _per_row(self, streams: list | None, attns: list[AttentionBackend], fn: Callable) -> list:
-        """[fn(b, attns[b]) for each row]; with streams, row b's on streams[b], forked from the current
-        stream and joined back into it before returning, so tensors freed after this layer are free on
-        all of them."""
-        if streams is None:
-            return [fn(b, a) for b, a in enumerate(attns)]
-        main = torch.cuda.current_stream(self.device)
-        outs = []
-        for b, (a, stream) in enumerate(zip(attns, streams)):
-            stream.wait_stream(main)
-            with torch.cuda.stream(stream):
-                outs.append(fn(b, a))
-        for stream in streams[:len(attns)]:
-            main.wait_stream(stream)
-        return outs
 
     def mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         w = self.w.layers[layer]

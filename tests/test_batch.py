@@ -196,8 +196,8 @@ def test_the_batcher_answers_every_request_when_a_reader_fails_or_after_it_stops
 def test_batched_steps_give_each_rows_logits_alone(tmp_path_factory, kind):
     """Three rows of a tiny random model, prompts long enough that each row's budget picks among many
     blocks: every logit of each row, step after step, equals its logit alone, with the rows' scoring
-    (by mass or max), top-k, lookup, token-level rest and sparse attention in one launch each; and
-    with one launch a row (one_launch=False)."""
+    (by mass or max), top-k and sparse attention in one launch each; and with one launch a row
+    (one_launch=False)."""
     batched_logits_equal_alone(tmp_path_factory, kind, "cpu")
     batched_logits_equal_alone(tmp_path_factory, kind, "cpu", one_launch=False)
 

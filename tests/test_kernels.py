@@ -431,41 +431,6 @@ def _interp_cases(device="cpu", big=False):
     cases["lowrank-rest-many-tiles"] = lambda: rest(torch.float32, 4, 48, 8, 4, 4, 300, True)  # 2 merge programs a head
     cases["lowrank-rest-odd-sizes"] = lambda: rest(torch.float32, 1, 24, 5, 3, 6, 7)
 
-    def rest_rows(dt, G, d, r, rv, bs, nb):
-        # Three rows, two layers each, every row its own sketches and summaries (kernels/rows.py), one row
-        # with a head that leaves nothing out: each row's rest equals the reference alone and, bitwise,
-        # the one-row launch's (the programs split a row's blocks as its own launch does).
-        import kvretrieve.kernels.rest as t_rest
-        from kvretrieve.kernels.rows import rest_rows as make_rows
-
-        g, hkv, rows = torch.Generator().manual_seed(21), 2, []
-        for b in range(3):
-            layers = []
-            for layer in range(2):
-                _, proj, _, sk, bm, _ = scoring_case(G, dt, d, r, bs, nb, Hkv=hkv, seed=30 + 10 * b + layer)
-                extra = (torch.randn(hkv, d, rv, generator=g) / math.sqrt(d), torch.randn(hkv, nb * bs + 5, rv, generator=g),
-                         torch.randn(hkv, nb + 3, d, generator=g))
-                layers.append((proj, sk, bm) + tuple(t.to(dt) for t in extra))
-            rows.append(tuple(torch.stack([lay[i] for lay in layers]).to(device) for i in range(6)))
-        q = torch.randn(3, hkv * G, d, generator=g).to(dt).to(device)
-        left = torch.rand(3, hkv, nb, generator=g) < 0.7
-        left[1, 0] = False
-        left = left.to(device)
-        tols = (1e-5, 1e-5) if dt == torch.float32 else (2e-2, 5e-3)
-        res, table = [], make_rows(rows)
-        for layer in range(2):
-            out, lse = t_rest.lowrank_rest_rows(q, table, layer, left, bs, d ** -0.5, tile_elems=256)
-            for b in range(3):
-                args = (q[b], *(t[layer] for t in rows[b]), left[b], bs, d ** -0.5)
-                (one, one_lse), (want, want_lse) = t_rest.lowrank_rest(*args, tile_elems=256), R.lowrank_rest(*args)
-                same = torch.equal(out[b], one) and torch.equal(lse[b], one_lse)
-                res += [(f"out-{layer}-{b}", err(out[b], want), tols[0]), (f"lse-{layer}-{b}", err(lse[b], want_lse), tols[1]),
-                        (f"bitwise-{layer}-{b}", 0.0 if same else 1.0, 0.0)]
-        return res
-
-    for dn, (dt, _) in dts.items():
-        cases[f"lowrank-rest-rows-{dn}"] = lambda t=dt: rest_rows(t, *((6, 128, 32, 16, 4, 600) if big else (3, 16, 8, 8, 4, 20)))
-
     def block_rest(dt, G, d, nb, few_programs=False, q_dt=None):
         # The per-block rest over contiguous summary rows: a head with nothing left out, one with most
         # blocks; few_programs loops each program over several tiles, else many programs' partials

@@ -31,7 +31,7 @@ def _launches(cuda, kv_store):
     """(label, "module.launcher", args) per launch: each float dtype, the two model shapes the runtime
     targets (SmolLM2-135M: Hkv 3, G 3, d 64; Llama-3-8B: Hkv 8, G 4, d 128) and every constexpr flag."""
     from kvretrieve.config import KVGeometry
-    from kvretrieve.kernels.rows import DECODE, LOWRANK, LRU, MASS, REST, RowTensors
+    from kvretrieve.kernels.rows import DECODE, LOWRANK, LRU, MASS, RowTensors
 
     import torch
 
@@ -71,12 +71,6 @@ def _launches(cuda, kv_store):
                     cuda(12, d, dt=qdt), cuda(hkv, d, 32, dt=qdt), cuda(hkv, 4096, 32, dt=dt), cuda(hkv, 1024, d, dt=dt),
                     cuda(hkv, d, rv, dt=dt), cuda(hkv, 4096, rv, dt=dt), cuda(hkv, 1024, d, dt=dt),
                     cuda(hkv, 200, dt=torch.bool), bs, 0.125, into)))
-                if bs == 4:  # the rows' rests in one launch, each row's tensors by address (kernels/rows.py)
-                    rests = RowTensors(REST, tuple(tuple(cuda(2, *shape, dt=t) for _ in range(3)) for shape, t in (
-                        ((hkv, d, 32), qdt), ((hkv, 4096, 32), dt), ((hkv, 1024, d), dt), ((hkv, d, rv), dt),
-                        ((hkv, 4096, rv), dt), ((hkv, 1024, d), dt))), cuda(3, 6, dt=i64))
-                    out.append((lbl + f" d{d} bs{bs}", "rest.lowrank_rest_rows", (
-                        cuda(3, 12, d, dt=qdt), rests, 1, cuda(3, hkv, 200, dt=torch.bool), bs, 0.125)))
                 out.append((lbl + f" d{d}", "rest.block_rest", (cuda(12, d, dt=qdt), cuda(hkv, 1024, d, dt=dt),
                                                                cuda(hkv, 1024, d, dt=dt), cuda(hkv, 800, dt=torch.bool),
                                                                bs, 0.125, into)))

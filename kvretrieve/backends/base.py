@@ -89,22 +89,13 @@ class AttentionBackend(Protocol):
         split the selection around that launch. None otherwise."""
         return None
 
-    def rest_operands(self) -> tuple[torch.Tensor, ...] | None:
-        """Decode, after begin, with lookup_operands: when this step estimates the candidates it leaves
-        out token by token, and one launch can do so beside other rows' (kernels.lowrank_rest_rows), its
-        sketches and summaries (kernels.rows.REST, [L, ...] each); decode_select(rest=False) then leaves
-        the estimate to that launch, and decode_merge gets the attended part with it merged in. None
-        otherwise."""
-        return None
-
     def decode_select(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       scores: torch.Tensor | None = None, chosen: torch.Tensor | None = None,
-                      bring: bool = True, rest: bool = True) -> None:
+                      bring: bool = True) -> None:
         """Decode with sparse_operands: decode's work up to its attention (store the token's k, v; fill
         this layer's slot table), with this layer's block scores [Hkv, >= n] when score_operands gave
         the batch's launch its tensors, or the blocks [Hkv, select_k] a top-k of the batch chose.
-        bring=False stops before the pool lookup: decode_bring then takes its result. rest=False: the
-        batch estimates this row's rest (rest_operands), not the row."""
+        bring=False stops before the pool lookup: decode_bring then takes its result."""
         raise NotImplementedError(f"{type(self).__name__} has no sparse_operands")
 
     def decode_bring(self, layer: int, slots: torch.Tensor, fetch: torch.Tensor) -> None:

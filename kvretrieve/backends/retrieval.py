@@ -64,7 +64,7 @@ class RetrievalKV(AttentionBackend):
         self.prefill = PrefillAttention(self.scale)
         self._start, self._n, self._open = 0, 0, False   # the pass in progress; _open until it commits
         self._seg_kv = None  # (k, v of the segment, all keys and values so far) while a layer prefills
-        self._chosen = None  # (block ids, estimate zone, rest begun) of the layer between decode_select and decode_merge
+        self._chosen = None  # (block ids, estimate zone) of the layer between decode_select and decode_merge
         # observer(layer, q [Hq, d], selected block ids [Hkv, k], lo, hi, n_tokens, out [Hq, d]) is
         # called after each decode attention when set: bench/accuracy.py measures recall with it.
         # Attended: tokens [0, lo*bs) (sinks), the selected blocks, and [hi*bs, n_tokens) (window).
@@ -205,7 +205,7 @@ class RetrievalKV(AttentionBackend):
 
     def decode_select(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       scores: torch.Tensor | None = None, chosen: torch.Tensor | None = None,
-                      bring: bool = True, rest: bool = True) -> None:
+                      bring: bool = True) -> None:
         plan, pool = self.plan, self.pool
         shape = (self.H, -1, pool.k.shape[-1])
         pool.k[layer].view(shape).index_copy_(1, plan.ring_row, k.transpose(0, 1))
@@ -216,25 +216,21 @@ class RetrievalKV(AttentionBackend):
             ids, zone = self.selector.choose(layer, q[0], scores)
         else:
             ids, zone = plan.sel_ids[layer, :, :plan.sel_k], None
-        rest = rest and self.rest is not None
-        if rest:  # begun before the fetch (the token-level rest overlaps it on CUDA)
+        if self.rest is not None:  # begun before the fetch (the token-level rest overlaps it on CUDA)
             self.rest.begin(layer, q[0], ids)
         if plan.reselect and bring:
             self.selector.bring(layer, ids)
-        self._chosen = ids, zone, rest  # until decode_merge, for the estimate and the observer
+        self._chosen = ids, zone  # until decode_merge, for the estimate and the observer
 
     def decode_bring(self, layer: int, slots: torch.Tensor, fetch: torch.Tensor) -> None:
         self.selector.place(layer, self._chosen[0], slots, fetch)
 
-    def rest_operands(self):
-        return self.summary.row_operands() if self.decoding and self.rest is not None else None
-
     def decode_merge(self, layer: int, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-        (ids, zone, rest), self._chosen = self._chosen, None
+        (ids, zone), self._chosen = self._chosen, None
         # Attention over blocks left out, from their summaries: more mass, no KV moved.
         if zone is not None:
             out, _ = kernels.merge_attention(out, lse, *self.summary.estimate(layer, q[0], zone, self.scale))
-        elif rest:
+        elif self.rest is not None:
             out = self.rest.merge(out, lse)
         if self.observer is not None:
             _, lo, hi = self.plan.candidates()

@@ -12,11 +12,10 @@ pace (bench/results/batch_decode_h200_32k_c51cedd.md: 79 ms a step for one row o
 Where every row is a retrieval backend of one configuration, the rows' sparse attention is one launch
 a layer (kernels.sparse_decode_rows over each row's own pool and tables, kernels/rows.py), and so is
 their block scoring where the index is low-rank (kernels.lowrank_block_scores_rows, _mass_rows); where
-every row also selects afresh the same number of blocks, one top-k picks them all, one launch looks
-them up in each row's block pool (kernels.lru_lookup_rows) and, where every row estimates the blocks it
-leaves out token by token, one launch estimates them all (kernels.lowrank_rest_rows): one row's rest
-kernel fills the GPU, so 8 rows' ran one after another, 166 us a layer of the 8-session step's ~500
-(bench/results/batch_decode_15b_32k_s35_trace.md). Each row's fetch still runs on its own stream.
+every row also selects afresh the same number of blocks, one top-k picks them all and one launch looks
+them up in each row's block pool (kernels.lru_lookup_rows). Each row's token-level rest, fetch and
+merges still run on its own stream; at 8 rows of the 1.5B at 32K the rests, each filling the GPU, ran
+one after another, 166 us of a ~500 us layer (bench/results/batch_decode_15b_32k_s35_trace_overlap.md).
 """
 from __future__ import annotations
 
@@ -25,8 +24,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..kernels.rows import (DECODE, LOWRANK, LRU, MASS, REST, StepRows, decode_rows, lowrank_rows, lru_rows,
-                            mass_rows, mismatch, rest_rows)
+from ..kernels.rows import (DECODE, LOWRANK, LRU, MASS, StepRows, decode_rows, lowrank_rows, lru_rows, mass_rows,
+                            mismatch)
 from .engine import Engine
 
 
@@ -34,9 +33,9 @@ from .engine import Engine
 def decode_step(engines: list[Engine], tokens: torch.Tensor, streams: list | None = None,
                 one_launch: bool = True) -> torch.Tensor:
     """Append tokens[b] (a [B] int64 device tensor) to engines[b]'s cache for every b at once; returns
-    the logits [B, V] (fp32) that follow them. The engines share one model; on CUDA, streams (B + 1: one
-    per row, one for the rows' rest) run the rows' attention side by side. one_launch=False attends each
-    row by itself (to measure what the one launch buys)."""
+    the logits [B, V] (fp32) that follow them. The engines share one model; on CUDA, streams (one per
+    row) run the rows' attention side by side. one_launch=False attends each row by itself (to measure
+    what the one launch buys)."""
     _check(engines)
     with ExitStack() as passes:
         starts = [passes.enter_context(e._pass(1)) for e in engines]
@@ -54,8 +53,8 @@ def _check(engines: list[Engine]) -> None:
 
 
 def _operands(engines: list[Engine]) -> tuple | None:
-    """Every row's sparse_operands() and, where every row has them, score_operands(), lookup_operands()
-    and rest_operands() (else None in their place); None when a row has no sparse operands (then each
+    """Every row's sparse_operands() and, where every row has them, score_operands() and
+    lookup_operands() (else None in their place); None when a row has no sparse operands (then each
     row attends by itself), or for one row: there the one-launch variants cost more than its own
     kernels (H100, 8B shape at 32K: scoring 372 against 291 us a step, attention 168 against 126;
     bench/results/batch_decode_8b_32k_launch.json)."""
@@ -66,11 +65,9 @@ def _operands(engines: list[Engine]) -> tuple | None:
         return None
     scoring = [e.backend.score_operands() for e in engines]
     if any(s is None for s in scoring):
-        return ops, None, None, None
+        return ops, None, None
     lookups = [e.backend.lookup_operands() for e in engines]
-    rests = [e.backend.rest_operands() for e in engines]
-    return (ops, scoring, None if any(x is None for x in lookups) else lookups,
-            None if any(x is None for x in rests) else rests)
+    return ops, scoring, None if any(x is None for x in lookups) else lookups
 
 
 def _step_rows(ops: tuple | None) -> StepRows | None:
@@ -78,7 +75,7 @@ def _step_rows(ops: tuple | None) -> StepRows | None:
     configurations attend one by one); scoring in one launch where the rows' indexes also agree."""
     if ops is None:
         return None
-    decode, scoring, lookups, rests = ops
+    decode, scoring, lookups = ops
     tensors, scales = [o[:4] for o in decode], {o[4] for o in decode}
     if mismatch(DECODE, tensors) or len(scales) > 1:
         return None
@@ -95,11 +92,7 @@ def _step_rows(ops: tuple | None) -> StepRows | None:
     if not rows.select_k or lookups is None or len({lru0 for _, lru0 in lookups}) > 1 \
             or mismatch(LRU, [t for t, _ in lookups]):
         return rows
-    rows = replace(rows, lookup=lru_rows([t for t, _ in lookups]), lru0=lookups[0][1])
-    # The rests' left-out masks are as wide as the scores: rows scoring as many blocks only.
-    if rests is None or len(widths) > 1 or mismatch(REST, rests):
-        return rows
-    return replace(rows, rest=rest_rows(rests))
+    return replace(rows, lookup=lru_rows([t for t, _ in lookups]), lru0=lookups[0][1])
 
 
 def _where(ops: tuple | None) -> tuple | None:
@@ -107,12 +100,11 @@ def _where(ops: tuple | None) -> tuple | None:
     read them replays only while these stay."""
     if ops is None:
         return None
-    decode, scoring, lookups, rests = ops
+    decode, scoring, lookups = ops
     return (tuple(t.data_ptr() for o in decode for t in o[:4]),
             None if scoring is None else tuple((tuple(t.data_ptr() for t in s.tensors), s.n_blocks, s.select_k)
                                                for s in scoring),
-            None if lookups is None else tuple(t.data_ptr() for ts, _ in lookups for t in ts),
-            None if rests is None else tuple(t.data_ptr() for ts in rests for t in ts))
+            None if lookups is None else tuple(t.data_ptr() for ts, _ in lookups for t in ts))
 
 
 def _forward(engines: list[Engine], tokens: torch.Tensor, positions: torch.Tensor, streams,
@@ -157,7 +149,7 @@ class StepRunner:
         dev = engines[0].model.device
         if dev.type != "cuda":
             return decode_step(engines, tokens, one_launch=self.one_launch)
-        while len(self.streams) < len(engines) + 1:  # a row's each, and one for the rows' rest (models/attend_rows.py)
+        while len(self.streams) < len(engines):
             self.streams.append(torch.cuda.Stream(dev))
         _check(engines)
         with ExitStack() as passes:

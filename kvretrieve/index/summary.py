@@ -105,14 +105,6 @@ class BlockSummary:
         # below and merge_attention, 22.2 this way; H100).
         return kernels.block_rest(q, self.means[layer], self.vsums[layer], left_out, self.bs, scale, into)
 
-    def row_operands(self) -> tuple[torch.Tensor, ...] | None:
-        """The token-level rest's tensors, [L, ...] each, for a batched step's one launch over every
-        row's rest (kernels.rows.REST); None without value sketches (the per-block rest runs alone)."""
-        if self.values is None:
-            return None
-        k, v = self.keys, self.values
-        return k.proj, k.sketch, self.means, v.proj, v.sketch, self.vsums
-
     def _attend(self, layer: int, q: torch.Tensor, blocks: torch.Tensor, scale: float):
         # The zone's few listed blocks are a pool of 1-token blocks: the sparse decode kernel attends
         # them (-1: skipped, never read) with the mean keys as keys and the value sums as values.

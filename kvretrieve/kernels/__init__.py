@@ -92,14 +92,6 @@ def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, 
     return impl(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale, into)
 
 
-def lowrank_rest_rows(q, rows, layer, left_out, block_size, scale):
-    """lowrank_rest for the rows of a batched step in one launch of each kernel: q [B, Hq, d], row b over
-    the blocks left_out[b] [Hkv, n] marks in layer `layer` of its own sketches and summaries (rows:
-    kernels.rows.rest_rows) -> (out [B, Hq, d], lse [B, Hq] float32)."""
-    impl = _trest.lowrank_rest_rows if _use_triton(q) else _ref.lowrank_rest_rows
-    return impl(q, rows, layer, left_out, block_size, scale)
-
-
 def max_dot_block_scores(q, keys, n_blocks, block_size):
     """Exact block scores: q [Hq, d], keys [Hkv, cap, d] -> [Hkv, n_blocks] float32, the max of q.k
     over a block's block_size keys and the group's query heads."""
@@ -185,6 +177,6 @@ def quant_linear(x, w, bias=None):
 
 
 __all__ = ["HAS_TRITON", "sparse_decode", "sparse_decode_rows", "lowrank_block_scores", "lowrank_block_scores_rows",
-           "lowrank_block_mass", "lowrank_block_mass_rows", "block_rest", "lowrank_rest", "lowrank_rest_rows", "bounds_block_scores",
+           "lowrank_block_mass", "lowrank_block_mass_rows", "block_rest", "lowrank_rest", "bounds_block_scores",
            "merge_attention", "lru_lookup", "lru_lookup_rows", "fetch_blocks", "store_blocks",
            "max_dot_block_scores", "rms_norm", "apply_rope", "silu_mul", "topk_indices", "quant_linear"]

@@ -106,25 +106,6 @@ def check_lowrank_rows(q: torch.Tensor, rows: RowTensors, layer: int, n_blocks: 
     return hkv, g, proj.shape[3]
 
 
-def check_rest_rows(q: torch.Tensor, rows: RowTensors, layer: int, left_out: torch.Tensor, block_size: int,
-                    op: str = "lowrank_rest_rows") -> tuple[int, int]:
-    """lowrank_rest_rows' arguments against its rows (kernels.rows.rest_rows); returns (Hkv, G)."""
-    hkv, g = rows.check_query(op, q, layer, "proj")
-    _float(op, "q", q)
-    sketch, means = rows["sketch"][0], rows["block_means"][0]
-    if q.shape[2] != means.shape[3]:
-        fail(op, f"q must be [B, Hq, d={means.shape[3]}], got {tuple(q.shape)}")
-    if not isinstance(left_out, torch.Tensor) or left_out.dtype != torch.bool or left_out.dim() != 3 \
-            or left_out.shape[:2] != (q.shape[0], hkv):
-        fail(op, f"left_out must be bool [B={q.shape[0]}, Hkv={hkv}, n], got {getattr(left_out, 'dtype', None)} "
-                 f"{tuple(getattr(left_out, 'shape', ()))}")
-    n = left_out.shape[2]
-    if int(block_size) <= 0 or n * block_size > sketch.shape[2] or n > means.shape[2]:
-        fail(op, f"{n} blocks of {block_size} tokens exceed the sketches' {sketch.shape[2]} tokens or the summaries' "
-                 f"{means.shape[2]} blocks (block_size must be > 0)")
-    return hkv, g
-
-
 def check_lowrank(q, proj, mean, sketch, n_blocks, block_size, op="lowrank_block_scores") -> tuple[int, int, int]:
     """Validate lowrank_block_scores inputs (mean None: lowrank_block_mass, which has none); returns
     (Hkv, G, r)."""

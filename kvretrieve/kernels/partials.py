@@ -8,8 +8,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kvretrieve.kernels.sparse_decode import _row_pointer
-
 
 @triton.jit
 def store_partials(m_ptr, l_ptr, od_ptr, kvh, pid, progs, run_m, run_l, acc, G: tl.constexpr, GP: tl.constexpr,
@@ -34,35 +32,31 @@ def check_into(op, into, q):
                          f"{tuple(into[0].shape)} {into[0].dtype} and {tuple(into[1].shape)} {into[1].dtype}")
 
 
-def merge_partials(m, l_, od, orv, vproj, dtype, chunk: int = 64, into=None, rows: tuple | None = None):
+def merge_partials(m, l_, od, orv, vproj, dtype, chunk: int = 64, into=None):
     """The programs' partial softmaxes -> (out [Hq, d] in dtype, lse [Hq] float32). Grid (Hq, d / 32):
     in torch this was ~12 small kernels (33 us a layer on an H100), one program a head 27 us at 512
     partials (bench/results/probe_rest_kernel_h100.md). orv, vproj None: no rank-space part (block_rest).
-    into (out [Hq, d], lse [Hq] float32): merged in as well (saves merge_attention's launch a layer).
-    rows = (addresses [B, 6] (kernels.rows.REST), the layer's element offset in vproj, Hq): the partials
-    are B rows' [B * Hq, P, ...], each mapped back through its own row's vproj (vproj: row 0's layer)."""
-    heads, progs, d = od.shape
+    into (out [Hq, d], lse [Hq] float32): merged in as well (saves merge_attention's launch a layer)."""
+    hq, progs, d = od.shape
     if orv is None:  # no rank-space part: RV 0 masks every load of it, so od's pointer stands in
         orv, vproj, g, rv, vstrides = od, od, 1, 0, (0, 0, 0)
     else:
-        g, rv, vstrides = (rows[2] if rows else heads) // vproj.shape[0], orv.shape[-1], vproj.stride()
-    out = torch.empty(heads, d, dtype=dtype, device=od.device)
-    lse = torch.empty(heads, dtype=torch.float32, device=od.device)
+        g, rv, vstrides = hq // vproj.shape[0], orv.shape[-1], vproj.stride()
+    out = torch.empty(hq, d, dtype=dtype, device=od.device)
+    lse = torch.empty(hq, dtype=torch.float32, device=od.device)
     pp, dc = triton.next_power_of_2(progs), min(32, max(16, triton.next_power_of_2(d)))
     io, il = into if into is not None else (out, lse)  # stand-ins, never read without INTO
-    addresses, off_vp, hq = rows if rows else (out, 0, heads)
-    _merge_kernel[(heads, triton.cdiv(d, dc))](
-        m, l_, od, orv, vproj, out, lse, io, il, addresses, progs, off_vp, hq, *vstrides, io.stride(0), io.stride(1),
-        G=g, D=d, DC=dc, RV=rv, RVP=max(2, triton.next_power_of_2(rv)), PP=pp, CHUNK=min(pp, chunk),
-        INTO=into is not None, ROWS=rows is not None)
+    _merge_kernel[(hq, triton.cdiv(d, dc))](
+        m, l_, od, orv, vproj, out, lse, io, il, progs, *vstrides, io.stride(0), io.stride(1), G=g, D=d, DC=dc,
+        RV=rv, RVP=max(2, triton.next_power_of_2(rv)), PP=pp, CHUNK=min(pp, chunk), INTO=into is not None)
     return out, lse
 
 
 @triton.jit
-def _merge_kernel(m_ptr, l_ptr, od_ptr, or_ptr, vproj_ptr, out_ptr, lse_ptr, io_ptr, il_ptr, addr_ptr, progs,
-                  off_vp, hq, stride_vh, stride_vd, stride_vr, stride_ih, stride_id,
+def _merge_kernel(m_ptr, l_ptr, od_ptr, or_ptr, vproj_ptr, out_ptr, lse_ptr, io_ptr, il_ptr, progs,
+                  stride_vh, stride_vd, stride_vr, stride_ih, stride_id,
                   G: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, RV: tl.constexpr, RVP: tl.constexpr,
-                  PP: tl.constexpr, CHUNK: tl.constexpr, INTO: tl.constexpr, ROWS: tl.constexpr):
+                  PP: tl.constexpr, CHUNK: tl.constexpr, INTO: tl.constexpr):
     # The partials merge at the largest max; the program holding it contributes at least exp(0) = 1,
     # so a head with anything left out has total >= 1 and one with nothing total 0 (out 0, lse -inf).
     # Each program takes DC of the d outputs and redoes the (small) weights and rank-space sum.
@@ -94,11 +88,7 @@ def _merge_kernel(m_ptr, l_ptr, od_ptr, or_ptr, vproj_ptr, out_ptr, lse_ptr, io_
         orv = tl.load(or_ptr + (row + p)[:, None] * RV + offs_v[None, :], mask=p_in[:, None] & v_mask[None, :],
                       other=0.0)
         acc_r += tl.sum(w[:, None] * orv, 0)
-    kvh = h // G
-    if ROWS:  # head h of row h // hq: that row's value basis (column 3 of its REST entry)
-        vproj_ptr = _row_pointer(addr_ptr + (h // hq) * 6, 3, vproj_ptr, off_vp)
-        kvh = (h % hq) // G
-    basis = vproj_ptr + kvh.to(tl.int64) * stride_vh
+    basis = vproj_ptr + (h // G).to(tl.int64) * stride_vh
     vp = tl.load(basis + offs_d[:, None] * stride_vd + offs_v[None, :] * stride_vr,
                  mask=d_mask[:, None] & v_mask[None, :], other=0.0).to(tl.float32)              # [DC, RVP]
     out = (acc_d + tl.sum(vp * acc_r[None, :], 1)) / tl.maximum(total, 1.0)

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from kvretrieve.kernels.checks import (check_bounds, check_decode_rows, check_fetch, check_lowrank, check_lowrank_mass,
                                        check_lowrank_rows, check_lru, check_max_dot, check_merge, check_quant_linear,
-                                       check_rest_rows, check_rms_norm, check_rope, check_silu_mul, check_sparse_decode,
-                                       check_store, check_topk, query_group)
+                                       check_rms_norm, check_rope, check_silu_mul, check_sparse_decode, check_store,
+                                       check_topk, query_group)
 from kvretrieve.models.quant import QuantWeight, dequantize
 
 
@@ -149,15 +149,6 @@ def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, 
     out = (torch.einsum("hgb,hbd->hgd", w.sum(-1), vsums[:, :n].float()) / bs
            + torch.einsum("hgr,hdr->hgd", spread, vproj.float()))
     return _merged(into, out.reshape(hq, d).to(q.dtype), lse.reshape(hq))
-
-
-def lowrank_rest_rows(q, rows, layer, left_out, block_size, scale):
-    """lowrank_rest of each row b: q [B, Hq, d] over the blocks left_out[b] [Hkv, n] marks, in layer
-    `layer` of its own sketches and summaries (rows: kernels.rows.rest_rows) -> (out [B, Hq, d], lse [B, Hq])."""
-    check_rest_rows(q, rows, layer, left_out, block_size)
-    outs = [lowrank_rest(q[b], *(t[layer] for t in row[:6]), left_out[b], block_size, scale)
-            for b, row in enumerate(zip(*rows.parts))]
-    return torch.stack([o for o, _ in outs]), torch.stack([lse for _, lse in outs])
 
 
 def max_dot_block_scores(q, keys, n_blocks, block_size):

@@ -29,10 +29,9 @@ import triton
 import triton.language as tl
 
 from kvretrieve.kernels.partials import check_into, merge_partials, store_partials
-from kvretrieve.kernels.checks import check_launch_device, check_rest_rows
+from kvretrieve.kernels.checks import check_launch_device
 from kvretrieve.kernels.scoring import _group_queries, _split_work
-from kvretrieve.kernels.rows import REST, RowTensors
-from kvretrieve.kernels.sparse_decode import _mma, _row_pointer
+from kvretrieve.kernels.sparse_decode import _mma
 
 # Programs a launch aims at (4 an SM of an H100): at 32K on the 1.5B, 512 programs of 2 tiles and
 # 1,024 of one took the same 57 us, and fewer partials make the merge cheaper.
@@ -41,26 +40,17 @@ _REST_PROGRAMS = 4 * 132
 
 @triton.jit
 def _rest_kernel(
-    q_ptr, proj_ptr, sk_ptr, bm_ptr, vk_ptr, vs_ptr, left_ptr, m_ptr, l_ptr, od_ptr, or_ptr, addr_ptr,
-    n_blocks, iters, scale, hkv, off_p, off_s, off_b, off_k, off_v, stride_qb,
+    q_ptr, proj_ptr, sk_ptr, bm_ptr, vk_ptr, vs_ptr, left_ptr, m_ptr, l_ptr, od_ptr, or_ptr,
+    n_blocks, iters, scale,
     stride_qh, stride_qd, stride_ph, stride_pd, stride_pr, stride_sh, stride_st, stride_sr,
     stride_bh, stride_bb, stride_bd, stride_kh, stride_kt, stride_kr, stride_vh, stride_vb, stride_vd,
     stride_lh, stride_lb,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
     RV: tl.constexpr, RVP: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr, PREC: tl.constexpr,
-    ROWS: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     pid = tl.program_id(1)
     progs = tl.num_programs(1)
-    out_h = kvh  # left-out masks and partials are [B * Hkv, ...] and [B * Hq, ...]: one row after another
-    if ROWS:  # grid axis 0 is (row, KV head): the row's sketches and summaries through addr_ptr [B, 6] (REST)
-        a = addr_ptr + (kvh // hkv) * 6
-        q_ptr += (kvh // hkv).to(tl.int64) * stride_qb
-        proj_ptr, sk_ptr = _row_pointer(a, 0, proj_ptr, off_p), _row_pointer(a, 1, sk_ptr, off_s)
-        bm_ptr, vk_ptr = _row_pointer(a, 2, bm_ptr, off_b), _row_pointer(a, 4, vk_ptr, off_k)
-        vs_ptr = _row_pointer(a, 5, vs_ptr, off_v)
-        kvh = kvh % hkv
     head = kvh.to(tl.int64)
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, DP)
@@ -77,7 +67,7 @@ def _rest_kernel(
     acc_r = tl.zeros([GP, RVP], dtype=tl.float32)
     for i in range(0, iters):
         blocks = (pid * iters + i) * TB + tl.arange(0, TB)
-        left = tl.load(left_ptr + out_h * stride_lh + blocks * stride_lb, mask=blocks < n_blocks, other=0) != 0
+        left = tl.load(left_ptr + kvh * stride_lh + blocks * stride_lb, mask=blocks < n_blocks, other=0) != 0
         b64 = blocks.to(tl.int64)
         # Masked loads fetch nothing: tiles of blocks nobody left out are never read.
         bm = tl.load(bm_ptr + head * stride_bh + b64[:, None] * stride_bb + offs_d[None, :] * stride_bd,
@@ -120,7 +110,7 @@ def _rest_kernel(
             spread += tl.dot(u * p, vk, input_precision=PREC)
             vmean += vk / BS
         acc_r = acc_r * alpha[:, None] + spread - tl.dot(w, vmean, input_precision=PREC)
-    rows = store_partials(m_ptr, l_ptr, od_ptr, out_h, pid, progs, run_m, run_l, acc_d, G, GP, D, DP)
+    rows = store_partials(m_ptr, l_ptr, od_ptr, kvh, pid, progs, run_m, run_l, acc_d, G, GP, D, DP)
     tl.store(or_ptr + rows[:, None] * RV + offs_v[None, :], acc_r, mask=(offs_g < G)[:, None] & v_mask[None, :])
 
 
@@ -227,55 +217,24 @@ def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, 
     return merge_partials(*parts, vproj, q.dtype, merge_chunk, into)
 
 
-def lowrank_rest_rows(q, rows: RowTensors, layer: int, left_out, block_size: int, scale: float,
-                      tile_elems: int = 2048, num_warps: int = 4, merge_chunk: int = 64, precision: str | None = None):
-    """lowrank_rest of B rows in one launch of each kernel: q [B, Hq, d], row b over the blocks
-    left_out[b] [Hkv, n] marks, in layer `layer` of its own sketches and summaries (rows:
-    kernels.rows.rest_rows) -> (out [B, Hq, d], lse [B, Hq] float32). The programs split each row's
-    blocks as the row's own launch would, so each row's result is bitwise that launch's."""
-    op = "lowrank_rest_rows"
-    check_rest_rows(q, rows, layer, left_out, block_size)
-    parts = [rows[name][0] for name in REST]
-    check_launch_device(op, q, left_out, rows.addresses, parts[0])
-    B, hq, d = q.shape
-    n = left_out.shape[-1]
-    if n == 0:
-        return q.new_zeros(B, hq, d), torch.full((B, hq), float("-inf"), device=q.device)
-    if precision is None:
-        precision = "tf32" if q.element_size() == 2 else "ieee"
-    offs = [layer * t.stride(0) for t in parts]
-    # select, not [0]: the lowering test's fake CUDA tensors refuse integer indexing on a CPU-only torch
-    proj, sketch, means, vproj, vsketch, vsums = (t.select(0, 0) for t in parts)
-    got = _partials(q, proj, sketch, means, vsketch, vsums, left_out, int(block_size), scale, tile_elems, num_warps,
-                    precision, rows=(rows.addresses, offs[:3] + offs[4:]))
-    out, lse = merge_partials(*got, vproj, q.dtype, merge_chunk, rows=(rows.addresses, offs[3], hq))
-    return out.view(B, hq, d), lse.view(B, hq)
-
-
 def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale, tile_elems, num_warps,
-              precision="ieee", rows: tuple | None = None):
-    """The kernel's launch -> per program (max, sum, d-wide and rv-wide accumulators) [Hq, P, ...]. With
-    rows = (addresses [B, 6], element offsets of the layer in the five tensors the kernel reads): q
-    [B, Hq, d], left_out [B, Hkv, n], the tensors row 0's layer (for strides and types) -> [B * Hq, P, ...]
-    with P as one row's launch has."""
-    hkv, n = left_out.shape[-2:]
-    hq, d = q.shape[-2:]
-    heads = q.shape[0] * hkv if rows else hkv
+              precision="ieee"):
+    """The kernel's launch -> per program (max, sum, d-wide and rv-wide accumulators) [Hq, P, ...]."""
+    hkv, n = left_out.shape
+    hq, d = q.shape
     g, r, rv = hq // hkv, proj.shape[-1], vsketch.shape[-1]
     # tl.dot wants every side >= 16: the group's rows, the rank and the tile's blocks are padded to it.
     rp = max(16, triton.next_power_of_2(r))
     tb = max(16, min(tile_elems // rp // bs, triton.next_power_of_2(n)))
     progs, iters = _split_work(triton.cdiv(n, tb), hkv, _REST_PROGRAMS)
     f32 = dict(dtype=torch.float32, device=q.device)
-    m, l_ = torch.empty(heads * g, progs, **f32), torch.empty(heads * g, progs, **f32)
-    od, orv = torch.empty(heads * g, progs, d, **f32), torch.empty(heads * g, progs, rv, **f32)
-    left = left_out.reshape(heads, n).view(torch.uint8)  # bool is a byte: no copy
-    addresses, offs = rows if rows else (m, (0,) * 5)
-    _rest_kernel[(heads, progs)](
-        q, proj, sketch, block_means, vsketch, vsums, left, m, l_, od, orv, addresses, n, iters, float(scale), hkv,
-        *offs, q.stride(0) if rows else 0, q.stride(-2), q.stride(-1), *proj.stride(), *sketch.stride(),
-        *block_means.stride(), *vsketch.stride(), *vsums.stride(), left.stride(0), left.stride(1),
+    m, l_ = torch.empty(hq, progs, **f32), torch.empty(hq, progs, **f32)
+    od, orv = torch.empty(hq, progs, d, **f32), torch.empty(hq, progs, rv, **f32)
+    left = left_out.view(torch.uint8)  # bool is a byte: no copy
+    _rest_kernel[(hkv, progs)](
+        q, proj, sketch, block_means, vsketch, vsums, left, m, l_, od, orv, n, iters, float(scale),
+        q.stride(0), q.stride(1), *proj.stride(), *sketch.stride(), *block_means.stride(), *vsketch.stride(),
+        *vsums.stride(), left.stride(0), left.stride(1),
         G=g, GP=max(16, triton.next_power_of_2(g)), D=d, DP=max(16, triton.next_power_of_2(d)), R=r, RP=rp,
-        RV=rv, RVP=max(16, triton.next_power_of_2(rv)), BS=bs, TB=tb, PREC=precision, ROWS=rows is not None,
-        num_warps=num_warps)
+        RV=rv, RVP=max(16, triton.next_power_of_2(rv)), BS=bs, TB=tb, PREC=precision, num_warps=num_warps)
     return m, l_, od, orv

@@ -3,11 +3,11 @@
 A batched step runs B sequences at once (issue 17: the sparse decode and the scoring take the batch).
 Each row is a separate backend with its own pool, tables and index, allocated when it joined; rather
 than lay them out anew in one tensor, one launch reads them through a [B, P] table of their base
-addresses (P tensors a row: for the sparse decode the pool's K and V [L, Hkv, S, bs, d], the slot tables
-[L, Hkv, n] and the tail length [1]; for low-rank scoring the projection, mean and sketches; for the
-token-level rest the key and value sketches and the block summaries). A program then offsets a row's
-base exactly as the one-row kernel offsets its tensor, which needs every row's tensors to share shapes,
-strides and dtypes: rows of one configuration do (`mismatch` says why others cannot).
+addresses (P tensors a row: for the sparse decode the pool's K and V [L, Hkv, S, bs, d], the slot
+tables [L, Hkv, n] and the tail length [1]; for low-rank scoring the projection, mean and sketches).
+A program then offsets a row's base exactly as the one-row kernel offsets its tensor, which needs
+every row's tensors to share shapes, strides and dtypes: rows of one configuration do (`mismatch`
+says why others cannot).
 
 The addresses are read on the device by the kernel, so the table is built on the host before a step,
 never while a CUDA graph is being captured; a graph that read it stays valid while every row's
@@ -66,8 +66,7 @@ class StepRows:
     (lowrank_rows: max scores; mass_rows: mass scores) with the blocks to score (the widest row's; each
     row keeps its own first ones). Where every row also selects afresh the same k blocks, select_k is
     that k and outside [B, n_blocks] (bool: each row's blocks that are no candidates) lets one top-k
-    pick every row's blocks; rest then lets one launch estimate every row's rest (the candidates it
-    leaves out) from its sketches."""
+    pick every row's blocks."""
     decode: RowTensors
     scale: float
     scoring: RowTensors | None = None
@@ -78,7 +77,6 @@ class StepRows:
     outside: torch.Tensor | None = None
     lookup: RowTensors | None = None  # with select_k, where every row's pool can look up in one launch (lru_rows)
     lru0: int = 0                     # the pools' first LRU slot (lookups give slots from 0)
-    rest: RowTensors | None = None    # with select_k, where every row estimates its rest token by token (rest_rows)
 
 
 def mismatch(names: tuple[str, ...], rows) -> str | None:
@@ -103,7 +101,6 @@ DECODE = ("k_pool", "v_pool", "tables", "tail_len")
 LOWRANK = ("proj", "mean", "sketch")
 MASS = ("proj", "sketch", "block_means")
 LRU = ("slot_of_block", "block_of_slot", "last_used", "stamp", "counts")
-REST = ("proj", "sketch", "block_means", "vproj", "vsketch", "vsums")
 
 
 def decode_rows(rows: list[tuple[torch.Tensor, ...]]) -> RowTensors:
@@ -163,25 +160,6 @@ def lru_rows(rows: list[tuple[torch.Tensor, ...]]) -> RowTensors:
     return got
 
 
-def rest_rows(rows: list[tuple[torch.Tensor, ...]]) -> RowTensors:
-    """The token-level rests' rows: (key proj [L, Hkv, d, r], key sketch [L, Hkv, cap, r], block means
-    [L, Hkv, cap_blocks, d], value proj [L, Hkv, d, rv], value sketch [L, Hkv, cap, rv], value sums
-    [L, Hkv, cap_blocks, d]) each, as a summary's row_operands() gives them."""
-    op = "lowrank_rest_rows"
-    got = RowTensors.of(op, REST, rows)
-    proj, sketch, means, vproj, vsketch, vsums = (got[n][0] for n in REST)
-    L, hkv, d, _ = _sketches(op, proj, sketch)
-    if means.dim() != 4 or means.shape[:2] != (L, hkv) or means.shape[3] != d or vsums.shape != means.shape:
-        fail(op, f"block_means and vsums must both be [L, Hkv, cap_blocks, d] with {(L, hkv)} and d={d} like proj, "
-                 f"got {tuple(means.shape)} and {tuple(vsums.shape)}")
-    _, _, dv, rv = vproj.shape if vproj.dim() == 4 else (0, 0, 0, 0)
-    if vproj.dim() != 4 or vproj.shape[:3] != (L, hkv, d) or vsketch.dim() != 4 \
-            or vsketch.shape[:3] != sketch.shape[:3] or vsketch.shape[3] != rv:
-        fail(op, f"vproj [L, Hkv, d, rv] and vsketch [L, Hkv, cap, rv] disagree with each other or with the key "
-                 f"sketches: {tuple(vproj.shape)}, {tuple(vsketch.shape)} against {tuple(sketch.shape)}")
-    return got
-
-
 def _sketches(op: str, proj: torch.Tensor, sketch: torch.Tensor) -> tuple[int, int, int, int]:
     """(L, Hkv, d, r) of proj [L, Hkv, d, r] and sketch [L, Hkv, cap, r], or a ValueError from op."""
     L, hkv, d, r = proj.shape if proj.dim() == 4 else (0, 0, 0, 0)
@@ -191,5 +169,4 @@ def _sketches(op: str, proj: torch.Tensor, sketch: torch.Tensor) -> tuple[int, i
     return L, hkv, d, r
 
 
-__all__ = ["RowTensors", "StepRows", "mismatch", "decode_rows", "lowrank_rows", "mass_rows", "lru_rows", "rest_rows",
-           "DECODE", "LOWRANK", "MASS", "LRU", "REST"]
+__all__ = ["RowTensors", "StepRows", "mismatch", "decode_rows", "lowrank_rows", "mass_rows", "lru_rows", "DECODE", "LOWRANK", "MASS", "LRU"]

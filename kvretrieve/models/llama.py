@@ -192,7 +192,7 @@ class Decoder:
         """One decode step of B sequences at once: ids, positions [B] (int64, on the device), attns[b]
         the backend of row b. The projections and the MLP read each weight once for all rows (decode
         is bound by those reads); attention runs per row against the row's own cache, on streams[b]
-        where CUDA streams are given (B + 1 of them), except that with rows (from every backend's
+        where CUDA streams are given, except that with rows (from every backend's
         sparse_operands) what the rows allow runs as one launch for all (models/attend_rows.py).
         Returns the hidden rows [B, hidden]."""
         c = self.cfg

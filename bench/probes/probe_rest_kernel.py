@@ -14,7 +14,10 @@ Measured (bench/results/probe_rest_kernel_h100.md): at 32K on the 1.5B the rest 
 layer (partials 151 -> 57 with 2-D dots per token position; the merge 33 us in torch, 27 in one
 Triton program a head), against 8.4 us for the block summaries.
 
-    python bench/probes/probe_rest_kernel.py
+    python bench/probes/probe_rest_kernel.py [--only-rest]
+
+--only-rest times the token-level rest's configurations alone (precision split included: the fp32 side
+of each dot as two bf16 halves on 16-bit tensor cores, against tf32 and ieee).
 """
 from __future__ import annotations
 
@@ -93,6 +96,7 @@ def block_summary_rows(t, bs, scale, sweep=False) -> list[dict]:
 
 
 def main() -> None:
+    only_rest = "--only-rest" in sys.argv[1:]  # the token-level rest's configurations alone (a short call)
     out = Path(os.environ.get("OUT", RESULTS))
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -103,7 +107,7 @@ def main() -> None:
         base = {"model": name, "context": context, "blocks": n}
         args = [t[k] for k in ("q", "proj", "sketch", "block_means", "vproj", "vsketch", "vsums", "left_out")]
         ref, ref_lse = reference.lowrank_rest(*args, bs, scale)
-        rows += [base | row for row in block_summary_rows(t, bs, scale)]
+        rows += [] if only_rest else [base | row for row in block_summary_rows(t, bs, scale)]
         rows.append(base | {"what": "mass scores", "us": graph_us(
             lambda: kernels.lowrank_block_mass(t["q"], t["proj"], t["sketch"], t["block_means"], n, bs, scale))})
         pa = [t[k] for k in ("q", "proj", "sketch", "block_means", "vsketch", "vsums", "left_out")]
@@ -112,9 +116,10 @@ def main() -> None:
                             "us": graph_us(lambda: rest._partials(*pa, bs, scale, 2048, 4, "tf32"))})
         merge_us = graph_us(lambda: partials.merge_partials(*parts, t["vproj"], t["q"].dtype))
         rows.append(base | {"what": "rest merge", "us": merge_us})
-        sweep = [(2048, 4, "ieee"), (2048, 4, "tf32")]
+        sweep = [(2048, 4, "ieee"), (2048, 4, "tf32"), (2048, 4, "split")]
         if (name, context) == ("1.5b", 32768):  # tf32x3 was 59 us, ieee 64-100 at 2048-4096 and 4-8 warps
-            sweep += [(1024, 4, "tf32"), (4096, 4, "tf32"), (2048, 8, "tf32")]
+            sweep += [(1024, 4, "tf32"), (4096, 4, "tf32"), (2048, 8, "tf32"), (1024, 4, "split"), (4096, 4, "split"),
+                      (2048, 8, "split")]
         for tile, warps, prec in sweep:
             def error(res):
                 return max((res[0].float() - ref.float()).abs().max().item(), (res[1] - ref_lse).abs().max().item())
@@ -124,11 +129,12 @@ def main() -> None:
         for row in rows:
             if row.get("context") == context and row.get("model") == name:
                 print(row, flush=True)
-    t = inputs(32, 8, 128, 16, 16, 16, 131072, gen)  # the 8B shape at 128K: the block summaries only
-    rows += [{"model": "8b", "context": 131072, "blocks": 8192} | row
-             for row in block_summary_rows(t, 16, 128 ** -0.5, sweep=True)]
-    for row in rows[-11:]:
-        print(row, flush=True)
+    if not only_rest:
+        t = inputs(32, 8, 128, 16, 16, 16, 131072, gen)  # the 8B shape at 128K: the block summaries only
+        rows += [{"model": "8b", "context": 131072, "blocks": 8192} | row
+                 for row in block_summary_rows(t, 16, 128 ** -0.5, sweep=True)]
+        for row in rows[-11:]:
+            print(row, flush=True)
     (out / "probe_rest_kernel.json").write_text(json.dumps(provenance("cuda") | {"rows": rows}, indent=1))
 
 

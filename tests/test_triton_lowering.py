@@ -71,8 +71,6 @@ def _launches(cuda, kv_store):
                     cuda(12, d, dt=qdt), cuda(hkv, d, 32, dt=qdt), cuda(hkv, 4096, 32, dt=dt), cuda(hkv, 1024, d, dt=dt),
                     cuda(hkv, d, rv, dt=dt), cuda(hkv, 4096, rv, dt=dt), cuda(hkv, 1024, d, dt=dt),
                     cuda(hkv, 200, dt=torch.bool), bs, 0.125, into)))
-                if dt != torch.float32:  # the fp32 side split into two 16-bit halves
-                    out.append((lbl + f" d{d} bs{bs} split", "rest.lowrank_rest", out[-1][2] + (2048, 4, 64, "split")))
                 out.append((lbl + f" d{d}", "rest.block_rest", (cuda(12, d, dt=qdt), cuda(hkv, 1024, d, dt=dt),
                                                                cuda(hkv, 1024, d, dt=dt), cuda(hkv, 800, dt=torch.bool),
                                                                bs, 0.125, into)))

@@ -47,7 +47,6 @@ def _rest_kernel(
     stride_lh, stride_lb,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
     RV: tl.constexpr, RVP: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr, PREC: tl.constexpr,
-    F32P: tl.constexpr, UPCAST: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     pid = tl.program_id(1)
@@ -61,7 +60,7 @@ def _rest_kernel(
     q = _group_queries(q_ptr, kvh, stride_qh, stride_qd, G, GP, D, DP) * scale                   # [GP, DP]
     proj = tl.load(proj_ptr + head * stride_ph + offs_d[:, None] * stride_pd + offs_r[None, :] * stride_pr,
                    mask=d_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-    qr = tl.dot(q, proj, input_precision=F32P)                                                # [GP, RP]
+    qr = tl.dot(q, proj, input_precision=PREC)                                                # [GP, RP]
     run_m = tl.full([GP], float("-inf"), tl.float32)
     run_l = tl.zeros([GP], dtype=tl.float32)
     acc_d = tl.zeros([GP, DP], dtype=tl.float32)
@@ -72,22 +71,22 @@ def _rest_kernel(
         b64 = blocks.to(tl.int64)
         # Masked loads fetch nothing: tiles of blocks nobody left out are never read.
         bm = tl.load(bm_ptr + head * stride_bh + b64[:, None] * stride_bb + offs_d[None, :] * stride_bd,
-                     mask=left[:, None] & d_mask[None, :], other=0.0)                           # [TB, DP]
+                     mask=left[:, None] & d_mask[None, :], other=0.0).to(tl.float32)            # [TB, DP]
         vs = tl.load(vs_ptr + head * stride_vh + b64[:, None] * stride_vb + offs_d[None, :] * stride_vd,
-                     mask=left[:, None] & d_mask[None, :], other=0.0)                           # value sums
+                     mask=left[:, None] & d_mask[None, :], other=0.0).to(tl.float32) / BS       # mean values
         # Token j of every block of the tile at once: [GP, TB] scores per position, so each step is a
         # 2-D dot and elementwise work (3-D reshapes over the block's tokens cost the mass kernel ~2x).
         m = tl.full([GP, TB], float("-inf"), tl.float32)
         e = tl.zeros([GP, TB], dtype=tl.float32)
         total = tl.zeros([GP, TB], dtype=tl.float32)
         for j in tl.static_range(BS):
-            s = _pdot(qr, tl.trans(_rows(sk_ptr, head, b64 * BS + j, stride_sh, stride_st, stride_sr,
-                                         offs_r, left[:, None] & r_mask[None, :])), PREC, UPCAST)
+            s = tl.dot(qr, tl.trans(_rows(sk_ptr, head, b64 * BS + j, stride_sh, stride_st, stride_sr,
+                                          offs_r, left[:, None] & r_mask[None, :])), input_precision=PREC)
             nm = tl.maximum(m, s)
             e = e * tl.exp(m - nm) + tl.exp(s - nm)
             m, total = nm, total + s
         e = tl.where(left[None, :], e, 1.0)
-        x = m + tl.log(e) - total / BS + _pdot(q, tl.trans(bm), PREC, UPCAST)
+        x = m + tl.log(e) - total / BS + tl.dot(q, tl.trans(bm), input_precision=PREC)
         x = tl.where(left[None, :], x, float("-inf"))                                              # [GP, TB]
         nm = tl.maximum(run_m, tl.max(x, 1))
         sf = tl.where(nm == float("-inf"), 0.0, nm)
@@ -95,7 +94,7 @@ def _rest_kernel(
         w = tl.exp(x - sf[:, None])                                                                  # 0 where not left
         run_l = run_l * alpha + tl.sum(w, 1)
         run_m = nm
-        acc_d = acc_d * alpha[:, None] + _pdot(w, vs, PREC, UPCAST) / BS                         # mean values
+        acc_d = acc_d * alpha[:, None] + tl.dot(w, vs, input_precision=PREC)
         # The spread: sum over tokens of w * softmax-in-block * (vsketch - the block's mean vsketch).
         # The scores are redone rather than kept: a static loop cannot hold a list of [GP, TB] tiles,
         # and the second read of the sketch rows hits L1/L2 (the kernel is not bandwidth-bound).
@@ -107,29 +106,19 @@ def _rest_kernel(
                        left[:, None] & r_mask[None, :])
             vk = _rows(vk_ptr, head, b64 * BS + j, stride_kh, stride_kt, stride_kr, offs_v,
                        left[:, None] & v_mask[None, :])
-            p = tl.exp(_pdot(qr, tl.trans(sk), PREC, UPCAST) - m)
-            spread += _pdot(u * p, vk, PREC, UPCAST)
-            vmean += vk.to(tl.float32) / BS
-        acc_r = acc_r * alpha[:, None] + spread - tl.dot(w, vmean, input_precision=F32P)
+            p = tl.exp(tl.dot(qr, tl.trans(sk), input_precision=PREC) - m)
+            spread += tl.dot(u * p, vk, input_precision=PREC)
+            vmean += vk / BS
+        acc_r = acc_r * alpha[:, None] + spread - tl.dot(w, vmean, input_precision=PREC)
     rows = store_partials(m_ptr, l_ptr, od_ptr, kvh, pid, progs, run_m, run_l, acc_d, G, GP, D, DP)
     tl.store(or_ptr + rows[:, None] * RV + offs_v[None, :], acc_r, mask=(offs_g < G)[:, None] & v_mask[None, :])
 
 
 @triton.jit
 def _rows(ptr, head, tok, stride_h, stride_t, stride_c, offs_c, mask):
-    # Rows tok [TB] of a [H, T, C] sketch as [TB, CP] in its dtype (0 where masked).
-    return tl.load(ptr + head * stride_h + tok[:, None] * stride_t + offs_c[None, :] * stride_c, mask=mask, other=0.0)
-
-
-@triton.jit
-def _pdot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # a (fp32) @ b (as stored). "split": a as hi + lo halves in b's 16-bit dtype, two tensor-core dots
-    # with b exact (~16 bits of a's mantissa); else b in fp32, dotted at input_precision PREC.
-    if PREC == "split":
-        hi = a.to(b.dtype)
-        return _mma(hi, b, UPCAST) + _mma((a - hi.to(tl.float32)).to(b.dtype), b, UPCAST)
-    else:
-        return tl.dot(a, b.to(tl.float32), input_precision=PREC)
+    # Rows tok [TB] of a [H, T, C] sketch as [TB, CP] fp32 (0 where masked).
+    return tl.load(ptr + head * stride_h + tok[:, None] * stride_t + offs_c[None, :] * stride_c,
+                   mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -207,11 +196,9 @@ def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, 
                  tile_elems: int = 2048, num_warps: int = 4, merge_chunk: int = 64, precision: str | None = None):
     """Triton version of reference.lowrank_rest -> (out [Hq, d] in q.dtype, lse [Hq] float32), merged with
     into's (out, lse) when given. tile_elems (key-sketch values a tile), num_warps, merge_chunk (partials
-    a merge step) and precision (tl.dot's input_precision for the fp32 tiles: ieee, tf32x3, tf32; or
-    split: the fp32 side as two halves in the sketches' 16-bit dtype, the stored side exact, on 16-bit
-    tensor cores) are tuning knobs. precision None: tf32 for 16-bit q, whose output rounds away more than
-    tf32's 10-bit products lose (1.5B at 32K on an H100: 64 -> 32 us, max error 5e-4; tf32x3 59 us), else
-    ieee."""
+    a merge step) and precision (tl.dot's input_precision for the fp32 tiles: ieee, tf32x3, tf32) are
+    tuning knobs. precision None: tf32 for 16-bit q, whose output rounds away more than tf32's 10-bit
+    products lose (1.5B at 32K on an H100: 64 -> 32 us, max error 5e-4; tf32x3 59 us), else ieee."""
     hkv, n = left_out.shape
     hq, d = q.shape
     bs = int(block_size)
@@ -249,7 +236,5 @@ def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale,
         q.stride(0), q.stride(1), *proj.stride(), *sketch.stride(), *block_means.stride(), *vsketch.stride(),
         *vsums.stride(), left.stride(0), left.stride(1),
         G=g, GP=max(16, triton.next_power_of_2(g)), D=d, DP=max(16, triton.next_power_of_2(d)), R=r, RP=rp,
-        RV=rv, RVP=max(16, triton.next_power_of_2(rv)), BS=bs, TB=tb, PREC=precision,
-        F32P="ieee" if precision == "split" else precision, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=num_warps)
+        RV=rv, RVP=max(16, triton.next_power_of_2(rv)), BS=bs, TB=tb, PREC=precision, num_warps=num_warps)
     return m, l_, od, orv

@@ -162,14 +162,13 @@ def main() -> None:
     runtime = RuntimeConfig(device=args.device, gpu_mem_gb=args.gpu_mem_gb, max_context=context + args.steps + 64)
     decoder, tok, source = load_decoder(args.model, runtime, dense_kv=False, shape=args.shape)
     meta = provenance(str(decoder.device), args.allow_dirty)
-    if args.ahead is None:
-        args.ahead = decoder.device.type == "cuda"
+    ahead = decoder.device.type == "cuda" if args.ahead is None else args.ahead
     rows = []
     launches = {"one": [True], "per-row": [False], "both": [True, False]}[args.launch]
     plan = [(int(s), one) for s in args.sessions.split(",") for one in launches]
     for n, one in plan:
         try:
-            rows.append(measure(decoder, tok, n, context, args.steps, args.chunk, cfg, 0, one, ahead=args.ahead))
+            rows.append(measure(decoder, tok, n, context, args.steps, args.chunk, cfg, 0, one, ahead=ahead))
         except Exception as e:  # noqa: BLE001 - a row that cannot run says why and the others go on
             rows.append({"sessions": n, "context": context, "error": f"{type(e).__name__}: {e}"[:300]})
         print(rows[-1], flush=True)
@@ -179,14 +178,14 @@ def main() -> None:
     for row, (n, one) in zip(rows if args.kernels and decoder.device.type == "cuda" else [], plan):
         if "error" not in row:
             trace = Path(args.out) / f"{args.name or 'batch_decode'}_trace_{n}.json" if args.trace else None
-            got = measure(decoder, tok, n, context, args.steps, args.chunk, cfg, args.kernels, one, trace, args.ahead)
+            got = measure(decoder, tok, n, context, args.steps, args.chunk, cfg, args.kernels, one, trace, ahead)
             row.update({k: got[k] for k in ("kernels", "kernel_ms", "gpu_busy_ms")})
             for k in got["kernels"][:8] + got["kernels"][-1:]:
                 print(f"  {n} sessions {k['us_per_step']:9.1f} us {k['calls_per_step']:7.1f} calls  {k['kernel']}",
                       flush=True)
     add_rates(rows)
     meta |= {"model": str(source), "dtype": str(decoder.dtype), "kind": args.kind, "launch": args.launch,
-             "ahead": args.ahead,
+             "ahead": ahead,
              "run_by": "bench/batch_decode.py"}
     print(write_results(args.name or f"batch_decode_{decoder.device.type}", meta, stamp(rows, meta),
                         COLUMNS + ["error"], NOTES, Path(args.out)))

@@ -4,12 +4,12 @@ Each sequence keeps its own Engine (its backend: KV store, index, block pool) ov
 engine/batch_step.py runs a step of all of them at once. A sequence joins after its own prefill and
 leaves when it ends; both happen between steps.
 
-The host reads every row's new token id after a step (it decides whether the row goes on). With
-ahead (what serve does on CUDA: 8 sessions of the 1.5B at 32K 14.0 -> 13.4 ms a step on an H100,
-bench/results/batch_decode_15b_32k_s35_ahead.md), the next step is launched before those ids are read, as
-Engine.decode does for one sequence, so the device does not idle while the host reads ids and plans
-the next step; a row found finished then has one token too many in its cache, which is rolled back,
-so each row's cache and ids are those of a step taken in turn.
+The host reads every row's new token id after a step (it decides whether the row goes on). With ahead
+(what serve does on CUDA: 8 sessions of the 1.5B at 32K 14.0 -> 13.4 ms a step on an H100,
+bench/results/batch_decode_15b_32k_s35_ahead.md), the next step is launched before those ids are read,
+as Engine.decode does for one sequence, so the device does not idle while the host reads ids and plans
+the next step; a row found finished then has one token too many in its cache, which is rolled back, so
+each row's cache and ids are those of a step taken in turn.
 """
 from __future__ import annotations
 

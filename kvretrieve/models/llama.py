@@ -192,9 +192,9 @@ class Decoder:
         """One decode step of B sequences at once: ids, positions [B] (int64, on the device), attns[b]
         the backend of row b. The projections and the MLP read each weight once for all rows (decode
         is bound by those reads); attention runs per row against the row's own cache, on streams[b]
-        where CUDA streams are given, except that with rows (from every backend's
-        sparse_operands) what the rows allow runs as one launch for all (models/attend_rows.py).
-        Returns the hidden rows [B, hidden]."""
+        where CUDA streams are given, except that with rows (from every backend's sparse_operands)
+        what the rows allow runs as one launch for all (models/attend_rows.py). Returns the hidden
+        rows [B, hidden]."""
         c = self.cfg
         x = self.embed(ids)
         if c.rope.kind == "dynamic":  # its frequencies follow each sequence's own length

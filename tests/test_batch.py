@@ -166,6 +166,43 @@ def test_a_long_prompt_prefills_in_slices_while_the_running_request_goes_on(smol
     assert events[at:events.index("b")].count("a") >= 5  # a kept decoding during b's slices
 
 
+@pytest.mark.parametrize("ahead", [False, True])
+def test_the_batcher_answers_as_alone_with_steps_launched_ahead_or_in_turn(smol, ahead):
+    """serve's batcher with each step launched before the ids of the one before are read (its default on
+    CUDA: ids reach it a step late) and in turn: requests that end on their token budget, on a stop
+    string and on a stop token answer as each alone (text, ids, finish), and a session that answered
+    serves the next request as a fresh one would."""
+    import threading
+
+    from kvretrieve.config import SamplingParams
+    from kvretrieve.serve.batcher import Batcher
+
+    decoder, tok = smol.model, smol.tokenizer
+
+    def make():
+        return build(decoder, tok, "smol", 1024, 256, None)
+
+    first = make().generate(PROMPTS[0], sampling=SamplingParams(max_new_tokens=12, temperature=0),
+                            return_details=True)
+    chat = tok.render_chat([{"role": "user", "content": "Name one colour of the rainbow. One word."}])
+    cases = [(PROMPTS[0], SamplingParams(max_new_tokens=12, temperature=0, stop=(first.text[6:12],))),
+             (PROMPTS[1], SamplingParams(max_new_tokens=9, temperature=0)),
+             (chat, SamplingParams(max_new_tokens=60, temperature=0))]
+    alone = [make().generate(p, sampling=s, return_details=True) for p, s in cases]
+    assert [a.finish_reason for a in alone] == ["stop", "length", "eos"]
+    batcher = Batcher(make(), 3, make, ahead=ahead)
+    try:
+        futures = [batcher.submit(smol.tokenize(p), s, lambda piece: None, threading.Event()) for p, s in cases]
+        got = [f.result(timeout=120) for f in futures]
+        again = batcher.submit(smol.tokenize(cases[1][0]), cases[1][1], lambda piece: None,
+                               threading.Event()).result(timeout=120)
+    finally:
+        batcher.close()
+    assert [(g.text, g.token_ids, g.finish_reason) for g in got] == [(a.text, a.token_ids, a.finish_reason)
+                                                                    for a in alone]
+    assert (again.text, again.token_ids) == (alone[1].text, alone[1].token_ids)
+
+
 def test_the_batcher_answers_every_request_when_a_reader_fails_or_after_it_stops(smol):
     """A reader whose callback raises gets that error (the thread goes on serving the next request,
     which answers as alone); after close(), a request is answered None at once instead of waiting."""

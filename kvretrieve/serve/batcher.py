@@ -73,15 +73,17 @@ class _Running:
 
 class Batcher:
     def __init__(self, first: LLM, sessions: int, make_session: Callable[[], LLM] | None,
-                 prefill_slice: int = PREFILL_SLICE):
-        """prefill_slice: prompt tokens a new request prefills between two steps of the others."""
+                 prefill_slice: int = PREFILL_SLICE, ahead: bool | None = None):
+        """prefill_slice: prompt tokens a new request prefills between two steps of the others. ahead:
+        launch each step before reading the ids of the one before (engine.batch); None: on CUDA, where
+        8 sessions of the 1.5B at 32K went 14.0 -> 13.4 ms a step (H100,
+        bench/results/batch_decode_15b_32k_s35_ahead.md)."""
         self.free, self.made, self.make = [first], 1, make_session
         self.limit = sessions if make_session is not None else 1
         self.slice, self.prefilling = prefill_slice, []
         self.inbox: queue.Queue[Job | None] = queue.Queue()
-        # Steps launched ahead of reading their ids on CUDA: 8 sessions of the 1.5B at 32K 14.0 -> 13.4 ms
-        # a step, one 4.65 -> 4.43 (H100, bench/results/batch_decode_15b_32k_s35_ahead.md).
-        self.batch, self.running = Batch(ahead=first.engine.model.device.type == "cuda"), []
+        ahead = first.engine.model.device.type == "cuda" if ahead is None else ahead
+        self.batch, self.running = Batch(ahead=ahead), []
         self.waiting: list[Job] = []
         self.most_rows = 0      # the most requests one step has decoded (/metrics)
         self.stopping, self._lock, self._closed = threading.Event(), threading.Lock(), False

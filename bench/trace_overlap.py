@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     print("| kernel | calls | mean us | total us | mean beside | overlapped most (us) |\n|---|---|---|---|---|---|")
     for k in got["kernels"]:
         most = ", ".join(f"{n} {t:.0f}" for n, t in k["with"].items())
-        print(f"| {k['kernel']} | {k['calls']} | {k['mean_us']:.1f} | {k['total_us']:.0f} | {k['mean_beside']:.2f} | {most} |")
+        print(f"| {k['kernel']} | {k['calls']} | {k['mean_us']:.1f} | {k['total_us']:.0f} | "
+              f"{k['mean_beside']:.2f} | {most} |")
     if args.json:
         args.json.write_text(json.dumps(got, indent=1))
     return 0

@@ -82,9 +82,10 @@ def _one_pass_kernel(
         # Each token's share of its block, exp(s - L), from one score: the spread in the same loop.
         spread = tl.zeros([GP, RVP], dtype=tl.float32)
         vmean = tl.zeros([TB, RVP], dtype=tl.float32)
+        r_tile, v_tile = left[:, None] & r_mask[None, :], left[:, None] & v_mask[None, :]
         for j in tl.static_range(BS):
-            sk = _rows(sk_ptr, head, b64 * BS + j, stride_sh, stride_st, stride_sr, offs_r, left[:, None] & r_mask[None, :])
-            vk = _rows(vk_ptr, head, b64 * BS + j, stride_kh, stride_kt, stride_kr, offs_v, left[:, None] & v_mask[None, :])
+            sk = _rows(sk_ptr, head, b64 * BS + j, stride_sh, stride_st, stride_sr, offs_r, r_tile)
+            vk = _rows(vk_ptr, head, b64 * BS + j, stride_kh, stride_kt, stride_kr, offs_v, v_tile)
             p = tl.exp(tl.dot(qr, tl.trans(sk), input_precision=PREC) - lse)
             spread += tl.dot(w * p, vk, input_precision=PREC)
             vmean += vk / BS

@@ -169,4 +169,5 @@ def _sketches(op: str, proj: torch.Tensor, sketch: torch.Tensor) -> tuple[int, i
     return L, hkv, d, r
 
 
-__all__ = ["RowTensors", "StepRows", "mismatch", "decode_rows", "lowrank_rows", "mass_rows", "lru_rows", "DECODE", "LOWRANK", "MASS", "LRU"]
+__all__ = ["RowTensors", "StepRows", "mismatch", "decode_rows", "lowrank_rows", "mass_rows", "lru_rows", "DECODE",
+           "LOWRANK", "MASS", "LRU"]

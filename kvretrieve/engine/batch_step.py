@@ -130,9 +130,6 @@ class _Captured:
     logits: torch.Tensor
 
 
-ROW_PRIORITY = -1  # CUDA stream priority of the rows' streams: lower is sooner
-
-
 class StepRunner:
     """Runs a Batch's steps: decode_step, on CUDA with a stream per row and, once a step's rows and
     their graph keys repeat, as the replay of a CUDA graph captured from that step (as Engine.step
@@ -153,9 +150,7 @@ class StepRunner:
         if dev.type != "cuda":
             return decode_step(engines, tokens, one_launch=self.one_launch)
         while len(self.streams) < len(engines):
-            # Above the token-level rests' side streams (priority 0, backends/rest_estimate.py): a row's
-            # fetch, launched after all the rows' rests, gets SMs as they free instead of after the rests.
-            self.streams.append(torch.cuda.Stream(dev, priority=ROW_PRIORITY))
+            self.streams.append(torch.cuda.Stream(dev))
         _check(engines)
         with ExitStack() as passes:
             starts = torch.tensor([passes.enter_context(e._pass(1)) for e in engines], dtype=torch.long)

@@ -409,17 +409,12 @@ def _interp_cases(device="cpu", big=False):
         left = torch.rand(hkv, nb, generator=g) < 0.7
         left[-1] = False
         args = (qs, proj, sk, bm, vproj, vk, vs, left.to(device), bs, d ** -0.5)
-        old = t_rest._REST_PROGRAMS
-        t_rest._REST_PROGRAMS = 2 if few_programs else old
-        knobs = {"tile_elems": 256} | ({} if few_programs else {"merge_chunk": 1})
+        knobs = {"tile_elems": 256} | ({"programs": 2} if few_programs else {"merge_chunk": 1})
         # 16-bit queries take tf32 dots on the GPU (10-bit products): their scores, hence lse, drift ~1e-3.
         tols = (1e-5, 1e-5) if dt == torch.float32 else (2e-2, 5e-3)
-        try:
-            out, lse = t_rest.lowrank_rest(*args, **knobs)
-            merged = into_checks(lambda i: t_rest.lowrank_rest(*args, i, **knobs), lambda i: R.lowrank_rest(*args, i),
-                                 qs, *tols)
-        finally:
-            t_rest._REST_PROGRAMS = old
+        out, lse = t_rest.lowrank_rest(*args, **knobs)
+        merged = into_checks(lambda i: t_rest.lowrank_rest(*args, i, **knobs), lambda i: R.lowrank_rest(*args, i),
+                             qs, *tols)
         want, want_lse = R.lowrank_rest(*args)
         empty = bool((lse[G:] == -INF).all() and (out[G:] == 0).all())
         return [("out", err(out[:G], want[:G]), tols[0]), ("lse", err(lse[:G], want_lse[:G]), tols[1]),
@@ -443,16 +438,11 @@ def _interp_cases(device="cpu", big=False):
         left = torch.rand(2, nb, generator=g) < 0.8
         left[-1] = False
         args = [t.to(device) for t in (q, bm, vs, left)] + [4, d ** -0.5]
-        old = t_rest._REST_PROGRAMS
-        t_rest._REST_PROGRAMS = 2 if few_programs else old
-        knobs = dict(tile_blocks=16, merge_chunk=64 if few_programs else 1)
+        knobs = dict(tile_blocks=16) | (dict(programs=2) if few_programs else dict(merge_chunk=1))
         tol = 1e-5 if dt == torch.float32 and q_dt is None else 2e-2
-        try:
-            out, lse = t_rest.block_rest(*args, **knobs)
-            merged = into_checks(lambda i: t_rest.block_rest(*args, i, **knobs), lambda i: R.block_rest(*args, i),
-                                 q, tol)
-        finally:
-            t_rest._REST_PROGRAMS = old
+        out, lse = t_rest.block_rest(*args, **knobs)
+        merged = into_checks(lambda i: t_rest.block_rest(*args, i, **knobs), lambda i: R.block_rest(*args, i),
+                             q, tol)
         want, want_lse = R.block_rest(*args)
         empty = bool((lse[G:] == -INF).all() and (out[G:] == 0).all())
         return [("out", err(out[:G], want[:G]), tol), ("lse", err(lse[:G], want_lse[:G]), 1e-4),

@@ -14,9 +14,10 @@ Measured (bench/results/probe_rest_kernel_h100.md): at 32K on the 1.5B the rest 
 layer (partials 151 -> 57 with 2-D dots per token position; the merge 33 us in torch, 27 in one
 Triton program a head), against 8.4 us for the block summaries.
 
-    python bench/probes/probe_rest_kernel.py [--only-rest]
+    python bench/probes/probe_rest_kernel.py [--only-rest | --programs]
 
---only-rest times the token-level rest's configurations alone (a short call). A split precision (the
+--only-rest times the token-level rest's configurations alone (a short call); --programs times it over
+how many programs the launch aims at (132-1,056) and tile sizes. A split precision (the
 fp32 side of each dot as two bf16 halves on 16-bit tensor cores) was timed this way and withdrawn: no
 faster than tf32 (bench/results/probe_rest_kernel_split_h100.md).
 """
@@ -96,8 +97,22 @@ def block_summary_rows(t, bs, scale, sweep=False) -> list[dict]:
     return rows
 
 
+def programs_rows(args, ref, ref_lse, bs, scale) -> list[dict]:
+    """The token-level rest (tf32, 4 warps) over how many programs the launch aims at and tile sizes:
+    fewer programs loop over more tiles each and leave fewer partials to merge."""
+    def error(res):
+        return max((res[0].float() - ref.float()).abs().max().item(), (res[1] - ref_lse).abs().max().item())
+    rows = []
+    for programs, tile in itertools.product((132, 264, 528, 1056), (1024, 2048, 4096)):
+        rows.append({"what": "rest", "tile_elems": tile, "num_warps": 4, "precision": "tf32", "programs": programs}
+                    | timed_config(lambda: rest.lowrank_rest(*args, bs, scale, None, tile, 4, precision="tf32",
+                                                             programs=programs), error))
+    return rows
+
+
 def main() -> None:
     only_rest = "--only-rest" in sys.argv[1:]  # the token-level rest's configurations alone (a short call)
+    by_programs = "--programs" in sys.argv[1:]  # the token-level rest over programs and tiles alone
     out = Path(os.environ.get("OUT", RESULTS))
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -108,6 +123,11 @@ def main() -> None:
         base = {"model": name, "context": context, "blocks": n}
         args = [t[k] for k in ("q", "proj", "sketch", "block_means", "vproj", "vsketch", "vsums", "left_out")]
         ref, ref_lse = reference.lowrank_rest(*args, bs, scale)
+        if by_programs:
+            rows += [base | row for row in programs_rows(args, ref, ref_lse, bs, scale)]
+            for row in rows[-12:]:
+                print(row, flush=True)
+            continue
         rows += [] if only_rest else [base | row for row in block_summary_rows(t, bs, scale)]
         rows.append(base | {"what": "mass scores", "us": graph_us(
             lambda: kernels.lowrank_block_mass(t["q"], t["proj"], t["sketch"], t["block_means"], n, bs, scale))})
@@ -129,7 +149,7 @@ def main() -> None:
         for row in rows:
             if row.get("context") == context and row.get("model") == name:
                 print(row, flush=True)
-    if not only_rest:
+    if not (only_rest or by_programs):
         t = inputs(32, 8, 128, 16, 16, 16, 131072, gen)  # the 8B shape at 128K: the block summaries only
         rows += [{"model": "8b", "context": 131072, "blocks": 8192} | row
                  for row in block_summary_rows(t, 16, 128 ** -0.5, sweep=True)]

@@ -164,10 +164,10 @@ def _block_rest_kernel(
 
 
 def block_rest(q, block_means, vsums, left_out, block_size, scale, into=None, tile_blocks: int = 32,
-               num_warps: int = 4, merge_chunk: int = 64):
+               num_warps: int = 4, merge_chunk: int = 64, programs: int = _REST_PROGRAMS):
     """Triton version of reference.block_rest -> (out [Hq, d] in q.dtype, lse [Hq] float32), merged with
-    into's (out, lse) when given. tile_blocks (summary rows a step), num_warps and merge_chunk
-    (partials a merge step) are tuning knobs: at 128K on the 8B shape (H100) 32 or 256 rows with 4 warps
+    into's (out, lse) when given. tile_blocks (summary rows a step), num_warps, merge_chunk (partials a
+    merge step) and programs (about how many the launch has in all) are tuning knobs: at 128K on the 8B shape (H100) 32 or 256 rows with 4 warps
     took 13.3-13.5 us, 64 or 128 rows 14-15 us, 8 warps up to 19 (bench/results/probe_rest_kernel_h100.md)."""
     hkv, n = left_out.shape
     hq, d = q.shape
@@ -179,7 +179,7 @@ def block_rest(q, block_means, vsums, left_out, block_size, scale, into=None, ti
     if n == 0:
         return into or (q.new_zeros(hq, d), torch.full((hq,), float("-inf"), device=q.device))
     tb = max(16, min(triton.next_power_of_2(tile_blocks), triton.next_power_of_2(n)))
-    progs, iters = _split_work(triton.cdiv(n, tb), hkv, _REST_PROGRAMS)
+    progs, iters = _split_work(triton.cdiv(n, tb), hkv, programs)
     f32 = dict(dtype=torch.float32, device=q.device)
     m, l_, od = torch.empty(hq, progs, **f32), torch.empty(hq, progs, **f32), torch.empty(hq, progs, d, **f32)
     left = left_out.view(torch.uint8)  # bool is a byte: no copy
@@ -193,11 +193,12 @@ def block_rest(q, block_means, vsums, left_out, block_size, scale, into=None, ti
 
 
 def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, block_size, scale, into=None,
-                 tile_elems: int = 2048, num_warps: int = 4, merge_chunk: int = 64, precision: str | None = None):
+                 tile_elems: int = 2048, num_warps: int = 4, merge_chunk: int = 64, precision: str | None = None,
+                 programs: int = _REST_PROGRAMS):
     """Triton version of reference.lowrank_rest -> (out [Hq, d] in q.dtype, lse [Hq] float32), merged with
     into's (out, lse) when given. tile_elems (key-sketch values a tile), num_warps, merge_chunk (partials
-    a merge step) and precision (tl.dot's input_precision for the fp32 tiles: ieee, tf32x3, tf32) are
-    tuning knobs. precision None: tf32 for 16-bit q, whose output rounds away more than tf32's 10-bit
+    a merge step), precision (tl.dot's input_precision for the fp32 tiles: ieee, tf32x3, tf32) and
+    programs (about how many the launch has in all) are tuning knobs. precision None: tf32 for 16-bit q, whose output rounds away more than tf32's 10-bit
     products lose (1.5B at 32K on an H100: 64 -> 32 us, max error 5e-4; tf32x3 59 us), else ieee."""
     hkv, n = left_out.shape
     hq, d = q.shape
@@ -213,12 +214,12 @@ def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, 
     if precision is None:
         precision = "tf32" if q.element_size() == 2 else "ieee"
     parts = _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale, tile_elems, num_warps,
-                      precision)
+                      precision, programs)
     return merge_partials(*parts, vproj, q.dtype, merge_chunk, into)
 
 
 def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale, tile_elems, num_warps,
-              precision="ieee"):
+              precision="ieee", programs=_REST_PROGRAMS):
     """The kernel's launch -> per program (max, sum, d-wide and rv-wide accumulators) [Hq, P, ...]."""
     hkv, n = left_out.shape
     hq, d = q.shape
@@ -226,7 +227,7 @@ def _partials(q, proj, sketch, block_means, vsketch, vsums, left_out, bs, scale,
     # tl.dot wants every side >= 16: the group's rows, the rank and the tile's blocks are padded to it.
     rp = max(16, triton.next_power_of_2(r))
     tb = max(16, min(tile_elems // rp // bs, triton.next_power_of_2(n)))
-    progs, iters = _split_work(triton.cdiv(n, tb), hkv, _REST_PROGRAMS)
+    progs, iters = _split_work(triton.cdiv(n, tb), hkv, programs)
     f32 = dict(dtype=torch.float32, device=q.device)
     m, l_ = torch.empty(hq, progs, **f32), torch.empty(hq, progs, **f32)
     od, orv = torch.empty(hq, progs, d, **f32), torch.empty(hq, progs, rv, **f32)

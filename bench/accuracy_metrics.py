@@ -174,6 +174,7 @@ class Probe:
     count: list = field(default_factory=list)
     attended: float = 0.0
     samples: int = 0
+    heads: list | None = None  # [] to keep every call's (layer, kept mass [Hkv, G]) as well
 
     def __post_init__(self):
         L = self.backend.L
@@ -195,7 +196,10 @@ class Probe:
             tok = torch.as_tensor(ids).cpu()[:, :, None] * bs + torch.arange(bs)
             keep.scatter_(1, tok.reshape(H, -1), True)
         dense_out = torch.einsum("hgn,nhd->hgd", p, v.float()).reshape(out.shape)
-        self.recall[layer] += (p * keep[:, None]).sum(-1).mean().item()
+        kept = (p * keep[:, None]).sum(-1)
+        if self.heads is not None:
+            self.heads.append((layer, kept))
+        self.recall[layer] += kept.mean().item()
         self.err[layer] += ((out.float() - dense_out).norm() / dense_out.norm()).item()
         self.count[layer] += 1
         self.attended += keep.sum(1).float().mean().item()

@@ -1053,3 +1053,17 @@ def test_a_disk_store_decodes_as_the_ram_store_from_unlinked_mapped_files(tiny_d
     mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(stores) in line]
     assert mapped and all(line.endswith("(deleted)") for line in mapped)
     assert not any(stores.iterdir())
+
+
+def test_a_backend_made_under_inference_mode_prefills(tiny_dir):
+    """Made inside torch.inference_mode() (a user's `with torch.inference_mode(): kvretrieve.load(...)`),
+    the store's tables are inference tensors; its segments, reserved on a thread outside inference
+    mode, must still be recorded in them: the prefill equals one of a backend made outside."""
+    cfg = RetrievalConfig(index="lowrank", rank=8, block_size=8, budget_tokens=64, window_tokens=16)
+    prompt = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(6))
+    _, outside = engines(tiny_dir, cfg)
+    with torch.inference_mode():
+        _, inside = engines(tiny_dir, cfg)
+    want = outside.model.logits(outside.forward(prompt))
+    assert torch.equal(inside.model.logits(inside.forward(prompt)), want)
+    assert inside.backend.store.capacity_blocks == outside.backend.store.capacity_blocks > 0

@@ -63,7 +63,9 @@ class KVStore:
             e.set()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._host_offsets = torch.zeros(2, num_layers, self.n_segments, dtype=torch.int64)  # data, scales
+        # data, scales; numpy: the reserving thread writes it, and a torch tensor made under a caller's
+        # torch.inference_mode() could not be written outside it (threads start outside it)
+        self._host_offsets = np.zeros((2, num_layers, self.n_segments), dtype=np.int64)
         self.offsets = torch.zeros(2, num_layers, self.n_segments, dtype=torch.int64, device=geo.device)
         self._offsets_synced = 0      # segments per layer whose offsets device_offsets holds
         # Key channel scales (quantized stores): on the compute device, where kernels read them in place.
@@ -169,7 +171,7 @@ class KVStore:
         """Copy the segments' offsets to the device (before a kernel reads the store)."""
         if self._offsets_synced != self.reserved:
             self.join()
-            self.offsets.copy_(self._host_offsets)
+            self.offsets.copy_(torch.from_numpy(self._host_offsets))
             self._offsets_synced = self.reserved
 
     def write(self, layer: int, first_block: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -42,10 +42,10 @@ class ServeError(KVRetrieveError):
 @retrieval_options
 def serve(host, port, model_name, max_waiting, sessions, documents, system, resume, **opts):
     """Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions
-    (streamed or not), GET /v1/models, /health and /metrics (Prometheus). Requests take turns on the
-    model; a prompt that starts with what the previous request left in the KV cache (the same document,
-    asked again), or with a document whose prefill the document cache holds (saved by chat, prefill or
-    serve --document), prefills only the rest. Ctrl-C or SIGTERM: in-flight answers finish, then it exits."""
+    (streamed or not), GET /v1/models, /health and /metrics (Prometheus). Up to --sessions requests
+    decode together, each in its own KV cache, one batched step for all; a prompt that starts with what
+    an earlier request left in a cache (the same document, asked again), or with a document whose
+    prefill the document cache holds (saved by chat, prefill or serve --document), prefills only the rest. Ctrl-C or SIGTERM: in-flight answers finish, then it exits."""
     try:
         import uvicorn
 

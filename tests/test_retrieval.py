@@ -1056,9 +1056,10 @@ def test_a_disk_store_decodes_as_the_ram_store_from_unlinked_mapped_files(tiny_d
 
 
 def test_a_backend_made_under_inference_mode_prefills(tiny_dir):
-    """Made inside torch.inference_mode() (a user's `with torch.inference_mode(): kvretrieve.load(...)`),
-    the store's tables are inference tensors; its segments, reserved on a thread outside inference
-    mode, must still be recorded in them: the prefill equals one of a backend made outside."""
+    """A backend made inside torch.inference_mode() (a user's `with torch.inference_mode():
+    kvretrieve.load(...)`) reserves its store's segments on a thread, which starts outside inference
+    mode: what that thread records must not be an inference tensor (it was, and the first prefill
+    raised). The prefill equals one of a backend made outside."""
     cfg = RetrievalConfig(index="lowrank", rank=8, block_size=8, budget_tokens=64, window_tokens=16)
     prompt = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(6))
     _, outside = engines(tiny_dir, cfg)

@@ -46,7 +46,7 @@ def shares(heads: list, n_layers: int) -> tuple[list[dict], list[dict]]:
     by_eps.append({"eps": "mean left-out mass (group's worst)", "kv_heads_below": every.mean().item()})
     by_layer = []
     for layer in range(n_layers):
-        x = torch.cat([v for l, v in left if l == layer])
+        x = torch.cat([worst for at, worst in left if at == layer])
         by_layer.append({"layer": layer, "mean_left_out": x.mean().item(), "median_left_out": x.median().item(),
                          "below_0.01": (x < 0.01).float().mean().item(), "max_left_out": x.max().item()})
     return by_eps, by_layer
@@ -57,7 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="0.5b")
     ap.add_argument("--context", default="16K")
-    ap.add_argument("--budget", type=int, default=1536, help="retrieved tokens (None: the layout's default)")
+    ap.add_argument("--budget", type=int, default=1536, help="retrieved tokens (1,536: ~1/8 of 16K attended)")
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--corpus", default=None)
     args = ap.parse_args()
@@ -70,12 +70,13 @@ def main() -> None:
     probe.active = True
     forced_logits(llm, ids, length - args.steps, args.steps)
     by_eps, by_layer = shares(probe.heads, probe.backend.L)
-    meta = provenance("cpu") | {"command": "bench/probes/probe_left_out_mass.py " + " ".join(sys.argv[1:]),
-                                "model": description, "context": length, "steps": args.steps,
-                                "attended": attended(llm.retrieval, length), "seconds": round(time.perf_counter() - t0)}
+    meta = provenance("cpu") | {
+        "command": "bench/probes/probe_left_out_mass.py " + " ".join(sys.argv[1:]), "model": description,
+        "context": length, "steps": args.steps, "attended": attended(llm.retrieval, length),
+        "seconds": round(time.perf_counter() - t0)}
     notes = (f"{description}, {length:,} tokens of the corpus (bench/longctx_corpus.py), the default layout with "
-             f"budget_tokens={args.budget} ({100 * meta['attended']:.1f}% attended), {args.steps} teacher-forced decode "
-             "steps; per step, layer and KV head the largest mass any of its query heads has outside the attended set "
+             f"budget_tokens={args.budget} ({100 * meta['attended']:.1f}% attended), {args.steps} teacher-forced "
+             "decode steps; per step, layer and KV head the largest mass any of its query heads has outside the attended set "
              "(dense attention recomputed from the layer's keys). kv_heads_below: the share of those below eps. "
              "Layers:\n\n" + "\n".join(
                  f"- layer {r['layer']}: mean {r['mean_left_out']:.4f}, median {r['median_left_out']:.4f}, "

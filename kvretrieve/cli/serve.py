@@ -45,7 +45,8 @@ def serve(host, port, model_name, max_waiting, sessions, documents, system, resu
     (streamed or not), GET /v1/models, /health and /metrics (Prometheus). Up to --sessions requests
     decode together, each in its own KV cache, one batched step for all; a prompt that starts with what
     an earlier request left in a cache (the same document, asked again), or with a document whose
-    prefill the document cache holds (saved by chat, prefill or serve --document), prefills only the rest. Ctrl-C or SIGTERM: in-flight answers finish, then it exits."""
+    prefill the document cache holds (saved by chat, prefill or serve --document), prefills only the
+    rest. Ctrl-C or SIGTERM: in-flight answers finish, then it exits."""
     try:
         import uvicorn
 

@@ -167,8 +167,9 @@ def block_rest(q, block_means, vsums, left_out, block_size, scale, into=None, ti
                num_warps: int = 4, merge_chunk: int = 64, programs: int = _REST_PROGRAMS):
     """Triton version of reference.block_rest -> (out [Hq, d] in q.dtype, lse [Hq] float32), merged with
     into's (out, lse) when given. tile_blocks (summary rows a step), num_warps, merge_chunk (partials a
-    merge step) and programs (about how many the launch has in all) are tuning knobs: at 128K on the 8B shape (H100) 32 or 256 rows with 4 warps
-    took 13.3-13.5 us, 64 or 128 rows 14-15 us, 8 warps up to 19 (bench/results/probe_rest_kernel_h100.md)."""
+    merge step) and programs (about how many the launch has in all) are tuning knobs: at 128K on the 8B
+    shape (H100) 32 or 256 rows with 4 warps took 13.3-13.5 us, 64 or 128 rows 14-15 us, 8 warps up to
+    19 (bench/results/probe_rest_kernel_h100.md)."""
     hkv, n = left_out.shape
     hq, d = q.shape
     check_launch_device("block_rest", q, block_means, vsums, left_out, *(into or ()))
@@ -198,8 +199,9 @@ def lowrank_rest(q, proj, sketch, block_means, vproj, vsketch, vsums, left_out, 
     """Triton version of reference.lowrank_rest -> (out [Hq, d] in q.dtype, lse [Hq] float32), merged with
     into's (out, lse) when given. tile_elems (key-sketch values a tile), num_warps, merge_chunk (partials
     a merge step), precision (tl.dot's input_precision for the fp32 tiles: ieee, tf32x3, tf32) and
-    programs (about how many the launch has in all) are tuning knobs. precision None: tf32 for 16-bit q, whose output rounds away more than tf32's 10-bit
-    products lose (1.5B at 32K on an H100: 64 -> 32 us, max error 5e-4; tf32x3 59 us), else ieee."""
+    programs (about how many the launch has in all) are tuning knobs. precision None: tf32 for 16-bit
+    q, whose output rounds away more than tf32's 10-bit products lose (1.5B at 32K on an H100: 64 -> 32
+    us, max error 5e-4; tf32x3 59 us), else ieee."""
     hkv, n = left_out.shape
     hq, d = q.shape
     bs = int(block_size)

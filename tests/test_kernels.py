@@ -538,6 +538,7 @@ def _interp_cases(device="cpu", big=False):
         from kvretrieve.kernels.fetch import store_blocks as t_store
         from kvretrieve.config import KVGeometry
         from kvretrieve.store import KVStore
+        from kvretrieve.store.reads import read_blocks
 
         g = torch.Generator().manual_seed(13)
         L, H, bs, d, S = 3, 2, 8, 16, 5
@@ -551,7 +552,7 @@ def _interp_cases(device="cpu", big=False):
                 st.write(layer, 0, old[layer, 0], old[layer, 1])
             st.sync_offsets()
         if quantize:
-            old = torch.stack([torch.stack(stores[0].read(layer, 0, 40)) for layer in range(L)])
+            old = torch.stack([torch.stack(read_blocks(stores[0], layer, 0, 40)) for layer in range(L)])
             expected = old.clone()
         for block, slot in ((1, 1), (17, 4), (39, 0)):  # segments 0, 1 and 2 (block 0: below)
             expected[:, 0, :, block], expected[:, 1, :, block] = pk[:, :, slot], pv[:, :, slot]
@@ -559,7 +560,7 @@ def _interp_cases(device="cpu", big=False):
             R.store_blocks(stores[1], block, slot, pk.to(device), pv.to(device))
         if device == "cuda":
             torch.cuda.synchronize()
-        got = [torch.stack([torch.stack(st.read(layer, 0, 40)) for layer in range(L)]) for st in stores]
+        got = [torch.stack([torch.stack(read_blocks(st, layer, 0, 40)) for layer in range(L)]) for st in stores]
         if not quantize:
             return [("kernel", err(got[0], expected), 0.0), ("reference", err(got[1], expected), 0.0)]
         # one code, per token; keys: of the token divided by the channel scales, times them

@@ -18,6 +18,7 @@ from kvretrieve.models.llama import Decoder
 from kvretrieve.resolve import fine_layout, resolve_retrieval
 from kvretrieve.backends import RetrievalKV
 from kvretrieve.store import KVStore
+from kvretrieve.store.reads import gather_blocks, read_blocks
 
 from helpers import dense_backend, kv_geometry, retrieval_backend, saved_tiny_model, tiny_decoder
 
@@ -251,10 +252,10 @@ def test_store_grows_without_copying_and_refuses_what_cannot_fit(monkeypatch):
     first = store.segments[1][0].data_ptr()
     store.write(1, 10, k[:, 10:], k[:, 10:] + 1)
     assert store.segments[1][0].data_ptr() == first and len(store.segments[1]) == 2
-    rk, rv = store.read(1, 0, 20)
+    rk, rv = read_blocks(store, 1, 0, 20)
     assert torch.equal(rk, k) and torch.equal(rv, k + 1)
     out = torch.empty(2, 3, 32)
-    store.gather(1, torch.tensor([1, 0, 1]), torch.tensor([18, 3, 5]), out)
+    gather_blocks(store, 1, torch.tensor([1, 0, 1]), torch.tensor([18, 3, 5]), out)
     assert torch.equal(out[0], torch.stack([k[1, 18], k[0, 3], k[1, 5]]).view(3, 32))
     monkeypatch.setenv("KVRETRIEVE_FREE_RAM_GB", "0.00001")
     with pytest.raises(ResourceError, match="CPU RAM.*KVRETRIEVE_FREE_RAM_GB"):
@@ -275,7 +276,7 @@ def test_int8_store_reads_within_half_a_step_in_half_the_memory():
     store = KVStore(kv_geometry(2, 2, 8, 4, 1024, dtype=torch.bfloat16), quantize=True, segment_blocks=16)
     for s in (plain, store):
         s.write(1, 0, k, -k)
-    rk, rv = store.read(1, 0, 40)                                   # three segments
+    rk, rv = read_blocks(store, 1, 0, 40)                                   # three segments
     assert rk.dtype == rv.dtype == torch.bfloat16
     c = channel_scales(k)[:, None, None, :]
     assert torch.equal(store.channels[1], c[:, 0, 0]) and torch.equal(store.channels[0], torch.ones(2, 8))
@@ -287,7 +288,7 @@ def test_int8_store_reads_within_half_a_step_in_half_the_memory():
     assert torch.equal(rk, dequantize(*quantize(k, c), torch.bfloat16, c))
     assert torch.equal(rv, dequantize(*quantize(-k), torch.bfloat16))
     out = torch.empty(2, 3, 32, dtype=torch.bfloat16)
-    store.gather(1, torch.tensor([1, 0, 1]), torch.tensor([18, 3, 35]), out)
+    gather_blocks(store, 1, torch.tensor([1, 0, 1]), torch.tensor([18, 3, 35]), out)
     assert torch.equal(out[0], torch.stack([rk[1, 18], rk[0, 3], rk[1, 35]]).view(3, 32))
     assert torch.equal(out[1], torch.stack([rv[1, 18], rv[0, 3], rv[1, 35]]).view(3, 32))
     # int8 codes (half of bf16) + an fp32 scale per token of 8 values (a quarter; 1/64 at head_dim 128)
@@ -306,7 +307,7 @@ def test_key_channel_scales_keep_small_channels_of_outlier_keys():
     q[:, :4] = 0  # the logits the outliers do not decide
     store = KVStore(kv_geometry(1, 2, 128, 16, 1024), quantize=True, segment_blocks=64)
     store.write(0, 0, k, k)
-    rk, rv = store.read(0, 0, 64)
+    rk, rv = read_blocks(store, 0, 0, 64)
     from kvretrieve.store.quant import dequantize, quantize
     row_only = dequantize(*quantize(k), torch.float32)
     err = lambda x: (torch.einsum("hd,hntd->hnt", q, x - k)).abs().mean().item()  # noqa: E731
@@ -323,7 +324,7 @@ def test_store_reserves_in_the_background_and_writes_wait_for_their_layer():
     store.join()
     assert [len(s) for s in store.segments] == [7, 7, 7] and store.capacity_blocks == 112
     for layer in range(3):
-        rk, rv = store.read(layer, 0, 100)
+        rk, rv = read_blocks(store, layer, 0, 100)
         assert torch.equal(rk, k + layer) and torch.equal(rv, k - layer)
     store.sync_offsets()  # what the fetch kernel reads: each segment's start relative to the first one
     base = store.segments[0][0].data_ptr()
@@ -948,7 +949,7 @@ def test_warm_up_leaves_an_empty_cache_that_decodes_as_a_fresh_one(tiny_dir, kin
 @pytest.mark.cuda
 @pytest.mark.parametrize("quantize", [False, True])
 def test_store_reads_to_the_gpu_equal_reads_on_the_host(quantize):
-    """KVStore.read(..., device=cuda) (a continuation prefill's earlier tokens) copies per head and
+    """read_blocks(..., device=cuda) (a continuation prefill's earlier tokens) copies per head and
     dequantizes on the GPU: the same values as the host path, across segment boundaries."""
     L, H, d, bs, nb = 2, 3, 16, 4, 40
     dev = torch.device("cuda")
@@ -958,11 +959,11 @@ def test_store_reads_to_the_gpu_equal_reads_on_the_host(quantize):
     store.write(1, 0, k, v)
     torch.cuda.synchronize()
     for first, n in [(0, nb), (5, 30), (16, 16), (3, 1)]:
-        host = store.read(1, first, n)
-        gpu = store.read(1, first, n, dev)
+        host = read_blocks(store, 1, first, n)
+        gpu = read_blocks(store, 1, first, n, dev)
         for a, b in zip(host, gpu):
             assert b.device.type == "cuda" and torch.allclose(a, b.cpu(), atol=1e-6)
-    assert torch.allclose(store.read(1, 0, nb, dev)[0], k, atol=0 if not quantize else k.abs().max().item() / 100)
+    assert torch.allclose(read_blocks(store, 1, 0, nb, dev)[0], k, atol=0 if not quantize else k.abs().max().item() / 100)
 
 
 @pytest.mark.cuda

@@ -30,6 +30,7 @@ from common import provenance  # noqa: E402
 from kvretrieve.config import KVGeometry  # noqa: E402
 from kvretrieve.memory import process_disk_read_bytes  # noqa: E402
 from kvretrieve.store import KVStore  # noqa: E402
+from kvretrieve.store.reads import gather_blocks  # noqa: E402
 
 
 def fill(store: KVStore, tokens: int) -> float:
@@ -61,7 +62,7 @@ def steps(store: KVStore, n_blocks: int, blocks: int, count: int, advice: str) -
         t = time.perf_counter()
         for layer in range(store.L):
             ids = torch.stack([torch.randperm(n_blocks, generator=g)[:blocks] for _ in range(store.H)]).flatten()
-            store.gather(layer, heads, ids, out)
+            gather_blocks(store, layer, heads, ids, out)
         times.append(time.perf_counter() - t)
     read = process_disk_read_bytes() - read0 if read0 is not None else None
     return {"advice": advice, "step_ms_p50": 1e3 * statistics.median(times), "steps": count,

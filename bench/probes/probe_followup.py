@@ -27,6 +27,7 @@ from kvretrieve.models.shapes import random_weights  # noqa: E402
 from kvretrieve.models.shapes import shape_config  # noqa: E402
 from kvretrieve.memory import apply_gpu_cap  # noqa: E402
 from kvretrieve.api import build_engine  # noqa: E402
+from kvretrieve.store.reads import read_blocks  # noqa: E402
 
 
 def seconds(fn, reps: int = 3) -> float:
@@ -65,8 +66,8 @@ def main() -> None:
 
     out["followup_s"] = seconds(followup)
     blocks, store = n // backend.bs, backend.store
-    out["layer_read_host_s"] = seconds(lambda: [t.to(dev) for t in store.read(0, 0, blocks)])
-    out["layer_read_device_s"] = seconds(lambda: store.read(0, 0, blocks, dev))
+    out["layer_read_host_s"] = seconds(lambda: [t.to(dev) for t in read_blocks(store, 0, 0, blocks)])
+    out["layer_read_device_s"] = seconds(lambda: read_blocks(store, 0, 0, blocks, dev))
     out["peak_gpu_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     path = Path(args.out) / "probe_followup.json"
     path.parent.mkdir(parents=True, exist_ok=True)

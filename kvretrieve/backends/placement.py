@@ -16,6 +16,7 @@ from ..cache import BlockPool
 from ..config import KVGeometry, RetrievalConfig
 from ..index import BlockIndex, BlockSummary
 from ..store import ClusterLayout, KVStore
+from ..store.reads import read_blocks
 
 
 def pieces(full: int, b0: int, clustered: list, chunk_blocks: int):
@@ -128,7 +129,7 @@ class BlockPlacement:
         only in the ring until after the step)."""
         self.store.wait_host()
         nb, tail = divmod(P, self.bs)
-        ks, vs = self.store.read(layer, 0, stored, self.geo.device)
+        ks, vs = read_blocks(self.store, layer, 0, stored, self.geo.device)
         d = ks.shape[-1]
         parts_k = [ks.reshape(self.H, stored * self.bs, d)]
         parts_v = [vs.reshape(self.H, stored * self.bs, d)]
@@ -147,7 +148,7 @@ class BlockPlacement:
         for layer in range(self.geo.layers):
             for b in range(first, n_full + 1):
                 if pool.ring_block[layer, b % pool.ring] != b:
-                    ks, vs = self.store.read(layer, b, 1)
+                    ks, vs = read_blocks(self.store, layer, b, 1)
                     rk, rv = self.ring(layer, b)
                     rk.copy_(ks[:, 0])
                     rv.copy_(vs[:, 0])

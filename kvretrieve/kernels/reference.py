@@ -18,6 +18,7 @@ from kvretrieve.kernels.checks import (check_bounds, check_decode_rows, check_fe
                                        check_rms_norm, check_rope, check_silu_mul, check_sparse_decode, check_store,
                                        check_topk, query_group)
 from kvretrieve.models.quant import QuantWeight, dequantize
+from kvretrieve.store.reads import gather_blocks
 
 
 def sparse_decode(q, k_pool, v_pool, slots, tail_len, scale):
@@ -244,7 +245,7 @@ def fetch_blocks(store, layer, ids, fetch, slots, pool_k, pool_v):
     # Gathered into pinned staging (torch caches pinned blocks, so this allocates once per size) for
     # a GPU pool: the copy up is then one async DMA, not a pageable copy the host waits for.
     rows = torch.empty(2, len(heads), store.bs * store.d, dtype=store.dtype, pin_memory=pool_k.is_cuda)
-    store.gather(layer, heads, blocks, rows)
+    gather_blocks(store, layer, heads, blocks, rows)
     flat = (heads * pool_k.shape[1] + dst).to(pool_k.device)
     up = rows.to(pool_k.device, non_blocking=True)
     pool_k.view(-1, rows.shape[2]).index_copy_(0, flat, up[0])

@@ -17,6 +17,7 @@ import torch
 from ..config import KVGeometry
 from ..engine.interrupts import interrupts_deferred
 from .kv_store import KVStore
+from .reads import read_blocks
 
 # replace(layer, first block, k, v [Hkv, nb, bs, d]): store and index these blocks in place of what
 # blocks first.. held, and drop cached copies of the old contents.
@@ -121,7 +122,7 @@ class ClusterLayout:
     def _read(self, layer: int, first: int, nb: int, n_seg: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """n_seg segments of nb blocks from `first`, as k, v [Hkv x n_seg, nb * bs, d] on the device."""
         self.store.wait_host()
-        ks, vs = self.store.read(layer, first, nb * n_seg)
+        ks, vs = read_blocks(self.store, layer, first, nb * n_seg)
         shape = (-1, nb * self.geo.block_size, self.geo.head_dim)
         return ks.to(self.geo.device).reshape(shape), vs.to(self.geo.device).reshape(shape)
 

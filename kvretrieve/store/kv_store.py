@@ -11,8 +11,8 @@ start relative to the first segment, in elements, on the compute device).
 quantize=True keeps K and V as int8 with one fp32 scale per token and head (absmax / 127, in a
 parallel [K|V, kv_head, block, block_size] table): half the host memory and half the bytes a fetch
 moves over PCIe. Keys are divided by a scale per channel first (`channels` [L, Hkv, d], fit to the
-first keys a layer stores: quant.channel_scales). Reads dequantize to the model's dtype; so do the
-fetch kernel and gather.
+first keys a layer stores: quant.channel_scales). Reads (store/reads.py) dequantize to the model's
+dtype; so does the fetch kernel.
 
 Pinning fresh host memory is slow (~1 GiB/s on the H100 host: 18 GiB for a 128K prompt of the 8B
 shape would cost 8+ s of a prefill), so a long prefill reserves its segments on a background
@@ -33,7 +33,7 @@ from ..errors import SavedPrefillError
 from .saved import Tensors
 from ..memory import GiB, fast_pinning
 from .segments import SegmentHome
-from .quant import channel_scales, copy_per_head, dequantize, quantize
+from .quant import channel_scales, copy_per_head, quantize
 
 
 class KVStore:
@@ -95,13 +95,13 @@ class KVStore:
     @property
     def base(self) -> torch.Tensor:
         """The segment every offset is relative to."""
-        self._wait(0)
+        self.wait_layer(0)
         return self.segments[0][0]
 
     @property
     def scale_base(self) -> torch.Tensor:
         """The scale table every scale offset is relative to (quantized stores)."""
-        self._wait(0)
+        self.wait_layer(0)
         return self.scales[0][0]
 
     def nbytes(self) -> int:
@@ -155,7 +155,8 @@ class KVStore:
             for ev in self._layer_ready:
                 ev.set()
 
-    def _wait(self, layer: int) -> None:
+    def wait_layer(self, layer: int) -> None:
+        """Wait until the layer's segments are reserved (a reservation on a thread); re-raise its error."""
         self._layer_ready[layer].wait()
         if self._error is not None:
             err, self._error = self._error, None
@@ -164,7 +165,7 @@ class KVStore:
     def join(self) -> None:
         """Wait for a background reservation to finish."""
         for layer in range(self.L):
-            self._wait(layer)
+            self.wait_layer(layer)
         self._thread = None
 
     def sync_offsets(self) -> None:
@@ -179,11 +180,11 @@ class KVStore:
         From CUDA this is an async D2H copy on the current stream: keep k, v alive until it finishes."""
         nb = k.shape[1]
         self.ensure(first_block + nb)
-        self._wait(layer)
+        self.wait_layer(layer)
         if self.quantized:  # on k's device, so only int8 and scales cross PCIe
             if not self.fitted[layer]:
                 self.fit_channels(layer, k)
-            (k, k_scale), (v, v_scale) = quantize(k, self._channels(layer, k.device)), quantize(v)
+            (k, k_scale), (v, v_scale) = quantize(k, self.key_channels(layer, k.device)), quantize(v)
         done = 0
         while done < nb:
             seg, off = divmod(first_block + done, self.seg_blocks)
@@ -218,7 +219,7 @@ class KVStore:
         if block == 0:
             self.fitted = [False] * self.L
 
-    def _channels(self, layer: int, device: torch.device) -> torch.Tensor:
+    def key_channels(self, layer: int, device: torch.device) -> torch.Tensor:
         """The layer's key channel scales on `device`, shaped [Hkv, 1, 1, d] for rows [Hkv, nb, bs, d]."""
         return self.channels[layer].to(device)[:, None, None, :]
 
@@ -283,7 +284,7 @@ class KVStore:
                                             f"this one {stored} of (2, {self.H}, n, {self.bs}, {self.d}); reopen it "
                                             "with the model, dtype and store_dtype it was saved with")
                 self.ensure(first + n)
-                self._wait(layer)
+                self.wait_layer(layer)
                 scale = state.get(f"{layer}.{seg}.scale")
                 if adopt and n == self.seg_blocks and first % n == 0:
                     self.segments[layer][first // n] = kv
@@ -307,88 +308,3 @@ class KVStore:
             if scale is not None:
                 self.scales[layer][seg][:, :, off:off + n].copy_(scale[:, :, done:done + n])
             done += n
-
-    def read(self, layer: int, first_block: int, n_blocks: int,
-             device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks first_block.. of one layer as k, v [Hkv, n_blocks, bs, d] in the model's dtype: CPU
-        tensors (views of the store when one segment holds them and it is not quantized), or on a
-        CUDA `device`, where they are copied up as stored (async, from pinned memory) and dequantized."""
-        self._wait(layer)
-        runs, done = [], 0
-        while done < n_blocks:
-            seg, off = divmod(first_block + done, self.seg_blocks)
-            n = min(n_blocks - done, self.seg_blocks - off)
-            runs.append((seg, slice(off, off + n)))
-            done += n
-        if device is not None and device.type == "cuda":
-            return self._read_to(layer, runs, n_blocks, device)
-        out = []
-        for kv in (0, 1):
-            if self.quantized:
-                ch = self._channels(layer, torch.device("cpu")) if kv == 0 else None
-                parts = [dequantize(self.segments[layer][s][kv, :, r], self.scales[layer][s][kv, :, r], self.dtype, ch)
-                         for s, r in runs]
-            else:
-                parts = [self.segments[layer][s][kv, :, r] for s, r in runs]
-            out.append(parts[0] if len(parts) == 1 else torch.cat(parts, 1) if parts
-                       else torch.empty(self.H, 0, self.bs, self.d, dtype=self.dtype))
-        return out[0], out[1]
-
-    def _read_to(self, layer: int, runs: list, n_blocks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        # Dequantizing on the GPU instead of the host keeps a follow-up prompt after a long document
-        # from converting every earlier token on the CPU.
-        raw = torch.empty(2, self.H, n_blocks, self.bs, self.d, dtype=self.segments[layer][0].dtype, device=device)
-        scale = torch.empty(raw.shape[:-1], dtype=torch.float32, device=device) if self.quantized else None
-        done = 0
-        for s, r in runs:
-            n = r.stop - r.start
-            for kv in (0, 1):
-                copy_per_head(raw[kv, :, done:done + n], self.segments[layer][s][kv, :, r])
-                if scale is not None:
-                    copy_per_head(scale[kv, :, done:done + n], self.scales[layer][s][kv, :, r])
-            done += n
-        if scale is None:
-            return raw[0], raw[1]
-        k = dequantize(raw[0], scale[0], self.dtype, self._channels(layer, device))
-        return k, dequantize(raw[1], scale[1], self.dtype)  # one at a time: half the fp32 temporary
-
-    def _table(self, layer: int, seg: int) -> torch.Tensor:
-        """Segment seg of a layer as [K|V, Hkv * seg_blocks, bs * d]: row head * SB + block % SB."""
-        return self.segments[layer][seg].view(2, self.H * self.seg_blocks, self.bs * self.d)
-
-    def _scale_table(self, layer: int, seg: int) -> torch.Tensor:
-        return self.scales[layer][seg].view(2, self.H * self.seg_blocks, self.bs)
-
-    def gather(self, layer: int, heads: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
-        """out[0, i], out[1, i] = K and V of block blocks[i] of head heads[i]; out [2, m, bs*d] (CPU,
-        the model's dtype).
-
-        One index_select per segment touched and K|V: a segment is laid out as [K|V, head, block],
-        so row = head * SB + block % SB of its K or V table (and of its scale table).
-        """
-        self._wait(layer)
-        seg = blocks // self.seg_blocks
-        rows = heads * self.seg_blocks + blocks % self.seg_blocks
-        width = self.bs * self.d
-        # Each gathered row's head's key channel scales, [m, 1, d] (read once: a CUDA store keeps them there).
-        ch = self.channels[layer].cpu().index_select(0, heads)[:, None, :] if self.quantized else None
-        picks = []
-        for s in torch.unique(seg).tolist():
-            pick = (seg == s).nonzero().flatten()
-            picks.append((s, pick, rows.index_select(0, pick) if len(pick) != len(rows) else rows))
-        if self.home.disk_dir is not None:  # every read of the step in flight before the first fault waits
-            tables = [(t[kv], r) for s, _, r in picks for kv in (0, 1) for t in
-                      ((self._table(layer, s), self._scale_table(layer, s)) if self.quantized else (self._table(layer, s),))]
-            self.home.willneed(np.concatenate([self.home.pages(t, r) for t, r in tables]))
-        for s, pick, r in picks:
-            table = self._table(layer, s)
-            for kv in (0, 1):
-                if self.quantized:
-                    scales = self._scale_table(layer, s)[kv].index_select(0, r)
-                    row_ch = ch.index_select(0, pick) if kv == 0 else None
-                    got = dequantize(table[kv].index_select(0, r).view(-1, self.bs, self.d), scales, self.dtype, row_ch)
-                    out[kv].index_copy_(0, pick, got.view(-1, width))
-                elif len(pick) == len(rows):
-                    torch.index_select(table[kv], 0, r, out=out[kv, :len(rows)])
-                else:
-                    out[kv].index_copy_(0, pick, table[kv].index_select(0, r))

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 from .backends import AttentionBackend, make_backend
-from .config import RetrievalConfig, RuntimeConfig
+from .config import MAX_CONTEXT, RetrievalConfig, RuntimeConfig
 from .engine.engine import Engine
 from .llm import LLM
 from .memory import apply_gpu_cap
@@ -40,11 +40,17 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str = 
     decoder, tokenizer, source = load_decoder(model, runtime, dense_kv=retrieval is None, log=log)
     if runtime.max_context:
         check_trained_length(decoder.cfg, runtime.max_context, log)
-    llm = build(decoder, tokenizer, source, runtime.max_context or decoder.cfg.max_position, runtime.prefill_chunk,
-                retrieval)
+    llm = build(decoder, tokenizer, source, runtime.max_context or default_context(decoder.cfg),
+                runtime.prefill_chunk, retrieval)
     if resume is not None:
         llm.resume(resume)
     return llm
+
+
+def default_context(cfg: ModelConfig) -> int:
+    """The KV capacity when max_context is not given: the model's maximum, at most MAX_CONTEXT (a config
+    may declare more than RoPE's float32 positions can tell apart)."""
+    return min(cfg.max_position, MAX_CONTEXT)
 
 
 def load_decoder(model: str | Path | None, runtime: RuntimeConfig, dense_kv: bool, log=None,
@@ -61,7 +67,7 @@ def load_decoder(model: str | Path | None, runtime: RuntimeConfig, dense_kv: boo
     weights = resolve_weights(runtime.weights, shape is None and model_source(model).suffix == ".gguf")
 
     def check(cfg: ModelConfig, weight_bytes: int | None = None) -> None:
-        kv_tokens = (dense_tokens or runtime.max_context or cfg.max_position) if dense_kv else 0
+        kv_tokens = (dense_tokens or runtime.max_context or default_context(cfg)) if dense_kv else 0
         check_weights_fit(cfg, dev, dt, runtime.gpu_mem_gb, kv_tokens, weights, weight_bytes)
 
     if shape is not None:

@@ -86,6 +86,11 @@ class SamplingParams:
         return self.repeat_penalty != 1.0 and self.repeat_last_n > 0
 
 
+# The longest context: RoPE turns positions into float32 (models/rope.py), exact up to 2**24; past it
+# neighbouring tokens would share a rotation. The store's tables are sized by it up front, too.
+MAX_CONTEXT = 2**24
+
+
 @dataclass(slots=True, frozen=True)
 class RuntimeConfig:
     """Where and how the model runs.
@@ -116,8 +121,9 @@ class RuntimeConfig:
         kind, colon, index = str(self.device).partition(":")
         _check(self.device == "auto" or (kind in ("cpu", "cuda") and (not colon or index.isdigit())),
                f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        _check(self.max_context is None or self.max_context >= 16,
-               f"max_context must be >= 16 tokens, got {self.max_context}")
+        _check(self.max_context is None or 16 <= self.max_context <= MAX_CONTEXT,
+               f"max_context must be >= 16 and <= {MAX_CONTEXT:,} tokens (RoPE's float32 positions are exact "
+               f"up to 2**24), got {self.max_context}")
         _check(self.prefill_chunk >= 16, f"prefill_chunk must be >= 16, got {self.prefill_chunk}")
         _check(self.gpu_mem_gb is None or self.gpu_mem_gb > 0, f"gpu_mem_gb must be > 0, got {self.gpu_mem_gb}")
 

@@ -151,6 +151,8 @@ def test_bad_option_values(smol_dir):
                           "--block-size", "16"), "--budget (8) must be at least one block")
     result = run("generate", "hi", "--max-context", "lots")
     assert result.exit_code == 2 and "not a token count" in result.output
+    result = run("profile", "--shape", "smollm2-135m", "--context", "4K,20M")
+    assert result.exit_code == 2 and "16 to 16,777,216 tokens" in result.output, result.output
 
 
 def test_debug_shows_traceback(tmp_path):
@@ -181,6 +183,22 @@ def test_profile_shape_and_model(smol_dir):
     assert_user_error(run("profile", "--shape", "gpt5"), "unknown shape")
 
 
+def test_cache_blocks_flag_sizes_the_block_cache():
+    """--cache-blocks reaches the GPU block pool: with more slots the same decode finds more of its
+    blocks cached and copies fewer bytes (random weights select afresh each step, so the pool's size
+    shows)."""
+    common = ["profile", "--shape", "smollm2-135m", "--context", "1K", "--decode-steps", "6", "--device", "cpu",
+              "--dtype", "float32", "--json", "--retrieval", "lowrank", "--budget", "128", "--window", "64",
+              "--sink", "16", "--block-size", "16"]
+    rows = {}
+    for slots in ("8", "64"):  # the budget's 8 blocks; the whole 1K context
+        result = run(*common, "--cache-blocks", slots)
+        assert result.exit_code == 0, result.output
+        (rows[slots],) = json.loads(result.stdout)
+    assert rows["64"]["cache_hit"] > rows["8"]["cache_hit"]
+    assert rows["64"]["h2d_mb_per_token"] < rows["8"]["h2d_mb_per_token"]
+
+
 def test_chat_with_retrieval(smol_dir):
     result = run("chat", "-d", str(DOC), "--model", str(smol_dir), "--max-new-tokens", "30", *FAST,
                  "--retrieval", "lowrank", "--budget", "64", "--window", "64", "--sink", "16",
@@ -206,7 +224,8 @@ def test_library_parameter_names_become_flags():
     assert as_flags("use device='cpu'") == "use --device cpu"
     assert as_flags("the model's dtype on this device") == "the model's dtype on this device"
     assert as_flags("budget_tokens (8) must be") == "--budget (8) must be"
-    assert as_flags("lower RetrievalConfig.cache_blocks") == "lower RetrievalConfig.cache_blocks"
+    assert as_flags("lower RetrievalConfig.cache_blocks") == "lower --cache-blocks"
+    assert as_flags("lower RetrievalConfig.estimate_tokens") == "lower RetrievalConfig.estimate_tokens"
 
 
 def test_profile_prompts_are_real_text_from_a_seeded_start(smol_dir):

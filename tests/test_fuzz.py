@@ -48,7 +48,7 @@ values = st.one_of(st.integers(-10**30, 10**30), st.floats(allow_nan=True, allow
 options = st.sampled_from(["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--stop",
                            "--max-context", "--budget", "--block-size", "--sink", "--window", "--rank",
                            "--reselect-every", "--prefill-chunk", "--retrieval", "--store-dtype", "--dtype",
-                           "--device"])
+                           "--device", "--cache-blocks"])
 
 
 @CASES

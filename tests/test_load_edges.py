@@ -300,3 +300,20 @@ def test_the_conversion_cache_is_keyed_by_the_files_content_not_its_path(tmp_pat
     with open(b, "r+b") as f:
         f.write(data)
     assert cached_dir_for(b) != cached_dir_for(a)
+
+
+def test_the_default_context_stops_where_float32_positions_do():
+    """A config may declare any max_position_embeddings; the capacity load() gives it by default (and
+    sizes the store's tables by) stops at MAX_CONTEXT, 2**24, where RoPE's float32 positions stop
+    being exact. A smaller maximum is kept as it is."""
+    from dataclasses import replace
+
+    from kvretrieve.api import default_context
+    from kvretrieve.config import MAX_CONTEXT
+    from kvretrieve.models.shapes import shape_config
+
+    cfg = shape_config("smollm2-135m")
+    assert default_context(cfg) == cfg.max_position == 8192
+    assert default_context(replace(cfg, max_position=2**40)) == MAX_CONTEXT == 2**24
+    assert torch.tensor(MAX_CONTEXT + 1).float() == torch.tensor(MAX_CONTEXT).float()  # past it, positions merge
+    assert torch.tensor(MAX_CONTEXT - 1).float() != torch.tensor(MAX_CONTEXT).float()

@@ -1069,3 +1069,17 @@ def test_a_backend_made_under_inference_mode_prefills(tiny_dir):
     want = outside.model.logits(outside.forward(prompt))
     assert torch.equal(inside.model.logits(inside.forward(prompt)), want)
     assert inside.backend.store.capacity_blocks == outside.backend.store.capacity_blocks > 0
+
+
+def test_the_block_cache_never_outgrows_the_context():
+    """cache_blocks beyond the context's blocks could hold nothing: the pool takes the context's blocks
+    (cache_blocks=10**30 reads as "all of them" instead of failing to allocate), never fewer than
+    the budget; within the context it takes what it is given."""
+    geo = kv_geometry(2, 2, 8, 4, 64)
+    for asked, slots in ((10**30, 64), (64, 64), (40, 40), (None, 2 * 8)):
+        cfg = RetrievalConfig(index="lowrank", block_size=4, budget_tokens=32, sink_tokens=4, window_tokens=8,
+                              cache_blocks=asked)
+        assert BlockPool(cfg, geo).n_lru == slots, asked
+    big_budget = RetrievalConfig(index="lowrank", block_size=4, budget_tokens=400, sink_tokens=4, window_tokens=8,
+                                 cache_blocks=200)
+    assert BlockPool(big_budget, geo).n_lru == 100  # the budget's blocks, above the context's 64

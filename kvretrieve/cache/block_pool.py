@@ -27,7 +27,10 @@ class BlockPool:
     def __init__(self, cfg: RetrievalConfig, geo: KVGeometry):
         num_layers, num_kv_heads, max_blocks, device = geo.layers, geo.kv_heads, geo.max_blocks, geo.device
         self.bs, self.H = geo.block_size, num_kv_heads
-        self.n_sink, self.ring, self.n_lru = cfg.sink_blocks, cfg.window_blocks + 1, cfg.slot_blocks
+        # Never more LRU slots than the context has blocks (more could hold nothing), nor fewer than a
+        # step retrieves: cache_blocks=10**30 means "all of them".
+        self.n_sink, self.ring = cfg.sink_blocks, cfg.window_blocks + 1
+        self.n_lru = min(cfg.slot_blocks, max(max_blocks, cfg.budget_blocks))
         self.window_blocks, self.budget_blocks = cfg.window_blocks, cfg.budget_blocks
         self.lru0 = self.n_sink + self.ring
         self.slots = self.lru0 + self.n_lru

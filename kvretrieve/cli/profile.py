@@ -41,9 +41,11 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _contexts(value: str) -> list[int]:
+    from ..config import MAX_CONTEXT
+
     out = [parse_tokens(part) for part in value.split(",") if part.strip()]
-    if not out or any(n < 16 for n in out):
-        raise click.BadParameter("give one or more contexts of at least 16 tokens, e.g. 4K,32K")
+    if not out or any(not 16 <= n <= MAX_CONTEXT for n in out):
+        raise click.BadParameter(f"give one or more contexts of 16 to {MAX_CONTEXT:,} tokens, e.g. 4K,32K")
     return out
 
 

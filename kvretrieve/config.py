@@ -95,7 +95,8 @@ MAX_CONTEXT = 2**24
 class RuntimeConfig:
     """Where and how the model runs.
 
-    max_context: KV capacity in tokens (None = the model's own maximum, capped by what fits).
+    max_context: KV capacity in tokens, at most MAX_CONTEXT (None = the model's own maximum, capped by
+      what fits and by MAX_CONTEXT).
     prefill_chunk: tokens per projection/MLP chunk during prefill; bounds activation memory.
     gpu_mem_gb: cap on the GPU memory this process may use (emulates a smaller card).
     weights: how the projection weights are kept (models/quant_load.py): dense (the model dtype); int8
@@ -161,7 +162,8 @@ class RetrievalConfig:
     rest_rank left to auto (None) is 16 in that fine layout: the rest is estimated token by token
     through value sketches (the 0.5B at 8K, 1/8 attended: KL 0.0018 -> 0.00075, the oracle 0.0013;
     bench/results/token_rest_05b_8k_cpu.md), else 0.
-    cache_blocks: GPU slots per layer and KV head for retrieved blocks (None = 2x the budget).
+    cache_blocks: GPU slots per layer and KV head for retrieved blocks (None = 2x the budget; the pool
+      takes at most the context's blocks, which more could not fill).
     index: auto (the default) is dense attention while the whole KV of the context fits on the
     device next to the weights (exact, and faster), else lowrank, the most accurate kind, unless
     its key sketches would take more than half of the memory left on the device (an 8B model on a

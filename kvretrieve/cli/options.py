@@ -81,7 +81,8 @@ def runtime_options(context: bool = True):
     ]
     if context:
         opts.insert(2, _tokens_option("--max-context", default=None, metavar="TOKENS",
-                                      help="KV capacity, e.g. 8192 or 32K (default: the model's maximum)."))
+                                      help="KV capacity, e.g. 8192 or 32K, at most 16M (default: the model's "
+                                           "maximum)."))
     return lambda f: _apply(f, opts)
 
 

@@ -187,16 +187,16 @@ def test_cache_blocks_flag_sizes_the_block_cache():
     """--cache-blocks reaches the GPU block pool: with more slots the same decode finds more of its
     blocks cached and copies fewer bytes (random weights select afresh each step, so the pool's size
     shows)."""
-    common = ["profile", "--shape", "smollm2-135m", "--context", "1K", "--decode-steps", "6", "--device", "cpu",
-              "--dtype", "float32", "--json", "--retrieval", "lowrank", "--budget", "128", "--window", "64",
+    common = ["profile", "--shape", "smollm2-135m", "--context", "512", "--decode-steps", "4", "--device", "cpu",
+              "--dtype", "float32", "--json", "--retrieval", "lowrank", "--budget", "64", "--window", "32",
               "--sink", "16", "--block-size", "16"]
     rows = {}
-    for slots in ("8", "64"):  # the budget's 8 blocks; the whole 1K context
+    for slots in ("4", "32"):  # the budget's 4 blocks; the whole 512-token context
         result = run(*common, "--cache-blocks", slots)
         assert result.exit_code == 0, result.output
         (rows[slots],) = json.loads(result.stdout)
-    assert rows["64"]["cache_hit"] > rows["8"]["cache_hit"]
-    assert rows["64"]["h2d_mb_per_token"] < rows["8"]["h2d_mb_per_token"]
+    assert rows["32"]["cache_hit"] > rows["4"]["cache_hit"]
+    assert rows["32"]["h2d_mb_per_token"] < rows["4"]["h2d_mb_per_token"]
 
 
 def test_chat_with_retrieval(smol_dir):

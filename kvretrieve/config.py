@@ -87,7 +87,7 @@ class SamplingParams:
 
 
 # The longest context: RoPE turns positions into float32 (models/rope.py), exact up to 2**24; past it
-# neighbouring tokens would share a rotation. The store's tables are sized by it up front, too.
+# neighbouring tokens would share a rotation. It also bounds the tables the store sizes by its capacity.
 MAX_CONTEXT = 2**24
 
 

@@ -220,7 +220,8 @@ _RETRIEVAL_FLAGS = {"index": "--retrieval", "budget_tokens": "--budget", "window
                     "sink_tokens": "--sink", "block_size": "--block-size", "rank": "--rank",
                     "block_scores": "--block-scores", "reselect_every": "--reselect-every",
                     "store_dtype": "--store-dtype", "store": "--store",
-                    "estimate_rest": "--estimate-rest", "rest_rank": "--rest-rank", "cache_blocks": "--cache-blocks"}
+                    "estimate_rest": "--estimate-rest", "rest_rank": "--rest-rank",
+                    "cache_blocks": "--cache-blocks"}
 PARAM_FLAGS = {
     "max_context": "--max-context", "gpu_mem_gb": "--gpu-mem-gb", "prefill_chunk": "--prefill-chunk",
     "device": "--device", "dtype": "--dtype", "weights": "--weights", "max_new_tokens": "--max-new-tokens",
